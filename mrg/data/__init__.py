@@ -1,0 +1,1 @@
+"""Report text, sections, datasets and dataset preparation."""

@@ -1,0 +1,316 @@
+"""From a file or an upload to a display-ready greyscale image and PHI-free metadata.
+
+``load_image(path_or_bytes)`` is the one entry point. It recognises DICOM, PNG and JPEG by
+content (never by extension), applies DICOM's Modality LUT → VOI LUT (LUT sequence, else
+window centre/width, else a robust 0.5–99.5 percentile window) → MONOCHROME1 inversion,
+and returns pixels as float32 in [0, 1] where 0 is black (air) and 1 white (bone).
+
+Anything it cannot turn into a single chest radiograph raises ``ImageError`` with a message
+written for a clinician. Metadata is built from an allow-list of non-identifying DICOM
+attributes, so names, IDs, dates, accession numbers and institutions never leave this module.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+log = logging.getLogger(__name__)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_SIGNATURE = b"\xff\xd8\xff"
+RADIOGRAPH_MODALITIES = {"CR", "DX", "RG", "DR", ""}
+VOLUME_MODALITIES = {"CT", "MR", "PT", "NM"}
+FRONTAL_POSITIONS = {"PA", "AP"}
+LATERAL_POSITIONS = {"LL", "RL", "LAT", "LATERAL", "RLD", "LLD"}
+
+
+class ImageError(ValueError):
+    """The input cannot be used as a chest radiograph; ``str(err)`` is safe to show a user."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Refuse inputs beyond these sizes before decoding them (decompression bombs)."""
+
+    max_file_bytes: int = 64 * 1024 * 1024
+    max_pixels: int = 40_000_000
+
+
+@dataclass
+class ImageMeta:
+    """Non-identifying facts about an image, safe to show, log and store."""
+
+    format: str
+    width: int
+    height: int
+    modality: str = ""
+    view_position: str = ""
+    photometric_interpretation: str = ""
+    bits_stored: int = 8
+    pixel_spacing_mm: tuple[float, float] | None = None
+    transfer_syntax: str = ""
+    windowing: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def view(self) -> str:
+        """``frontal``, ``lateral`` or ``unknown`` from the DICOM View Position."""
+        position = self.view_position.upper()
+        if position in FRONTAL_POSITIONS:
+            return "frontal"
+        if position in LATERAL_POSITIONS:
+            return "lateral"
+        return "unknown"
+
+
+@dataclass
+class LoadedImage:
+    """Greyscale pixels ``[H, W]`` float32 in [0, 1] (0 = black) and their metadata."""
+
+    pixels: np.ndarray
+    meta: ImageMeta
+
+    def to_uint8(self) -> np.ndarray:
+        return np.round(self.pixels * 255.0).astype(np.uint8)
+
+    def to_pil(self) -> Image.Image:
+        return Image.fromarray(self.to_uint8(), mode="L")
+
+
+DEFAULT_LIMITS = ImageLimits()
+
+
+def load_image(source: str | Path | bytes, limits: ImageLimits = DEFAULT_LIMITS) -> LoadedImage:
+    """Decode ``source`` (a path or the file's bytes); raise ``ImageError`` for unusable input."""
+    data = _read_bytes(source, limits)
+    try:
+        if data[:8] == PNG_SIGNATURE or data[:3] == JPEG_SIGNATURE:
+            return _load_raster(data, limits)
+        return _load_dicom(data, limits)
+    except ImageError:
+        raise
+    except MemoryError as exc:
+        raise ImageError("This image is too large to open.") from exc
+    except Exception as exc:  # a decoder's own failure on malformed content
+        log.info("image decoding failed: %s", type(exc).__name__)
+        raise ImageError(
+            "The file is damaged or incomplete and could not be decoded as an image."
+        ) from exc
+
+
+def _read_bytes(source: str | Path | bytes, limits: ImageLimits) -> bytes:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ImageError("The file could not be found.")
+        if path.stat().st_size > limits.max_file_bytes:
+            raise ImageError(_too_big_file(limits))
+        data = path.read_bytes()
+    if not data:
+        raise ImageError("The file is empty (0 bytes). Please upload the image again.")
+    if len(data) > limits.max_file_bytes:
+        raise ImageError(_too_big_file(limits))
+    return data
+
+
+def _too_big_file(limits: ImageLimits) -> str:
+    return f"The file is larger than the {limits.max_file_bytes // (1024 * 1024)} MB upload limit."
+
+
+def _too_many_pixels(width: int, height: int, limits: ImageLimits) -> str:
+    return (
+        f"The image is {width}×{height} pixels, more than the {limits.max_pixels / 1e6:.0f} megapixel "
+        "limit. Please export a smaller image."
+    )
+
+
+# --------------------------------------------------------------------------- PNG / JPEG
+
+
+def _load_raster(data: bytes, limits: ImageLimits) -> LoadedImage:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > limits.max_pixels:
+            raise ImageError(_too_many_pixels(width, height, limits))
+        if getattr(image, "n_frames", 1) > 1:
+            raise ImageError(
+                "The file holds several images (an animation or stack); upload a single radiograph."
+            )
+        image.load()
+    fmt = (image.format or "").lower()
+    image = ImageOps.exif_transpose(image)
+    meta = ImageMeta(format=fmt, width=image.width, height=image.height)
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        pixels = np.asarray(image, dtype=np.float32)
+        meta.bits_stored = 16 if mode.startswith("I;16") or fmt == "png" else 32
+        meta.windowing = "full range (min–max)"
+        return LoadedImage(_min_max(pixels), meta)
+    if mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LA", "PA") and not _is_greyscale_rgb(image):
+        meta.warnings.append(
+            "This is a colour image; it was converted to greyscale. The model expects a chest radiograph."
+        )
+    pixels = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    meta.windowing = "none (8-bit)"
+    return LoadedImage(pixels, meta)
+
+
+def _is_greyscale_rgb(image: Image.Image) -> bool:
+    rgb = np.asarray(image.convert("RGB"), dtype=np.int16)
+    return (
+        int(np.abs(rgb[..., 0] - rgb[..., 1]).max()) <= 8
+        and int(np.abs(rgb[..., 1] - rgb[..., 2]).max()) <= 8
+    )
+
+
+def _min_max(pixels: np.ndarray) -> np.ndarray:
+    low, high = float(pixels.min()), float(pixels.max())
+    if high <= low:
+        return np.zeros_like(pixels, dtype=np.float32)
+    return ((pixels - low) / (high - low)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- DICOM
+
+
+def _load_dicom(data: bytes, limits: ImageLimits):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    has_marker = len(data) > 132 and data[128:132] == b"DICM"
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=not has_marker)
+    except InvalidDicomError as exc:
+        raise ImageError(_NOT_AN_IMAGE) from exc
+    if not has_marker and "SOPClassUID" not in ds and "PixelData" not in ds:
+        raise ImageError(_NOT_AN_IMAGE)
+    modality = str(ds.get("Modality", "") or "").upper()
+    if "PixelData" not in ds:
+        raise ImageError(
+            "This DICOM file contains no image (no pixel data); it may be a report or a structured document."
+        )
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise ImageError(
+            f"This DICOM file holds {frames} frames (a multi-frame or volumetric series such as CT or MR). "
+            "Upload a single chest radiograph."
+        )
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    if rows * cols > limits.max_pixels:
+        raise ImageError(_too_many_pixels(cols, rows, limits))
+    meta = ImageMeta(
+        format="dicom",
+        width=cols,
+        height=rows,
+        modality=modality,
+        view_position=str(ds.get("ViewPosition", "") or ""),
+        photometric_interpretation=str(ds.get("PhotometricInterpretation", "") or ""),
+        bits_stored=int(ds.get("BitsStored", 8) or 8),
+        pixel_spacing_mm=_pixel_spacing(ds),
+        transfer_syntax=_transfer_syntax_name(ds),
+    )
+    if modality in VOLUME_MODALITIES:
+        meta.warnings.append(
+            f"This is a {modality} image, not a chest radiograph; the model was trained on chest X-rays only."
+        )
+    elif modality not in RADIOGRAPH_MODALITIES:
+        meta.warnings.append(
+            f"Modality {modality} is not a radiograph (CR/DX); results may be meaningless."
+        )
+    try:
+        raw = ds.pixel_array
+    except Exception as exc:
+        raise ImageError(
+            f"The DICOM image data could not be decoded ({meta.transfer_syntax or 'unknown encoding'}); "
+            "the file may be damaged or use an unsupported compression."
+        ) from exc
+    if raw.ndim == 3 and raw.shape[-1] in (3, 4) and int(ds.get("SamplesPerPixel", 1)) > 1:
+        meta.warnings.append("This DICOM image is in colour; it was converted to greyscale.")
+        pixels = (
+            np.asarray(
+                Image.fromarray(raw[..., :3].astype(np.uint8)).convert("L"), dtype=np.float32
+            )
+            / 255.0
+        )
+        meta.windowing = "none (colour image)"
+        return LoadedImage(pixels, meta)
+    if raw.ndim != 2:
+        raise ImageError(
+            "This DICOM file does not hold a single 2-D image; upload a single chest radiograph."
+        )
+    pixels, meta.windowing = _window(raw, ds)
+    if meta.photometric_interpretation == "MONOCHROME1":
+        pixels = 1.0 - pixels
+        meta.windowing += ", MONOCHROME1 inverted"
+    return LoadedImage(pixels.astype(np.float32), meta)
+
+
+_NOT_AN_IMAGE = "This file is not a PNG, JPEG or DICOM image. Please upload a chest X-ray in one of these formats."
+
+
+def _window(raw: np.ndarray, ds) -> tuple[np.ndarray, str]:
+    """Modality LUT then VOI LUT, returned in [0, 1] with a description of what was applied."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    values = apply_modality_lut(raw, ds).astype(np.float64)
+    steps = ["Modality LUT sequence" if "ModalityLUTSequence" in ds else "rescale slope/intercept"]
+    if "VOILUTSequence" in ds:
+        lut_item = ds.VOILUTSequence[0]
+        out = apply_voi_lut(values, ds, index=0, prefer_lut=True).astype(np.float64)
+        top = float(np.max(lut_item.LUTData)) or 1.0
+        steps.append("VOI LUT sequence")
+        return np.clip(out / top, 0.0, 1.0), ", ".join(steps)
+    center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    if center is not None and width is not None and width > 1:
+        # DICOM PS3.3 C.11.2.1.2.1 linear function, mapped to [0, 1].
+        out = ((values - (center - 0.5)) / (width - 1.0)) + 0.5
+        steps.append(f"window {center:g}/{width:g}")
+        return np.clip(out, 0.0, 1.0), ", ".join(steps)
+    low, high = np.percentile(values, [0.5, 99.5])
+    steps.append("percentile window 0.5–99.5%")
+    if high <= low:
+        return np.zeros_like(values), ", ".join(steps)
+    return np.clip((values - low) / (high - low), 0.0, 1.0), ", ".join(steps)
+
+
+def _first(value) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        return (
+            float(value[0])
+            if hasattr(value, "__len__") and not isinstance(value, str)
+            else float(value)
+        )
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _pixel_spacing(ds) -> tuple[float, float] | None:
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(keyword)
+        if value is not None and len(value) == 2:
+            try:
+                return float(value[0]), float(value[1])
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+def _transfer_syntax_name(ds) -> str:
+    uid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    return getattr(uid, "name", "") if uid is not None else ""

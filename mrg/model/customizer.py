@@ -1,0 +1,127 @@
+"""Instance-level prompt customizers.
+
+A customizer turns the image's global visual feature ``v ∈ R^{d_v}`` into ``L`` soft
+prompt tokens ``P'(v) ∈ R^{L×D}`` in the LLM's embedding space.
+
+* ``static``          P' = P                                  (R2GenGPT-like baseline)
+* ``prompt-wise``     P' = γ(v) ⊙ P + β(v)
+* ``promptbook-wise`` P' = Σ_k w_k(v) · (γ_k(v) ⊙ P_k + β_k(v)),
+                      w(v) = softmax(q(v) · K^T / (τ·√d_k))   (optionally top-k, renormalised)
+
+γ and β are conditional affine (FiLM) transforms, one scale and one shift per embedding
+channel, computed from ``v`` by a small MLP whose last layers are zero-initialised so that
+γ = 1 and β = 0 at initialisation: training starts from the plain learned prompt.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mrg.config import CustomizerConfig
+
+
+@dataclass
+class CustomizedPrompt:
+    """Prompt tokens ``[B, L, D]`` and, for the promptbook, selection weights ``[B, K]``."""
+
+    tokens: torch.Tensor
+    selection: torch.Tensor | None = None
+
+
+def usage_entropy(selection: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of the batch-mean selection distribution; log(K) is uniform use, 0 collapse."""
+    usage = selection.mean(dim=0)
+    return -(usage * usage.clamp_min(1e-12).log()).sum()
+
+
+class ConditionalAffine(nn.Module):
+    """v ↦ (γ, β) with γ = 1 + Δγ(v), both ``[B, n, D]``; Δγ = β = 0 at initialisation."""
+
+    def __init__(self, visual_dim: int, hidden_dim: int, embed_dim: int, n: int = 1):
+        super().__init__()
+        self.n, self.embed_dim = n, embed_dim
+        self.trunk = nn.Sequential(
+            nn.LayerNorm(visual_dim), nn.Linear(visual_dim, hidden_dim), nn.GELU()
+        )
+        self.to_gamma = nn.Linear(hidden_dim, n * embed_dim)
+        self.to_beta = nn.Linear(hidden_dim, n * embed_dim)
+        for layer in (self.to_gamma, self.to_beta):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.trunk(visual)
+        shape = (visual.shape[0], self.n, self.embed_dim)
+        return 1.0 + self.to_gamma(h).view(shape), self.to_beta(h).view(shape)
+
+
+class StaticPrompt(nn.Module):
+    """P' = P: one learned prompt shared by every image."""
+
+    def __init__(self, config: CustomizerConfig, visual_dim: int, embed_dim: int, init_std: float):
+        super().__init__()
+        self.prompt = nn.Parameter(torch.randn(config.prompt_length, embed_dim) * init_std)
+
+    def forward(self, visual: torch.Tensor) -> CustomizedPrompt:
+        return CustomizedPrompt(self.prompt.unsqueeze(0).expand(visual.shape[0], -1, -1))
+
+
+class PromptWise(nn.Module):
+    """P' = γ(v) ⊙ P + β(v), γ and β broadcast over the L prompt tokens."""
+
+    def __init__(self, config: CustomizerConfig, visual_dim: int, embed_dim: int, init_std: float):
+        super().__init__()
+        self.prompt = nn.Parameter(torch.randn(config.prompt_length, embed_dim) * init_std)
+        self.affine = ConditionalAffine(visual_dim, config.hidden_dim, embed_dim)
+
+    def forward(self, visual: torch.Tensor) -> CustomizedPrompt:
+        gamma, beta = self.affine(visual)  # [B, 1, D]
+        return CustomizedPrompt(gamma * self.prompt.unsqueeze(0) + beta)
+
+
+class PromptBook(nn.Module):
+    """P' = Σ_k w_k(v) (γ_k(v) ⊙ P_k + β_k(v)) over a book of K learned prompts."""
+
+    def __init__(self, config: CustomizerConfig, visual_dim: int, embed_dim: int, init_std: float):
+        super().__init__()
+        k, key_dim = config.book_size, config.hidden_dim
+        self.top_k, self.temperature = config.top_k, config.temperature
+        self.book = nn.Parameter(torch.randn(k, config.prompt_length, embed_dim) * init_std)
+        self.keys = nn.Parameter(torch.randn(k, key_dim) / math.sqrt(key_dim))
+        self.query = nn.Sequential(nn.LayerNorm(visual_dim), nn.Linear(visual_dim, key_dim))
+        self.affine = ConditionalAffine(visual_dim, config.hidden_dim, embed_dim, n=k)
+
+    def selection(self, visual: torch.Tensor) -> torch.Tensor:
+        """w(v) ``[B, K]``: rows sum to one; with top-k, all but k entries are exactly zero."""
+        logits = (
+            self.query(visual) @ self.keys.t() / (self.temperature * math.sqrt(self.keys.shape[1]))
+        )
+        if self.top_k:
+            kth = logits.topk(self.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return F.softmax(logits, dim=-1)
+
+    def forward(self, visual: torch.Tensor) -> CustomizedPrompt:
+        weights = self.selection(visual)  # [B, K]
+        gamma, beta = self.affine(visual)  # [B, K, D]
+        modulated = gamma.unsqueeze(2) * self.book.unsqueeze(0) + beta.unsqueeze(2)  # [B, K, L, D]
+        return CustomizedPrompt(torch.einsum("bk,bkld->bld", weights, modulated), weights)
+
+
+CUSTOMIZERS: dict[str, type[nn.Module]] = {
+    "static": StaticPrompt,
+    "prompt-wise": PromptWise,
+    "promptbook-wise": PromptBook,
+}
+
+
+def build_customizer(
+    config: CustomizerConfig, visual_dim: int, embed_dim: int, init_std: float
+) -> nn.Module:
+    config.validate()
+    return CUSTOMIZERS[config.mode](config, visual_dim, embed_dim, init_std)

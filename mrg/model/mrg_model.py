@@ -1,0 +1,431 @@
+"""The MRG-LLM model: trainable encoder, projection and prompt customizer around a frozen LLM.
+
+Sequence fed to the LLM as ``inputs_embeds`` (one row per study)::
+
+    [instruction prefix] [customized prompt P'(v): L] [visual tokens: V·G²] [assistant prefix] ([report] [EOS])
+
+The instruction and assistant prefix come from the tokenizer's chat template when the LLM has
+one. Labels are −100 everywhere except the report and its EOS. Position ids are
+``cumsum(attention_mask) − 1``, the rule ``generate`` uses, so a missing view (masked out)
+is skipped identically in training and decoding.
+
+Tensors are born in ``encode``/``context`` and die in the LLM call; the LLM never receives
+gradients (all its parameters are frozen) but passes them back to the trainable parts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from mrg.config import ModelConfig
+from mrg.model.customizer import CustomizedPrompt, build_customizer
+from mrg.model.encoder import VisualEncoder
+from mrg.model.llm import load_frozen_llm
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "mrg_config.json"
+WEIGHTS_NAME = "model.safetensors"
+IMAGE_PLACEHOLDER = "<image>"
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """Decoding options. ``beam`` is not streamable; ``greedy`` and ``sample`` are."""
+
+    strategy: str = "greedy"  # greedy | beam | sample
+    max_new_tokens: int = 100
+    num_beams: int = 3
+    repetition_penalty: float = 1.2
+    temperature: float = 0.7
+    top_p: float = 0.9
+
+    def validate(self) -> Decoding:
+        if self.strategy not in ("greedy", "beam", "sample"):
+            raise ValueError(
+                f"decoding strategy must be greedy, beam or sample, got {self.strategy!r}"
+            )
+        if not 1 <= self.max_new_tokens <= 1024:
+            raise ValueError(f"max_new_tokens must be in [1, 1024], got {self.max_new_tokens}")
+        if self.repetition_penalty < 1.0 or self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ValueError(
+                "repetition_penalty >= 1, temperature > 0 and 0 < top_p <= 1 are required"
+            )
+        return self
+
+
+R2GENGPT_DECODING = Decoding(
+    strategy="beam", num_beams=3, repetition_penalty=2.0, max_new_tokens=100
+)
+
+
+@dataclass
+class PromptTemplate:
+    """Token ids around the image: ``prefix`` before P', ``suffix`` after the visual tokens."""
+
+    prefix_ids: list[int]
+    suffix_ids: list[int]
+    eos_id: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase, instruction: str) -> PromptTemplate:
+        if tokenizer.chat_template:
+            messages = [{"role": "user", "content": f"{instruction}\n{IMAGE_PLACEHOLDER}"}]
+            text = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+            before, after = text.split(IMAGE_PLACEHOLDER)
+        else:
+            before, after = f"{instruction}\n", "\nReport:"
+        encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
+        prefix = encode(before)
+        if tokenizer.bos_token_id is not None and not tokenizer.chat_template:
+            prefix = [tokenizer.bos_token_id] + prefix
+        eos = (
+            tokenizer.convert_tokens_to_ids("<|im_end|>")
+            if "<|im_end|>" in tokenizer.get_vocab()
+            else None
+        )
+        return cls(prefix, encode(after), eos if eos is not None else tokenizer.eos_token_id)
+
+
+@dataclass
+class Context:
+    """The model's input before the report: embeddings, mask, positions, and the prompt used."""
+
+    embeds: torch.Tensor  # [B, T, D]
+    attention_mask: torch.Tensor  # [B, T]
+    prompt: CustomizedPrompt
+
+
+@dataclass
+class MRGOutput:
+    loss: torch.Tensor
+    logits: torch.Tensor
+    prompt: CustomizedPrompt
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """``cumsum(mask) − 1`` with masked positions at 0: the rule ``generate`` applies."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+class MRGModel(nn.Module):
+    """Frozen LLM + trainable (encoder, projection, customizer)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        llm: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        load_stem_weights: bool = True,
+    ):
+        super().__init__()
+        self.config = config.validate()
+        self.llm, self.tokenizer = llm, tokenizer
+        embedding = llm.get_input_embeddings()
+        llm_dim = embedding.embedding_dim
+        self.encoder = VisualEncoder(config.encoder, load_stem_weights)
+        self.projection = nn.Sequential(
+            nn.Linear(self.encoder.embed_dim, llm_dim), nn.LayerNorm(llm_dim)
+        )
+        init_std = float(embedding.weight.detach().float().std())
+        self.customizer = build_customizer(
+            config.customizer, self.encoder.embed_dim, llm_dim, init_std
+        )
+        self.template = PromptTemplate.from_tokenizer(tokenizer, config.instruction)
+        for part in (self.encoder, self.projection, self.customizer):
+            part.to(llm.device)  # the LLM may be quantized and placed already: move only our parts
+
+    # ----------------------------------------------------------------- properties
+
+    @property
+    def mode(self) -> str:
+        return self.config.customizer.mode
+
+    @property
+    def device(self) -> torch.device:
+        return self.projection[0].weight.device
+
+    @property
+    def llm_dtype(self) -> torch.dtype:
+        return self.llm.get_input_embeddings().weight.dtype
+
+    def train(self, mode: bool = True) -> MRGModel:
+        """Train the trainable parts; the LLM stays in eval mode (no dropout)."""
+        super().train(mode)
+        self.llm.eval()
+        return self
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Parameters with ``requires_grad`` (never the LLM's): what ``save_pretrained`` writes."""
+        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+
+    def num_trainable_parameters(self) -> dict[str, int]:
+        counts = {}
+        for part in ("encoder", "projection", "customizer"):
+            counts[part] = sum(
+                p.numel() for p in getattr(self, part).parameters() if p.requires_grad
+            )
+        counts["total"] = sum(counts.values())
+        counts["llm_frozen"] = sum(p.numel() for p in self.llm.parameters())
+        return counts
+
+    # ----------------------------------------------------------------- inputs
+
+    def embed_ids(self, ids: list[int] | torch.Tensor, batch: int) -> torch.Tensor:
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
+        return self.llm.get_input_embeddings()(ids).unsqueeze(0).expand(batch, -1, -1)
+
+    def context(
+        self, images: torch.Tensor, view_ids: torch.Tensor, view_mask: torch.Tensor
+    ) -> Context:
+        """[prefix][P'(v)][visual tokens][suffix] as embeddings, with the attention mask."""
+        features = self.encoder(
+            images.to(self.device), view_ids.to(self.device), view_mask.to(self.device)
+        )
+        visual = self.projection(features.tokens)
+        prompt = self.customizer(features.global_)
+        b, dtype = visual.shape[0], self.llm_dtype
+        parts = [
+            self.embed_ids(self.template.prefix_ids, b),
+            prompt.tokens.to(dtype),
+            visual.to(dtype),
+            self.embed_ids(self.template.suffix_ids, b),
+        ]
+        ones = lambda n: torch.ones(b, n, dtype=torch.long, device=self.device)
+        mask = torch.cat(
+            [
+                ones(len(self.template.prefix_ids)),
+                ones(prompt.tokens.shape[1]),
+                features.token_mask.long(),
+                ones(len(self.template.suffix_ids)),
+            ],
+            dim=1,
+        )
+        return Context(torch.cat(parts, dim=1), mask, prompt)
+
+    def tokenize_reports(self, reports: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Report ids + EOS, right-padded: ``(ids [B, R], mask [B, R])``; truncated to max_report_tokens."""
+        encoded = self.tokenizer(
+            reports,
+            add_special_tokens=False,
+            truncation=True,
+            max_length=self.config.max_report_tokens,
+        )["input_ids"]
+        rows = [ids + [self.template.eos_id] for ids in encoded]
+        width = max(len(r) for r in rows)
+        pad = (
+            self.tokenizer.pad_token_id
+            if self.tokenizer.pad_token_id is not None
+            else self.template.eos_id
+        )
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    # ----------------------------------------------------------------- training
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        view_ids: torch.Tensor,
+        view_mask: torch.Tensor,
+        reports: list[str],
+    ) -> MRGOutput:
+        """Teacher-forced LM loss over report tokens and EOS only."""
+        ctx = self.context(images, view_ids, view_mask)
+        report_ids, report_mask = self.tokenize_reports(reports)
+        embeds = torch.cat([ctx.embeds, self.llm.get_input_embeddings()(report_ids)], dim=1)
+        mask = torch.cat([ctx.attention_mask, report_mask], dim=1)
+        context_labels = torch.full(
+            ctx.attention_mask.shape, IGNORE_INDEX, dtype=torch.long, device=self.device
+        )
+        labels = torch.cat(
+            [context_labels, report_ids.masked_fill(report_mask == 0, IGNORE_INDEX)], dim=1
+        )
+        out = self.llm(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions_from_mask(mask),
+            labels=labels,
+        )
+        return MRGOutput(out.loss, out.logits, ctx.prompt)
+
+    # ----------------------------------------------------------------- decoding
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        images: torch.Tensor,
+        view_ids: torch.Tensor,
+        view_mask: torch.Tensor,
+        decoding: Decoding = Decoding(),
+    ) -> list[str]:
+        """Batched decoding with ``transformers`` ``generate`` (greedy, beam or sampling)."""
+        decoding.validate()
+        ctx = self.context(images, view_ids, view_mask)
+        kwargs = {
+            "inputs_embeds": ctx.embeds,
+            "attention_mask": ctx.attention_mask,
+            "position_ids": positions_from_mask(ctx.attention_mask),
+            "max_new_tokens": decoding.max_new_tokens,
+            "repetition_penalty": decoding.repetition_penalty,
+            "eos_token_id": self.template.eos_id,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "do_sample": decoding.strategy == "sample",
+            "num_beams": decoding.num_beams if decoding.strategy == "beam" else 1,
+        }
+        if decoding.strategy == "sample":
+            kwargs.update(temperature=decoding.temperature, top_p=decoding.top_p)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        with (
+            warnings.catch_warnings()
+        ):  # the penalty is meant for generated tokens only: there are no prompt ids
+            warnings.filterwarnings(
+                "ignore", message="Passing `repetition_penalty` with `inputs_embeds`"
+            )
+            out = self.llm.generate(**kwargs)
+        return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def _processors(self, decoding: Decoding) -> LogitsProcessorList:
+        processors = LogitsProcessorList()
+        if decoding.repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(decoding.repetition_penalty))
+        if decoding.strategy == "sample":
+            processors.append(TemperatureLogitsWarper(decoding.temperature))
+            processors.append(TopPLogitsWarper(decoding.top_p))
+        return processors
+
+    @torch.inference_mode()
+    def stream_ids(
+        self,
+        images: torch.Tensor,
+        view_ids: torch.Tensor,
+        view_mask: torch.Tensor,
+        decoding: Decoding = Decoding(),
+    ) -> Iterator[int]:
+        """Yield token ids of one study one at a time (KV cache on); stops at EOS.
+
+        Closing the generator stops the computation at once: that is how a cancelled
+        request frees the model.
+        """
+        decoding.validate()
+        if decoding.strategy == "beam":
+            raise ValueError("beam search is not streamable; use generate()")
+        if images.shape[0] != 1:
+            raise ValueError("stream_ids decodes one study at a time")
+        ctx = self.context(images, view_ids, view_mask)
+        processors = self._processors(decoding)
+        mask = ctx.attention_mask
+        out = self.llm(
+            inputs_embeds=ctx.embeds,
+            attention_mask=mask,
+            position_ids=positions_from_mask(mask),
+            use_cache=True,
+        )
+        generated = torch.empty((1, 0), dtype=torch.long, device=self.device)
+        for _ in range(decoding.max_new_tokens):
+            scores = processors(generated, out.logits[:, -1].float())
+            if decoding.strategy == "sample":
+                next_id = torch.multinomial(scores.softmax(-1), 1)
+            else:
+                next_id = scores.argmax(-1, keepdim=True)
+            if int(next_id) == self.template.eos_id:
+                return
+            yield int(next_id)
+            generated = torch.cat([generated, next_id], dim=1)
+            mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+            position = positions_from_mask(mask)[:, -1:]
+            out = self.llm(
+                input_ids=next_id,
+                attention_mask=mask,
+                position_ids=position,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
+
+    def stream(
+        self,
+        images: torch.Tensor,
+        view_ids: torch.Tensor,
+        view_mask: torch.Tensor,
+        decoding: Decoding = Decoding(),
+    ) -> Iterator[str]:
+        """Yield text increments; their concatenation is the decoded report."""
+        ids: list[int] = []
+        shown = ""
+        for token in self.stream_ids(images, view_ids, view_mask, decoding):
+            ids.append(token)
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+                continue
+            if len(text) > len(shown):
+                yield text[len(shown) :]
+                shown = text
+
+    # ----------------------------------------------------------------- persistence
+
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write ``mrg_config.json`` and the trainable weights (``model.safetensors``) only."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        weights = {
+            k: (v.to(dtype) if dtype else v).contiguous().cpu()
+            for k, v in self.trainable_state_dict().items()
+        }
+        save_file(
+            weights, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "mode": self.mode}
+        )
+        (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        llm: PreTrainedModel | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        config_overrides: dict | None = None,
+    ) -> MRGModel:
+        """Rebuild from ``save_pretrained`` output, reusing ``llm``/``tokenizer`` when given."""
+        directory = Path(directory)
+        data = json.loads((directory / CONFIG_NAME).read_text())
+        for section, values in (config_overrides or {}).items():
+            data.setdefault(section, {}).update(values)
+        config = ModelConfig.from_dict(data).validate()
+        if llm is None or tokenizer is None:
+            llm, tokenizer = load_frozen_llm(config.llm)
+        model = cls(config, llm, tokenizer)
+        state = load_file(str(directory / WEIGHTS_NAME))
+        expected = model.trainable_state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint {directory} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in state.items():
+                params[name].copy_(tensor.to(params[name].dtype))
+        return model

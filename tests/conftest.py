@@ -1,0 +1,107 @@
+"""Shared fixtures: a tiny random LLaMA (fast unit tests), the real SmolLM2 (integration), shared data."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+SHARED_DATA = Path(
+    os.environ.get(
+        "MRG_SHARED_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+    )
+)
+REQUIRE_SHARED = os.environ.get("MRG_REQUIRE_SHARED") == "1"
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared/data; skip where absent, fail where CI requires it (MRG_REQUIRE_SHARED=1)."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        message = f"shared data not found at {path} (set MRG_SHARED_DATA or place ../shared/data beside the repo)"
+        if REQUIRE_SHARED:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    from mrg.model.llm import smollm2_local_dir
+
+    return smollm2_local_dir()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tokenizer):
+    """A 2-layer, 64-wide random LLaMA with SmolLM2's vocabulary, frozen."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mrg.model.llm import freeze
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return freeze(LlamaForCausalLM(config))
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    from mrg.config import LLMConfig
+    from mrg.model.llm import load_frozen_llm
+
+    return load_frozen_llm(LLMConfig())
+
+
+def tiny_model_config(mode: str = "prompt-wise"):
+    from mrg.config import CustomizerConfig, EncoderConfig, ModelConfig
+
+    return ModelConfig(
+        encoder=EncoderConfig(image_size=64, embed_dim=32, depth=1, num_heads=2, pool_grid=2),
+        customizer=CustomizerConfig(mode=mode, prompt_length=4, book_size=4, hidden_dim=32),
+        max_report_tokens=24,
+    )
+
+
+@pytest.fixture
+def make_tiny_model(tiny_llm, tokenizer):
+    from mrg.model import MRGModel
+
+    def make(mode: str = "prompt-wise", seed: int = 0):
+        torch.manual_seed(seed)
+        return MRGModel(tiny_model_config(mode), tiny_llm, tokenizer)
+
+    return make
+
+
+def random_batch(batch: int = 2, views: int = 2, size: int = 64, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(batch, views, 1, size, size, generator=generator)
+    view_ids = torch.tensor([[0, 1][:views]] * batch)
+    view_mask = torch.ones(batch, views, dtype=torch.bool)
+    return images, view_ids, view_mask
