@@ -99,9 +99,14 @@ def load_image(source: str | Path | bytes, limits: ImageLimits = DEFAULT_LIMITS)
         return _load_dicom(data, limits)
     except ImageError:
         raise
-    except MemoryError as exc:
-        raise ImageError("This image is too large to open.") from exc
-    except Exception as exc:  # a decoder's own failure on malformed content
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except (MemoryError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(
+            f"The image is larger than the {limits.max_pixels / 1e6:.0f} megapixel limit. "
+            "Please export a smaller image."
+        ) from exc
+    except BaseException as exc:  # decoders fail in their own ways, Rust panics included
         log.info("image decoding failed: %s", type(exc).__name__)
         raise ImageError(
             "The file is damaged or incomplete and could not be decoded as an image."
@@ -233,7 +238,9 @@ def _load_dicom(data: bytes, limits: ImageLimits):
         )
     try:
         raw = ds.pixel_array
-    except Exception as exc:
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # Rust decoders panic with a BaseException
         raise ImageError(
             f"The DICOM image data could not be decoded ({meta.transfer_syntax or 'unknown encoding'}); "
             "the file may be damaged or use an unsupported compression."
@@ -266,14 +273,19 @@ def _window(raw: np.ndarray, ds) -> tuple[np.ndarray, str]:
     """Modality LUT then VOI LUT, returned in [0, 1] with a description of what was applied."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    values = apply_modality_lut(raw, ds).astype(np.float64)
-    steps = ["Modality LUT sequence" if "ModalityLUTSequence" in ds else "rescale slope/intercept"]
+    values = apply_modality_lut(raw, ds)
+    steps = []
+    if "ModalityLUTSequence" in ds:
+        steps.append("Modality LUT sequence")
+    elif "RescaleSlope" in ds or "RescaleIntercept" in ds:
+        steps.append("rescale slope/intercept")
     if "VOILUTSequence" in ds:
-        lut_item = ds.VOILUTSequence[0]
-        out = apply_voi_lut(values, ds, index=0, prefer_lut=True).astype(np.float64)
-        top = float(np.max(lut_item.LUTData)) or 1.0
+        lut_input = np.rint(values).astype(np.int64)  # LUTs are indexed by integer values
+        out = apply_voi_lut(lut_input, ds, index=0, prefer_lut=True).astype(np.float64)
+        top = float(np.max(ds.VOILUTSequence[0].LUTData)) or 1.0
         steps.append("VOI LUT sequence")
         return np.clip(out / top, 0.0, 1.0), ", ".join(steps)
+    values = values.astype(np.float64)
     center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
     if center is not None and width is not None and width > 1:
         # DICOM PS3.3 C.11.2.1.2.1 linear function, mapped to [0, 1].
@@ -305,9 +317,10 @@ def _pixel_spacing(ds) -> tuple[float, float] | None:
         value = ds.get(keyword)
         if value is not None and len(value) == 2:
             try:
-                return float(value[0]), float(value[1])
+                spacing = float(value[0]), float(value[1])
             except (TypeError, ValueError):
                 return None
+            return spacing if min(spacing) > 0 else None
     return None
 
 
