@@ -48,6 +48,26 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    """Build an annotation.json from the OpenI XML and an OpenI-named image folder."""
+    from mrg.data.datasets import prepare_openi
+
+    summary = prepare_openi(
+        args.reports, args.images, args.out, require_findings=not args.allow_no_findings
+    )
+    table = Table(title=f"OpenI → {args.out}")
+    table.add_column("")
+    table.add_column("studies", justify="right")
+    table.add_row("reports read", str(summary.reports))
+    for reason, count in summary.dropped.most_common():
+        table.add_row(f"dropped: {reason}", str(count))
+    table.add_row("kept", str(summary.kept))
+    for split in ("train", "val", "test"):
+        table.add_row(f"  {split}", str(summary.per_split[split]))
+    console.print(table)
+    return 0 if summary.kept else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mrg", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -56,6 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="trainable parameter counts per customizer mode")
     info.add_argument("--preset", default="demo-cpu")
     info.set_defaults(func=_info)
+
+    prepare = sub.add_parser("prepare", help="build an annotation.json from a raw dataset")
+    prepare.add_argument("dataset", choices=["iu-xray"])
+    prepare.add_argument(
+        "--reports", required=True, help="NLMCXR_reports.tgz or its extracted folder"
+    )
+    prepare.add_argument(
+        "--images", required=True, help="folder of OpenI PNGs (CXR1_1_IM-0001-3001.png)"
+    )
+    prepare.add_argument("--out", required=True, help="annotation.json to write")
+    prepare.add_argument(
+        "--allow-no-findings", action="store_true", help="keep studies with IMPRESSION only"
+    )
+    prepare.set_defaults(func=_prepare)
     return parser
 
 
