@@ -68,6 +68,45 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0 if summary.kept else 1
 
 
+def _labeler_eval(args: argparse.Namespace) -> int:
+    """Per-label precision/recall/F1 of the report labeler on the OpenI gold standard."""
+    from mrg.evaluation.labeler_eval import SCORED, evaluate_on_gold
+
+    result = evaluate_on_gold(args.gold, args.reports)
+    table = Table(title=f"Report labeler vs OpenI radiologist labels ({result.reports} reports)")
+    for column in ("label", "gold +", "TP", "FP", "FN", "precision", "recall", "F1"):
+        table.add_column(column, justify="left" if column == "label" else "right")
+    for label, score in result.per_label.items():
+        note = "" if label in SCORED else " (not in gold; excluded)"
+        table.add_row(
+            label + note,
+            str(score.tp + score.fn),
+            str(score.tp),
+            str(score.fp),
+            str(score.fn),
+            f"{score.precision:.3f}",
+            f"{score.recall:.3f}",
+            f"{score.f1:.3f}",
+        )
+    micro = result.micro
+    table.add_row(
+        "micro (13 labels)",
+        "",
+        str(micro.tp),
+        str(micro.fp),
+        str(micro.fn),
+        f"{micro.precision:.3f}",
+        f"{micro.recall:.3f}",
+        f"{micro.f1:.3f}",
+        style="bold",
+    )
+    table.add_row(
+        "macro F1 (13 labels)", "", "", "", "", "", "", f"{result.macro_f1:.3f}", style="bold"
+    )
+    console.print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mrg", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -90,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-no-findings", action="store_true", help="keep studies with IMPRESSION only"
     )
     prepare.set_defaults(func=_prepare)
+
+    shared = os.environ.get("MRG_SHARED_DATA", "../shared/data")
+    labeler = sub.add_parser(
+        "labeler-eval", help="score the report labeler on the OpenI gold standard"
+    )
+    labeler.add_argument("--gold", default=f"{shared}/openi_labels/openi_gold14_dev.csv")
+    labeler.add_argument("--reports", default=f"{shared}/iu_xray/NLMCXR_reports.tgz")
+    labeler.set_defaults(func=_labeler_eval)
     return parser
 
 
