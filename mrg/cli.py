@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -107,6 +108,67 @@ def _labeler_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_value(text: str):
+    import json
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _train_config(args: argparse.Namespace):
+    """Preset (or JSON file) + command-line overrides → a validated TrainConfig."""
+    import json
+
+    from mrg.train.config import TrainConfig, train_preset
+
+    if args.config:
+        config = TrainConfig.from_dict(json.loads(Path(args.config).read_text()))
+    else:
+        config = train_preset(args.preset, mode=args.mode)
+    data = config.to_dict()
+    for key, value in (
+        ("annotation", args.annotation),
+        ("image_root", args.images),
+        ("output_dir", args.out),
+    ):
+        if value:
+            data[key] = value
+    for item in args.set or []:
+        path, _, raw = item.partition("=")
+        target = data
+        *parents, leaf = path.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = _parse_value(raw)
+    return TrainConfig.from_dict(data).validate()
+
+
+def _train(args: argparse.Namespace) -> int:
+    """Train a model end to end: alignment, generation, joint, as configured."""
+    from mrg.data.datasets import load_annotation
+    from mrg.model import MRGModel
+    from mrg.model.llm import load_frozen_llm
+    from mrg.train.trainer import Trainer
+
+    config = _train_config(args)  # fails here, before any heavy loading, on a bad field
+    if not config.annotation or not config.image_root:
+        raise SystemExit("mrg train: --annotation and --images are required")
+    train = load_annotation(config.annotation, config.image_root, split="train")
+    val = load_annotation(config.annotation, config.image_root, split="val")
+    llm, tokenizer = load_frozen_llm(config.model.llm)
+    model = MRGModel(config.model, llm, tokenizer)
+    console.print(
+        f"training {config.model.customizer.mode} on {len(train)} studies (val {len(val)}) → {config.output_dir}"
+    )
+    result = Trainer(config, model, train, val, resume=args.resume).fit()
+    console.print(
+        f"best checkpoint: {result.best_dir} (score {result.best_score:.4f}); last: {result.last_dir}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mrg", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -130,6 +192,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prepare.set_defaults(func=_prepare)
 
+    train = sub.add_parser("train", help="train a static, prompt-wise or promptbook-wise model")
+    train.add_argument(
+        "--preset",
+        default="demo-cpu",
+        help="demo-cpu | iu-xray-llama2-7b-nf4 | mimic-cxr-llama2-7b-nf4",
+    )
+    train.add_argument("--mode", default=None, choices=["static", "prompt-wise", "promptbook-wise"])
+    train.add_argument("--config", help="a TrainConfig JSON file instead of a preset")
+    train.add_argument("--annotation", help="R2Gen-style annotation.json")
+    train.add_argument("--images", help="image root the annotation's paths are relative to")
+    train.add_argument("--out", help="output directory (checkpoints, log.jsonl)")
+    train.add_argument("--resume", action="store_true", help="continue from <out>/last")
+    train.add_argument(
+        "--set", action="append", metavar="FIELD=VALUE", help="override, e.g. generate.epochs=3"
+    )
+    train.set_defaults(func=_train)
+
     shared = os.environ.get("MRG_SHARED_DATA", "../shared/data")
     labeler = sub.add_parser(
         "labeler-eval", help="score the report labeler on the OpenI gold standard"
@@ -148,8 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     import torch
 
+    from mrg.config import ConfigError
+
     torch.set_num_threads(int(os.environ.get("MRG_NUM_THREADS", os.cpu_count() or 1)))
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        console.print(f"[red]configuration error:[/red] {err}")
+        return 2
 
 
 if __name__ == "__main__":

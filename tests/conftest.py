@@ -49,7 +49,7 @@ def tokenizer(smollm2_dir):
 
 @pytest.fixture(scope="session")
 def tiny_llm(tokenizer):
-    """A 2-layer, 64-wide random LLaMA with SmolLM2's vocabulary, frozen."""
+    """A 2-layer, 128-wide random LLaMA with SmolLM2's vocabulary, frozen."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from mrg.model.llm import freeze
@@ -57,13 +57,14 @@ def tiny_llm(tokenizer):
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=128,
+        intermediate_size=256,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
         tie_word_embeddings=True,
+        initializer_range=0.3,  # wide enough for a frozen random LM to be steerable by its prefix
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )

@@ -112,6 +112,7 @@ class Context:
     embeds: torch.Tensor  # [B, T, D]
     attention_mask: torch.Tensor  # [B, T]
     prompt: CustomizedPrompt
+    global_feature: torch.Tensor  # [B, d_v], the customizer's input v
 
 
 @dataclass
@@ -119,6 +120,7 @@ class MRGOutput:
     loss: torch.Tensor
     logits: torch.Tensor
     prompt: CustomizedPrompt
+    global_feature: torch.Tensor
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -219,7 +221,7 @@ class MRGModel(nn.Module):
             ],
             dim=1,
         )
-        return Context(torch.cat(parts, dim=1), mask, prompt)
+        return Context(torch.cat(parts, dim=1), mask, prompt, features.global_)
 
     def tokenize_reports(self, reports: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Report ids + EOS, right-padded: ``(ids [B, R], mask [B, R])``; truncated to max_report_tokens."""
@@ -269,7 +271,7 @@ class MRGModel(nn.Module):
             position_ids=positions_from_mask(mask),
             labels=labels,
         )
-        return MRGOutput(out.loss, out.logits, ctx.prompt)
+        return MRGOutput(out.loss, out.logits, ctx.prompt, ctx.global_feature)
 
     # ----------------------------------------------------------------- decoding
 

@@ -1,0 +1,110 @@
+"""Alignment: symmetric InfoNCE between image and report embeddings.
+
+    z_i = norm(W_img v_i),   t_j = norm(W_txt r_j),   s_ij = exp(τ) · z_i · t_j
+    L = ½ [CE(s, diag) + CE(sᵀ, diag)]
+
+``v`` is the encoder's global feature, ``r`` the frozen LLM's mean last hidden state over a
+report's tokens (``ReportEmbeddingCache``; it never changes, so it is computed once per
+report text and LLM). τ is learnable, initialised to log(1/0.07) as in CLIP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+class ContrastiveHeads(nn.Module):
+    """Projections of image and report features into a shared space, and the temperature."""
+
+    def __init__(self, visual_dim: int, text_dim: int, dim: int):
+        super().__init__()
+        self.image = nn.Sequential(nn.LayerNorm(visual_dim), nn.Linear(visual_dim, dim))
+        self.text = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def logits(self, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """``[B, B]`` image-to-report similarity logits."""
+        z_image = F.normalize(self.image(visual), dim=-1)
+        z_text = F.normalize(self.text(text.to(visual.dtype)), dim=-1)
+        return self.logit_scale.clamp(max=math.log(100)).exp() * z_image @ z_text.t()
+
+    def forward(self, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(visual, text)
+        target = torch.arange(logits.shape[0], device=logits.device)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+def retrieval_accuracy(logits: torch.Tensor) -> float:
+    """Fraction of images whose most similar report is their own (chance: 1/B)."""
+    return (
+        (logits.argmax(dim=1) == torch.arange(logits.shape[0], device=logits.device))
+        .float()
+        .mean()
+        .item()
+    )
+
+
+class ReportEmbeddingCache:
+    """Frozen-LLM report embeddings keyed by (LLM name, text); optionally persisted to a file."""
+
+    def __init__(
+        self, llm, tokenizer, llm_key: str, path: str | Path | None = None, max_tokens: int = 128
+    ):
+        self.llm, self.tokenizer, self.llm_key, self.max_tokens = (
+            llm,
+            tokenizer,
+            llm_key,
+            max_tokens,
+        )
+        self.path = Path(path) if path else None
+        self.table: dict[str, torch.Tensor] = {}
+        if self.path and self.path.is_file():
+            self.table = torch.load(self.path, weights_only=True)
+        self.computed = 0
+
+    def key(self, text: str) -> str:
+        return hashlib.sha1(f"{self.llm_key}\0{text}".encode()).hexdigest()
+
+    @torch.inference_mode()
+    def _embed(self, texts: list[str]) -> torch.Tensor:
+        enc = self.tokenizer(
+            texts,
+            return_tensors="pt",
+            padding=True,
+            padding_side="right",
+            truncation=True,
+            max_length=self.max_tokens,
+            add_special_tokens=False,
+        ).to(self.llm.device)
+        hidden = self.llm(**enc, output_hidden_states=True).hidden_states[-1].float()
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        return ((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)).cpu()
+
+    def fill(self, texts: Sequence[str], batch_size: int = 16) -> None:
+        """Compute the embeddings of texts not cached yet (with a progress bar), then persist."""
+        missing = sorted({t for t in texts if self.key(t) not in self.table})
+        for start in tqdm(
+            range(0, len(missing), batch_size), desc="report embeddings", disable=not missing
+        ):
+            chunk = missing[start : start + batch_size]
+            for text, vector in zip(chunk, self._embed(chunk)):
+                self.table[self.key(text)] = vector
+            self.computed += len(chunk)
+        if missing and self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(self.table, self.path)
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        self.fill(texts)
+        return torch.stack([self.table[self.key(t)] for t in texts])

@@ -1,0 +1,368 @@
+"""Multi-stage training with Hugging Face ``accelerate``: alignment → generation → joint.
+
+The same code runs on a CPU, one GPU and several (``accelerate launch -m mrg.cli train …``).
+Per stage: AdamW over that stage's trainable parameters, cosine schedule with warm-up,
+gradient accumulation and clipping. After every epoch: validation, ``<out>/last`` (model +
+full training state, so a killed run resumes where it stopped) and, when it improves,
+``<out>/best`` (0.5·BLEU-4 + 0.5·CIDEr as R2GenGPT, or −loss for the alignment stage or
+when no metric can be computed). A JSON line per logged step and epoch goes to
+``<out>/log.jsonl``; TensorBoard too when it is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from mrg.data.datasets import Batch, Collate, StudyDataset, StudyRecord
+from mrg.model import Decoding, MRGModel
+from mrg.train.config import TrainConfig
+from mrg.train.losses import ContrastiveHeads, ReportEmbeddingCache, retrieval_accuracy
+
+log = logging.getLogger(__name__)
+STAGES = ("align", "generate", "joint")
+STATE_NAME = "trainer_state.pt"
+
+
+class TrainingModule(nn.Module):
+    """What DDP wraps: the MRG model, the contrastive heads, and the per-stage loss."""
+
+    def __init__(
+        self,
+        model: MRGModel,
+        heads: ContrastiveHeads,
+        embeddings: ReportEmbeddingCache,
+        joint_lambda: float,
+    ):
+        super().__init__()
+        self.model, self.heads = model, heads
+        self.embeddings, self.joint_lambda = embeddings, joint_lambda
+
+    def forward(self, batch: Batch, stage: str) -> dict[str, torch.Tensor]:
+        if stage == "align":
+            features = self.model.encoder(
+                batch.images.to(self.model.device),
+                batch.view_ids.to(self.model.device),
+                batch.view_mask.to(self.model.device),
+            )
+            text = self.embeddings(batch.reports).to(self.model.device)
+            loss = self.heads(features.global_, text)
+            return {"loss": loss, "align_loss": loss.detach()}
+        out = self.model(batch.images, batch.view_ids, batch.view_mask, batch.reports)
+        if stage == "generate":
+            return {"loss": out.loss, "lm_loss": out.loss.detach()}
+        text = self.embeddings(batch.reports).to(self.model.device)
+        align = self.heads(out.global_feature, text)
+        return {
+            "loss": out.loss + self.joint_lambda * align,
+            "lm_loss": out.loss.detach(),
+            "align_loss": align.detach(),
+        }
+
+    def stage_parameters(self, stage: str) -> list[nn.Parameter]:
+        parts = {
+            "align": [self.model.encoder, self.heads],
+            "generate": [self.model.encoder, self.model.projection, self.model.customizer],
+            "joint": [self.model.encoder, self.model.projection, self.model.customizer, self.heads],
+        }[stage]
+        return [p for part in parts for p in part.parameters() if p.requires_grad]
+
+
+@dataclass
+class TrainResult:
+    best_dir: Path | None = None
+    last_dir: Path | None = None
+    best_score: float = -math.inf
+    history: list[dict] = field(default_factory=list)
+
+
+class Trainer:
+    """Runs the configured stages on ``model``; resumes from ``<output_dir>/last`` when asked."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        model: MRGModel,
+        train_records: Sequence[StudyRecord],
+        val_records: Sequence[StudyRecord] = (),
+        resume: bool = False,
+        stop_after_epochs: int | None = None,
+    ):
+        self.config = config.validate()
+        self.output = Path(config.output_dir)
+        self.output.mkdir(parents=True, exist_ok=True)
+        set_seed(config.seed)
+        self.accelerator = Accelerator(
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.grad_accum,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+        self.model = model
+        heads = ContrastiveHeads(
+            model.encoder.embed_dim, model.llm.config.hidden_size, config.align_dim
+        )
+        embeddings = ReportEmbeddingCache(
+            model.llm,
+            model.tokenizer,
+            llm_key=config.model.llm.source,
+            path=self.output / "report_embeddings.pt",
+        )
+        self.module = TrainingModule(model, heads.to(model.device), embeddings, config.joint_lambda)
+        self.train_set = StudyDataset(train_records, config.on_missing)
+        self.val_set = StudyDataset(val_records, config.on_missing)
+        image_size, views = config.model.encoder.image_size, config.model.max_views
+        self.loader_generator = torch.Generator().manual_seed(config.seed)
+        loader = DataLoader(
+            self.train_set,
+            batch_size=config.batch_size,
+            shuffle=True,
+            generator=self.loader_generator,
+            collate_fn=Collate(image_size, views, train=True),
+            num_workers=config.num_workers,
+        )
+        self.val_loader = DataLoader(
+            self.val_set,
+            batch_size=config.batch_size,
+            collate_fn=Collate(image_size, views),
+            num_workers=config.num_workers,
+        )
+        self.module, self.loader = self.accelerator.prepare(self.module, loader)
+        self.position = {"stage": 0, "epoch": 0, "step": 0}
+        self.best_score = -math.inf
+        self.pending_state: dict | None = None
+        self.stop_after_epochs = stop_after_epochs
+        self.log_file = self.output / "log.jsonl"
+        self.writer = self._tensorboard()
+        if resume and (self.output / "last" / STATE_NAME).is_file():
+            self._load_state(self.output / "last")
+        config.save(self.output / "train_config.json")
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return None
+        return (
+            SummaryWriter(self.output / "tensorboard") if self.accelerator.is_main_process else None
+        )
+
+    def _log(self, record: dict) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with self.log_file.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                    self.writer.add_scalar(
+                        f"{record.get('stage', '')}/{key}", value, record.get("step", 0)
+                    )
+
+    @property
+    def unwrapped(self) -> TrainingModule:
+        return self.accelerator.unwrap_model(self.module)
+
+    def _rng_state(self) -> dict:
+        return {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+            "loader": self.loader_generator.get_state(),
+        }
+
+    def _save_state(self, directory: Path, optimizer, scheduler) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        self.unwrapped.model.save_pretrained(directory)
+        torch.save(
+            {
+                "position": dict(self.position),
+                "best_score": self.best_score,
+                "heads": self.unwrapped.heads.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": self._rng_state(),
+            },
+            directory / STATE_NAME,
+        )
+
+    def _load_state(self, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = torch.load(directory / STATE_NAME, weights_only=False)
+        params = dict(self.unwrapped.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in load_file(str(directory / "model.safetensors")).items():
+                params[name].copy_(tensor)
+        self.unwrapped.heads.load_state_dict(state["heads"])
+        self.position, self.best_score = state["position"], state["best_score"]
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        self.loader_generator.set_state(rng["loader"])
+        self.pending_state = state
+        log.info("resuming from %s at %s", directory, self.position)
+
+    # ------------------------------------------------------------------ training
+
+    def fit(self) -> TrainResult:
+        result = TrainResult(best_score=self.best_score)
+        if self.config.align.epochs or self.config.joint.epochs:
+            reports = [r.target for r in self.train_set.records] + [
+                r.target for r in self.val_set.records
+            ]
+            self.unwrapped.embeddings.fill(reports)
+        epochs_run = 0
+        for index, stage in enumerate(STAGES):
+            stage_config = getattr(self.config, stage)
+            if stage_config.epochs == 0 or index < self.position["stage"]:
+                continue
+            optimizer, scheduler = self._optimizer(stage, stage_config)
+            if self.pending_state is not None and index == self.position["stage"]:
+                optimizer.load_state_dict(self.pending_state["optimizer"])
+                scheduler.load_state_dict(self.pending_state["scheduler"])
+                self.pending_state = None
+            else:
+                self.position.update(stage=index, epoch=0, step=0)
+            while self.position["epoch"] < stage_config.epochs:
+                if self.stop_after_epochs is not None and epochs_run >= self.stop_after_epochs:
+                    return result
+                record = self._train_epoch(stage, optimizer, scheduler)
+                record.update(self._validate(stage))
+                if record["score"] == -math.inf:
+                    record["score"] = -record["train_loss"]
+                self.position["epoch"] += 1
+                # Only report-writing stages compete for "best"; alignment alone does not generate.
+                improved = stage != "align" and record["score"] > self.best_score
+                if improved:
+                    self.best_score = record["score"]
+                    result.best_dir = self.unwrapped.model.save_pretrained(self.output / "best")
+                self._save_state(self.output / "last", optimizer, scheduler)
+                result.last_dir, result.best_score = self.output / "last", self.best_score
+                record.update(improved=improved)
+                self._log(record)
+                result.history.append(record)
+                epochs_run += 1
+            self.position.update(stage=index + 1, epoch=0, step=0)
+        self.accelerator.wait_for_everyone()
+        return result
+
+    def _optimizer(self, stage: str, stage_config):
+        params = self.unwrapped.stage_parameters(stage)
+        optimizer = torch.optim.AdamW(
+            params, lr=stage_config.lr, weight_decay=self.config.weight_decay
+        )
+        steps_per_epoch = math.ceil(len(self.loader) / self.config.grad_accum)
+        if self.config.max_steps_per_stage:
+            steps_per_epoch = min(steps_per_epoch, self.config.max_steps_per_stage)
+        total = max(1, steps_per_epoch * stage_config.epochs)
+        scheduler = get_cosine_schedule_with_warmup(
+            optimizer, int(self.config.warmup_ratio * total), total
+        )
+        optimizer, scheduler = self.accelerator.prepare(optimizer, scheduler)
+        return optimizer, scheduler
+
+    def _train_epoch(self, stage: str, optimizer, scheduler) -> dict:
+        module = self.module
+        module.train()
+        losses, samples, start = [], 0, time.perf_counter()
+        cap = self.config.max_steps_per_stage * self.config.grad_accum or None
+        bar = tqdm(
+            self.loader,
+            desc=f"{stage} epoch {self.position['epoch'] + 1}",
+            disable=not self.accelerator.is_local_main_process,
+            total=min(len(self.loader), cap) if cap else len(self.loader),
+        )
+        for i, batch in enumerate(bar):
+            if cap and i >= cap:
+                break
+            if batch is None:
+                continue
+            with self.accelerator.accumulate(module):
+                out = module(batch, stage)
+                self.accelerator.backward(out["loss"])
+                if self.accelerator.sync_gradients:
+                    self.accelerator.clip_grad_norm_(
+                        self.unwrapped.stage_parameters(stage), self.config.max_grad_norm
+                    )
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            self.position["step"] += 1
+            losses.append(out["loss"].item())
+            samples += len(batch.reports)
+            rate = samples / (time.perf_counter() - start)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", samples_s=f"{rate:.2f}")
+        elapsed = time.perf_counter() - start
+        return {
+            "stage": stage,
+            "epoch": self.position["epoch"] + 1,
+            "step": self.position["step"],
+            "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            "samples_per_s": samples / elapsed if elapsed else 0.0,
+            "lr": scheduler.get_last_lr()[0],
+            "skipped_images": list(self.train_set.skipped),
+        }
+
+    @torch.no_grad()
+    def _validate(self, stage: str) -> dict:
+        """Validation loss (and retrieval accuracy or BLEU-4/CIDEr) → ``score`` to maximise."""
+        if len(self.val_set) == 0:
+            return {
+                "score": -math.inf
+            }  # no validation data: the caller falls back to the training loss
+        module = self.unwrapped
+        module.eval()
+        losses, accuracies, references, hypotheses = [], [], [], []
+        remaining = self.config.val_max_studies
+        for batch in self.val_loader:
+            if batch is None:
+                continue
+            out = module(batch, stage)
+            losses.append(out["loss"].item())
+            if stage == "align":
+                features = module.model.encoder(batch.images, batch.view_ids, batch.view_mask)
+                logits = module.heads.logits(
+                    features.global_, module.embeddings(batch.reports).to(module.model.device)
+                )
+                accuracies.append(retrieval_accuracy(logits))
+            elif remaining > 0:
+                take = min(remaining, len(batch.reports))
+                decoding = Decoding(
+                    max_new_tokens=self.config.val_max_new_tokens, repetition_penalty=1.2
+                )
+                hypotheses += module.model.generate(
+                    batch.images[:take], batch.view_ids[:take], batch.view_mask[:take], decoding
+                )
+                references += batch.reports[:take]
+                remaining -= take
+        record = {"val_loss": float(np.mean(losses))}
+        if stage == "align":
+            record["val_retrieval_acc"] = float(np.mean(accuracies))
+            record["score"] = -record["val_loss"]
+            return record
+        from mrg.evaluation.metrics import nlg_scores
+
+        scores = nlg_scores(references, hypotheses, meteor=False)
+        record.update(val_bleu4=scores.corpus["BLEU_4"], val_cider=scores.corpus["CIDEr"])
+        record["score"] = 0.5 * scores.corpus["BLEU_4"] + 0.5 * scores.corpus["CIDEr"]
+        record["val_example"] = hypotheses[0] if hypotheses else ""
+        return record

@@ -1,0 +1,179 @@
+"""Multi-stage training with a tiny random LLaMA on four synthetic studies (CPU, seconds)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model_config
+from PIL import Image
+from safetensors.torch import load_file
+
+from mrg.config import ConfigError
+from mrg.data.datasets import load_annotation
+from mrg.model import MRGModel
+from mrg.train.config import StageConfig, TrainConfig, train_preset
+from mrg.train.trainer import Trainer
+
+REPORTS = [
+    "FINDINGS: The heart is normal. IMPRESSION: Normal chest.",
+    "FINDINGS: Large right pleural effusion. IMPRESSION: Effusion.",
+    "FINDINGS: Left upper lobe mass. IMPRESSION: Mass.",
+    "FINDINGS: Cardiomegaly with edema. IMPRESSION: Heart failure.",
+]
+
+
+@pytest.fixture
+def four_studies(tmp_path):
+    """Four studies whose frontal images differ (a bright block in a different quadrant)."""
+    entries = []
+    for i, report in enumerate(REPORTS):
+        folder = tmp_path / "images" / f"S{i}"
+        folder.mkdir(parents=True)
+        image = np.full((64, 64), 40, np.uint8)
+        r, c = divmod(i, 2)
+        image[r * 32 : r * 32 + 32, c * 32 : c * 32 + 32] = 230
+        Image.fromarray(image).save(folder / "0.png")
+        entries.append({"id": f"S{i}", "report": report, "image_path": [f"S{i}/0.png"]})
+    annotation = {"train": entries, "val": entries, "test": []}
+    path = tmp_path / "annotation.json"
+    path.write_text(json.dumps(annotation))
+    return path, tmp_path / "images"
+
+
+def make_config(tmp_path, annotation, images, **overrides):
+    model = tiny_model_config()
+    model.max_views = 1
+    values = {
+        "model": model,
+        "annotation": str(annotation),
+        "image_root": str(images),
+        "output_dir": str(tmp_path / "run"),
+        "align": StageConfig(0, 1e-3),
+        "generate": StageConfig(1, 1e-3),
+        "batch_size": 2,
+        "val_max_studies": 2,
+        "val_max_new_tokens": 4,
+        "warmup_ratio": 0.0,
+    }
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def records(annotation, images, split):
+    return load_annotation(annotation, images, split=split)
+
+
+def build(tiny_llm, tokenizer, config, seed=0):
+    torch.manual_seed(seed)
+    return MRGModel(config.model, tiny_llm, tokenizer)
+
+
+def test_two_step_run_writes_a_loadable_checkpoint(tmp_path, four_studies, tiny_llm, tokenizer):
+    annotation, images = four_studies
+    config = make_config(tmp_path, annotation, images, max_steps_per_stage=2)
+    model = build(tiny_llm, tokenizer, config)
+    result = Trainer(
+        config, model, records(annotation, images, "train"), records(annotation, images, "val")
+    ).fit()
+    assert result.best_dir and (result.best_dir / "model.safetensors").is_file()
+    assert (result.last_dir / "trainer_state.pt").is_file()
+    loaded = MRGModel.from_pretrained(result.best_dir, llm=tiny_llm, tokenizer=tokenizer)
+    assert loaded.mode == "prompt-wise"
+    lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert lines[-1]["stage"] == "generate" and lines[-1]["step"] == 2
+    assert {"val_loss", "val_bleu4", "val_cider", "samples_per_s"} <= set(lines[-1])
+
+
+def test_resume_equals_uninterrupted(tmp_path, four_studies, tiny_llm, tokenizer):
+    annotation, images = four_studies
+    stages = {"align": StageConfig(1, 1e-3), "generate": StageConfig(2, 1e-3)}
+    train, val = records(annotation, images, "train"), records(annotation, images, "val")
+
+    full = make_config(tmp_path / "a", annotation, images, **stages)
+    Trainer(full, build(tiny_llm, tokenizer, full), train, val).fit()
+
+    part = make_config(tmp_path / "b", annotation, images, **stages)
+    Trainer(
+        part, build(tiny_llm, tokenizer, part), train, val, stop_after_epochs=2
+    ).fit()  # "killed" mid-run
+    state = torch.load(tmp_path / "b" / "run" / "last" / "trainer_state.pt", weights_only=False)
+    assert state["position"] == {"stage": 1, "epoch": 1, "step": 2}
+    fresh = build(
+        tiny_llm, tokenizer, part, seed=123
+    )  # different init: everything must come from the checkpoint
+    Trainer(part, fresh, train, val, resume=True).fit()
+
+    expected = load_file(tmp_path / "a" / "run" / "last" / "model.safetensors")
+    resumed = load_file(tmp_path / "b" / "run" / "last" / "model.safetensors")
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=1e-5, atol=1e-6)
+
+
+def test_generation_stage_overfits_four_studies(tmp_path, four_studies, tiny_llm, tokenizer):
+    annotation, images = four_studies
+    config = make_config(
+        tmp_path,
+        annotation,
+        images,
+        generate=StageConfig(80, 6e-3),
+        batch_size=4,
+        val_max_studies=0,
+        max_grad_norm=10.0,
+    )
+    config.model.customizer.prompt_length = 16  # more prefix to steer a frozen random 2-layer LM
+    model = build(tiny_llm, tokenizer, config)
+    result = Trainer(config, model, records(annotation, images, "train"), []).fit()
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_alignment_raises_retrieval_above_chance(tmp_path, four_studies, tiny_llm, tokenizer):
+    annotation, images = four_studies
+    config = make_config(
+        tmp_path,
+        annotation,
+        images,
+        align=StageConfig(25, 3e-3),
+        generate=StageConfig(0, 1e-3),
+        batch_size=4,
+    )
+    model = build(tiny_llm, tokenizer, config)
+    result = Trainer(
+        config, model, records(annotation, images, "train"), records(annotation, images, "val")
+    ).fit()
+    accuracy = [h["val_retrieval_acc"] for h in result.history]
+    assert accuracy[-1] >= 0.75, accuracy  # chance is 1/4
+    assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
+
+
+def test_bad_configs_fail_before_loading(tmp_path):
+    with pytest.raises(ConfigError, match="annotation"):
+        TrainConfig(annotation=str(tmp_path / "missing.json")).validate()
+    with pytest.raises(ConfigError, match="every stage has 0 epochs"):
+        TrainConfig(align=StageConfig(0), generate=StageConfig(0)).validate()
+    with pytest.raises(ConfigError, match="batch_size"):
+        TrainConfig(batch_size=0).validate()
+    with pytest.raises(ConfigError, match="unknown config field"):
+        TrainConfig.from_dict({"learning_rate": 1})
+    with pytest.raises(ConfigError, match="customizer.mode"):
+        train_preset("demo-cpu", mode="bogus")
+
+
+def test_presets_follow_r2gengpt():
+    iu = train_preset("iu-xray-llama2-7b-nf4")
+    assert (iu.generate.lr, iu.generate.epochs, iu.batch_size, iu.model.max_report_tokens) == (
+        1e-4,
+        15,
+        8,
+        60,
+    )
+    mimic = train_preset("mimic-cxr-llama2-7b-nf4")
+    assert (mimic.generate.epochs, mimic.model.max_report_tokens, mimic.model.llm.quantization) == (
+        5,
+        100,
+        "nf4",
+    )
+    demo = train_preset("demo-cpu", mode="promptbook-wise")
+    assert demo.model.llm.source == "smollm2" and demo.model.customizer.mode == "promptbook-wise"
