@@ -70,6 +70,7 @@ class Decoding:
         return self
 
 
+DEFAULT_DECODING = Decoding()
 R2GENGPT_DECODING = Decoding(
     strategy="beam", num_beams=3, repetition_penalty=2.0, max_new_tokens=100
 )
@@ -281,7 +282,7 @@ class MRGModel(nn.Module):
         images: torch.Tensor,
         view_ids: torch.Tensor,
         view_mask: torch.Tensor,
-        decoding: Decoding = Decoding(),
+        decoding: Decoding = DEFAULT_DECODING,
     ) -> list[str]:
         """Batched decoding with ``transformers`` ``generate`` (greedy, beam or sampling)."""
         decoding.validate()
@@ -325,7 +326,7 @@ class MRGModel(nn.Module):
         images: torch.Tensor,
         view_ids: torch.Tensor,
         view_mask: torch.Tensor,
-        decoding: Decoding = Decoding(),
+        decoding: Decoding = DEFAULT_DECODING,
     ) -> Iterator[int]:
         """Yield token ids of one study one at a time (KV cache on); stops at EOS.
 
@@ -372,7 +373,7 @@ class MRGModel(nn.Module):
         images: torch.Tensor,
         view_ids: torch.Tensor,
         view_mask: torch.Tensor,
-        decoding: Decoding = Decoding(),
+        decoding: Decoding = DEFAULT_DECODING,
     ) -> Iterator[str]:
         """Yield text increments; their concatenation is the decoded report."""
         ids: list[int] = []

@@ -1,0 +1,274 @@
+"""The inference service: load once, stream sections, explain, compare with the ground truth.
+
+``ReportService.load`` reads the frozen LLM once and puts every customizer model found in a
+checkpoint folder (``prompt-wise/``, ``promptbook-wise/``, optionally ``static/``) on top of
+it. Requests are serialised by one lock: a CPU (or one GPU) runs one decode at a time, and a
+waiting request starts as soon as the previous one ends or is cancelled. Cancelling is
+closing the stream (or ``should_stop`` returning True): decoding stops at the next token
+and the lock is released.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mrg.config import CUSTOMIZER_MODES, ModelConfig, model_preset
+from mrg.data.reports import split_sentences
+from mrg.data.sections import split_sections
+from mrg.data.study import Study, batch_tensors
+from mrg.evaluation.labeler import CHEXPERT14, LABEL_MAPS, POSITIVE, ReportLabeler
+from mrg.evaluation.metrics import nlg_scores
+from mrg.explain import Heatmap, explain
+from mrg.model import Decoding, MRGModel
+from mrg.model.llm import load_frozen_llm
+from mrg.model.mrg_model import CONFIG_NAME, DEFAULT_DECODING
+
+log = logging.getLogger(__name__)
+DEFAULT_CHECKPOINTS = Path(__file__).resolve().parents[1] / "assets" / "checkpoints"
+
+
+@dataclass
+class ReportUpdate:
+    """The report so far, split into sections, with timing."""
+
+    findings: str = ""
+    impression: str = ""
+    text: str = ""
+    finished: bool = False
+    tokens: int = 0
+    ttft_s: float | None = None
+    tokens_per_s: float | None = None
+    elapsed_s: float = 0.0
+
+
+@dataclass
+class ServiceInfo:
+    """What is loaded, for the banner: checkpoints, LLM, device, and whether weights are trained."""
+
+    llm: str
+    device: str
+    modes: list[str]
+    checkpoints: dict[str, str]
+    trained: bool
+
+
+@dataclass
+class LabelRow:
+    observation: str
+    agreement: str  # matched | missed | hallucinated
+    reference_sentences: list[str] = field(default_factory=list)
+    generated_sentences: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Comparison:
+    metrics: dict[str, float]
+    notes: list[str]
+    rows: list[LabelRow]
+
+
+class ReportService:
+    def __init__(self, models: dict[str, MRGModel], info: ServiceInfo):
+        self.models, self.info = models, info
+        self.lock = threading.Lock()
+        self.labeler = ReportLabeler()
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(
+        cls,
+        checkpoints: str | Path | None = None,
+        llm_source: str | None = None,
+        device: str | None = None,
+        quantization: str | None = None,
+    ) -> ReportService:
+        """Load every mode found under ``checkpoints`` (default ``$MRG_CHECKPOINTS`` or assets/checkpoints).
+
+        Without any checkpoint, untrained demo-cpu models are built so the app still runs;
+        ``info.trained`` is then False and the banner says so.
+        """
+        root = Path(checkpoints or os.environ.get("MRG_CHECKPOINTS") or DEFAULT_CHECKPOINTS)
+        found = {m: root / m for m in CUSTOMIZER_MODES if (root / m / CONFIG_NAME).is_file()}
+        overrides = {}
+        if llm_source:
+            overrides["source"] = llm_source
+        if quantization:
+            overrides["quantization"] = quantization
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if found:  # the LLM named by the first checkpoint's config serves every mode
+            config = json.loads((next(iter(found.values())) / CONFIG_NAME).read_text())
+            llm_config = ModelConfig.from_dict(config).llm
+        else:
+            llm_config = model_preset("demo-cpu").llm
+        for key, value in overrides.items():
+            setattr(llm_config, key, value)
+        llm, tokenizer = load_frozen_llm(llm_config)
+        if device == "cuda" and llm_config.quantization == "none":
+            llm.to("cuda")
+        models: dict[str, MRGModel] = {}
+        if found:
+            for mode, path in found.items():
+                models[mode] = MRGModel.from_pretrained(
+                    path,
+                    llm=llm,
+                    tokenizer=tokenizer,
+                    config_overrides={"llm": overrides} if overrides else None,
+                ).eval()
+        else:
+            log.warning(
+                "no checkpoint under %s: using untrained demo models (reports will be meaningless)",
+                root,
+            )
+            for index, mode in enumerate(("prompt-wise", "promptbook-wise")):
+                torch.manual_seed(index)
+                models[mode] = MRGModel(model_preset("demo-cpu", mode), llm, tokenizer).eval()
+        info = ServiceInfo(
+            llm=llm_config.source
+            if llm_config.source != "smollm2"
+            else "SmolLM2-135M-Instruct (frozen)",
+            device=str(llm.device)
+            + (f", {llm_config.quantization}" if llm_config.quantization != "none" else ""),
+            modes=list(models),
+            checkpoints={m: str(p) for m, p in found.items()},
+            trained=bool(found),
+        )
+        return cls(models, info)
+
+    def model(self, mode: str) -> MRGModel:
+        if mode not in self.models:
+            raise ValueError(f"mode {mode!r} is not loaded; available: {', '.join(self.models)}")
+        return self.models[mode]
+
+    def tensors(self, study: Study, mode: str):
+        model = self.model(mode)
+        return batch_tensors([study], model.config.encoder.image_size, model.config.max_views)
+
+    # ------------------------------------------------------------------ generation
+
+    def stream(
+        self,
+        study: Study,
+        mode: str,
+        decoding: Decoding = DEFAULT_DECODING,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Iterator[ReportUpdate]:
+        """Yield a ``ReportUpdate`` per decoded token (greedy/sampling) or once (beam)."""
+        decoding.validate()
+        model = self.model(mode)
+        images, view_ids, view_mask = self.tensors(study, mode)
+        with self.lock:
+            start = time.perf_counter()
+            if decoding.strategy == "beam":
+                text = model.generate(images, view_ids, view_mask, decoding)[0]
+                elapsed = time.perf_counter() - start
+                tokens = len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+                yield self._update(text, True, tokens, elapsed, start)
+                return
+            text, tokens, first = "", 0, None
+            for piece in model.stream(images, view_ids, view_mask, decoding):
+                if should_stop is not None and should_stop():
+                    break
+                tokens += 1
+                first = first if first is not None else time.perf_counter() - start
+                text += piece
+                yield self._update(text, False, tokens, first, start)
+            yield self._update(text, True, tokens, first, start)
+
+    @staticmethod
+    def _update(
+        text: str, finished: bool, tokens: int, ttft: float | None, start: float
+    ) -> ReportUpdate:
+        elapsed = time.perf_counter() - start
+        sections = split_sections(text)
+        rate = (
+            (tokens - 1) / (elapsed - ttft)
+            if ttft is not None and tokens > 1 and elapsed > ttft
+            else None
+        )
+        return ReportUpdate(
+            sections.findings,
+            sections.impression,
+            text.strip(),
+            finished,
+            tokens,
+            ttft,
+            rate,
+            elapsed,
+        )
+
+    def generate(
+        self, study: Study, mode: str, decoding: Decoding = DEFAULT_DECODING
+    ) -> ReportUpdate:
+        """The final update of ``stream``."""
+        update = ReportUpdate()
+        for update in self.stream(study, mode, decoding):
+            pass
+        return update
+
+    # ------------------------------------------------------------------ explanation
+
+    def explain(
+        self, study: Study, mode: str, report: str, sentence: str | None = None
+    ) -> list[Heatmap]:
+        """Grad-CAM per view for the whole report, or for one of its sentences."""
+        model = self.model(mode)
+        images, view_ids, _ = self.tensors(study, mode)
+        span = None
+        if sentence:
+            start = report.find(sentence)
+            if start < 0:
+                raise ValueError("the selected sentence is not part of the report")
+            span = (start, start + len(sentence))
+        with self.lock:
+            return explain(model, images, view_ids, report, span, [v.position for v in study.views])
+
+    # ------------------------------------------------------------------ comparison
+
+    def compare(self, generated: str, reference: str, meteor: bool = False) -> Comparison:
+        """Per-case language metrics and CheXpert label agreement with the triggering sentences."""
+        scores = nlg_scores([reference], [generated], meteor=meteor)
+        metrics = {k: v for k, v in scores.corpus.items() if k != "CIDEr"}
+        ref_sentences, gen_sentences = (
+            self._positive_sentences(reference),
+            self._positive_sentences(generated),
+        )
+        rows = []
+        for observation in CHEXPERT14[1:]:
+            in_ref, in_gen = ref_sentences.get(observation), gen_sentences.get(observation)
+            if not in_ref and not in_gen:
+                continue
+            agreement = "matched" if in_ref and in_gen else ("missed" if in_ref else "hallucinated")
+            rows.append(LabelRow(observation, agreement, in_ref or [], in_gen or []))
+        notes = [n for n in scores.notes if not n.startswith("CIDEr")]
+        return Comparison(metrics, notes, rows)
+
+    def _positive_sentences(self, text: str) -> dict[str, list[str]]:
+        """CheXpert observation → the sentences with a positive mention of it."""
+        by_concept: dict[str, list[str]] = {}
+        for mention in self.labeler.mentions(text):
+            if mention.status == POSITIVE and mention.sentence not in by_concept.get(
+                mention.concept, []
+            ):
+                by_concept.setdefault(mention.concept, []).append(mention.sentence)
+        out: dict[str, list[str]] = {}
+        for observation, concepts in LABEL_MAPS["chexpert"].items():
+            sentences = [s for c in concepts for s in by_concept.get(c, [])]
+            if sentences:
+                out[observation] = list(dict.fromkeys(sentences))
+        return out
+
+
+def report_sentences(text: str) -> list[str]:
+    """Sentences of a generated report, section headers removed (for sentence-level Grad-CAM)."""
+    sections = split_sections(text)
+    return split_sentences(sections.findings) + split_sentences(sections.impression)

@@ -1,0 +1,211 @@
+"""Inference service and Grad-CAM with tiny random LLaMAs (and SmolLM2 once)."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from conftest import shared_path, tiny_model_config
+
+from mrg.data.study import Study, View, study_from_sources
+from mrg.imaging import ImageMeta, LoadedImage
+from mrg.model import Decoding, MRGModel
+from mrg.service import ReportService, ServiceInfo, report_sentences
+
+REPORT = (
+    "FINDINGS: The heart is enlarged. There is a small left pleural effusion. "
+    "IMPRESSION: Cardiomegaly and left effusion."
+)
+
+
+def synthetic_study(seed=0, views=2):
+    rng = np.random.default_rng(seed)
+    made = []
+    for position in ("frontal", "lateral")[:views]:
+        pixels = rng.random((96, 80)).astype(np.float32)
+        made.append(
+            View(LoadedImage(pixels, ImageMeta(format="png", width=80, height=96)), position)
+        )
+    return Study(made, study_id=f"synthetic-{seed}")
+
+
+@pytest.fixture
+def service(tiny_llm, tokenizer):
+    models = {}
+    for seed, mode in enumerate(("prompt-wise", "promptbook-wise")):
+        torch.manual_seed(seed)
+        models[mode] = MRGModel(tiny_model_config(mode), tiny_llm, tokenizer).eval()
+    info = ServiceInfo("tiny", "cpu", list(models), {}, trained=False)
+    return ReportService(models, info)
+
+
+def test_stream_yields_several_increments_ending_in_the_generated_text(service):
+    study = synthetic_study()
+    decoding = Decoding(max_new_tokens=12, repetition_penalty=1.3)
+    updates = list(service.stream(study, "prompt-wise", decoding))
+    assert len(updates) >= 3 and updates[-1].finished and not any(u.finished for u in updates[:-1])
+    assert [u.tokens for u in updates[:-1]] == list(range(1, len(updates)))
+    assert updates[-1].ttft_s is not None and updates[-1].ttft_s > 0
+    images, view_ids, view_mask = service.tensors(study, "prompt-wise")
+    expected = service.models["prompt-wise"].generate(images, view_ids, view_mask, decoding)[0]
+    assert updates[-1].text == expected
+
+
+def test_sections_split_correctly_mid_stream(service, monkeypatch):
+    pieces = ["FIND", "INGS: The heart", " is enlarged.", " IMPRES", "SION: Cardio", "megaly."]
+    monkeypatch.setattr(service.models["prompt-wise"], "stream", lambda *a, **k: iter(pieces))
+    updates = list(service.stream(synthetic_study(), "prompt-wise"))
+    by_step = [(u.findings, u.impression) for u in updates]
+    assert by_step[0] == ("", "")
+    assert by_step[2] == ("The heart is enlarged.", "")
+    assert by_step[3] == (
+        "The heart is enlarged.",
+        "",
+    )  # "IMPRES" is held back, not shown as findings
+    assert by_step[4] == ("The heart is enlarged.", "Cardio")
+    assert by_step[-1] == ("The heart is enlarged.", "Cardiomegaly.")
+
+
+def test_beam_search_returns_one_final_update(service):
+    updates = list(
+        service.stream(
+            synthetic_study(), "promptbook-wise", Decoding(strategy="beam", max_new_tokens=6)
+        )
+    )
+    assert len(updates) == 1 and updates[0].finished
+
+
+def test_cancellation_stops_promptly_and_frees_the_model(service):
+    stop = threading.Event()
+    seen = []
+    for update in service.stream(
+        synthetic_study(), "prompt-wise", Decoding(max_new_tokens=200), stop.is_set
+    ):
+        seen.append(update)
+        if len(seen) == 2:
+            stop.set()
+    assert seen[-1].finished and seen[-1].tokens == 2
+    assert not service.lock.locked()
+    stream = service.stream(synthetic_study(), "prompt-wise", Decoding(max_new_tokens=200))
+    next(stream)
+    assert service.lock.locked()
+    stream.close()  # the client went away
+    assert not service.lock.locked()
+
+
+def test_two_simultaneous_requests_both_finish_correctly(service):
+    decoding = Decoding(max_new_tokens=10)
+    studies = {"prompt-wise": synthetic_study(1), "promptbook-wise": synthetic_study(2)}
+    expected = {
+        mode: service.generate(study, mode, decoding).text for mode, study in studies.items()
+    }
+    results, errors = {}, []
+
+    def run(mode):
+        try:
+            results[mode] = service.generate(studies[mode], mode, decoding).text
+        except Exception as err:  # surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(mode,)) for mode in studies]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors and results == expected
+
+
+def test_unknown_mode_is_a_clear_error(service):
+    with pytest.raises(ValueError, match="not loaded"):
+        list(service.stream(synthetic_study(), "static"))
+
+
+def test_compare_reports_matched_missed_and_hallucinated_with_sentences(service):
+    reference = "The heart is enlarged. There is a small left pleural effusion. No pneumothorax."
+    generated = (
+        "FINDINGS: The heart is enlarged. There is a right pneumothorax. IMPRESSION: Cardiomegaly."
+    )
+    comparison = service.compare(generated, reference)
+    rows = {row.observation: row for row in comparison.rows}
+    assert rows["Cardiomegaly"].agreement == "matched"
+    assert rows["Pleural Effusion"].agreement == "missed"
+    assert rows["Pleural Effusion"].reference_sentences == [
+        "There is a small left pleural effusion."
+    ]
+    assert rows["Pneumothorax"].agreement == "hallucinated"
+    assert rows["Pneumothorax"].generated_sentences == ["There is a right pneumothorax."]
+    assert 0 < comparison.metrics["BLEU_1"] < 1 and "ROUGE_L" in comparison.metrics
+    identical = service.compare(reference, reference)
+    assert identical.metrics["BLEU_4"] == pytest.approx(1.0) and all(
+        r.agreement == "matched" for r in identical.rows
+    )
+
+
+def test_load_shares_one_llm_between_modes(tiny_llm, tokenizer, tmp_path):
+    tiny_llm.save_pretrained(tmp_path / "llm")
+    tokenizer.save_pretrained(tmp_path / "llm")
+    for mode in ("prompt-wise", "promptbook-wise"):
+        config = tiny_model_config(mode)
+        config.llm.source = str(tmp_path / "llm")
+        MRGModel(config, tiny_llm, tokenizer).save_pretrained(tmp_path / "ckpt" / mode)
+    service = ReportService.load(tmp_path / "ckpt")
+    assert set(service.models) == {"prompt-wise", "promptbook-wise"} and service.info.trained
+    assert service.models["prompt-wise"].llm is service.models["promptbook-wise"].llm
+    assert service.info.checkpoints["prompt-wise"].endswith("prompt-wise")
+
+
+# ----------------------------------------------------------------------------- Grad-CAM
+
+
+def test_gradcam_maps_per_view_normalised_and_sentence_specific(service):
+    study = synthetic_study()
+    model = service.models["prompt-wise"]
+    before = {k: v.clone() for k, v in model.llm.state_dict().items()}
+    whole = service.explain(study, "prompt-wise", REPORT)
+    assert [h.view for h in whole] == ["frontal", "lateral"]
+    for heatmap in whole:
+        assert heatmap.cam.min() >= 0 and heatmap.cam.max() == pytest.approx(1.0, abs=1e-5)
+    first, second = report_sentences(REPORT)[:2]
+    assert first == "The heart is enlarged."
+    map_a = service.explain(study, "prompt-wise", REPORT, first)[0].cam
+    map_b = service.explain(study, "prompt-wise", REPORT, second)[0].cam
+    assert not np.allclose(map_a, map_b)
+    assert all(torch.equal(before[k], v) for k, v in model.llm.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    overlay = whole[0].overlay(study.views[0].image.pixels, alpha=0.5)
+    assert overlay.shape == (96, 80, 3) and overlay.dtype == np.uint8
+
+
+def test_gradcam_rejects_a_sentence_not_in_the_report(service):
+    with pytest.raises(ValueError, match="not part of the report"):
+        service.explain(synthetic_study(), "prompt-wise", REPORT, "Pneumothorax.")
+
+
+def _correlation(a, b):
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+@pytest.mark.slow
+def test_model_randomisation_sanity_check_with_smollm2(smollm2):
+    """Adebayo et al. 2018: re-initialising the encoder's last blocks must change the map."""
+    from mrg.config import model_preset
+
+    llm, tokenizer = smollm2
+    root = shared_path("iu_xray", "images", "CXR2843_IM-1254-1001")
+    study = study_from_sources(root / "0.png", root / "1.png")
+    torch.manual_seed(0)
+    model = MRGModel(model_preset("demo-cpu", "prompt-wise"), llm, tokenizer).eval()
+    service = ReportService(
+        {"prompt-wise": model}, ServiceInfo("smollm2", "cpu", ["prompt-wise"], {}, False)
+    )
+    original = service.explain(study, "prompt-wise", REPORT)[0].cam
+    again = service.explain(study, "prompt-wise", REPORT)[0].cam
+    assert _correlation(original, again) > 0.999  # deterministic
+    for block in model.encoder.vit.blocks[-2:]:
+        for module in block.modules():
+            if hasattr(module, "reset_parameters") and module is not block:
+                module.reset_parameters()
+    randomised = service.explain(study, "prompt-wise", REPORT)[0].cam
+    correlation = _correlation(original, randomised)
+    print(f"Grad-CAM correlation before/after re-initialising the last 2 blocks: {correlation:.3f}")
+    assert correlation < 0.5
