@@ -169,6 +169,136 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _decoding(args: argparse.Namespace):
+    from mrg.evaluation.runner import decoding_from_args
+
+    return decoding_from_args(
+        args.strategy, args.max_new_tokens, args.num_beams, args.repetition_penalty
+    )
+
+
+def _add_decoding_flags(parser: argparse.ArgumentParser, strategy: str, penalty: float) -> None:
+    parser.add_argument("--strategy", default=strategy, choices=["greedy", "beam", "sample"])
+    parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--num-beams", type=int, default=3)
+    parser.add_argument("--repetition-penalty", type=float, default=penalty)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    """One study streamed to the terminal, or a folder / annotation split written to a file."""
+    import json
+
+    from mrg.data.study import study_from_sources
+    from mrg.imaging import ImageError
+    from mrg.service import ReportService
+
+    service = ReportService.load(args.checkpoints, device=args.device)
+    decoding = _decoding(args)
+    if args.annotation or (args.inputs and Path(args.inputs[0]).is_dir()):
+        return _generate_many(args, service, decoding)
+    if not args.inputs:
+        raise SystemExit(
+            "mrg generate: give an image (and optionally a lateral), a folder, or --annotation"
+        )
+    try:
+        study = study_from_sources(args.inputs[0], args.inputs[1] if len(args.inputs) > 1 else None)
+    except ImageError as err:
+        console.print(f"[red]cannot use this image:[/red] {err}")
+        return 1
+    if not service.info.trained:
+        console.print(
+            "[yellow]no trained checkpoint found: the report is from untrained weights[/yellow]"
+        )
+    update = None
+    printed = ""
+    for update in service.stream(study, args.mode, decoding):
+        if not args.json and update.text.startswith(printed):
+            sys.stdout.write(update.text[len(printed) :])
+            sys.stdout.flush()
+            printed = update.text
+    if args.json:
+        payload = {
+            "mode": args.mode,
+            "findings": update.findings,
+            "impression": update.impression,
+            "text": update.text,
+            "tokens": update.tokens,
+            "ttft_s": update.ttft_s,
+            "tokens_per_s": update.tokens_per_s,
+            "views": [v.image.meta.to_dict() | {"position": v.position} for v in study.views],
+        }
+        print(json.dumps(payload, indent=2))
+    else:
+        rate = f"{update.tokens_per_s:.1f} tokens/s" if update.tokens_per_s else ""
+        console.print(
+            f"\n[dim]{update.tokens} tokens, first after {update.ttft_s or 0:.2f} s {rate}[/dim]"
+        )
+    return 0
+
+
+def _generate_many(args: argparse.Namespace, service, decoding) -> int:
+    from mrg.data.datasets import StudyRecord, load_annotation
+    from mrg.evaluation.runner import generate_split
+
+    if not args.out:
+        raise SystemExit("mrg generate: --out is required for a folder or an annotation split")
+    if args.annotation:
+        records = load_annotation(args.annotation, args.images, split=args.split)
+    else:
+        folder = Path(args.inputs[0])
+        records = [
+            StudyRecord(p.name, "", [p], "test") for p in sorted(folder.iterdir()) if p.is_file()
+        ]
+    out = Path(args.out)
+    jsonl = out if out.suffix == ".jsonl" else out.with_suffix(".jsonl")
+    rows = generate_split(service.model(args.mode), records, jsonl, decoding, args.batch_size)
+    if out.suffix == ".csv":
+        import csv
+
+        with out.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["id", "reference", "generated"])
+            writer.writeheader()
+            writer.writerows(rows)
+    console.print(f"{len(rows)} studies → {out}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    """Generate on a split for each checkpoint, score, write metrics.json / metrics.md / cases.csv."""
+    from mrg.data.datasets import load_annotation
+    from mrg.evaluation.runner import generate_split, markdown_table, score_rows, write_results
+    from mrg.model import MRGModel
+
+    records = load_annotation(args.annotation, args.images, split=args.split)
+    if args.limit:
+        records = records[: args.limit]
+    decoding = _decoding(args)
+    runs, llm, tokenizer = {}, None, None
+    for checkpoint in args.checkpoint:
+        model = MRGModel.from_pretrained(checkpoint, llm=llm, tokenizer=tokenizer).eval()
+        llm, tokenizer = (
+            model.llm,
+            model.tokenizer,
+        )  # every further checkpoint shares the frozen LLM
+        name = (
+            Path(checkpoint).name
+            if Path(checkpoint).name not in ("best", "last")
+            else Path(checkpoint).parent.name
+        )
+        directory = Path(args.out) / name
+        rows = generate_split(
+            model, records, directory / "generations.jsonl", decoding, args.batch_size
+        )
+        metrics, cases = score_rows(rows, meteor=not args.no_meteor)
+        metrics.update(checkpoint=str(checkpoint), mode=model.mode, split=args.split)
+        write_results(directory, metrics, cases)
+        runs[name] = metrics
+    table = markdown_table(runs)
+    (Path(args.out) / "comparison.md").write_text(table)
+    console.print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mrg", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -208,6 +338,43 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", metavar="FIELD=VALUE", help="override, e.g. generate.epochs=3"
     )
     train.set_defaults(func=_train)
+
+    generate = sub.add_parser(
+        "generate", help="generate a report for an image (PNG/JPEG/DICOM), a folder or a split"
+    )
+    generate.add_argument("inputs", nargs="*", help="FRONTAL [LATERAL], or a folder of images")
+    generate.add_argument(
+        "--mode", default="prompt-wise", choices=["static", "prompt-wise", "promptbook-wise"]
+    )
+    generate.add_argument(
+        "--checkpoints",
+        help="folder with prompt-wise/ and promptbook-wise/ (default: assets/checkpoints)",
+    )
+    generate.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    generate.add_argument("--json", action="store_true", help="print the final report as JSON")
+    generate.add_argument("--annotation", help="annotation.json: generate for a whole split")
+    generate.add_argument("--images", help="image root of --annotation")
+    generate.add_argument("--split", default="test")
+    generate.add_argument(
+        "--out", help="CSV or JSONL for folders and splits (rerun skips studies already written)"
+    )
+    generate.add_argument("--batch-size", type=int, default=8)
+    _add_decoding_flags(generate, "greedy", 1.2)
+    generate.set_defaults(func=_generate)
+
+    evaluate = sub.add_parser("evaluate", help="score one or more checkpoints on a split")
+    evaluate.add_argument(
+        "--checkpoint", action="append", required=True, help="repeat to compare several"
+    )
+    evaluate.add_argument("--annotation", required=True)
+    evaluate.add_argument("--images", required=True)
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--out", default="runs/eval")
+    evaluate.add_argument("--limit", type=int, default=0, help="only the first N studies")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--no-meteor", action="store_true")
+    _add_decoding_flags(evaluate, "beam", 2.0)
+    evaluate.set_defaults(func=_evaluate)
 
     shared = os.environ.get("MRG_SHARED_DATA", "../shared/data")
     labeler = sub.add_parser(

@@ -1,0 +1,132 @@
+"""``mrg evaluate``: generate for a split (batched, resumable), score, and write the results.
+
+Outputs in ``<out>/<name>/``: ``generations.jsonl`` (one row per study; studies already
+there are skipped on a rerun), ``metrics.json``, ``metrics.md`` and ``cases.csv`` (id,
+reference, generated, per-case scores, label disagreements). ``compare_table`` renders
+several runs side by side (prompt-wise vs promptbook-wise vs static).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from mrg.data.datasets import Collate, StudyDataset, StudyRecord
+from mrg.evaluation.labeler import CHEXPERT14, ReportLabeler
+from mrg.evaluation.metrics import chexpert_positive, clinical_efficacy, nlg_scores
+from mrg.model import Decoding, MRGModel
+
+GENERATIONS = "generations.jsonl"
+
+
+def generate_split(
+    model: MRGModel,
+    records: Sequence[StudyRecord],
+    out_file: Path,
+    decoding: Decoding,
+    batch_size: int = 8,
+) -> list[dict]:
+    """Append ``{"id", "reference", "generated"}`` rows for studies not in ``out_file`` yet; return all rows."""
+    done = {}
+    if out_file.is_file():
+        for line in out_file.read_text().splitlines():
+            row = json.loads(line)
+            done[row["id"]] = row
+    todo = [r for r in records if r.study_id not in done]
+    dataset = StudyDataset(todo, on_missing="skip")
+    collate = Collate(model.config.encoder.image_size, model.config.max_views)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        out_file.open("a") as handle,
+        tqdm(total=len(todo), desc=f"generating ({model.mode})") as bar,
+    ):
+        for start in range(0, len(todo), batch_size):
+            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(todo)))])
+            bar.update(min(batch_size, len(todo) - start))
+            if batch is None:
+                continue
+            texts = model.generate(batch.images, batch.view_ids, batch.view_mask, decoding)
+            for study_id, reference, text in zip(batch.study_ids, batch.reports, texts):
+                row = {"id": study_id, "reference": reference, "generated": text}
+                handle.write(json.dumps(row) + "\n")
+                handle.flush()
+                done[study_id] = row
+    return [done[r.study_id] for r in records if r.study_id in done]
+
+
+def score_rows(rows: Sequence[dict], meteor: bool = True) -> tuple[dict, list[dict]]:
+    """Corpus metrics (NLG + clinical efficacy) and per-case rows with disagreements."""
+    references, generated = [r["reference"] for r in rows], [r["generated"] for r in rows]
+    nlg = nlg_scores(references, generated, meteor=meteor)
+    ce = clinical_efficacy(references, generated)
+    metrics = {
+        "studies": len(rows),
+        **nlg.corpus,
+        **{
+            f"CE_{space}_{avg}_{k}": getattr(getattr(scores, avg), k)
+            for space, scores in ce.items()
+            for avg in ("micro", "macro")
+            for k in ("precision", "recall", "f1")
+        },
+        "notes": nlg.notes,
+    }
+    labeler = ReportLabeler()
+    cases = []
+    for i, row in enumerate(rows):
+        ref, gen = (
+            chexpert_positive(labeler, row["reference"]),
+            chexpert_positive(labeler, row["generated"]),
+        )
+        missed = [k for k in CHEXPERT14 if ref[k] and not gen[k]]
+        hallucinated = [k for k in CHEXPERT14 if gen[k] and not ref[k]]
+        case = dict(row)
+        case.update({key: values[i] for key, values in nlg.per_case.items()})
+        case.update(missed="; ".join(missed), hallucinated="; ".join(hallucinated))
+        cases.append(case)
+    return metrics, cases
+
+
+def markdown_table(runs: dict[str, dict]) -> str:
+    """One row per run, columns as papers report them."""
+    columns = [
+        ("BLEU-1", "BLEU_1"),
+        ("BLEU-4", "BLEU_4"),
+        ("METEOR", "METEOR"),
+        ("ROUGE-L", "ROUGE_L"),
+        ("CIDEr", "CIDEr"),
+        ("CE-14 micro F1", "CE_chexpert14_micro_f1"),
+        ("CE-5 micro F1", "CE_chexpert5_micro_f1"),
+    ]
+    lines = [
+        "| run | studies | " + " | ".join(c for c, _ in columns) + " |",
+        "|---|---:|" + "---:|" * len(columns),
+    ]
+    for name, metrics in runs.items():
+        cells = [f"{metrics[k]:.3f}" if k in metrics else "n/a" for _, k in columns]
+        lines.append(f"| {name} | {metrics['studies']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(directory: Path, metrics: dict, cases: list[dict]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (directory / "metrics.md").write_text(markdown_table({directory.name: metrics}))
+    with (directory / "cases.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(cases[0]) if cases else ["id"])
+        writer.writeheader()
+        writer.writerows(cases)
+
+
+def decoding_from_args(
+    strategy: str, max_new_tokens: int, num_beams: int, repetition_penalty: float
+) -> Decoding:
+    return Decoding(
+        strategy=strategy,
+        max_new_tokens=max_new_tokens,
+        num_beams=num_beams,
+        repetition_penalty=repetition_penalty,
+    ).validate()

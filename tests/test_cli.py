@@ -1,0 +1,113 @@
+"""The mrg command on tiny checkpoints: info-free paths that must work end to end."""
+
+import csv
+import json
+
+import pytest
+from conftest import shared_path, tiny_model_config
+from pydicom.data import get_testdata_file
+
+from mrg.cli import main
+from mrg.model import MRGModel
+
+
+@pytest.fixture
+def checkpoints(tiny_llm, tokenizer, tmp_path):
+    tiny_llm.save_pretrained(tmp_path / "llm")
+    tokenizer.save_pretrained(tmp_path / "llm")
+    for mode in ("prompt-wise", "promptbook-wise"):
+        config = tiny_model_config(mode)
+        config.llm.source = str(tmp_path / "llm")
+        MRGModel(config, tiny_llm, tokenizer).save_pretrained(tmp_path / "ckpt" / mode)
+    return tmp_path / "ckpt"
+
+
+def test_generate_json_for_a_dicom(checkpoints, capsys):
+    code = main(
+        [
+            "generate",
+            get_testdata_file("RG1_UNCI.dcm"),
+            "--checkpoints",
+            str(checkpoints),
+            "--json",
+            "--max-new-tokens",
+            "6",
+            "--mode",
+            "promptbook-wise",
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    payload = json.loads(out[out.index("{") :])
+    assert payload["mode"] == "promptbook-wise" and payload["tokens"] >= 1
+    view = payload["views"][0]
+    assert view["format"] == "dicom" and view["position"] == "frontal"
+    assert "CompressedSamples" not in out  # the file's patient name never reaches the output
+
+
+def test_generate_refuses_a_bad_file_clearly(checkpoints, tmp_path, capsys):
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    assert main(["generate", str(bad), "--checkpoints", str(checkpoints)]) == 1
+    assert "not a PNG, JPEG or DICOM" in capsys.readouterr().out
+
+
+def test_generate_a_split_is_resumable(checkpoints, tmp_path):
+    out = tmp_path / "gen.csv"
+    args = [
+        "generate",
+        "--annotation",
+        str(shared_path("iu_xray", "annotation_sample.json")),
+        "--images",
+        str(shared_path("iu_xray", "images")),
+        "--checkpoints",
+        str(checkpoints),
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "4",
+    ]
+    assert main(args) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 3 and rows[0]["reference"]
+    assert main(args) == 0
+    assert len(out.with_suffix(".jsonl").read_text().splitlines()) == 3  # nothing generated twice
+
+
+def test_evaluate_compares_two_checkpoints(checkpoints, tmp_path):
+    out = tmp_path / "eval"
+    code = main(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(checkpoints / "prompt-wise"),
+            "--checkpoint",
+            str(checkpoints / "promptbook-wise"),
+            "--annotation",
+            str(shared_path("iu_xray", "annotation_sample.json")),
+            "--images",
+            str(shared_path("iu_xray", "images")),
+            "--out",
+            str(out),
+            "--no-meteor",
+            "--max-new-tokens",
+            "5",
+            "--num-beams",
+            "2",
+        ]
+    )
+    assert code == 0
+    for name in ("prompt-wise", "promptbook-wise"):
+        metrics = json.loads((out / name / "metrics.json").read_text())
+        assert (
+            metrics["studies"] == 3 and "BLEU_4" in metrics and "CE_chexpert5_micro_f1" in metrics
+        )
+        cases = list(csv.DictReader((out / name / "cases.csv").open()))
+        assert {"id", "reference", "generated", "BLEU_4", "missed", "hallucinated"} <= set(cases[0])
+    table = (out / "comparison.md").read_text()
+    assert "| prompt-wise | 3 |" in table and "| promptbook-wise | 3 |" in table
+
+
+def test_train_rejects_a_bad_field_before_loading(capsys):
+    assert main(["train", "--set", "batch_size=0"]) == 2
+    assert "batch_size" in capsys.readouterr().out
