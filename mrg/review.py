@@ -1,0 +1,142 @@
+"""Review sessions: one verdict per case and reviewer, saved at once to SQLite (WAL).
+
+A case is keyed by its dataset id (``dataset:<split>:<id>``) or by a content hash of the
+uploaded pixels (``sha256:<hex>``), never by anything from the DICOM header, so the store
+holds no patient identifiers. Saving the same case again for the same session, mode and
+reviewer replaces the earlier verdict; everything can be exported as CSV or JSON.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sqlite3
+import threading
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+VERDICTS = ("acceptable", "minor error", "major error")
+ERROR_CATEGORIES = (
+    "missed finding",
+    "false finding",
+    "wrong location or laterality",
+    "wrong severity",
+    "other",
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS reviews (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    session TEXT NOT NULL,
+    case_key TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    reviewer TEXT NOT NULL,
+    verdict TEXT NOT NULL,
+    categories TEXT NOT NULL,
+    note TEXT NOT NULL,
+    generated TEXT NOT NULL,
+    reference TEXT NOT NULL,
+    checkpoint TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    UNIQUE (session, case_key, mode, reviewer)
+);
+"""
+
+
+class ReviewError(ValueError):
+    """A review cannot be saved as given; the message says which field is wrong."""
+
+
+@dataclass
+class Review:
+    session: str
+    case_key: str
+    mode: str
+    reviewer: str
+    verdict: str
+    categories: list[str] = field(default_factory=list)
+    note: str = ""
+    generated: str = ""
+    reference: str = ""
+    checkpoint: str = ""
+    created_at: str = ""
+
+    def validate(self) -> Review:
+        if not self.reviewer.strip():
+            raise ReviewError("Please enter a reviewer name.")
+        if not self.case_key:
+            raise ReviewError("Load a study before saving a review.")
+        if self.verdict not in VERDICTS:
+            raise ReviewError(f"Choose a verdict: {', '.join(VERDICTS)}.")
+        unknown = set(self.categories) - set(ERROR_CATEGORIES)
+        if unknown:
+            raise ReviewError(f"Unknown error categories: {', '.join(sorted(unknown))}.")
+        if self.verdict == "acceptable" and self.categories:
+            raise ReviewError(
+                "An acceptable report has no error categories; untick them or change the verdict."
+            )
+        return self
+
+
+class ReviewStore:
+    """Thread-safe SQLite store; one connection per call, WAL so readers never block the writer."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(_SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=10)
+        db.row_factory = sqlite3.Row
+        return db
+
+    def save(self, review: Review) -> Review:
+        review.validate()
+        review.created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        row = asdict(review)
+        row["categories"] = json.dumps(review.categories)
+        columns = ", ".join(row)
+        with self._lock, self._connect() as db:
+            db.execute(
+                f"INSERT OR REPLACE INTO reviews ({columns}) VALUES ({', '.join('?' * len(row))})",
+                tuple(row.values()),
+            )
+        return review
+
+    def reviews(self, session: str | None = None) -> list[Review]:
+        query, args = "SELECT * FROM reviews", ()
+        if session:
+            query, args = query + " WHERE session = ?", (session,)
+        with self._connect() as db:
+            rows = db.execute(query + " ORDER BY id", args).fetchall()
+        out = []
+        for row in rows:
+            data = {k: row[k] for k in row.keys() if k != "id"}  # noqa: SIM118 (sqlite3.Row is not a dict)
+            data["categories"] = json.loads(data["categories"])
+            out.append(Review(**data))
+        return out
+
+    def reviewed_keys(self, session: str | None = None) -> set[str]:
+        return {r.case_key for r in self.reviews(session)}
+
+    def export_csv(self, path: str | Path, session: str | None = None) -> Path:
+        path = Path(path)
+        fields = list(Review.__dataclass_fields__)
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            for review in self.reviews(session):
+                row = asdict(review)
+                row["categories"] = "; ".join(review.categories)
+                writer.writerow(row)
+        return path
+
+    def export_json(self, path: str | Path, session: str | None = None) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps([asdict(r) for r in self.reviews(session)], indent=2) + "\n")
+        return path
