@@ -23,14 +23,14 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mrg.config import CUSTOMIZER_MODES  # noqa: E402
-from mrg.data.datasets import Batch  # noqa: E402
-from mrg.data.study import batch_tensors, study_from_sources, train_transform  # noqa: E402
-from mrg.model import MRGModel  # noqa: E402
-from mrg.model.llm import load_frozen_llm  # noqa: E402
-from mrg.train.config import train_preset  # noqa: E402
-from mrg.train.losses import ContrastiveHeads, ReportEmbeddingCache  # noqa: E402
-from mrg.train.trainer import STAGES, TrainingModule  # noqa: E402
+from mrg.config import CUSTOMIZER_MODES
+from mrg.data.datasets import Batch
+from mrg.data.study import batch_tensors, study_from_sources, train_transform
+from mrg.model import MRGModel
+from mrg.model.llm import load_frozen_llm
+from mrg.train.config import train_preset
+from mrg.train.losses import ContrastiveHeads, ReportEmbeddingCache
+from mrg.train.trainer import STAGES, TrainingModule
 
 SHARED = Path(os.environ.get("MRG_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 REPORT = (

@@ -76,6 +76,20 @@ R2GENGPT_DECODING = Decoding(
 )
 
 
+def _render_chat(tokenizer: PreTrainedTokenizerBase, instruction: str) -> str:
+    """The chat prompt with the instruction as system message (replacing any default system
+    prompt), or inside the user turn where the template has no system role."""
+    system = [
+        {"role": "system", "content": instruction},
+        {"role": "user", "content": IMAGE_PLACEHOLDER},
+    ]
+    try:
+        return tokenizer.apply_chat_template(system, add_generation_prompt=True, tokenize=False)
+    except Exception:  # noqa: BLE001 — templates without a system role raise their own error types
+        user = [{"role": "user", "content": f"{instruction}\n{IMAGE_PLACEHOLDER}"}]
+        return tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+
+
 @dataclass
 class PromptTemplate:
     """Token ids around the image: ``prefix`` before P', ``suffix`` after the visual tokens."""
@@ -87,11 +101,7 @@ class PromptTemplate:
     @classmethod
     def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase, instruction: str) -> PromptTemplate:
         if tokenizer.chat_template:
-            messages = [{"role": "user", "content": f"{instruction}\n{IMAGE_PLACEHOLDER}"}]
-            text = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False
-            )
-            before, after = text.split(IMAGE_PLACEHOLDER)
+            before, after = _render_chat(tokenizer, instruction).split(IMAGE_PLACEHOLDER)
         else:
             before, after = f"{instruction}\n", "\nReport:"
         encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]

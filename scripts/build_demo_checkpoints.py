@@ -1,0 +1,169 @@
+"""Rebuild the embedded demo checkpoints from ../shared/data in one command.
+
+    python scripts/build_demo_checkpoints.py [--modes prompt-wise promptbook-wise static]
+                                             [--generate-epochs 4] [--align-epochs 1]
+                                             [--reports-per-image 2] [--skip-train]
+
+1. label-matched pairs (``mrg.data.pairs``) → runs/demo/pairs/annotation.json
+2. train each mode with the demo-cpu preset → runs/demo/<mode>/{best,last}
+3. evaluate on the held-out split, with two trivial baselines (always the most common
+   training report; a random training report) → runs/demo/metrics.{json,md}
+4. copy the best checkpoints (float16 weights + config) to assets/checkpoints/<mode>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mrg.data.datasets import load_annotation
+from mrg.data.pairs import build_pairs
+from mrg.evaluation.labeler import FINDINGS14, ReportLabeler
+from mrg.evaluation.metrics import label_agreement, nlg_scores
+from mrg.evaluation.runner import generate_split
+from mrg.model import Decoding, MRGModel
+from mrg.model.llm import load_frozen_llm
+from mrg.train.config import StageConfig, train_preset
+from mrg.train.trainer import Trainer
+
+log = logging.getLogger("build_demo_checkpoints")
+SHARED = Path(os.environ.get("MRG_SHARED_DATA", ROOT.parent / "shared" / "data"))
+DEMO_DECODING = Decoding(strategy="greedy", max_new_tokens=100, repetition_penalty=1.2)
+
+
+def score(rows: list[dict], image_labels: dict[str, list[str]], labeler: ReportLabeler) -> dict:
+    """CE of generated text against the image's NIH labels, and BLEU-4/CIDEr against the paired report."""
+    truth = [{label: int(label in image_labels[r["id"]]) for label in FINDINGS14} for r in rows]
+    predicted = [labeler.label14(r["generated"]) for r in rows]
+    ce = label_agreement(truth, predicted, FINDINGS14)
+    normal_truth = [int(not image_labels[r["id"]]) for r in rows]
+    normal_pred = [p["normal"] for p in predicted]
+    normal_acc = sum(a == b for a, b in zip(normal_truth, normal_pred)) / len(rows)
+    nlg = nlg_scores([r["reference"] for r in rows], [r["generated"] for r in rows], meteor=False)
+    return {
+        "studies": len(rows),
+        "CE_micro_P": ce.micro.precision,
+        "CE_micro_R": ce.micro.recall,
+        "CE_micro_F1": ce.micro.f1,
+        "CE_macro_F1": ce.macro.f1,
+        "normal_accuracy": normal_acc,
+        "BLEU_4": nlg.corpus["BLEU_4"],
+        "CIDEr": nlg.corpus["CIDEr"],
+    }
+
+
+def baselines(
+    train_reports: list[str], test_rows: list[dict], seed: int = 0
+) -> dict[str, list[dict]]:
+    common = Counter(train_reports).most_common(1)[0][0]
+    rng = random.Random(seed)
+    return {
+        "baseline: most common report": [dict(r, generated=common) for r in test_rows],
+        "baseline: random training report": [
+            dict(r, generated=rng.choice(train_reports)) for r in test_rows
+        ],
+    }
+
+
+def markdown(results: dict[str, dict]) -> str:
+    keys = [
+        "CE_micro_P",
+        "CE_micro_R",
+        "CE_micro_F1",
+        "CE_macro_F1",
+        "normal_accuracy",
+        "BLEU_4",
+        "CIDEr",
+    ]
+    lines = ["| model | studies | " + " | ".join(keys) + " |", "|---|---:|" + "---:|" * len(keys)]
+    for name, m in results.items():
+        lines.append(
+            f"| {name} | {m['studies']} | " + " | ".join(f"{m[k]:.3f}" for k in keys) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modes", nargs="+", default=["prompt-wise", "promptbook-wise", "static"])
+    parser.add_argument("--align-epochs", type=int, default=1)
+    parser.add_argument("--generate-epochs", type=int, default=4)
+    parser.add_argument("--reports-per-image", type=int, default=2)
+    parser.add_argument("--out", default=str(ROOT / "runs" / "demo"))
+    parser.add_argument("--assets", default=str(ROOT / "assets" / "checkpoints"))
+    parser.add_argument(
+        "--skip-train", action="store_true", help="evaluate the checkpoints already trained"
+    )
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+
+    annotation = out / "pairs" / "annotation.json"
+    summary = build_pairs(
+        SHARED / "nih_cxr14",
+        SHARED / "iu_xray" / "NLMCXR_reports.tgz",
+        annotation,
+        args.reports_per_image,
+    )
+    log.info("pairs: %s", summary)
+    images = SHARED / "nih_cxr14" / "images"
+    train, val, test = (
+        load_annotation(annotation, images, split=s) for s in ("train", "val", "test")
+    )
+    image_labels = {r.study_id: r.labels for r in test}
+
+    llm, tokenizer = load_frozen_llm(train_preset("demo-cpu").model.llm)
+    results, timings = {}, {}
+    labeler = ReportLabeler()
+    for mode in args.modes:
+        config = train_preset(
+            "demo-cpu",
+            mode=mode,
+            annotation=str(annotation),
+            image_root=str(images),
+            output_dir=str(out / mode),
+        )
+        config.model.max_views = 1  # NIH images are single frontal views
+        config.align = StageConfig(args.align_epochs, config.align.lr)
+        config.generate = StageConfig(args.generate_epochs, config.generate.lr)
+        if not args.skip_train:
+            torch.manual_seed(config.seed)
+            model = MRGModel(config.model, llm, tokenizer)
+            start = time.perf_counter()
+            Trainer(config, model, train, val, resume=True).fit()
+            timings[mode] = time.perf_counter() - start
+        best = MRGModel.from_pretrained(out / mode / "best", llm=llm, tokenizer=tokenizer).eval()
+        rows = generate_split(best, test, out / mode / "test_generations.jsonl", DEMO_DECODING)
+        results[mode] = score(rows, image_labels, labeler)
+        target = Path(args.assets) / mode
+        best.save_pretrained(target, dtype=torch.float16)
+        log.info("%s: %s → %s", mode, results[mode], target)
+    test_rows = [{"id": r.study_id, "reference": r.report} for r in test]
+    for name, rows in baselines([r.report for r in train], test_rows).items():
+        results[name] = score(rows, image_labels, labeler)
+    (out / "metrics.json").write_text(
+        json.dumps({"results": results, "train_seconds": timings}, indent=2) + "\n"
+    )
+    (out / "metrics.md").write_text(markdown(results))
+    print(markdown(results))
+    print("training seconds:", {k: round(v) for k, v in timings.items()})
+
+
+if __name__ == "__main__":
+    main()
