@@ -10,7 +10,7 @@ Configuration: command-line flags or environment variables (flags win).
     MRG_DATASET_IMAGES       its image root
     MRG_DATASET_SPLIT        split to browse                                 (default test)
     MRG_SHARED_DATA          shared data folder for the IU X-ray examples    (default ../shared/data)
-    MRG_HOST / MRG_PORT      where to listen                                 (default 127.0.0.1:7860)
+    MRG_HOST / MRG_PORT      where to listen (also GRADIO_SERVER_*, PORT)   (default 127.0.0.1:7860)
     MRG_MAX_UPLOAD_MB        upload size limit                               (default 64)
 """
 

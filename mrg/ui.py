@@ -451,7 +451,7 @@ class DemoApp:
                         value="greedy",
                         label="Strategy (beam does not stream)",
                     )
-                    max_tokens = gr.Slider(16, 200, value=100, step=1, label="Max new tokens")
+                    max_tokens = gr.Slider(8, 200, value=100, step=1, label="Max new tokens")
                     penalty = gr.Slider(1.0, 2.5, value=1.2, step=0.05, label="Repetition penalty")
                     temperature = gr.Slider(
                         0.1, 1.5, value=0.7, step=0.05, label="Temperature (sampling)"

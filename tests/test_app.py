@@ -1,0 +1,282 @@
+"""The demo: handlers directly, then the real app in another process driven by gradio_client."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import shared_path, tiny_model_config
+from pydicom.data import get_testdata_file
+
+from mrg.model import MRGModel
+from mrg.review import ReviewStore
+from mrg.service import ReportService, ServiceInfo
+from mrg.ui import COMPARE_BOTH, WHOLE_REPORT, DemoApp, DemoState, default_examples
+
+ROOT = Path(__file__).resolve().parents[1]
+DICOM = get_testdata_file("RG1_UNCI.dcm")
+
+
+@pytest.fixture
+def demo(tiny_llm, tokenizer, tmp_path):
+    models = {}
+    for seed, mode in enumerate(("prompt-wise", "promptbook-wise")):
+        torch.manual_seed(seed)
+        models[mode] = MRGModel(tiny_model_config(mode), tiny_llm, tokenizer).eval()
+    service = ReportService(models, ServiceInfo("tiny", "cpu", list(models), {}, trained=False))
+    return DemoApp(service, ReviewStore(tmp_path / "reviews.sqlite"), default_examples())
+
+
+def run_generate(demo, state, mode="prompt-wise", tokens=8):
+    return list(demo.generate(state, mode, "greedy", tokens, 1.2, 0.7, 0.9))
+
+
+def test_upload_dicom_shows_the_windowed_image_and_no_phi(demo):
+    state, _, frontal, lateral, meta, status = demo.load_upload(DemoState(), DICOM, None)
+    assert state.study is not None and state.case_key.startswith("sha256:")
+    assert frontal.dtype == np.uint8 and frontal.shape == (1955, 1841) and lateral is None
+    assert "MONOCHROME1 inverted" in meta and "CR" in meta
+    assert "CompressedSamples" not in meta + status  # the file's patient name
+
+
+def test_bad_uploads_give_a_clear_message_and_keep_the_state(demo, tmp_path):
+    state, *_ = demo.load_upload(DemoState(), DICOM, None)
+    bad = tmp_path / "broken.dcm"
+    bad.write_bytes(Path(DICOM).read_bytes()[:3000])
+    kept, _, _, _, _, status = demo.load_upload(state, str(bad), None)
+    assert "Could not load" in status and ("damaged" in status or "could not be decoded" in status)
+    assert kept.study is state.study
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    assert "empty" in demo.load_upload(DemoState(), str(empty), None)[-1]
+    assert "upload a frontal" in demo.load_upload(DemoState(), None, None)[-1]
+
+
+def test_generate_streams_and_offers_sentences(demo):
+    state, *_ = demo.load_example(DemoState(), next(iter(demo.examples)))
+    updates = run_generate(demo, state)
+    assert len(updates) >= 3
+    assert "tokens" in updates[-1][4] and "first token" in updates[-1][4]
+    assert updates[-1][5]["choices"][0] == WHOLE_REPORT
+    assert state.generated["prompt-wise"]
+
+
+def test_compare_both_fills_both_columns(demo):
+    state, *_ = demo.load_example(DemoState(), next(iter(demo.examples)))
+    final = run_generate(demo, state, COMPARE_BOTH)[-1]
+    assert set(state.generated) == {"prompt-wise", "promptbook-wise"}
+    assert "prompt-wise" in final[4] and "promptbook-wise" in final[4]
+
+
+def test_generate_before_loading_is_a_message(demo):
+    (update,) = run_generate(demo, DemoState())
+    assert "Load a study first" in update[4]
+
+
+def test_explain_and_reblend(demo):
+    state, *_ = demo.load_example(DemoState(), next(iter(demo.examples)))
+    run_generate(demo, state)
+    frontal, lateral, status, state = demo.explain(state, "prompt-wise", WHOLE_REPORT, 0.5)
+    assert frontal.shape == (1955, 1841, 3) and lateral is None and "Grad-CAM" in status
+    faint, _ = demo.blend(state, 0.1)
+    assert not np.array_equal(faint, frontal)
+
+
+def test_compare_with_pasted_reference(demo):
+    state, *_ = demo.load_example(DemoState(), next(iter(demo.examples)))
+    run_generate(demo, state)
+    metrics, table = demo.compare(state, "prompt-wise", "Small left pleural effusion.")
+    assert "BLEU-1" in metrics
+    assert (
+        "Pleural Effusion" in table and "missed" in table
+    )  # the untrained model does not mention it
+    assert "Paste or load" in demo.compare(state, "prompt-wise", " ")[0]
+
+
+def test_review_save_validation_and_export(demo):
+    state, *_ = demo.load_example(DemoState(), next(iter(demo.examples)))
+    run_generate(demo, state)
+    status, rows, _ = demo.save_review(
+        state, "prompt-wise", "", "minor error", ["missed finding"], "n", "", "s"
+    )
+    assert "Not saved" in status and "reviewer" in status
+    status, rows, _ = demo.save_review(
+        state, "prompt-wise", "", "minor error", ["missed finding"], "n", "Dr B", "s"
+    )
+    assert (
+        status.startswith("Saved") and rows[0][1] == state.case_key and rows[0][4] == "minor error"
+    )
+    exported = Path(demo.export("s", "csv"))
+    assert exported.is_file() and "Dr B" in exported.read_text()
+
+
+def test_dataset_browser_marks_reviewed_cases(tiny_llm, tokenizer, tmp_path, demo):
+    from mrg.data.datasets import load_annotation
+
+    records = load_annotation(
+        shared_path("iu_xray", "annotation_sample.json"), shared_path("iu_xray", "images")
+    )
+    app = DemoApp(demo.service, demo.store, [], records)
+    state, reference, _, lateral, _, _ = app.load_case(DemoState(), records[0].study_id)
+    assert reference == records[0].report and lateral is not None
+    run_generate(app, state, tokens=4)
+    app.save_review(state, "prompt-wise", reference, "acceptable", [], "", "Dr C", "s2")
+    assert app.case_choices("s2")[0] == f"{records[0].study_id} ✓ reviewed"
+    assert app.case_choices("s2")[1] == records[1].study_id
+
+
+def test_blocks_build(demo):
+    blocks = demo.build()
+    assert blocks.title.startswith("mrg")
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory, tiny_llm, tokenizer):
+    root = tmp_path_factory.mktemp("app")
+    tiny_llm.save_pretrained(root / "llm")
+    tokenizer.save_pretrained(root / "llm")
+    for mode in ("prompt-wise", "promptbook-wise"):
+        config = tiny_model_config(mode)
+        config.llm.source = str(root / "llm")
+        torch.manual_seed(0)
+        MRGModel(config, tiny_llm, tokenizer).save_pretrained(root / "ckpt" / mode)
+    return root
+
+
+class AppProcess:
+    def __init__(self, checkpoints: Path, data_dir: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        env = dict(
+            os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", MRG_NUM_THREADS="1"
+        )
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "app.py"),
+                "--checkpoints",
+                str(checkpoints),
+                "--data-dir",
+                str(data_dir),
+                "--port",
+                str(self.port),
+                "--max-upload-mb",
+                "20",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError("app exited:\n" + self.process.stdout.read())
+            try:
+                urllib.request.urlopen(self.url, timeout=2)
+                return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError("app did not start in 120 s")
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@pytest.fixture(scope="module")
+def app_server(tiny_checkpoints):
+    server = AppProcess(tiny_checkpoints / "ckpt", tiny_checkpoints / "data")
+    yield server
+    server.stop()
+
+
+@pytest.mark.slow
+def test_end_to_end_with_gradio_client(app_server, tmp_path):
+    from gradio_client import Client, handle_file
+
+    client = Client(app_server.url, verbose=False)
+    loaded = client.predict(handle_file(DICOM), None, api_name="/load_upload")
+    assert "Could not load" not in loaded[-1] and "MONOCHROME1" in loaded[-2]
+
+    job = client.submit("prompt-wise", "greedy", 16, 1.2, 0.7, 0.9, api_name="/generate")
+    job.result(timeout=120)
+    outputs = job.outputs()
+    assert len(outputs) >= 3 and "first token" in outputs[-1][4]
+
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(500))
+    message = client.predict(handle_file(str(corrupt)), None, api_name="/load_upload")[-1]
+    assert "Could not load" in message and "damaged" in message
+    again = client.predict(
+        handle_file(DICOM), None, api_name="/load_upload"
+    )  # the app still serves
+    assert "Could not load" not in again[-1]
+    client.submit("prompt-wise", "greedy", 8, 1.2, 0.7, 0.9, api_name="/generate").result(
+        timeout=120
+    )
+    status = client.predict(
+        "prompt-wise",
+        "",
+        "major error",
+        ["false finding"],
+        "e2e",
+        "Dr E2E",
+        "e2e-session",
+        api_name="/save_review",
+    )[0]
+    assert status.startswith("Saved")
+
+
+@pytest.mark.slow
+def test_review_survives_an_app_restart(tiny_checkpoints, tmp_path):
+    from gradio_client import Client, handle_file
+
+    data = tmp_path / "data"
+    first = AppProcess(tiny_checkpoints / "ckpt", data)
+    try:
+        client = Client(first.url, verbose=False)
+        client.predict(handle_file(DICOM), None, api_name="/load_upload")
+        client.submit("promptbook-wise", "greedy", 8, 1.2, 0.7, 0.9, api_name="/generate").result(
+            timeout=120
+        )
+        client.predict(
+            "promptbook-wise",
+            "",
+            "acceptable",
+            [],
+            "fine",
+            "Dr R",
+            "restart",
+            api_name="/save_review",
+        )
+    finally:
+        first.stop()
+    second = AppProcess(tiny_checkpoints / "ckpt", data)
+    try:
+        reviews = ReviewStore(data / "reviews.sqlite").reviews("restart")
+        assert [(r.reviewer, r.verdict, r.mode) for r in reviews] == [
+            ("Dr R", "acceptable", "promptbook-wise")
+        ]
+        assert reviews[0].case_key.startswith("sha256:")
+    finally:
+        second.stop()
