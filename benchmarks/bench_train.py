@@ -32,7 +32,9 @@ from mrg.train.config import train_preset
 from mrg.train.losses import ContrastiveHeads, ReportEmbeddingCache
 from mrg.train.trainer import STAGES, TrainingModule
 
-SHARED = Path(os.environ.get("MRG_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SHARED = Path(
+    os.environ.get("MRG_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
 REPORT = (
     "FINDINGS: The heart is normal in size. The mediastinum is unremarkable. The lungs are clear. "
     "There is no pleural effusion or pneumothorax. IMPRESSION: No acute cardiopulmonary abnormality."
@@ -71,7 +73,9 @@ def main() -> None:
         for mode in CUSTOMIZER_MODES:
             torch.manual_seed(0)
             model = MRGModel(train_preset("demo-cpu", mode).model, llm, tokenizer)
-            heads = ContrastiveHeads(model.encoder.embed_dim, llm.config.hidden_size, config.align_dim)
+            heads = ContrastiveHeads(
+                model.encoder.embed_dim, llm.config.hidden_size, config.align_dim
+            )
             module = TrainingModule(model, heads, embeddings, config.joint_lambda).train()
             for stage in STAGES:
                 optimizer = torch.optim.AdamW(module.stage_parameters(stage), lr=1e-4)
@@ -84,8 +88,14 @@ def main() -> None:
                     optimizer.zero_grad(set_to_none=True)
                 rates[(mode, stage)] = args.batch * args.steps / (time.perf_counter() - start)
     console = Console(width=120)
-    device = f"CPU ({args.threads} threads)" if not torch.cuda.is_available() else torch.cuda.get_device_name()
-    table = Table(title=f"Training samples/s — SmolLM2-135M frozen, demo-cpu preset, batch {args.batch}, {label}, {device}")
+    device = (
+        f"CPU ({args.threads} threads)"
+        if not torch.cuda.is_available()
+        else torch.cuda.get_device_name()
+    )
+    table = Table(
+        title=f"Training samples/s — SmolLM2-135M frozen, demo-cpu preset, batch {args.batch}, {label}, {device}"
+    )
     table.add_column("mode")
     for stage in STAGES:
         table.add_column(f"{stage} (samples/s)", justify="right")

@@ -420,8 +420,6 @@ class DemoApp:
                         case = gr.Dropdown(
                             self.case_choices(), label="Case (✓ = reviewed)", value=None
                         )
-                    load_status = gr.Markdown(elem_id="load-status")
-                    meta = gr.Markdown()
                 with gr.Column(scale=2):
                     with gr.Row():
                         frontal_image = gr.Image(
@@ -438,6 +436,8 @@ class DemoApp:
                             interactive=False,
                             image_mode="L",
                         )
+                    load_status = gr.Markdown(elem_id="load-status")
+                    meta = gr.Markdown()
             with gr.Row():
                 mode = gr.Radio(modes, value=modes[0], label="Prompt customization", elem_id="mode")
                 generate_button = gr.Button(
