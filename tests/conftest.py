@@ -100,6 +100,20 @@ def make_tiny_model(tiny_llm, tokenizer):
     return make
 
 
+def save_tiny_checkpoints(root: Path, llm, tokenizer) -> Path:
+    """The tiny LLM as a local model directory and one checkpoint per customized mode: ``root/ckpt/<mode>``."""
+    from mrg.model import MRGModel
+
+    llm.save_pretrained(root / "llm")
+    tokenizer.save_pretrained(root / "llm")
+    for mode in ("prompt-wise", "promptbook-wise"):
+        config = tiny_model_config(mode)
+        config.llm.source = str(root / "llm")
+        torch.manual_seed(0)
+        MRGModel(config, llm, tokenizer).save_pretrained(root / "ckpt" / mode)
+    return root / "ckpt"
+
+
 def random_batch(batch: int = 2, views: int = 2, size: int = 64, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     images = torch.rand(batch, views, 1, size, size, generator=generator)

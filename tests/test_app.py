@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shared_path, tiny_model_config
+from conftest import save_tiny_checkpoints, shared_path, tiny_model_config
 from pydicom.data import get_testdata_file
 
 from mrg.model import MRGModel
@@ -148,13 +148,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def tiny_checkpoints(tmp_path_factory, tiny_llm, tokenizer):
     root = tmp_path_factory.mktemp("app")
-    tiny_llm.save_pretrained(root / "llm")
-    tokenizer.save_pretrained(root / "llm")
-    for mode in ("prompt-wise", "promptbook-wise"):
-        config = tiny_model_config(mode)
-        config.llm.source = str(root / "llm")
-        torch.manual_seed(0)
-        MRGModel(config, tiny_llm, tokenizer).save_pretrained(root / "ckpt" / mode)
+    save_tiny_checkpoints(root, tiny_llm, tokenizer)
     return root
 
 

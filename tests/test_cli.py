@@ -4,22 +4,15 @@ import csv
 import json
 
 import pytest
-from conftest import shared_path, tiny_model_config
+from conftest import save_tiny_checkpoints, shared_path
 from pydicom.data import get_testdata_file
 
 from mrg.cli import main
-from mrg.model import MRGModel
 
 
 @pytest.fixture
 def checkpoints(tiny_llm, tokenizer, tmp_path):
-    tiny_llm.save_pretrained(tmp_path / "llm")
-    tokenizer.save_pretrained(tmp_path / "llm")
-    for mode in ("prompt-wise", "promptbook-wise"):
-        config = tiny_model_config(mode)
-        config.llm.source = str(tmp_path / "llm")
-        MRGModel(config, tiny_llm, tokenizer).save_pretrained(tmp_path / "ckpt" / mode)
-    return tmp_path / "ckpt"
+    return save_tiny_checkpoints(tmp_path, tiny_llm, tokenizer)
 
 
 def test_generate_json_for_a_dicom(checkpoints, capsys):

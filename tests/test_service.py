@@ -5,7 +5,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import shared_path, tiny_model_config
+from conftest import save_tiny_checkpoints, shared_path, tiny_model_config
 
 from mrg.data.study import Study, View, study_from_sources
 from mrg.imaging import ImageMeta, LoadedImage
@@ -142,13 +142,7 @@ def test_compare_reports_matched_missed_and_hallucinated_with_sentences(service)
 
 
 def test_load_shares_one_llm_between_modes(tiny_llm, tokenizer, tmp_path):
-    tiny_llm.save_pretrained(tmp_path / "llm")
-    tokenizer.save_pretrained(tmp_path / "llm")
-    for mode in ("prompt-wise", "promptbook-wise"):
-        config = tiny_model_config(mode)
-        config.llm.source = str(tmp_path / "llm")
-        MRGModel(config, tiny_llm, tokenizer).save_pretrained(tmp_path / "ckpt" / mode)
-    service = ReportService.load(tmp_path / "ckpt")
+    service = ReportService.load(save_tiny_checkpoints(tmp_path, tiny_llm, tokenizer))
     assert set(service.models) == {"prompt-wise", "promptbook-wise"} and service.info.trained
     assert service.models["prompt-wise"].llm is service.models["promptbook-wise"].llm
     assert service.info.checkpoints["prompt-wise"].endswith("prompt-wise")
