@@ -205,3 +205,16 @@ def test_frozen_stem_is_not_saved(tiny_llm, tokenizer, tmp_path):
     assert not any("backbone" in k for k in model.trainable_state_dict())
     model.save_pretrained(tmp_path)
     MRGModel.from_pretrained(tmp_path, llm=tiny_llm, tokenizer=tokenizer)
+
+
+def test_a_timm_vit_by_name_works_as_encoder(tiny_llm, tokenizer):
+    config = tiny_model_config("promptbook-wise")
+    config.encoder.name = "vit_tiny_patch16_224"
+    config.encoder.pretrained = False  # no hub here; GPU hosts set pretrained=True
+    config.encoder.image_size = 64
+    model = MRGModel(config, tiny_llm, tokenizer)
+    assert model.encoder.grid_size == (4, 4) and model.encoder.stem is None
+    out = model(*random_batch(), REPORTS)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert model.encoder.vit.blocks[0].attn.qkv.weight.grad is not None
