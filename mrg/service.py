@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -223,12 +224,7 @@ class ReportService:
         """Grad-CAM per view for the whole report, or for one of its sentences."""
         model = self.model(mode)
         images, view_ids, _ = self.tensors(study, mode)
-        span = None
-        if sentence:
-            start = report.find(sentence)
-            if start < 0:
-                raise ValueError("the selected sentence is not part of the report")
-            span = (start, start + len(sentence))
+        span = _find_span(report, sentence) if sentence else None
         with self.lock:
             return explain(model, images, view_ids, report, span, [v.position for v in study.views])
 
@@ -266,6 +262,15 @@ class ReportService:
             if sentences:
                 out[observation] = list(dict.fromkeys(sentences))
         return out
+
+
+def _find_span(report: str, sentence: str) -> tuple[int, int]:
+    """Character span of ``sentence`` in ``report``, whatever whitespace separates its words there."""
+    pattern = r"\s+".join(re.escape(word) for word in sentence.split())
+    match = re.search(pattern, report) if pattern else None
+    if match is None:
+        raise ValueError("the selected sentence is not part of the report")
+    return match.span()
 
 
 def report_sentences(text: str) -> list[str]:

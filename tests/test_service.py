@@ -170,6 +170,14 @@ def test_gradcam_maps_per_view_normalised_and_sentence_specific(service):
     assert overlay.shape == (96, 80, 3) and overlay.dtype == np.uint8
 
 
+def test_sentences_are_found_across_line_breaks(service):
+    report = "FINDINGS: The heart is\nenlarged.  There is a small\n\nleft effusion. IMPRESSION: Cardiomegaly."
+    _, second, _ = report_sentences(report)
+    assert second == "There is a small left effusion."
+    maps = service.explain(synthetic_study(), "prompt-wise", report, second)
+    assert len(maps) == 2
+
+
 def test_gradcam_rejects_a_sentence_not_in_the_report(service):
     with pytest.raises(ValueError, match="not part of the report"):
         service.explain(synthetic_study(), "prompt-wise", REPORT, "Pneumothorax.")
