@@ -299,6 +299,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    """Start the Gradio demo; every flag after `demo` goes to it (see `mrg demo --help`)."""
+    from mrg.demo import main as demo_main
+
+    demo_main(args.demo_args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mrg", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -376,6 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decoding_flags(evaluate, "beam", 2.0)
     evaluate.set_defaults(func=_evaluate)
 
+    demo = sub.add_parser("demo", help="start the web demo (same flags as app.py)", add_help=False)
+    demo.add_argument("demo_args", nargs=argparse.REMAINDER)
+    demo.set_defaults(func=_demo)
+
     shared = os.environ.get("MRG_SHARED_DATA", "../shared/data")
     labeler = sub.add_parser(
         "labeler-eval", help="score the report labeler on the OpenI gold standard"
@@ -387,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:  # the demo parses its own flags (argparse.REMAINDER cannot pass --help on)
+        return _demo(argparse.Namespace(demo_args=argv[1:]))
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

@@ -104,3 +104,10 @@ def test_evaluate_compares_two_checkpoints(checkpoints, tmp_path):
 def test_train_rejects_a_bad_field_before_loading(capsys):
     assert main(["train", "--set", "batch_size=0"]) == 2
     assert "batch_size" in capsys.readouterr().out
+
+
+def test_demo_subcommand_passes_its_flags_to_the_app(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    assert "--dataset-annotation" in capsys.readouterr().out

@@ -1,0 +1,83 @@
+"""Build the mrg demo and launch it (``python app.py``, ``mrg demo``).
+
+Configuration: command-line flags or environment variables (flags win).
+
+    MRG_CHECKPOINTS          folder with prompt-wise/ and promptbook-wise/  (default assets/checkpoints)
+    MRG_LLM                  override the frozen LLM (local directory or hub id)
+    MRG_DEVICE               cpu | cuda                                      (default: cuda when present)
+    MRG_DATA_DIR             where the review database lives                 (default ./mrg-data)
+    MRG_DATASET_ANNOTATION   annotation.json for the dataset browser         (optional)
+    MRG_DATASET_IMAGES       its image root
+    MRG_DATASET_SPLIT        split to browse                                 (default test)
+    MRG_SHARED_DATA          shared data folder for the IU X-ray examples    (default ../shared/data)
+    MRG_HOST / MRG_PORT      where to listen (also GRADIO_SERVER_*, PORT)   (default 127.0.0.1:7860)
+    MRG_MAX_UPLOAD_MB        upload size limit                               (default 64)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parents[1]  # the repository root
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(description="mrg chest X-ray report generation demo")
+    parser.add_argument("--checkpoints", default=env("MRG_CHECKPOINTS"))
+    parser.add_argument("--llm", default=env("MRG_LLM"))
+    parser.add_argument("--device", default=env("MRG_DEVICE"))
+    parser.add_argument("--data-dir", default=env("MRG_DATA_DIR", "mrg-data"))
+    parser.add_argument("--dataset-annotation", default=env("MRG_DATASET_ANNOTATION"))
+    parser.add_argument("--dataset-images", default=env("MRG_DATASET_IMAGES"))
+    parser.add_argument("--dataset-split", default=env("MRG_DATASET_SPLIT", "test"))
+    parser.add_argument(
+        "--shared-data", default=env("MRG_SHARED_DATA", str(HERE.parent / "shared" / "data"))
+    )
+    parser.add_argument("--host", default=env("MRG_HOST", env("GRADIO_SERVER_NAME", "127.0.0.1")))
+    parser.add_argument(
+        "--port", type=int, default=int(env("MRG_PORT", env("GRADIO_SERVER_PORT", "7860")))
+    )
+    parser.add_argument("--max-upload-mb", type=int, default=int(env("MRG_MAX_UPLOAD_MB", "64")))
+    return parser.parse_args(argv)
+
+
+def build_demo(args: argparse.Namespace):
+    import torch
+
+    from mrg.data.datasets import load_annotation
+    from mrg.imaging import ImageLimits
+    from mrg.review import ReviewStore
+    from mrg.service import ReportService
+    from mrg.ui import DemoApp, default_examples
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    service = ReportService.load(args.checkpoints, llm_source=args.llm, device=args.device)
+    store = ReviewStore(Path(args.data_dir) / "reviews.sqlite")
+    dataset = None
+    if args.dataset_annotation:
+        dataset = load_annotation(
+            args.dataset_annotation, args.dataset_images or ".", split=args.dataset_split
+        )
+    shared = (
+        Path(args.shared_data) if args.shared_data and Path(args.shared_data).is_dir() else None
+    )
+    limits = ImageLimits(max_file_bytes=args.max_upload_mb * 1024 * 1024)
+    return DemoApp(service, store, default_examples(shared), dataset, limits).build()
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    demo = build_demo(args)
+    demo.queue(max_size=16, default_concurrency_limit=2)
+    demo.launch(
+        server_name=args.host, server_port=args.port, max_file_size=f"{args.max_upload_mb}mb"
+    )
+
+
+if __name__ == "__main__":
+    main()
