@@ -137,9 +137,16 @@ def prepare_openi(
         )
         summary.kept += 1
         summary.per_split[split] += 1
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(annotation, indent=1) + "\n")
+    write_annotation(annotation, out)
     return summary
+
+
+def write_annotation(annotation: dict[str, list], out: str | Path) -> Path:
+    """Write an R2Gen-style ``{"train": [...], "val": [...], "test": [...]}`` file."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(annotation, indent=1) + "\n")
+    return out
 
 
 class MissingImageError(FileNotFoundError):

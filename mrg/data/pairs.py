@@ -19,13 +19,12 @@ Every entry records how it was matched (``match``), so the model card can say it
 from __future__ import annotations
 
 import csv
-import json
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mrg.data.datasets import split_of
+from mrg.data.datasets import split_of, write_annotation
 from mrg.data.reports import iter_openi_reports
 from mrg.data.sections import format_report
 from mrg.evaluation.labeler import FINDINGS14, ReportLabeler
@@ -140,6 +139,5 @@ def build_pairs(
             )
             summary.entries += 1
         summary.per_split[split] += 1
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(annotation, indent=1) + "\n")
+    write_annotation(annotation, out)
     return summary

@@ -1,0 +1,70 @@
+"""Label-matched NIH image / OpenI report pairs for the demo checkpoints (real shared data)."""
+
+import csv
+import json
+from collections import defaultdict
+
+import pytest
+from conftest import shared_path
+
+from mrg.data.pairs import build_pairs, nearest_sets
+from mrg.evaluation.labeler import FINDINGS14, ReportLabeler
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pairs") / "annotation.json"
+    summary = build_pairs(
+        shared_path("nih_cxr14"), shared_path("iu_xray", "NLMCXR_reports.tgz"), out, 2
+    )
+    return summary, json.loads(out.read_text())
+
+
+def test_every_image_is_paired_and_counted(pairs):
+    summary, annotation = pairs
+    assert summary.images == 521 == summary.exact + summary.nearest
+    assert summary.exact > summary.nearest
+    assert sum(len(v) for v in annotation.values()) == summary.entries
+
+
+def test_no_patient_is_in_two_splits(pairs):
+    _, annotation = pairs
+    patient_of = {}
+    with open(shared_path("nih_cxr14", "labels.csv"), newline="") as handle:
+        for row in csv.DictReader(handle):
+            patient_of[row["Image Index"]] = row["Patient ID"]
+    splits = defaultdict(set)
+    for split, entries in annotation.items():
+        for entry in entries:
+            splits[patient_of[entry["image_path"][0]]].add(split)
+    assert all(len(s) == 1 for s in splits.values())
+
+
+def test_exact_pairs_carry_reports_with_the_same_labels(pairs):
+    _, annotation = pairs
+    labeler = ReportLabeler()
+    exact = [e for e in annotation["train"] if e["match"] == "exact"][:60]
+    assert exact
+    for entry in exact:
+        labels = labeler.label14(f"{entry['findings']} {entry['impression']}")
+        assert sorted(k for k in FINDINGS14 if labels[k]) == entry["labels"]
+        assert entry["report"].startswith("FINDINGS: ")
+
+
+def test_held_out_splits_keep_one_report_per_image(pairs):
+    _, annotation = pairs
+    for split in ("val", "test"):
+        images = [e["image_path"][0] for e in annotation[split]]
+        assert len(images) == len(set(images)) > 0
+
+
+def test_nearest_set_by_jaccard():
+    target = frozenset({"Atelectasis", "Effusion", "Mass"})
+    available = [
+        frozenset(),
+        frozenset({"Effusion"}),
+        frozenset({"Atelectasis", "Effusion"}),
+        frozenset({"Mass", "Nodule"}),
+    ]
+    best, similarity = nearest_sets(target, available)
+    assert best == frozenset({"Atelectasis", "Effusion"}) and similarity == pytest.approx(2 / 3)
