@@ -38,6 +38,17 @@ except ImportError:
         return function
 
 
+def forget_uploads(*paths: str | None) -> None:
+    """Delete uploaded files from Gradio's upload folder once read: a DICOM header may hold
+    patient identifiers, and the server keeps no copy of it (files elsewhere are left alone)."""
+    from gradio.utils import get_upload_folder
+
+    folder = Path(get_upload_folder()).resolve()
+    for path in paths:
+        if path and folder in Path(path).resolve().parents:
+            Path(path).unlink(missing_ok=True)
+
+
 @dataclass
 class Example:
     label: str
@@ -122,6 +133,7 @@ class DemoApp:
             return self._failed(state, "Please upload a frontal chest X-ray (PNG, JPEG or DICOM).")
         try:
             data = [Path(frontal).read_bytes()] + ([Path(lateral).read_bytes()] if lateral else [])
+            forget_uploads(frontal, lateral)
             key = "sha256:" + hashlib.sha256(b"".join(data)).hexdigest()[:20]
             study = self._study_from(data, ["frontal", "lateral"], key)
         except ImageError as err:
@@ -390,7 +402,13 @@ class DemoApp:
         modes = [m for m in ("prompt-wise", "promptbook-wise", "static") if m in info.modes]
         if {"prompt-wise", "promptbook-wise"} <= set(info.modes):
             modes.append(COMPARE_BOTH)
-        with gr.Blocks(title="mrg — chest X-ray report generation (research demo)") as demo:
+        with gr.Blocks(
+            title="mrg — chest X-ray report generation (research demo)",
+            delete_cache=(
+                600,
+                600,
+            ),  # Gradio's own copies (images shown, exports) go after 10 minutes
+        ) as demo:
             state = gr.State(DemoState())
             gr.Markdown(
                 "## mrg — chest X-ray report generation with customized prompts\n"

@@ -274,3 +274,15 @@ def test_review_survives_an_app_restart(tiny_checkpoints, tmp_path):
         assert reviews[0].case_key.startswith("sha256:")
     finally:
         second.stop()
+
+
+def test_uploaded_files_are_deleted_from_gradios_folder_once_read(demo, tmp_path, monkeypatch):
+    uploads = tmp_path / "gradio-uploads" / "abc123"
+    uploads.mkdir(parents=True)
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio-uploads"))
+    copy = uploads / "patient.dcm"
+    copy.write_bytes(Path(DICOM).read_bytes())
+    state, *_ = demo.load_upload(DemoState(), str(copy), None)
+    assert state.study is not None and not copy.exists()
+    demo.load_upload(DemoState(), DICOM, None)
+    assert Path(DICOM).exists()  # files outside the upload folder are never touched
