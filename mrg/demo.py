@@ -5,6 +5,7 @@ Configuration: command-line flags or environment variables (flags win).
     MRG_CHECKPOINTS          folder with prompt-wise/ and promptbook-wise/  (default assets/checkpoints)
     MRG_LLM                  override the frozen LLM (local directory or hub id)
     MRG_DEVICE               cpu | cuda                                      (default: cuda when present)
+    MRG_QUANTIZATION         none | nf4 | int8 for the LLM (bitsandbytes, CUDA only; default: the checkpoint's)
     MRG_DATA_DIR             where the review database lives                 (default ./mrg-data)
     MRG_DATASET_ANNOTATION   annotation.json for the dataset browser         (optional)
     MRG_DATASET_IMAGES       its image root
@@ -30,6 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoints", default=env("MRG_CHECKPOINTS"))
     parser.add_argument("--llm", default=env("MRG_LLM"))
     parser.add_argument("--device", default=env("MRG_DEVICE"))
+    parser.add_argument(
+        "--quantization", default=env("MRG_QUANTIZATION"), choices=["none", "nf4", "int8"]
+    )
     parser.add_argument("--data-dir", default=env("MRG_DATA_DIR", "mrg-data"))
     parser.add_argument("--dataset-annotation", default=env("MRG_DATASET_ANNOTATION"))
     parser.add_argument("--dataset-images", default=env("MRG_DATASET_IMAGES"))
@@ -55,7 +59,9 @@ def build_demo(args: argparse.Namespace):
     from mrg.ui import DemoApp, default_examples
 
     torch.set_num_threads(os.cpu_count() or 1)
-    service = ReportService.load(args.checkpoints, llm_source=args.llm, device=args.device)
+    service = ReportService.load(
+        args.checkpoints, llm_source=args.llm, device=args.device, quantization=args.quantization
+    )
     store = ReviewStore(Path(args.data_dir) / "reviews.sqlite")
     dataset = None
     if args.dataset_annotation:

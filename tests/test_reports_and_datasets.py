@@ -120,6 +120,18 @@ def test_sentence_splitting():
     assert display_form("Normal  chest x-XXXX.") == "Normal chest x-[redacted]."
 
 
+def test_an_extracted_folder_reads_like_the_archive(tmp_path):
+    import tarfile
+
+    with tarfile.open(shared_path("iu_xray", "NLMCXR_reports.tgz")) as archive:
+        members = [
+            m for m in archive.getmembers() if m.name.endswith(("/1.xml", "/2.xml", "/10.xml"))
+        ]
+        archive.extractall(tmp_path, members=members, filter="data")
+    reports = list(iter_openi_reports(tmp_path))
+    assert [r.report_id for r in reports] == ["CXR1", "CXR2", "CXR10"]  # numeric file order
+
+
 def test_parse_minimal_xml_without_sections():
     report = parse_openi_xml('<eCitation><uId id="CXR9"/><Abstract/></eCitation>')
     assert report.report_id == "CXR9" and report.findings == "" and report.image_ids == []
