@@ -19,7 +19,6 @@ import logging
 import os
 import random
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -62,6 +61,14 @@ def score(rows: list[dict], image_labels: dict[str, list[str]], labeler: ReportL
         "BLEU_4": nlg.corpus["BLEU_4"],
         "CIDEr": nlg.corpus["CIDEr"],
     }
+
+
+def training_seconds(log_file: Path) -> float:
+    """Sum of the epochs' training time in a run's log (resumed runs included; validation excluded)."""
+    if not log_file.is_file():
+        return 0.0
+    records = [json.loads(line) for line in log_file.read_text().splitlines()]
+    return sum(r.get("epoch_seconds", 0.0) for r in records)
 
 
 def baselines(
@@ -213,10 +220,8 @@ def main() -> None:
         config.generate = StageConfig(args.generate_epochs, config.generate.lr)
         if not args.skip_train:
             torch.manual_seed(config.seed)
-            model = MRGModel(config.model, llm, tokenizer)
-            start = time.perf_counter()
-            Trainer(config, model, train, val, resume=True).fit()
-            timings[mode] = time.perf_counter() - start
+            Trainer(config, MRGModel(config.model, llm, tokenizer), train, val, resume=True).fit()
+        timings[mode] = training_seconds(out / mode / "log.jsonl")
         best = MRGModel.from_pretrained(out / mode / "best", llm=llm, tokenizer=tokenizer).eval()
         rows = generate_split(best, test, out / mode / "test_generations.jsonl", DEMO_DECODING)
         results[mode] = score(rows, image_labels, labeler)

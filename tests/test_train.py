@@ -82,7 +82,9 @@ def test_two_step_run_writes_a_loadable_checkpoint(tmp_path, four_studies, tiny_
     assert loaded.mode == "prompt-wise"
     lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert lines[-1]["stage"] == "generate" and lines[-1]["step"] == 2
-    assert {"val_loss", "val_bleu4", "val_cider", "samples_per_s"} <= set(lines[-1])
+    assert {"val_loss", "val_bleu4", "val_cider", "samples_per_s", "epoch_seconds"} <= set(
+        lines[-1]
+    )
 
 
 def test_resume_equals_uninterrupted(tmp_path, four_studies, tiny_llm, tokenizer):

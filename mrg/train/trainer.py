@@ -318,6 +318,7 @@ class Trainer:
             "step": self.position["step"],
             "train_loss": float(np.mean(losses)) if losses else float("nan"),
             "samples_per_s": samples / elapsed if elapsed else 0.0,
+            "epoch_seconds": elapsed,
             "lr": scheduler.get_last_lr()[0],
             "skipped_images": list(self.train_set.skipped),
         }
