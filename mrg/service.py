@@ -105,6 +105,9 @@ class ReportService:
             overrides["source"] = llm_source
         if quantization:
             overrides["quantization"] = quantization
+        if device == "cuda" and not torch.cuda.is_available():
+            log.warning("device=cuda requested but no GPU is visible: running on the CPU")
+            device = "cpu"
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if found:  # the LLM named by the first checkpoint's config serves every mode
             config = json.loads((next(iter(found.values())) / CONFIG_NAME).read_text())
@@ -137,8 +140,7 @@ class ReportService:
             llm=llm_config.source
             if llm_config.source != "smollm2"
             else "SmolLM2-135M-Instruct (frozen)",
-            device=str(llm.device)
-            + (f", {llm_config.quantization}" if llm_config.quantization != "none" else ""),
+            device=str(llm.device) + _quantization_label(llm),
             modes=list(models),
             checkpoints={m: str(p) for m, p in found.items()},
             trained=bool(found),
@@ -262,6 +264,13 @@ class ReportService:
             if sentences:
                 out[observation] = list(dict.fromkeys(sentences))
         return out
+
+
+def _quantization_label(llm) -> str:
+    """ ", nf4" / ", int8" when bitsandbytes actually quantized the LLM (not merely when asked)."""
+    if getattr(llm, "is_loaded_in_4bit", False):
+        return ", nf4"
+    return ", int8" if getattr(llm, "is_loaded_in_8bit", False) else ""
 
 
 def _find_span(report: str, sentence: str) -> tuple[int, int]:

@@ -148,6 +148,14 @@ def test_load_shares_one_llm_between_modes(tiny_llm, tokenizer, tmp_path):
     assert service.info.checkpoints["prompt-wise"].endswith("prompt-wise")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallbacks")
+def test_load_on_a_cpu_with_gpu_options_falls_back_and_says_so(tiny_llm, tokenizer, tmp_path):
+    service = ReportService.load(
+        save_tiny_checkpoints(tmp_path, tiny_llm, tokenizer), device="cuda", quantization="nf4"
+    )
+    assert service.info.device == "cpu"  # not "cuda", and no claim of nf4
+
+
 # ----------------------------------------------------------------------------- Grad-CAM
 
 
