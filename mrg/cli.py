@@ -177,11 +177,14 @@ def _decoding(args: argparse.Namespace):
     )
 
 
-def _add_decoding_flags(parser: argparse.ArgumentParser, strategy: str, penalty: float) -> None:
-    parser.add_argument("--strategy", default=strategy, choices=["greedy", "beam", "sample"])
-    parser.add_argument("--max-new-tokens", type=int, default=100)
-    parser.add_argument("--num-beams", type=int, default=3)
-    parser.add_argument("--repetition-penalty", type=float, default=penalty)
+def _add_decoding_flags(parser: argparse.ArgumentParser, default) -> None:
+    """Decoding flags whose defaults come from a ``Decoding`` (the app's, or R2GenGPT's for evaluation)."""
+    parser.add_argument(
+        "--strategy", default=default.strategy, choices=["greedy", "beam", "sample"]
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=default.max_new_tokens)
+    parser.add_argument("--num-beams", type=int, default=default.num_beams)
+    parser.add_argument("--repetition-penalty", type=float, default=default.repetition_penalty)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -308,6 +311,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mrg.config import DEFAULT_DECODING, R2GENGPT_DECODING
+
     parser = argparse.ArgumentParser(prog="mrg", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -367,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", help="CSV or JSONL for folders and splits (rerun skips studies already written)"
     )
     generate.add_argument("--batch-size", type=int, default=8)
-    _add_decoding_flags(generate, "greedy", 1.2)
+    _add_decoding_flags(generate, DEFAULT_DECODING)
     generate.set_defaults(func=_generate)
 
     evaluate = sub.add_parser("evaluate", help="score one or more checkpoints on a split")
@@ -381,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, default=0, help="only the first N studies")
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--no-meteor", action="store_true")
-    _add_decoding_flags(evaluate, "beam", 2.0)
+    _add_decoding_flags(evaluate, R2GENGPT_DECODING)
     evaluate.set_defaults(func=_evaluate)
 
     demo = sub.add_parser("demo", help="start the web demo (same flags as app.py)", add_help=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,39 +148,60 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        return _from_dict(cls, data, prefix="")
+        return config_from_dict(cls, data)
 
 
-def _from_dict(cls, data: dict[str, Any], prefix: str):
-    """Build dataclass ``cls`` from ``data``; unknown keys raise ConfigError naming the field."""
+def config_from_dict(cls, data: dict[str, Any], prefix: str = ""):
+    """Build dataclass ``cls`` from ``data``, recursing into dataclass-typed fields.
+
+    Unknown keys raise ConfigError naming the field with its path (``encoder.depthh``).
+    """
     if not isinstance(data, dict):
         raise ConfigError(
             f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(data).__name__}"
         )
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
             raise ConfigError(
                 f"unknown config field {prefix}{key!r}; expected one of {sorted(fields)}"
             )
-        sub = _NESTED.get((cls, key))
-        kwargs[key] = _from_dict(sub, value, f"{prefix}{key}.") if sub else value
+        nested = hints[key] if dataclasses.is_dataclass(hints[key]) else None
+        kwargs[key] = config_from_dict(nested, value, f"{prefix}{key}.") if nested else value
     return cls(**kwargs)
 
 
-_NESTED = {
-    (ModelConfig, "llm"): LLMConfig,
-    (ModelConfig, "encoder"): EncoderConfig,
-    (ModelConfig, "customizer"): CustomizerConfig,
-}
+@dataclass(frozen=True)
+class Decoding:
+    """Decoding options. ``beam`` is not streamable; ``greedy`` and ``sample`` are."""
+
+    strategy: str = "greedy"  # greedy | beam | sample
+    max_new_tokens: int = 100
+    num_beams: int = 3
+    repetition_penalty: float = 1.2
+    temperature: float = 0.7
+    top_p: float = 0.9
+
+    def validate(self) -> Decoding:
+        if self.strategy not in ("greedy", "beam", "sample"):
+            raise ValueError(
+                f"decoding strategy must be greedy, beam or sample, got {self.strategy!r}"
+            )
+        if not 1 <= self.max_new_tokens <= 1024:
+            raise ValueError(f"max_new_tokens must be in [1, 1024], got {self.max_new_tokens}")
+        if self.repetition_penalty < 1.0 or self.temperature <= 0 or not 0 < self.top_p <= 1:
+            raise ValueError(
+                "repetition_penalty >= 1, temperature > 0 and 0 < top_p <= 1 are required"
+            )
+        return self
 
 
-def with_mode(config: ModelConfig, mode: str) -> ModelConfig:
-    """A copy of ``config`` with another customizer mode."""
-    out = copy.deepcopy(config)
-    out.customizer.mode = mode
-    return out.validate()
+DEFAULT_DECODING = Decoding()
+R2GENGPT_DECODING = Decoding(
+    strategy="beam", num_beams=3, repetition_penalty=2.0, max_new_tokens=100
+)
 
 
 LLAMA2_7B = "meta-llama/Llama-2-7b-chat-hf"

@@ -70,9 +70,7 @@ class ReportScore(nn.Module):
         mask = torch.ones_like(view_ids, dtype=torch.bool)
         ctx = model.context(images, view_ids, mask)
         ids = self.report_ids.to(model.device).unsqueeze(0)
-        embeds = torch.cat([ctx.embeds, model.llm.get_input_embeddings()(ids)], dim=1)
-        attention = torch.cat([ctx.attention_mask, torch.ones_like(ids)], dim=1)
-        logits = model.llm(inputs_embeds=embeds, attention_mask=attention).logits
+        logits = model.teacher_forced(ctx, ids, torch.ones_like(ids)).logits
         start = ctx.embeds.shape[1]
         predicted = logits[0, start - 1 : start - 1 + ids.shape[1]].float().log_softmax(-1)
         token_logp = predicted.gather(-1, ids[0].unsqueeze(-1)).squeeze(-1)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from mrg.config import CUSTOMIZER_MODES, ModelConfig, model_preset
+from mrg.config import CUSTOMIZER_MODES, DEFAULT_DECODING, ModelConfig, model_preset
 from mrg.data.reports import split_sentences
 from mrg.data.sections import split_sections
 from mrg.data.study import Study, batch_tensors
@@ -31,7 +31,7 @@ from mrg.evaluation.metrics import nlg_scores
 from mrg.explain import Heatmap, explain
 from mrg.model import Decoding, MRGModel
 from mrg.model.llm import load_frozen_llm
-from mrg.model.mrg_model import CONFIG_NAME, DEFAULT_DECODING
+from mrg.model.mrg_model import CONFIG_NAME
 
 log = logging.getLogger(__name__)
 DEFAULT_CHECKPOINTS = Path(__file__).resolve().parents[1] / "assets" / "checkpoints"

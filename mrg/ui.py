@@ -17,8 +17,8 @@ from pathlib import Path
 import gradio as gr
 
 from mrg.data.datasets import StudyRecord
-from mrg.data.study import Study, View
-from mrg.imaging import DEFAULT_LIMITS, ImageError, ImageLimits, load_image
+from mrg.data.study import Study, study_from_sources
+from mrg.imaging import DEFAULT_LIMITS, ImageError, ImageLimits
 from mrg.model import Decoding
 from mrg.review import ERROR_CATEGORIES, VERDICTS, Review, ReviewError, ReviewStore
 from mrg.service import ReportService, report_sentences
@@ -112,12 +112,10 @@ class DemoApp:
 
     # ------------------------------------------------------------------ loading
 
-    def _study_from(self, sources: list[Path | bytes], positions: list[str], key: str) -> Study:
-        views = []
-        for source, default in zip(sources, positions):
-            image = load_image(source, self.limits)
-            views.append(View(image, image.meta.view if image.meta.view != "unknown" else default))
-        return Study(views, study_id=key)
+    def _study_from(self, sources: list[Path | bytes], key: str) -> Study:
+        """Frontal (and lateral) from the first two sources; DICOM view positions win over the order."""
+        lateral = sources[1] if len(sources) > 1 else None
+        return study_from_sources(sources[0], lateral, study_id=key, limits=self.limits)
 
     def _loaded(self, state: DemoState, study: Study, key: str, reference: str, message: str):
         state.study, state.case_key, state.generated, state.heatmaps = study, key, {}, []
@@ -135,7 +133,7 @@ class DemoApp:
             data = [Path(frontal).read_bytes()] + ([Path(lateral).read_bytes()] if lateral else [])
             forget_uploads(frontal, lateral)
             key = "sha256:" + hashlib.sha256(b"".join(data)).hexdigest()[:20]
-            study = self._study_from(data, ["frontal", "lateral"], key)
+            study = self._study_from(data, key)
         except ImageError as err:
             return self._failed(state, str(err))
         return self._loaded(
@@ -148,7 +146,7 @@ class DemoApp:
             return self._failed(state, "Choose an example.")
         sources = [example.frontal] + ([example.lateral] if example.lateral else [])
         try:
-            study = self._study_from(sources, ["frontal", "lateral"], f"example:{label}")
+            study = self._study_from(sources, f"example:{label}")
         except ImageError as err:
             return self._failed(state, str(err))
         return self._loaded(
@@ -165,7 +163,7 @@ class DemoApp:
             return self._failed(state, "Choose a case from the dataset.")
         key = f"dataset:{record.split}:{record.study_id}"
         try:
-            study = self._study_from(record.image_paths, ["frontal", "lateral"], key)
+            study = self._study_from(record.image_paths, key)
         except ImageError as err:
             return self._failed(state, str(err))
         return self._loaded(

@@ -32,7 +32,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from mrg.config import ModelConfig
+from mrg.config import DEFAULT_DECODING, Decoding, ModelConfig
 from mrg.model.customizer import CustomizedPrompt, build_customizer
 from mrg.model.encoder import VisualEncoder
 from mrg.model.llm import load_frozen_llm
@@ -43,37 +43,6 @@ CONFIG_NAME = "mrg_config.json"
 WEIGHTS_NAME = "model.safetensors"
 IMAGE_PLACEHOLDER = "<image>"
 IGNORE_INDEX = -100
-
-
-@dataclass(frozen=True)
-class Decoding:
-    """Decoding options. ``beam`` is not streamable; ``greedy`` and ``sample`` are."""
-
-    strategy: str = "greedy"  # greedy | beam | sample
-    max_new_tokens: int = 100
-    num_beams: int = 3
-    repetition_penalty: float = 1.2
-    temperature: float = 0.7
-    top_p: float = 0.9
-
-    def validate(self) -> Decoding:
-        if self.strategy not in ("greedy", "beam", "sample"):
-            raise ValueError(
-                f"decoding strategy must be greedy, beam or sample, got {self.strategy!r}"
-            )
-        if not 1 <= self.max_new_tokens <= 1024:
-            raise ValueError(f"max_new_tokens must be in [1, 1024], got {self.max_new_tokens}")
-        if self.repetition_penalty < 1.0 or self.temperature <= 0 or not 0 < self.top_p <= 1:
-            raise ValueError(
-                "repetition_penalty >= 1, temperature > 0 and 0 < top_p <= 1 are required"
-            )
-        return self
-
-
-DEFAULT_DECODING = Decoding()
-R2GENGPT_DECODING = Decoding(
-    strategy="beam", num_beams=3, repetition_penalty=2.0, max_new_tokens=100
-)
 
 
 def _render_chat(tokenizer: PreTrainedTokenizerBase, instruction: str) -> str:
@@ -268,21 +237,31 @@ class MRGModel(nn.Module):
         """Teacher-forced LM loss over report tokens and EOS only."""
         ctx = self.context(images, view_ids, view_mask)
         report_ids, report_mask = self.tokenize_reports(reports)
-        embeds = torch.cat([ctx.embeds, self.llm.get_input_embeddings()(report_ids)], dim=1)
-        mask = torch.cat([ctx.attention_mask, report_mask], dim=1)
         context_labels = torch.full(
             ctx.attention_mask.shape, IGNORE_INDEX, dtype=torch.long, device=self.device
         )
         labels = torch.cat(
             [context_labels, report_ids.masked_fill(report_mask == 0, IGNORE_INDEX)], dim=1
         )
-        out = self.llm(
+        out = self.teacher_forced(ctx, report_ids, report_mask, labels)
+        return MRGOutput(out.loss, out.logits, ctx.prompt, ctx.global_feature)
+
+    def teacher_forced(
+        self,
+        ctx: Context,
+        report_ids: torch.Tensor,
+        report_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+    ):
+        """The LLM's output over [context][report ids]; logits at t predict token t + 1."""
+        embeds = torch.cat([ctx.embeds, self.llm.get_input_embeddings()(report_ids)], dim=1)
+        mask = torch.cat([ctx.attention_mask, report_mask], dim=1)
+        return self.llm(
             inputs_embeds=embeds,
             attention_mask=mask,
             position_ids=positions_from_mask(mask),
             labels=labels,
         )
-        return MRGOutput(out.loss, out.logits, ctx.prompt, ctx.global_feature)
 
     # ----------------------------------------------------------------- decoding
 
@@ -430,15 +409,19 @@ class MRGModel(nn.Module):
         if llm is None or tokenizer is None:
             llm, tokenizer = load_frozen_llm(config.llm)
         model = cls(config, llm, tokenizer)
-        state = load_file(str(directory / WEIGHTS_NAME))
-        expected = model.trainable_state_dict()
+        model.load_trainable(directory)
+        return model
+
+    def load_trainable(self, directory: str | Path) -> None:
+        """Copy the trainable weights of ``directory/model.safetensors`` in place; every key must match."""
+        state = load_file(str(Path(directory) / WEIGHTS_NAME))
+        expected = self.trainable_state_dict()
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         if missing or unexpected:
             raise ValueError(
                 f"checkpoint {directory} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
-        params = dict(model.named_parameters())
+        params = dict(self.named_parameters())
         with torch.no_grad():
             for name, tensor in state.items():
                 params[name].copy_(tensor.to(params[name].dtype))
-        return model

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mrg.config import ConfigError, ModelConfig, model_preset
+from mrg.config import ConfigError, ModelConfig, config_from_dict, model_preset
 
 
 @dataclass
@@ -85,22 +85,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        data = copy.deepcopy(data)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(
-                f"unknown config field(s) {sorted(unknown)}; expected {sorted(known)}"
-            )
-        kwargs: dict[str, Any] = {}
-        for key, value in data.items():
-            if key == "model":
-                kwargs[key] = ModelConfig.from_dict(value)
-            elif key in ("align", "generate", "joint"):
-                kwargs[key] = StageConfig(**value)
-            else:
-                kwargs[key] = value
-        return cls(**kwargs)
+        return config_from_dict(cls, copy.deepcopy(data))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

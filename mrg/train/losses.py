@@ -39,10 +39,14 @@ class ContrastiveHeads(nn.Module):
         z_text = F.normalize(self.text(text.to(visual.dtype)), dim=-1)
         return self.logit_scale.clamp(max=math.log(100)).exp() * z_image @ z_text.t()
 
-    def forward(self, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        logits = self.logits(visual, text)
+    @staticmethod
+    def loss(logits: torch.Tensor) -> torch.Tensor:
+        """Symmetric InfoNCE of ``[B, B]`` logits whose matching pairs lie on the diagonal."""
         target = torch.arange(logits.shape[0], device=logits.device)
         return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+    def forward(self, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return self.loss(self.logits(visual, text))
 
 
 def retrieval_accuracy(logits: torch.Tensor) -> float:

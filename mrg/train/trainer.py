@@ -61,8 +61,9 @@ class TrainingModule(nn.Module):
                 batch.view_mask.to(self.model.device),
             )
             text = self.embeddings(batch.reports).to(self.model.device)
-            loss = self.heads(features.global_, text)
-            return {"loss": loss, "align_loss": loss.detach()}
+            logits = self.heads.logits(features.global_, text)
+            loss = self.heads.loss(logits)
+            return {"loss": loss, "align_loss": loss.detach(), "logits": logits.detach()}
         out = self.model(batch.images, batch.view_ids, batch.view_mask, batch.reports)
         if stage == "generate":
             return {"loss": out.loss, "lm_loss": out.loss.detach()}
@@ -204,13 +205,8 @@ class Trainer:
         )
 
     def _load_state(self, directory: Path) -> None:
-        from safetensors.torch import load_file
-
         state = torch.load(directory / STATE_NAME, weights_only=False)
-        params = dict(self.unwrapped.model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in load_file(str(directory / "model.safetensors")).items():
-                params[name].copy_(tensor)
+        self.unwrapped.model.load_trainable(directory)
         self.unwrapped.heads.load_state_dict(state["heads"])
         self.position, self.best_score = state["position"], state["best_score"]
         rng = state["rng"]
@@ -326,10 +322,8 @@ class Trainer:
     @torch.no_grad()
     def _validate(self, stage: str) -> dict:
         """Validation loss (and retrieval accuracy or BLEU-4/CIDEr) → ``score`` to maximise."""
-        if len(self.val_set) == 0:
-            return {
-                "score": -math.inf
-            }  # no validation data: the caller falls back to the training loss
+        if len(self.val_set) == 0:  # no validation data: the caller falls back to the training loss
+            return {"score": -math.inf}
         module = self.unwrapped
         module.eval()
         losses, accuracies, references, hypotheses = [], [], [], []
@@ -340,11 +334,7 @@ class Trainer:
             out = module(batch, stage)
             losses.append(out["loss"].item())
             if stage == "align":
-                features = module.model.encoder(batch.images, batch.view_ids, batch.view_mask)
-                logits = module.heads.logits(
-                    features.global_, module.embeddings(batch.reports).to(module.model.device)
-                )
-                accuracies.append(retrieval_accuracy(logits))
+                accuracies.append(retrieval_accuracy(out["logits"]))
             elif remaining > 0:
                 take = min(remaining, len(batch.reports))
                 decoding = Decoding(
