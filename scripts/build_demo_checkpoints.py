@@ -1,8 +1,9 @@
 """Rebuild the embedded demo checkpoints from ../shared/data in one command.
 
     python scripts/build_demo_checkpoints.py [--modes prompt-wise promptbook-wise static]
-                                             [--generate-epochs 4] [--align-epochs 1]
-                                             [--reports-per-image 2] [--skip-train]
+                                             [--align-epochs 3] [--generate-epochs 2]
+                                             [--generate-lr 1e-3] [--reports-per-image 2]
+                                             [--skip-train]
 
 1. label-matched pairs (``mrg.data.pairs``) → runs/demo/pairs/annotation.json
 2. train each mode with the demo-cpu preset → runs/demo/<mode>/{best,last}
@@ -127,9 +128,11 @@ images train / validation / test; one report per image outside training).
 
 ## Training
 `python scripts/build_demo_checkpoints.py {args}` on a 2-core CPU: contrastive alignment
-({align} epoch(s)), then report generation ({generate} epochs), demo-cpu preset (AdamW,
-cosine schedule, batch 8, frontal view only, CNN stem frozen). Wall-clock training time per
-mode (seconds): {timings}.
+({align} epochs, lr {align_lr:g}), then report generation ({generate} epochs, lr {generate_lr:g}),
+demo-cpu preset (AdamW, cosine schedule with warm-up, batch 8, frontal view only, reports cut
+at {max_tokens} tokens, EfficientNet-Lite0 stem fine-tuned with its BatchNorm statistics kept).
+The same recipe and seed for every mode. Wall-clock training time per mode (seconds):
+{timings}.
 
 ## Results on the held-out split ({test} images)
 CE = clinical efficacy of the generated report's labels (project labeler, ChestX-ray14
@@ -174,8 +177,11 @@ def verdict(results: dict[str, dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", nargs="+", default=["prompt-wise", "promptbook-wise", "static"])
-    parser.add_argument("--align-epochs", type=int, default=1)
-    parser.add_argument("--generate-epochs", type=int, default=4)
+    parser.add_argument("--align-epochs", type=int, default=3)
+    parser.add_argument("--align-lr", type=float, default=5e-4)
+    parser.add_argument("--generate-epochs", type=int, default=2)
+    parser.add_argument("--generate-lr", type=float, default=1e-3)
+    parser.add_argument("--max-report-tokens", type=int, default=80)
     parser.add_argument("--reports-per-image", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "runs" / "demo"))
     parser.add_argument("--assets", default=str(ROOT / "assets" / "checkpoints"))
@@ -216,8 +222,9 @@ def main() -> None:
             output_dir=str(out / mode),
         )
         config.model.max_views = 1  # NIH images are single frontal views
-        config.align = StageConfig(args.align_epochs, config.align.lr)
-        config.generate = StageConfig(args.generate_epochs, config.generate.lr)
+        config.model.max_report_tokens = args.max_report_tokens
+        config.align = StageConfig(args.align_epochs, args.align_lr)
+        config.generate = StageConfig(args.generate_epochs, args.generate_lr)
         if not args.skip_train:
             torch.manual_seed(config.seed)
             Trainer(config, MRGModel(config.model, llm, tokenizer), train, val, resume=True).fit()
@@ -245,7 +252,10 @@ def main() -> None:
         test=summary.per_split["test"],
         args=" ".join(sys.argv[1:]) or "(defaults)",
         align=args.align_epochs,
+        align_lr=args.align_lr,
         generate=args.generate_epochs,
+        generate_lr=args.generate_lr,
+        max_tokens=args.max_report_tokens,
         timings={k: round(v) for k, v in timings.items()} or "not re-measured (--skip-train)",
         table=markdown(results),
         verdict=verdict(results),

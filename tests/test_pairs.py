@@ -7,7 +7,7 @@ from collections import defaultdict
 import pytest
 from conftest import shared_path
 
-from mrg.data.pairs import build_pairs, nearest_sets
+from mrg.data.pairs import build_pairs, concise, label_reports, nearest_sets
 from mrg.evaluation.labeler import FINDINGS14, ReportLabeler
 
 
@@ -48,7 +48,7 @@ def test_exact_pairs_carry_reports_with_the_same_labels(pairs):
     for entry in exact:
         labels = labeler.label14(f"{entry['findings']} {entry['impression']}")
         assert sorted(k for k in FINDINGS14 if labels[k]) == entry["labels"]
-        assert entry["report"].startswith("FINDINGS: ")
+        assert entry["report"].startswith("FINDINGS: ") and "IMPRESSION: " in entry["report"]
 
 
 def test_held_out_splits_keep_one_report_per_image(pairs):
@@ -68,3 +68,24 @@ def test_nearest_set_by_jaccard():
     ]
     best, similarity = nearest_sets(target, available)
     assert best == frozenset({"Atelectasis", "Effusion"}) and similarity == pytest.approx(2 / 3)
+
+
+def test_long_reports_are_paired_only_where_no_concise_one_matches(pairs):
+    _, annotation = pairs
+    groups = label_reports(shared_path("iu_xray", "NLMCXR_reports.tgz"))
+    group_of = {r["report_id"]: key for key, reports in groups.items() for r in reports}
+    entries = [e for split in annotation.values() for e in split]
+    long = [e for e in entries if len(e["report"].split()) > 50]
+    assert len(long) < 0.2 * len(entries)
+    for entry in long:
+        assert (
+            concise(groups[group_of[entry["report_id"]]], 50)
+            == groups[group_of[entry["report_id"]]]
+        )
+
+
+def test_concise_falls_back_to_every_report():
+    long = {"findings": "word " * 60, "impression": "Normal."}
+    short = {"findings": "Clear lungs.", "impression": "Normal."}
+    assert concise([long, short], 50) == [short]
+    assert concise([long], 50) == [long]

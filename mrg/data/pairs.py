@@ -4,12 +4,14 @@ No public chest X-ray set here has both images and their own reports, so the dem
 real NIH ChestX-ray14 images with real OpenI reports written for *other* patients who had
 the same findings:
 
-1. every OpenI report (FINDINGS + IMPRESSION) is labelled with the project's labeler in the
-   ChestX-ray14 space; an empty label set is a normal report;
+1. every OpenI report with both sections (FINDINGS and IMPRESSION) is labelled with the
+   project's labeler in the ChestX-ray14 space; an empty label set is a normal report;
 2. each NIH image (labels from ``labels.csv``; "No Finding" = empty set) is paired with up
    to ``k`` reports whose label set equals the image's (exact match); where none exists,
    with the reports of the nearest label set by Jaccard similarity
-   J(A, B) = |A ∩ B| / |A ∪ B| (ties: fewer extra labels, then the report id);
+   J(A, B) = |A ∩ B| / |A ∪ B| (ties: fewer extra labels, then the report id); within the
+   chosen set, concise reports (at most ``max_words`` words) are preferred where any exist,
+   which keeps both sections inside the demo's decoding budget;
 3. the split is a hash of the NIH patient id, so no patient is in two splits; validation
    and test keep one report per image.
 
@@ -60,11 +62,11 @@ def read_nih_labels(path: str | Path) -> list[dict]:
 def label_reports(
     reports_source: str | Path, labeler: ReportLabeler | None = None
 ) -> dict[frozenset, list[dict]]:
-    """OpenI reports with FINDINGS, grouped by their ChestX-ray14 label set."""
+    """OpenI reports with FINDINGS and IMPRESSION, grouped by their ChestX-ray14 label set."""
     labeler = labeler or ReportLabeler()
     groups: dict[frozenset, list[dict]] = defaultdict(list)
     for report in iter_openi_reports(reports_source):
-        if not report.findings:
+        if not (report.findings and report.impression):
             continue
         labels = labeler.label14(f"{report.findings} {report.impression}")
         key = frozenset(label for label in FINDINGS14 if labels[label])
@@ -91,6 +93,16 @@ def nearest_sets(target: frozenset, available: list[frozenset]) -> tuple[frozens
     return best, (len(target & best) / len(union) if union else 1.0)
 
 
+def concise(reports: list[dict], max_words: int) -> list[dict]:
+    """The reports of at most ``max_words`` words, or all of them where none is that short."""
+    short = [
+        r
+        for r in reports
+        if len(format_report(r["findings"], r["impression"]).split()) <= max_words
+    ]
+    return short or reports
+
+
 def build_pairs(
     nih_dir: str | Path,
     reports_source: str | Path,
@@ -98,6 +110,7 @@ def build_pairs(
     reports_per_image: int = 3,
     ratios: tuple[float, float, float] = (0.7, 0.15, 0.15),
     seed: int = 0,
+    max_words: int = 50,
 ) -> PairSummary:
     nih_dir = Path(nih_dir)
     groups = label_reports(reports_source)
@@ -117,7 +130,7 @@ def build_pairs(
             match = f"nearest (Jaccard {similarity:.2f}: {', '.join(sorted(chosen)) or 'normal'})"
             summary.nearest += 1
         split = split_of(f"nih-patient-{row['patient']}", ratios)
-        pool = sorted(groups[chosen], key=lambda r: r["report_id"])
+        pool = sorted(concise(groups[chosen], max_words), key=lambda r: r["report_id"])
         picks = random.Random(f"{seed}-{row['image']}").sample(
             pool, min(len(pool), reports_per_image)
         )
