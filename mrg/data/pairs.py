@@ -36,6 +36,14 @@ NIH_TO_LABELER = {
 }  # NIH and the labeler share ChestX-ray14 names
 
 
+SPLIT_RATIOS = (0.7, 0.15, 0.15)
+
+
+def patient_split(patient: str, ratios: tuple[float, float, float] = SPLIT_RATIOS) -> str:
+    """train / val / test from a hash of the NIH patient id."""
+    return split_of(f"nih-patient-{patient}", ratios)
+
+
 @dataclass
 class PairSummary:
     images: int = 0
@@ -108,7 +116,7 @@ def build_pairs(
     reports_source: str | Path,
     out: str | Path,
     reports_per_image: int = 3,
-    ratios: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    ratios: tuple[float, float, float] = SPLIT_RATIOS,
     seed: int = 0,
     max_words: int = 50,
 ) -> PairSummary:
@@ -129,7 +137,7 @@ def build_pairs(
             chosen, similarity = nearest_sets(target, available)
             match = f"nearest (Jaccard {similarity:.2f}: {', '.join(sorted(chosen)) or 'normal'})"
             summary.nearest += 1
-        split = split_of(f"nih-patient-{row['patient']}", ratios)
+        split = patient_split(row["patient"], ratios)
         pool = sorted(concise(groups[chosen], max_words), key=lambda r: r["report_id"])
         picks = random.Random(f"{seed}-{row['image']}").sample(
             pool, min(len(pool), reports_per_image)
