@@ -60,6 +60,7 @@ class ServiceInfo:
     modes: list[str]
     checkpoints: dict[str, str]
     trained: bool
+    views: int = 2  # the most views every loaded model reads (1: frontal only)
 
 
 @dataclass
@@ -144,6 +145,7 @@ class ReportService:
             modes=list(models),
             checkpoints={m: str(p) for m, p in found.items()},
             trained=bool(found),
+            views=min(m.config.max_views for m in models.values()),
         )
         return cls(models, info)
 

@@ -21,7 +21,7 @@ from mrg.data.study import Study, study_from_sources
 from mrg.imaging import DEFAULT_LIMITS, ImageError, ImageLimits
 from mrg.model import Decoding
 from mrg.review import ERROR_CATEGORIES, VERDICTS, Review, ReviewError, ReviewStore
-from mrg.service import ReportService, report_sentences
+from mrg.service import ReportService, ServiceInfo, report_sentences
 
 log = logging.getLogger(__name__)
 COMPARE_BOTH = "compare both"
@@ -93,6 +93,20 @@ def default_examples(shared_data: Path | None = None) -> list[Example]:
                     )
                 )
     return examples
+
+
+def banner(info: ServiceInfo) -> str:
+    """The banner: research use, what is loaded and where, and what the checkpoints cannot do."""
+    text = (
+        "## mrg — chest X-ray report generation with customized prompts\n"
+        "**Research demo, not for diagnosis.** "
+        f"Modes: {', '.join(info.modes)} · LLM: {info.llm} · device: {info.device}."
+    )
+    if info.views == 1:
+        text += " The checkpoints read the frontal view only; a lateral is shown but not used."
+    if not info.trained:
+        text += " ⚠️ **No trained checkpoint found: reports come from untrained weights.**"
+    return text
 
 
 class DemoApp:
@@ -392,11 +406,6 @@ class DemoApp:
 
     def build(self) -> gr.Blocks:
         info = self.service.info
-        trained = (
-            ""
-            if info.trained
-            else " ⚠️ **No trained checkpoint found: reports come from untrained weights.**"
-        )
         modes = [m for m in ("prompt-wise", "promptbook-wise", "static") if m in info.modes]
         if {"prompt-wise", "promptbook-wise"} <= set(info.modes):
             modes.append(COMPARE_BOTH)
@@ -408,12 +417,7 @@ class DemoApp:
             ),  # Gradio's own copies (images shown, exports) go after 10 minutes
         ) as demo:
             state = gr.State(DemoState())
-            gr.Markdown(
-                "## mrg — chest X-ray report generation with customized prompts\n"
-                "**Research demo, not for diagnosis.** "
-                f"Modes: {', '.join(info.modes)} · LLM: {info.llm} · device: {info.device}.{trained}",
-                elem_id="banner",
-            )
+            gr.Markdown(banner(info), elem_id="banner")
             with gr.Row():
                 with gr.Column(scale=1):
                     with gr.Tab("Upload"):

@@ -17,7 +17,7 @@ from pydicom.data import get_testdata_file
 from mrg.model import MRGModel
 from mrg.review import ReviewStore
 from mrg.service import ReportService, ServiceInfo
-from mrg.ui import COMPARE_BOTH, WHOLE_REPORT, DemoApp, DemoState, default_examples
+from mrg.ui import COMPARE_BOTH, WHOLE_REPORT, DemoApp, DemoState, banner, default_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 DICOM = get_testdata_file("RG1_UNCI.dcm")
@@ -129,6 +129,14 @@ def test_dataset_browser_marks_reviewed_cases(tiny_llm, tokenizer, tmp_path, dem
     app.save_review(state, "prompt-wise", reference, "acceptable", [], "", "Dr C", "s2")
     assert app.case_choices("s2")[0] == f"{records[0].study_id} ✓ reviewed"
     assert app.case_choices("s2")[1] == records[1].study_id
+
+
+def test_banner_says_what_is_loaded_and_its_limits():
+    info = ServiceInfo("tiny", "cpu", ["prompt-wise"], {}, trained=False, views=2)
+    text = banner(info)
+    assert "not for diagnosis" in text and "untrained" in text and "frontal view only" not in text
+    info = ServiceInfo("tiny", "cpu", ["prompt-wise"], {"prompt-wise": "x"}, trained=True, views=1)
+    assert "untrained" not in banner(info) and "frontal view only" in banner(info)
 
 
 def test_blocks_build(demo):
