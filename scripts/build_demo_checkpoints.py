@@ -157,7 +157,12 @@ generation stage then learns the report style and the label prior, which is what
 report baseline also carries. The trivial baselines need no image at all.
 
 ## Known failure modes
-- Reports are fluent but generic; rare findings are rarely produced.
+- The findings written are close to chance with respect to the image (see the table): the
+  demo shows the mechanics of the method, not a usable reader.
+- A 135M LLM tuned only through its input prefix for two epochs keeps much of its
+  general-domain prior: invented demographics ("a 45-year old male"), non-radiological
+  phrases, and statements that contradict each other within one report.
+- Rare findings are rarely produced.
 - Laterality, size and severity are not learned from label-matched pairs.
 - Lateral views, CT slices and non-chest images are outside the training data.
 - The labeler used for pairing and scoring is rule-based (micro-F1 0.94 on OpenI).

@@ -1,0 +1,94 @@
+"""The embedded default: the trained checkpoints shipped in assets/ (issue: demo checkpoints).
+
+These run the real SmolLM2 with the shipped weights, so they say what a user of
+``python app.py`` on a fresh machine sees.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import shared_path
+from safetensors import safe_open
+from test_app import DICOM, AppProcess
+
+from mrg.config import Decoding
+from mrg.data.pairs import patient_split, read_nih_labels
+from mrg.data.study import study_from_sources
+from mrg.model.mrg_model import CONFIG_NAME, WEIGHTS_NAME
+from mrg.service import DEFAULT_CHECKPOINTS, ReportService
+from mrg.ui import banner
+
+SHIPPED = ("prompt-wise", "promptbook-wise")
+
+
+@pytest.fixture(scope="module")
+def service():
+    return ReportService.load()  # no argument: the default a fresh `python app.py` uses
+
+
+@pytest.fixture(scope="module")
+def test_images() -> list[Path]:
+    """Four held-out NIH images (the demo's test split) with different findings, one normal."""
+    by_labels = {}
+    for row in read_nih_labels(shared_path("nih_cxr14", "labels.csv")):
+        path = shared_path("nih_cxr14", "images", row["image"])
+        if patient_split(row["patient"]) == "test" and path.is_file():
+            by_labels.setdefault(row["labels"], path)
+    normal = by_labels.pop(frozenset())
+    return [normal, *list(by_labels.values())[:3]]
+
+
+def test_shipped_checkpoints_are_small_fp16_and_complete():
+    total = 0
+    for mode in SHIPPED:
+        folder = DEFAULT_CHECKPOINTS / mode
+        config = json.loads((folder / CONFIG_NAME).read_text())
+        assert config["customizer"]["mode"] == mode and config["llm"]["source"] == "smollm2"
+        with safe_open(folder / WEIGHTS_NAME, "pt") as weights:
+            keys = list(weights.keys())
+            assert keys and not any(k.startswith("llm.") for k in keys)  # trainable parts only
+            assert {str(weights.get_tensor(k).dtype) for k in keys} == {"torch.float16"}
+        total += sum(f.stat().st_size for f in folder.iterdir())
+    assert total < 50 * 2**20
+    assert (DEFAULT_CHECKPOINTS.parent / "MODEL_CARD.md").is_file()
+
+
+def test_the_default_service_loads_the_trained_modes(service):
+    assert service.info.trained and set(SHIPPED) <= set(service.info.modes)
+    assert service.info.views == 1  # trained on single frontal NIH images
+    assert "frontal view only" in banner(service.info) and "untrained" not in banner(service.info)
+    assert all(
+        Path(p).is_relative_to(DEFAULT_CHECKPOINTS) for p in service.info.checkpoints.values()
+    )
+
+
+@pytest.mark.slow
+def test_reports_respond_to_the_image(service, test_images):
+    decoding = Decoding(max_new_tokens=60)
+    for mode in SHIPPED:
+        reports = {
+            service.generate(study_from_sources(path), mode, decoding).text for path in test_images
+        }
+        assert len(reports) >= 2, f"{mode} writes the same report for every image"
+
+
+@pytest.mark.slow
+def test_app_streams_findings_and_impression_with_the_shipped_checkpoints(tmp_path):
+    """The end-to-end path of a fresh install: DICOM upload, both modes side by side."""
+    from gradio_client import Client, handle_file
+
+    server = AppProcess(DEFAULT_CHECKPOINTS, tmp_path / "data")
+    try:
+        client = Client(server.url, verbose=False)
+        loaded = client.predict(handle_file(DICOM), None, api_name="/load_upload")
+        assert "Could not load" not in loaded[-1]
+        job = client.submit("compare both", "greedy", 100, 1.2, 0.7, 0.9, api_name="/generate")
+        job.result(timeout=300)
+        outputs = job.outputs()
+        findings_a, impression_a, findings_b, impression_b = outputs[-1][:4]
+        assert len(outputs) >= 3
+        assert findings_a.strip() and impression_a.strip(), "prompt-wise lacks a section"
+        assert findings_b.strip() and impression_b.strip(), "promptbook-wise lacks a section"
+    finally:
+        server.stop()
