@@ -134,7 +134,7 @@ with {max_use} training images and is also the reference of {test_same} of the {
 images, which inflates the "most common report" baseline below.
 
 ## Training
-`python scripts/build_demo_checkpoints.py {args}` on a 2-core CPU: contrastive alignment
+`python scripts/build_demo_checkpoints.py{args}` on a 2-core CPU: contrastive alignment
 ({align} epochs, lr {align_lr:g}), then report generation ({generate} epochs, lr {generate_lr:g}),
 demo-cpu preset (AdamW, cosine schedule with warm-up, batch 8, frontal view only, reports cut
 at {max_tokens} tokens, EfficientNet-Lite0 stem frozen).
@@ -203,14 +203,21 @@ def verdict(results: dict[str, dict]) -> str:
     best_baseline = max(
         m["CE_micro_F1"] for name, m in results.items() if name.startswith("baseline")
     )
+    static = results.get("static", {}).get("CE_micro_F1")
     lines = []
     for name, metrics in results.items():
         if name.startswith("baseline") or name == "static":
             continue
         beats = metrics["CE_micro_F1"] > best_baseline
+        versus_static = (
+            f"; {'above' if metrics['CE_micro_F1'] > static else 'below'} static ({static:.3f})"
+            if static is not None
+            else ""
+        )
         lines.append(
             f"- {name}: CE micro-F1 {metrics['CE_micro_F1']:.3f} "
-            f"{'beats' if beats else 'does NOT beat'} the best trivial baseline ({best_baseline:.3f})."
+            f"{'beats' if beats else 'does NOT beat'} the best trivial baseline ({best_baseline:.3f})"
+            f"{versus_static}."
         )
     return "\n".join(lines)
 
@@ -297,7 +304,7 @@ def main() -> None:
         train=summary.per_split["train"],
         val=summary.per_split["val"],
         test=summary.per_split["test"],
-        args=" ".join(a for a in sys.argv[1:] if a != "--skip-train"),
+        args="".join(f" {a}" for a in sys.argv[1:] if a != "--skip-train"),
         align=args.align_epochs,
         align_lr=args.align_lr,
         generate=args.generate_epochs,
