@@ -405,9 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == [
-        "demo"
-    ]:  # the demo parses its own flags (argparse.REMAINDER cannot pass --help on)
+    # the demo parses its own flags (argparse.REMAINDER cannot pass --help on)
+    if argv[:1] == ["demo"]:
         return _demo(argparse.Namespace(demo_args=argv[1:]))
     args = build_parser().parse_args(argv)
     logging.basicConfig(

@@ -409,12 +409,9 @@ class DemoApp:
         modes = [m for m in ("prompt-wise", "promptbook-wise", "static") if m in info.modes]
         if {"prompt-wise", "promptbook-wise"} <= set(info.modes):
             modes.append(COMPARE_BOTH)
+        # delete_cache: Gradio's own copies (images shown, exports) go after 10 minutes
         with gr.Blocks(
-            title="mrg — chest X-ray report generation (research demo)",
-            delete_cache=(
-                600,
-                600,
-            ),  # Gradio's own copies (images shown, exports) go after 10 minutes
+            title="mrg — chest X-ray report generation (research demo)", delete_cache=(600, 600)
         ) as demo:
             state = gr.State(DemoState())
             gr.Markdown(banner(info), elem_id="banner")

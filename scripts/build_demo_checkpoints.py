@@ -64,11 +64,15 @@ def score(rows: list[dict], image_labels: dict[str, list[str]], labeler: ReportL
     }
 
 
-def training_seconds(log_file: Path) -> float:
-    """Sum of the epochs' training time in a run's log (resumed runs included; validation excluded)."""
+def read_log(log_file: Path) -> list[dict]:
+    """The per-epoch records of a run's ``log.jsonl`` (none where the run has not started)."""
     if not log_file.is_file():
-        return 0.0
-    records = [json.loads(line) for line in log_file.read_text().splitlines()]
+        return []
+    return [json.loads(line) for line in log_file.read_text().splitlines()]
+
+
+def training_seconds(records: list[dict]) -> float:
+    """Sum of the epochs' training time (resumed runs included; validation excluded)."""
     return sum(r.get("epoch_seconds", 0.0) for r in records)
 
 
@@ -177,23 +181,20 @@ https://nihcc.app.box.com/v/ChestXray-NIHCC.
 """
 
 
-def pair_statistics(annotation: dict) -> dict:
+def pair_statistics(train_reports: list[str], test_reports: list[str]) -> dict:
     """How often training reports are reused, and how often the most used one is a test reference."""
-    uses = Counter(entry["report"] for entry in annotation["train"])
+    uses = Counter(train_reports)
     top, max_use = uses.most_common(1)[0]
     return {
-        "train_pairs": len(annotation["train"]),
+        "train_pairs": len(train_reports),
         "distinct": len(uses),
         "max_use": max_use,
-        "test_same": sum(entry["report"] == top for entry in annotation["test"]),
+        "test_same": test_reports.count(top),
     }
 
 
-def alignment_retrieval(log_file: Path) -> str:
+def alignment_retrieval(records: list[dict]) -> str:
     """The last alignment epoch's validation retrieval accuracy, as logged."""
-    if not log_file.is_file():
-        return "n/a"
-    records = [json.loads(line) for line in log_file.read_text().splitlines()]
     accuracies = [r["val_retrieval_acc"] for r in records if "val_retrieval_acc" in r]
     return f"{accuracies[-1]:.3f}" if accuracies else "n/a"
 
@@ -282,7 +283,7 @@ def main() -> None:
         if not args.skip_train:
             torch.manual_seed(config.seed)
             Trainer(config, MRGModel(config.model, llm, tokenizer), train, val, resume=True).fit()
-        timings[mode] = training_seconds(out / mode / "log.jsonl")
+        timings[mode] = training_seconds(read_log(out / mode / "log.jsonl"))
         best = MRGModel.from_pretrained(out / mode / "best", llm=llm, tokenizer=tokenizer).eval()
         rows = generate_split(best, test, out / mode / "test_generations.jsonl", DEMO_DECODING)
         results[mode] = score(rows, image_labels, labeler)
@@ -315,8 +316,8 @@ def main() -> None:
         verdict=verdict(results),
         batch=config.batch_size,
         chance=1 / config.batch_size,
-        retrieval=alignment_retrieval(out / args.modes[0] / "log.jsonl"),
-        **pair_statistics(json.loads(annotation.read_text())),
+        retrieval=alignment_retrieval(read_log(out / args.modes[0] / "log.jsonl")),
+        **pair_statistics([r.report for r in train], [r.report for r in test]),
     )
     (Path(args.assets).parent / "MODEL_CARD.md").write_text(card)
     print(markdown(results))
