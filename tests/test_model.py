@@ -185,6 +185,23 @@ def test_loading_a_checkpoint_into_the_wrong_mode_fails(make_tiny_model, tmp_pat
         )
 
 
+def test_an_aligned_encoder_loads_into_another_mode(make_tiny_model, tmp_path):
+    """The shared alignment stage: one mode's encoder, every other weight left as it was."""
+    source = make_tiny_model("prompt-wise")
+    with torch.no_grad():
+        for param in source.encoder.parameters():
+            if param.requires_grad:
+                param.add_(0.5)
+    source.save_pretrained(tmp_path)
+    target = make_tiny_model("promptbook-wise")
+    customizer = {k: v.clone() for k, v in target.customizer.state_dict().items()}
+    target.load_trainable(tmp_path, prefix="encoder.")
+    for name, tensor in target.encoder.state_dict().items():
+        assert torch.equal(tensor, source.encoder.state_dict()[name]), name
+    for name, tensor in target.customizer.state_dict().items():
+        assert torch.equal(tensor, customizer[name]), name
+
+
 def test_trainable_counts_grow_with_customization(make_tiny_model):
     counts = {
         mode: make_tiny_model(mode).num_trainable_parameters()

@@ -89,3 +89,16 @@ def test_concise_falls_back_to_every_report():
     short = {"findings": "Clear lungs.", "impression": "Normal."}
     assert concise([long, short], 50) == [short]
     assert concise([long], 50) == [long]
+
+
+def test_reuse_is_spread_evenly_over_each_pool(pairs):
+    """The least used reports of a pool are taken first: within a pool, uses differ by ≤ 1."""
+    _, annotation = pairs
+    groups = label_reports(shared_path("iu_xray", "NLMCXR_reports.tgz"))
+    group_of = {r["report_id"]: key for key, reports in groups.items() for r in reports}
+    uses = defaultdict(int)
+    for entry in (e for split in annotation.values() for e in split):
+        uses[entry["report_id"]] += 1
+    for key in {group_of[report_id] for report_id in uses}:
+        counts = [uses[r["report_id"]] for r in concise(groups[key], 50)]
+        assert max(counts) - min(counts) <= 1, (sorted(key), counts)

@@ -13,6 +13,13 @@ from mrg.config import ConfigError
 from mrg.data.datasets import load_annotation
 from mrg.model import MRGModel
 from mrg.train.config import StageConfig, TrainConfig, train_preset
+from mrg.train.losses import (
+    ContrastiveHeads,
+    ReportLabels,
+    label_similarity,
+    retrieval_accuracy,
+    retrieval_chance,
+)
 from mrg.train.trainer import Trainer
 
 REPORTS = [
@@ -179,3 +186,51 @@ def test_presets_follow_r2gengpt():
     )
     demo = train_preset("demo-cpu", mode="promptbook-wise")
     assert demo.model.llm.source == "smollm2" and demo.model.customizer.mode == "promptbook-wise"
+
+
+def test_label_similarity_makes_reports_with_the_same_labels_positives():
+    normal, effusion = frozenset({"normal"}), frozenset({"Effusion"})
+    both = frozenset({"Effusion", "Atelectasis"})
+    similarity = label_similarity([normal, effusion, normal, both])
+    assert similarity[0, 2] == similarity[2, 0] == 1.0
+    assert similarity[0, 1] == 0.0 and similarity[1, 3] == 0.5
+    assert torch.equal(similarity.diagonal(), torch.ones(4))
+    # Distinct labels everywhere: exactly CLIP's identity targets.
+    distinct = label_similarity([normal, effusion, frozenset({"Mass"})])
+    assert torch.equal(distinct, torch.eye(3))
+    logits = torch.randn(3, 3)
+    assert torch.allclose(ContrastiveHeads.loss(logits, distinct), ContrastiveHeads.loss(logits))
+
+
+def test_label_aware_loss_does_not_push_apart_two_normal_studies():
+    """Images 0 and 1 are both normal: retrieving each other's report is right, not a miss."""
+    similarity = label_similarity([frozenset({"normal"})] * 2 + [frozenset({"Mass"})])
+    swapped = torch.tensor([[0.0, 5.0, -5.0], [5.0, 0.0, -5.0], [-5.0, -5.0, 5.0]])
+    assert retrieval_accuracy(swapped) == pytest.approx(1 / 3)
+    assert retrieval_accuracy(swapped, similarity) == 1.0
+    assert retrieval_chance(similarity) == pytest.approx(5 / 9)
+    assert ContrastiveHeads.loss(swapped, similarity) < ContrastiveHeads.loss(swapped)
+
+
+def test_report_labels_are_the_labelers_sets():
+    labels = ReportLabels()
+    assert labels(REPORTS) == [
+        frozenset({"normal"}),
+        frozenset({"Effusion"}),
+        frozenset({"Mass"}),
+        frozenset({"Cardiomegaly", "Edema"}),
+    ]
+
+
+def test_encoder_lr_is_scaled_in_the_generation_stage(tmp_path, four_studies, tiny_llm, tokenizer):
+    annotation, images = four_studies
+    config = make_config(tmp_path, annotation, images, encoder_lr_scale=0.1)
+    model = build(tiny_llm, tokenizer, config)
+    trainer = Trainer(config, model, records(annotation, images, "train"), [])
+    optimizer, _ = trainer._optimizer("generate", config.generate)
+    encoder = {id(p) for p in model.encoder.parameters()}
+    for group in optimizer.param_groups:
+        expected = 1e-4 if id(group["params"][0]) in encoder else 1e-3
+        assert group["initial_lr"] == pytest.approx(expected)
+    optimizer, _ = trainer._optimizer("align", StageConfig(1, 1e-3))
+    assert all(g["initial_lr"] == pytest.approx(1e-3) for g in optimizer.param_groups)

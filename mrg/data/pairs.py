@@ -11,7 +11,9 @@ the same findings:
    with the reports of the nearest label set by Jaccard similarity
    J(A, B) = |A ∩ B| / |A ∪ B| (ties: fewer extra labels, then the report id); within the
    chosen set, concise reports (at most ``max_words`` words) are preferred where any exist,
-   which keeps both sections inside the demo's decoding budget;
+   which keeps both sections inside the demo's decoding budget; the least used reports of
+   the pool are taken first (ties: a seeded shuffle), so reuse is spread over the pool
+   instead of piling on a few texts;
 3. the split is a hash of the NIH patient id, so no patient is in two splits; validation
    and test keep one report per image.
 
@@ -124,6 +126,7 @@ def build_pairs(
     groups = label_reports(reports_source)
     available = sorted(groups, key=lambda s: sorted(s))
     summary = PairSummary()
+    uses: Counter = Counter()
     annotation: dict[str, list] = {"train": [], "val": [], "test": []}
     for row in read_nih_labels(nih_dir / "labels.csv"):
         if not (nih_dir / "images" / row["image"]).is_file():
@@ -139,11 +142,11 @@ def build_pairs(
             summary.nearest += 1
         split = patient_split(row["patient"], ratios)
         pool = sorted(concise(groups[chosen], max_words), key=lambda r: r["report_id"])
-        picks = random.Random(f"{seed}-{row['image']}").sample(
-            pool, min(len(pool), reports_per_image)
-        )
-        if split != "train":
-            picks = picks[:1]
+        rng = random.Random(f"{seed}-{row['image']}")
+        order = {r["report_id"]: rng.random() for r in pool}
+        pool.sort(key=lambda r: (uses[r["report_id"]], order[r["report_id"]]))
+        picks = pool[: reports_per_image if split == "train" else 1]
+        uses.update(r["report_id"] for r in picks)
         for j, pick in enumerate(picks):
             annotation[split].append(
                 {

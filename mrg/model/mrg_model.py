@@ -412,10 +412,12 @@ class MRGModel(nn.Module):
         model.load_trainable(directory)
         return model
 
-    def load_trainable(self, directory: str | Path) -> None:
-        """Copy the trainable weights of ``directory/model.safetensors`` in place; every key must match."""
+    def load_trainable(self, directory: str | Path, prefix: str = "") -> None:
+        """Copy the trainable weights of ``directory/model.safetensors`` whose names start with
+        ``prefix`` (e.g. ``"encoder."``: another mode's aligned encoder) in place; every key must match."""
         state = load_file(str(Path(directory) / WEIGHTS_NAME))
-        expected = self.trainable_state_dict()
+        state = {k: v for k, v in state.items() if k.startswith(prefix)}
+        expected = {k for k in self.trainable_state_dict() if k.startswith(prefix)}
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         if missing or unexpected:
             raise ValueError(

@@ -36,6 +36,8 @@ class TrainConfig:
     joint: StageConfig = field(default_factory=lambda: StageConfig(epochs=0, lr=5e-5))
     joint_lambda: float = 0.5
     align_dim: int = 256
+    align_targets: str = "labels"  # labels: label-aware soft targets | identity: CLIP's
+    encoder_lr_scale: float = 1.0  # encoder lr / stage lr in the generate and joint stages
     batch_size: int = 8
     grad_accum: int = 1
     weight_decay: float = 0.05
@@ -70,6 +72,8 @@ class TrainConfig:
             "on_missing": self.on_missing in ("error", "skip"),
             "joint_lambda": self.joint_lambda >= 0,
             "align_dim": self.align_dim >= 1,
+            "align_targets": self.align_targets in ("labels", "identity"),
+            "encoder_lr_scale": self.encoder_lr_scale > 0,
         }
         for name, ok in checks.items():
             if not ok:

@@ -1,11 +1,16 @@
 """Alignment: symmetric InfoNCE between image and report embeddings.
 
     z_i = norm(W_img v_i),   t_j = norm(W_txt r_j),   s_ij = exp(τ) · z_i · t_j
-    L = ½ [CE(s, diag) + CE(sᵀ, diag)]
+    L = ½ [CE(s, T) + CE(sᵀ, T)],   T = S / rowsum(S)
 
 ``v`` is the encoder's global feature, ``r`` the frozen LLM's mean last hidden state over a
 report's tokens (``ReportEmbeddingCache``; it never changes, so it is computed once per
 report text and LLM). τ is learnable, initialised to log(1/0.07) as in CLIP.
+
+``S`` is the identity (CLIP), or a label similarity of the reports as in MedCLIP's semantic
+matching loss (``label_similarity``): many reports in a chest X-ray batch say the same thing
+("no acute cardiopulmonary abnormality"), and the identity would push an image away from
+reports that describe it as well as its own does.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from mrg.evaluation.labeler import FINDINGS14, ReportLabeler
 
 log = logging.getLogger(__name__)
 
@@ -40,23 +47,64 @@ class ContrastiveHeads(nn.Module):
         return self.logit_scale.clamp(max=math.log(100)).exp() * z_image @ z_text.t()
 
     @staticmethod
-    def loss(logits: torch.Tensor) -> torch.Tensor:
-        """Symmetric InfoNCE of ``[B, B]`` logits whose matching pairs lie on the diagonal."""
-        target = torch.arange(logits.shape[0], device=logits.device)
-        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+    def loss(logits: torch.Tensor, similarity: torch.Tensor | None = None) -> torch.Tensor:
+        """Symmetric InfoNCE of ``[B, B]`` logits; targets T = S / rowsum(S) in both directions
+        for a symmetric report similarity ``S`` with S_ii = 1 (default: identity)."""
+        if similarity is None:
+            similarity = torch.eye(logits.shape[0])
+        similarity = similarity.to(logits.device, logits.dtype)
+        targets = similarity / similarity.sum(dim=1, keepdim=True)
+        return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets))
 
-    def forward(self, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return self.loss(self.logits(visual, text))
+    def forward(
+        self, visual: torch.Tensor, text: torch.Tensor, similarity: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.loss(self.logits(visual, text), similarity)
 
 
-def retrieval_accuracy(logits: torch.Tensor) -> float:
-    """Fraction of images whose most similar report is their own (chance: 1/B)."""
-    return (
-        (logits.argmax(dim=1) == torch.arange(logits.shape[0], device=logits.device))
-        .float()
-        .mean()
-        .item()
-    )
+def label_similarity(label_sets: Sequence[frozenset[str]]) -> torch.Tensor:
+    """Jaccard similarity of the reports' label sets, S_ij = |L_i ∩ L_j| / |L_i ∪ L_j|.
+
+    "normal" is the label of a report without findings, so S_ii = 1 and two normal reports
+    are full positives; S is the identity when no two reports share a label.
+    """
+    n = len(label_sets)
+    similarity = torch.zeros(n, n)
+    for i, a in enumerate(label_sets):
+        for j, b in enumerate(label_sets):
+            similarity[i, j] = len(a & b) / len(a | b)
+    return similarity
+
+
+def retrieval_accuracy(logits: torch.Tensor, similarity: torch.Tensor | None = None) -> float:
+    """Fraction of images whose most similar report is a full positive (S = 1): its own,
+    or one with the same labels when ``similarity`` comes from ``label_similarity``."""
+    if similarity is None:
+        similarity = torch.eye(logits.shape[0])
+    retrieved = similarity.to(logits.device).gather(1, logits.argmax(dim=1, keepdim=True))
+    return (retrieved == 1).float().mean().item()
+
+
+def retrieval_chance(similarity: torch.Tensor) -> float:
+    """``retrieval_accuracy`` of a random ranking: the mean fraction of full positives per row."""
+    return (similarity == 1).float().mean().item()
+
+
+class ReportLabels:
+    """The labeler's ChestX-ray14 label set of a report ("normal" when none), cached by text."""
+
+    def __init__(self, labeler: ReportLabeler | None = None):
+        self.labeler = labeler or ReportLabeler()
+        self.table: dict[str, frozenset[str]] = {}
+
+    def __call__(self, texts: Sequence[str]) -> list[frozenset[str]]:
+        for text in texts:
+            if text not in self.table:
+                labels = self.labeler.label14(text)
+                self.table[text] = frozenset(f for f in FINDINGS14 if labels[f]) or frozenset(
+                    {"normal"}
+                )
+        return [self.table[t] for t in texts]
 
 
 class ReportEmbeddingCache:

@@ -32,7 +32,14 @@ from transformers import get_cosine_schedule_with_warmup
 from mrg.data.datasets import Batch, Collate, StudyDataset, StudyRecord
 from mrg.model import Decoding, MRGModel
 from mrg.train.config import TrainConfig
-from mrg.train.losses import ContrastiveHeads, ReportEmbeddingCache, retrieval_accuracy
+from mrg.train.losses import (
+    ContrastiveHeads,
+    ReportEmbeddingCache,
+    ReportLabels,
+    label_similarity,
+    retrieval_accuracy,
+    retrieval_chance,
+)
 
 log = logging.getLogger(__name__)
 STAGES = ("align", "generate", "joint")
@@ -40,7 +47,11 @@ STATE_NAME = "trainer_state.pt"
 
 
 class TrainingModule(nn.Module):
-    """What DDP wraps: the MRG model, the contrastive heads, and the per-stage loss."""
+    """What DDP wraps: the MRG model, the contrastive heads, and the per-stage loss.
+
+    ``report_labels`` (texts → label sets) makes the alignment targets label-aware
+    (``label_similarity``); None keeps CLIP's identity targets.
+    """
 
     def __init__(
         self,
@@ -48,10 +59,16 @@ class TrainingModule(nn.Module):
         heads: ContrastiveHeads,
         embeddings: ReportEmbeddingCache,
         joint_lambda: float,
+        report_labels: ReportLabels | None = None,
     ):
         super().__init__()
         self.model, self.heads = model, heads
         self.embeddings, self.joint_lambda = embeddings, joint_lambda
+        self.report_labels = report_labels
+
+    def similarity(self, reports: list[str]) -> torch.Tensor | None:
+        """The report similarity S of the alignment targets (None: identity)."""
+        return label_similarity(self.report_labels(reports)) if self.report_labels else None
 
     def forward(self, batch: Batch, stage: str) -> dict[str, torch.Tensor]:
         if stage == "align":
@@ -62,13 +79,19 @@ class TrainingModule(nn.Module):
             )
             text = self.embeddings(batch.reports).to(self.model.device)
             logits = self.heads.logits(features.global_, text)
-            loss = self.heads.loss(logits)
-            return {"loss": loss, "align_loss": loss.detach(), "logits": logits.detach()}
+            similarity = self.similarity(batch.reports)
+            loss = self.heads.loss(logits, similarity)
+            return {
+                "loss": loss,
+                "align_loss": loss.detach(),
+                "logits": logits.detach(),
+                "similarity": similarity,
+            }
         out = self.model(batch.images, batch.view_ids, batch.view_mask, batch.reports)
         if stage == "generate":
             return {"loss": out.loss, "lm_loss": out.loss.detach()}
         text = self.embeddings(batch.reports).to(self.model.device)
-        align = self.heads(out.global_feature, text)
+        align = self.heads(out.global_feature, text, self.similarity(batch.reports))
         return {
             "loss": out.loss + self.joint_lambda * align,
             "lm_loss": out.loss.detach(),
@@ -76,12 +99,25 @@ class TrainingModule(nn.Module):
         }
 
     def stage_parameters(self, stage: str) -> list[nn.Parameter]:
-        parts = {
-            "align": [self.model.encoder, self.heads],
-            "generate": [self.model.encoder, self.model.projection, self.model.customizer],
-            "joint": [self.model.encoder, self.model.projection, self.model.customizer, self.heads],
+        return [p for group in self.stage_groups(stage, 1.0) for p in group["params"]]
+
+    def stage_groups(self, stage: str, encoder_lr_scale: float) -> list[dict]:
+        """Optimizer parameter groups of ``stage``: the encoder's learning rate is scaled by
+        ``encoder_lr_scale`` in the report-writing stages (alignment trains it at full rate)."""
+        others = {
+            "align": [self.heads],
+            "generate": [self.model.projection, self.model.customizer],
+            "joint": [self.model.projection, self.model.customizer, self.heads],
         }[stage]
-        return [p for part in parts for p in part.parameters() if p.requires_grad]
+        scale = 1.0 if stage == "align" else encoder_lr_scale
+
+        def trainable(parts):
+            return [p for part in parts for p in part.parameters() if p.requires_grad]
+
+        return [
+            {"params": trainable([self.model.encoder]), "lr_scale": scale},
+            {"params": trainable(others), "lr_scale": 1.0},
+        ]
 
 
 @dataclass
@@ -123,7 +159,13 @@ class Trainer:
             llm_key=config.model.llm.source,
             path=self.output / "report_embeddings.pt",
         )
-        self.module = TrainingModule(model, heads.to(model.device), embeddings, config.joint_lambda)
+        self.module = TrainingModule(
+            model,
+            heads.to(model.device),
+            embeddings,
+            config.joint_lambda,
+            ReportLabels() if config.align_targets == "labels" else None,
+        )
         self.train_set = StudyDataset(train_records, config.on_missing)
         self.val_set = StudyDataset(val_records, config.on_missing)
         image_size, views = config.model.encoder.image_size, config.model.max_views
@@ -262,9 +304,13 @@ class Trainer:
         return result
 
     def _optimizer(self, stage: str, stage_config):
-        params = self.unwrapped.stage_parameters(stage)
+        groups = self.unwrapped.stage_groups(stage, self.config.encoder_lr_scale)
+        for group in groups:
+            group["lr"] = stage_config.lr * group.pop("lr_scale")
         optimizer = torch.optim.AdamW(
-            params, lr=stage_config.lr, weight_decay=self.config.weight_decay
+            [g for g in groups if g["params"]],
+            lr=stage_config.lr,
+            weight_decay=self.config.weight_decay,
         )
         steps_per_epoch = math.ceil(len(self.loader) / self.config.grad_accum)
         if self.config.max_steps_per_stage:
@@ -326,7 +372,7 @@ class Trainer:
             return {"score": -math.inf}
         module = self.unwrapped
         module.eval()
-        losses, accuracies, references, hypotheses = [], [], [], []
+        losses, accuracies, chances, references, hypotheses = [], [], [], [], []
         remaining = self.config.val_max_studies
         for batch in self.val_loader:
             if batch is None:
@@ -334,7 +380,11 @@ class Trainer:
             out = module(batch, stage)
             losses.append(out["loss"].item())
             if stage == "align":
-                accuracies.append(retrieval_accuracy(out["logits"]))
+                similarity = out["similarity"]
+                if similarity is None:
+                    similarity = torch.eye(len(batch.reports))
+                accuracies.append(retrieval_accuracy(out["logits"], similarity))
+                chances.append(retrieval_chance(similarity))
             elif remaining > 0:
                 take = min(remaining, len(batch.reports))
                 decoding = Decoding(
@@ -348,6 +398,7 @@ class Trainer:
         record = {"val_loss": float(np.mean(losses))}
         if stage == "align":
             record["val_retrieval_acc"] = float(np.mean(accuracies))
+            record["val_retrieval_chance"] = float(np.mean(chances))
             record["score"] = -record["val_loss"]
             return record
         from mrg.evaluation.metrics import nlg_scores
