@@ -460,7 +460,7 @@ def main() -> None:
         encoder_lr_scale=args.encoder_lr_scale,
         max_tokens=args.max_report_tokens,
         align_seconds=round(align_seconds),
-        timings={k: round(v) for k, v in timings.items()},
+        timings=", ".join(f"{mode} {round(seconds)}" for mode, seconds in timings.items()),
         table=markdown(results),
         verdict=verdict(results),
         batch=config.batch_size,

@@ -54,7 +54,15 @@ def test_shipped_checkpoints_are_small_fp16_and_complete():
             assert {str(weights.get_tensor(k).dtype) for k in keys} == {"torch.float16"}
         total += sum(f.stat().st_size for f in folder.iterdir())
     assert total < 50 * 2**20
-    assert (DEFAULT_CHECKPOINTS.parent / "MODEL_CARD.md").is_file()
+
+
+def test_the_model_card_reports_every_mode_both_baselines_and_the_ceiling():
+    card = (DEFAULT_CHECKPOINTS.parent / "MODEL_CARD.md").read_text()
+    for row in (*SHIPPED, "static", "baseline: most common report", "baseline: random"):
+        assert f"| {row}" in card, row
+    assert "linear probe on the frozen stem" in card
+    assert "not for diagnosis" in card.lower() and "CC BY-NC-ND 4.0" in card
+    assert "{" not in card  # every template field was filled
 
 
 def test_the_default_service_loads_the_trained_modes(service):
