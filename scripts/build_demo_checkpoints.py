@@ -40,9 +40,10 @@ from mrg.evaluation.metrics import label_agreement, nlg_scores
 from mrg.evaluation.probe import constant_micro_f1, probe_micro_f1
 from mrg.evaluation.runner import generate_split
 from mrg.model import Decoding, MRGModel
-from mrg.model.encoder import build_effnet_stem
+from mrg.model.encoder import VisualEncoder
 from mrg.model.llm import load_frozen_llm
 from mrg.train.config import StageConfig, train_preset
+from mrg.train.losses import ReportLabels
 from mrg.train.trainer import Trainer
 
 log = logging.getLogger("build_demo_checkpoints")
@@ -214,16 +215,13 @@ def stem_features(
     """One row per image: the frozen EfficientNet-Lite0 stem's pooled features (the encoder's
     input, eval transform) and the image's NIH labels as a 0/1 vector over FINDINGS14."""
     unique = list({r.image_paths[0]: r for r in records}.values())
-    stem, collate, dataset = (
-        build_effnet_stem().eval(),
-        Collate(image_size, 1),
-        StudyDataset(unique),
-    )
+    encoder = VisualEncoder(train_preset("demo-cpu").model.encoder).eval()
+    collate, dataset = Collate(image_size, 1), StudyDataset(unique)
     features = []
     for start in range(0, len(unique), 16):
         batch = collate([dataset[i] for i in range(start, min(start + 16, len(unique)))])
-        pixels = batch.images[:, 0].expand(-1, 3, -1, -1) * 2 - 1  # TF-Lite (0.5, 0.5) scaling
-        features.append(stem(pixels)[-1].mean(dim=(2, 3)))
+        stem_map = encoder.stem(encoder.normalise(batch.images[:, 0]))
+        features.append(stem_map.mean(dim=(2, 3)))
     labels = [[int(f in r.labels) for f in FINDINGS14] for r in unique]
     return torch.cat(features).numpy(), np.array(labels)
 
@@ -243,7 +241,7 @@ def common_report_shift(
 ) -> dict:
     """The findings of the most common training report and their share of train / test images."""
     report = Counter(r.report for r in train).most_common(1)[0][0]
-    labels = {f for f, v in labeler.label14(report).items() if v and f in FINDINGS14}
+    labels = ReportLabels(labeler)([report])[0] - {"normal"}
 
     def share(records):
         images = {r.image_paths[0]: set(r.labels) for r in records}
@@ -256,9 +254,14 @@ def common_report_shift(
     }
 
 
+def best_baseline(results: dict[str, dict]) -> float:
+    """The highest CE micro-F1 among the trivial baselines."""
+    return max(m["CE_micro_F1"] for name, m in results.items() if name.startswith("baseline"))
+
+
 def ceiling_verdict(ceiling: dict, results: dict[str, dict]) -> str:
     """Whether a direct classifier naming one or two findings would beat the best baseline."""
-    best = max(m["CE_micro_F1"] for name, m in results.items() if name.startswith("baseline"))
+    best = best_baseline(results)
     beaten = [k for k in sorted(ceiling["probe"]) if ceiling["probe"][k] > best]
     if not beaten:
         return f"Not even the probe reaches the best trivial baseline ({best:.3f}) for any k."
@@ -318,15 +321,13 @@ def alignment_retrieval(records: list[dict]) -> dict[str, str]:
 
 def verdict(results: dict[str, dict]) -> str:
     """Say plainly whether each customized mode beats both trivial baselines on CE micro-F1."""
-    best_baseline = max(
-        m["CE_micro_F1"] for name, m in results.items() if name.startswith("baseline")
-    )
+    best = best_baseline(results)
     static = results.get("static", {}).get("CE_micro_F1")
     lines = []
     for name, metrics in results.items():
         if name.startswith("baseline") or name == "static":
             continue
-        beats = metrics["CE_micro_F1"] > best_baseline
+        beats = metrics["CE_micro_F1"] > best
         versus_static = (
             f"; {'above' if metrics['CE_micro_F1'] > static else 'below'} static ({static:.3f})"
             if static is not None
@@ -334,7 +335,7 @@ def verdict(results: dict[str, dict]) -> str:
         )
         lines.append(
             f"- {name}: CE micro-F1 {metrics['CE_micro_F1']:.3f} "
-            f"{'beats' if beats else 'does NOT beat'} the best trivial baseline ({best_baseline:.3f})"
+            f"{'beats' if beats else 'does NOT beat'} the best trivial baseline ({best:.3f})"
             f"{versus_static}."
         )
     return "\n".join(lines)
@@ -413,7 +414,8 @@ def main() -> None:
         config.generate = StageConfig(0, args.generate_lr)
         torch.manual_seed(config.seed)
         Trainer(config, MRGModel(config.model, llm, tokenizer), train, val, resume=True).fit()
-    align_seconds = training_seconds(read_log(aligned / "log.jsonl"))
+    align_log = read_log(aligned / "log.jsonl")
+    align_seconds = training_seconds(align_log)
     results, timings = {}, {}
     labeler = ReportLabeler()
     for mode in args.modes:
@@ -464,7 +466,7 @@ def main() -> None:
         table=markdown(results),
         verdict=verdict(results),
         batch=config.batch_size,
-        **alignment_retrieval(read_log(aligned / "log.jsonl")),
+        **alignment_retrieval(align_log),
         **pair_statistics([r.report for r in train], [r.report for r in test]),
         ceiling_table=ceiling_table(ceiling),
         ceiling_verdict=ceiling_verdict(ceiling, results),

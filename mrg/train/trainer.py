@@ -66,9 +66,11 @@ class TrainingModule(nn.Module):
         self.embeddings, self.joint_lambda = embeddings, joint_lambda
         self.report_labels = report_labels
 
-    def similarity(self, reports: list[str]) -> torch.Tensor | None:
-        """The report similarity S of the alignment targets (None: identity)."""
-        return label_similarity(self.report_labels(reports)) if self.report_labels else None
+    def similarity(self, reports: list[str]) -> torch.Tensor:
+        """The report similarity S of the alignment targets (identity without labels)."""
+        if self.report_labels is None:
+            return torch.eye(len(reports))
+        return label_similarity(self.report_labels(reports))
 
     def forward(self, batch: Batch, stage: str) -> dict[str, torch.Tensor]:
         if stage == "align":
@@ -380,11 +382,8 @@ class Trainer:
             out = module(batch, stage)
             losses.append(out["loss"].item())
             if stage == "align":
-                similarity = out["similarity"]
-                if similarity is None:
-                    similarity = torch.eye(len(batch.reports))
-                accuracies.append(retrieval_accuracy(out["logits"], similarity))
-                chances.append(retrieval_chance(similarity))
+                accuracies.append(retrieval_accuracy(out["logits"], out["similarity"]))
+                chances.append(retrieval_chance(out["similarity"]))
             elif remaining > 0:
                 take = min(remaining, len(batch.reports))
                 decoding = Decoding(
