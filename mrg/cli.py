@@ -132,6 +132,7 @@ def _train_config(args: argparse.Namespace):
         ("annotation", args.annotation),
         ("image_root", args.images),
         ("output_dir", args.out),
+        ("language_reports", args.language_reports),
     ):
         if value:
             data[key] = value
@@ -148,6 +149,7 @@ def _train_config(args: argparse.Namespace):
 def _train(args: argparse.Namespace) -> int:
     """Train a model end to end: alignment, generation, joint, as configured."""
     from mrg.data.datasets import load_annotation
+    from mrg.data.language import HeldOut, report_corpus
     from mrg.model import MRGModel
     from mrg.model.llm import load_frozen_llm
     from mrg.train.trainer import Trainer
@@ -155,14 +157,27 @@ def _train(args: argparse.Namespace) -> int:
     config = _train_config(args)  # fails here, before any heavy loading, on a bad field
     if not config.annotation or not config.image_root:
         raise SystemExit("mrg train: --annotation and --images are required")
-    train = load_annotation(config.annotation, config.image_root, split="train")
-    val = load_annotation(config.annotation, config.image_root, split="val")
+    records = load_annotation(config.annotation, config.image_root)
+    train = [r for r in records if r.split == "train"]
+    val = [r for r in records if r.split == "val"]
+    language = None
+    if config.language.epochs:
+        if not config.language_reports:
+            raise SystemExit("mrg train: the language stage needs --language-reports")
+        held_out = HeldOut.from_records(records)
+        for path in args.hold_out or []:
+            held_out.update(HeldOut.from_records(load_annotation(path, ".")))
+        language = report_corpus(config.language_reports, held_out)
+        console.print(
+            f"language stage: {len(language.train)} reports (val {len(language.val)}), "
+            f"{language.held_out} held out"
+        )
     llm, tokenizer = load_frozen_llm(config.model.llm)
     model = MRGModel(config.model, llm, tokenizer)
     console.print(
         f"training {config.model.customizer.mode} on {len(train)} studies (val {len(val)}) → {config.output_dir}"
     )
-    result = Trainer(config, model, train, val, resume=args.resume).fit()
+    result = Trainer(config, model, train, val, resume=args.resume, language=language).fit()
     console.print(
         f"best checkpoint: {result.best_dir} (score {result.best_score:.4f}); last: {result.last_dir}"
     )
@@ -339,13 +354,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--preset",
         default="demo-cpu",
-        help="demo-cpu | iu-xray-llama2-7b-nf4 | mimic-cxr-llama2-7b-nf4",
+        help="demo-cpu | demo-checkpoints | iu-xray-llama2-7b-nf4 | mimic-cxr-llama2-7b-nf4",
     )
     train.add_argument("--mode", default=None, choices=["static", "prompt-wise", "promptbook-wise"])
     train.add_argument("--config", help="a TrainConfig JSON file instead of a preset")
     train.add_argument("--annotation", help="R2Gen-style annotation.json")
     train.add_argument("--images", help="image root the annotation's paths are relative to")
     train.add_argument("--out", help="output directory (checkpoints, log.jsonl)")
+    train.add_argument(
+        "--language-reports", help="OpenI NLMCXR_reports.tgz for the report-language stage"
+    )
+    train.add_argument(
+        "--hold-out",
+        action="append",
+        metavar="ANNOTATION",
+        help="another annotation.json whose validation and test reports the language stage "
+        "must not see (e.g. IU X-ray's when training on other images); repeatable",
+    )
     train.add_argument("--resume", action="store_true", help="continue from <out>/last")
     train.add_argument(
         "--set", action="append", metavar="FIELD=VALUE", help="override, e.g. generate.epochs=3"

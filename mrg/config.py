@@ -178,9 +178,10 @@ class Decoding:
     """Decoding options. ``beam`` is not streamable; ``greedy`` and ``sample`` are."""
 
     strategy: str = "greedy"  # greedy | beam | sample
-    max_new_tokens: int = 100
+    max_new_tokens: int = 120
     num_beams: int = 3
     repetition_penalty: float = 1.2
+    no_repeat_ngram_size: int = 3  # 0: off; a token n-gram is never written twice
     temperature: float = 0.7
     top_p: float = 0.9
 
@@ -191,6 +192,8 @@ class Decoding:
             )
         if not 1 <= self.max_new_tokens <= 1024:
             raise ValueError(f"max_new_tokens must be in [1, 1024], got {self.max_new_tokens}")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
         if self.repetition_penalty < 1.0 or self.temperature <= 0 or not 0 < self.top_p <= 1:
             raise ValueError(
                 "repetition_penalty >= 1, temperature > 0 and 0 < top_p <= 1 are required"
@@ -219,6 +222,21 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         },
         "customizer": {"prompt_length": 8, "book_size": 8, "hidden_dim": 256},
         "max_report_tokens": 100,
+    },
+    # The shipped demo checkpoints: demo-cpu on single NIH frontals, with a 32-token prompt
+    # (room for the report-language stage to steer a frozen 135M LLM).
+    "demo-checkpoints": {
+        "llm": {"source": SMOLLM2, "quantization": "none", "dtype": "float32"},
+        "encoder": {
+            "name": HYBRID_ENCODER,
+            "image_size": 224,
+            "embed_dim": 192,
+            "depth": 4,
+            "num_heads": 3,
+        },
+        "customizer": {"prompt_length": 32, "book_size": 8, "hidden_dim": 256},
+        "max_report_tokens": 100,
+        "max_views": 1,
     },
     # R2GenGPT's recipe as the starting point, on a GPU host with hub access.
     "iu-xray-llama2-7b-nf4": {

@@ -3,7 +3,7 @@ from mrg.data.sections import Sections, format_report, split_sections
 
 def test_format_and_split_round_trip():
     text = format_report("The heart is normal in size.", "No acute disease.")
-    assert text == "FINDINGS: The heart is normal in size. IMPRESSION: No acute disease."
+    assert text == "FINDINGS: The heart is normal in size.\nIMPRESSION: No acute disease."
     assert split_sections(text) == Sections("The heart is normal in size.", "No acute disease.")
 
 

@@ -78,7 +78,7 @@ def build(tiny_llm, tokenizer, config, seed=0):
 
 def test_two_step_run_writes_a_loadable_checkpoint(tmp_path, four_studies, tiny_llm, tokenizer):
     annotation, images = four_studies
-    config = make_config(tmp_path, annotation, images, max_steps_per_stage=2)
+    config = make_config(tmp_path, annotation, images, max_steps_per_epoch=2)
     model = build(tiny_llm, tokenizer, config)
     result = Trainer(
         config, model, records(annotation, images, "train"), records(annotation, images, "val")
@@ -107,7 +107,7 @@ def test_resume_equals_uninterrupted(tmp_path, four_studies, tiny_llm, tokenizer
         part, build(tiny_llm, tokenizer, part), train, val, stop_after_epochs=2
     ).fit()  # "killed" mid-run
     state = torch.load(tmp_path / "b" / "run" / "last" / "trainer_state.pt", weights_only=False)
-    assert state["position"] == {"stage": 1, "epoch": 1, "step": 2}
+    assert state["position"] == {"stage": 2, "epoch": 1, "step": 2}
     fresh = build(
         tiny_llm, tokenizer, part, seed=123
     )  # different init: everything must come from the checkpoint
@@ -234,3 +234,96 @@ def test_encoder_lr_is_scaled_in_the_generation_stage(tmp_path, four_studies, ti
         assert group["initial_lr"] == pytest.approx(expected)
     optimizer, _ = trainer._optimizer("align", StageConfig(1, 1e-3))
     assert all(g["initial_lr"] == pytest.approx(1e-3) for g in optimizer.param_groups)
+
+
+def test_no_weight_decay_on_norms_biases_prompts_book_keys_and_temperature(
+    tmp_path, four_studies, tiny_llm, tokenizer
+):
+    annotation, images = four_studies
+    config = make_config(tmp_path, annotation, images, weight_decay=0.05)
+    config.model.customizer.mode = "promptbook-wise"
+    model = build(tiny_llm, tokenizer, config)
+    trainer = Trainer(config, model, records(annotation, images, "train"), [])
+    names = {id(p): n for n, p in trainer.unwrapped.named_parameters()}
+    decay = {}
+    for stage in ("generate", "joint"):
+        optimizer, _ = trainer._optimizer(stage, StageConfig(1, 1e-3))
+        for group in optimizer.param_groups:
+            decay.update({names[id(p)]: group["weight_decay"] for p in group["params"]})
+    never = [
+        n for n in decay if n.endswith((".bias", "norm.weight", "book", "keys", "logit_scale"))
+    ]
+    never += [
+        n
+        for n in decay
+        if n.startswith("model.encoder.") and n.endswith(("pos_embed", "cls_token"))
+    ]
+    assert "heads.logit_scale" in never and "model.customizer.book" in never
+    assert all(decay[n] == 0.0 for n in never)
+    assert decay["model.projection.0.weight"] == 0.05
+
+
+def test_language_stage_trains_only_the_plain_prompt_and_lowers_the_report_loss(
+    tmp_path, four_studies, tiny_llm, tokenizer
+):
+    from mrg.data.language import ReportCorpus
+
+    annotation, images = four_studies
+    config = make_config(
+        tmp_path,
+        annotation,
+        images,
+        language=StageConfig(4, 3e-2),
+        generate=StageConfig(0, 1e-3),
+        language_reports=str(annotation),  # any existing path: the corpus is passed below
+    )
+    config.model.customizer.mode = "promptbook-wise"
+    model = build(tiny_llm, tokenizer, config)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    corpus = ReportCorpus(train=REPORTS * 2, val=REPORTS[:2], held_out=0)
+    result = Trainer(config, model, records(annotation, images, "train"), [], language=corpus).fit()
+
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"customizer.book"}  # LLM, encoder, projection, keys, affine heads untouched
+    book = model.customizer.book
+    assert torch.equal(book, book[:1].expand_as(book))  # the pages stay equal: P' = P still
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1, 2, 3, 4]  # the held-out loss before, then per epoch
+    assert log[-1]["val_loss"] < log[0]["val_loss"]
+    assert result.best_dir is None  # the language stage alone writes no report from an image
+
+
+def test_language_stage_needs_report_texts(tmp_path, four_studies, tiny_llm, tokenizer):
+    annotation, images = four_studies
+    config = make_config(tmp_path, annotation, images, language=StageConfig(1, 1e-3))
+    with pytest.raises(ConfigError, match="language"):
+        Trainer(config, build(tiny_llm, tokenizer, config), records(annotation, images, "train"))
+
+
+def test_a_language_prompt_starts_any_mode_at_the_same_prompt(tiny_llm, tokenizer):
+    from conftest import random_batch
+
+    prompt = torch.randn(4, tiny_llm.config.hidden_size)
+    for mode in ("static", "prompt-wise", "promptbook-wise"):
+        torch.manual_seed(1)
+        model = MRGModel(tiny_model_config(mode), tiny_llm, tokenizer)
+        model.customizer.set_plain_prompt(prompt)
+        images, view_ids, view_mask = random_batch(2)
+        ctx = model.context(images, view_ids, view_mask)
+        assert torch.allclose(ctx.prompt.tokens, prompt.expand(2, -1, -1), atol=1e-6), mode
+
+
+def test_max_steps_per_epoch_caps_every_epoch(tmp_path, four_studies, tiny_llm, tokenizer):
+    annotation, images = four_studies
+    config = make_config(
+        tmp_path,
+        annotation,
+        images,
+        generate=StageConfig(2, 1e-3),
+        batch_size=1,
+        max_steps_per_epoch=2,
+    )
+    train = records(annotation, images, "train")
+    Trainer(config, build(tiny_llm, tokenizer, config), train, []).fit()
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4]  # 2 of the 4 batches in each of the 2 epochs

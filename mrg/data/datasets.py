@@ -39,6 +39,7 @@ class StudyRecord:
     findings: str = ""
     impression: str = ""
     labels: list[str] = field(default_factory=list)
+    report_id: str = ""  # the OpenI report (CXR<n>) the reference comes from, where known
 
     @property
     def target(self) -> str:
@@ -71,6 +72,7 @@ def load_annotation(
                     findings=entry.get("findings", ""),
                     impression=entry.get("impression", ""),
                     labels=list(entry.get("labels", [])),
+                    report_id=entry.get("report_id", ""),
                 )
             )
     return records

@@ -10,8 +10,9 @@ the same findings:
    to ``k`` reports whose label set equals the image's (exact match); where none exists,
    with the reports of the nearest label set by Jaccard similarity
    J(A, B) = |A ∩ B| / |A ∪ B| (ties: fewer extra labels, then the report id); within the
-   chosen set, concise reports (at most ``max_words`` words) are preferred where any exist,
-   which keeps both sections inside the demo's decoding budget; the least used reports of
+   chosen set, concise reports (at most ``max_words`` words) without OpenI's redactions are
+   preferred where any exist, which keeps both sections inside the demo's decoding budget
+   and "[redacted]" out of the text the model learns; the least used reports of
    the pool are taken first (ties: a seeded shuffle), so reuse is spread over the pool
    instead of piling on a few texts;
 3. the split is a hash of the NIH patient id, so no patient is in two splits; validation
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mrg.data.datasets import split_of, write_annotation
-from mrg.data.reports import iter_openi_reports
+from mrg.data.reports import REDACTED, iter_openi_reports
 from mrg.data.sections import format_report
 from mrg.evaluation.labeler import FINDINGS14, ReportLabeler
 
@@ -104,13 +105,12 @@ def nearest_sets(target: frozenset, available: list[frozenset]) -> tuple[frozens
 
 
 def concise(reports: list[dict], max_words: int) -> list[dict]:
-    """The reports of at most ``max_words`` words, or all of them where none is that short."""
-    short = [
-        r
-        for r in reports
-        if len(format_report(r["findings"], r["impression"]).split()) <= max_words
-    ]
-    return short or reports
+    """The reports of at most ``max_words`` words without redactions; else the short ones;
+    else all of them."""
+    texts = [format_report(r["findings"], r["impression"]) for r in reports]
+    short = [r for r, t in zip(reports, texts) if len(t.split()) <= max_words]
+    clean = [r for r, t in zip(reports, texts) if len(t.split()) <= max_words and REDACTED not in t]
+    return clean or short or reports
 
 
 def build_pairs(

@@ -60,9 +60,12 @@ def clean_report_mimic_cxr(report: str) -> str:
 CLEANERS = {"iu_xray": clean_report_iu_xray, "mimic_cxr": clean_report_mimic_cxr}
 
 
+REDACTED = "[redacted]"
+
+
 def display_form(text: str) -> str:
     """Readable text: case and punctuation kept, whitespace collapsed, OpenI's 'XXXX' redactions marked."""
-    text = re.sub(r"\bX{2,}\b", "[redacted]", text)
+    text = re.sub(r"\bX{2,}\b", REDACTED, text)
     return " ".join(text.split())
 
 

@@ -1,4 +1,4 @@
-"""Report sections: the ``FINDINGS: … IMPRESSION: …`` form the model learns and reads back.
+"""Report sections: the ``FINDINGS: …⏎IMPRESSION: …`` form the model learns and reads back.
 
 ``format_report`` writes the training target; ``split_sections`` splits any text, including a
 partial stream cut mid-word, into the two sections without ever showing a half-typed header.
@@ -23,13 +23,17 @@ class Sections:
 
 
 def format_report(findings: str, impression: str) -> str:
-    """``FINDINGS: f IMPRESSION: i``, omitting an empty section."""
+    """``FINDINGS: f⏎IMPRESSION: i``, omitting an empty section.
+
+    The newline is the section break the decoder relies on (``mrg.model.decoding``): it
+    occurs nowhere else in a report, so the model learns it only before IMPRESSION.
+    """
     parts = []
     if findings.strip():
         parts.append(f"{FINDINGS} {findings.strip()}")
     if impression.strip():
         parts.append(f"{IMPRESSION} {impression.strip()}")
-    return " ".join(parts)
+    return "\n".join(parts)
 
 
 def _partial_header_len(text: str) -> int:

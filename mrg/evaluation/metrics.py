@@ -52,8 +52,9 @@ def nlg_scores(
 
     if len(references) != len(hypotheses) or not references:
         raise ValueError("references and hypotheses must be non-empty and aligned")
-    gts = {i: [clean(r)] for i, r in enumerate(references)}
-    res = {i: [clean(h)] for i, h in enumerate(hypotheses)}
+    # One line, as R2Gen's reports are: the newline before IMPRESSION reads as a space.
+    gts = {i: [clean(" ".join(r.split()))] for i, r in enumerate(references)}
+    res = {i: [clean(" ".join(h.split()))] for i, h in enumerate(hypotheses)}
     out = NLGScores()
     bleu, bleu_cases = Bleu(4).compute_score(gts, res, verbose=0)
     for n in range(4):

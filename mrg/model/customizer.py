@@ -10,7 +10,11 @@ prompt tokens ``P'(v) ∈ R^{L×D}`` in the LLM's embedding space.
 
 γ and β are conditional affine (FiLM) transforms, one scale and one shift per embedding
 channel, computed from ``v`` by a small MLP whose last layers are zero-initialised so that
-γ = 1 and β = 0 at initialisation: training starts from the plain learned prompt.
+γ = 1 and β = 0 at initialisation. The book's pages start as copies of one prompt, so every
+mode starts from its *plain prompt* ``P`` whatever the image: P'(v) = P at initialisation.
+
+The report-language stage trains only ``plain_prompt()`` (no image, affine heads left at
+identity); ``set_plain_prompt`` hands a prompt trained that way to a model of any mode.
 """
 
 from __future__ import annotations
@@ -60,23 +64,43 @@ class ConditionalAffine(nn.Module):
         return 1.0 + self.to_gamma(h).view(shape), self.to_beta(h).view(shape)
 
 
-class StaticPrompt(nn.Module):
+class SinglePrompt(nn.Module):
+    """One learned prompt ``P`` ``[L, D]``: the plain prompt of the static and prompt-wise modes."""
+
+    def __init__(self, config: CustomizerConfig, embed_dim: int, init_std: float):
+        super().__init__()
+        self.prompt = nn.Parameter(torch.randn(config.prompt_length, embed_dim) * init_std)
+
+    def plain_prompt(self) -> torch.Tensor:
+        return self.prompt
+
+    def prompt_parameters(self) -> list[nn.Parameter]:
+        return [self.prompt]
+
+    @torch.no_grad()
+    def set_plain_prompt(self, prompt: torch.Tensor) -> None:
+        self.prompt.copy_(prompt)
+
+    def no_weight_decay(self) -> set[str]:
+        """Learned embeddings are not shrunk towards zero (timm's ``no_weight_decay`` contract)."""
+        return {"prompt"}
+
+
+class StaticPrompt(SinglePrompt):
     """P' = P: one learned prompt shared by every image."""
 
     def __init__(self, config: CustomizerConfig, visual_dim: int, embed_dim: int, init_std: float):
-        super().__init__()
-        self.prompt = nn.Parameter(torch.randn(config.prompt_length, embed_dim) * init_std)
+        super().__init__(config, embed_dim, init_std)
 
     def forward(self, visual: torch.Tensor) -> CustomizedPrompt:
         return CustomizedPrompt(self.prompt.unsqueeze(0).expand(visual.shape[0], -1, -1))
 
 
-class PromptWise(nn.Module):
+class PromptWise(SinglePrompt):
     """P' = γ(v) ⊙ P + β(v), γ and β broadcast over the L prompt tokens."""
 
     def __init__(self, config: CustomizerConfig, visual_dim: int, embed_dim: int, init_std: float):
-        super().__init__()
-        self.prompt = nn.Parameter(torch.randn(config.prompt_length, embed_dim) * init_std)
+        super().__init__(config, embed_dim, init_std)
         self.affine = ConditionalAffine(visual_dim, config.hidden_dim, embed_dim)
 
     def forward(self, visual: torch.Tensor) -> CustomizedPrompt:
@@ -85,16 +109,36 @@ class PromptWise(nn.Module):
 
 
 class PromptBook(nn.Module):
-    """P' = Σ_k w_k(v) (γ_k(v) ⊙ P_k + β_k(v)) over a book of K learned prompts."""
+    """P' = Σ_k w_k(v) (γ_k(v) ⊙ P_k + β_k(v)) over a book of K learned prompts.
+
+    The pages start equal (P_k = P), so P' = P at initialisation whatever w(v); they
+    specialise through their selection-weighted gradients and their own affine heads.
+    """
 
     def __init__(self, config: CustomizerConfig, visual_dim: int, embed_dim: int, init_std: float):
         super().__init__()
         k, key_dim = config.book_size, config.hidden_dim
         self.top_k, self.temperature = config.top_k, config.temperature
-        self.book = nn.Parameter(torch.randn(k, config.prompt_length, embed_dim) * init_std)
+        page = torch.randn(config.prompt_length, embed_dim) * init_std
+        self.book = nn.Parameter(page.repeat(k, 1, 1))
         self.keys = nn.Parameter(torch.randn(k, key_dim) / math.sqrt(key_dim))
         self.query = nn.Sequential(nn.LayerNorm(visual_dim), nn.Linear(visual_dim, key_dim))
         self.affine = ConditionalAffine(visual_dim, config.hidden_dim, embed_dim, n=k)
+
+    def plain_prompt(self) -> torch.Tensor:
+        """The book's mean page: P while the pages are equal (the language stage keeps them so,
+        since every page receives the same gradient through the mean)."""
+        return self.book.mean(dim=0)
+
+    def prompt_parameters(self) -> list[nn.Parameter]:
+        return [self.book]
+
+    @torch.no_grad()
+    def set_plain_prompt(self, prompt: torch.Tensor) -> None:
+        self.book.copy_(prompt.expand_as(self.book))
+
+    def no_weight_decay(self) -> set[str]:
+        return {"book", "keys"}
 
     def selection(self, visual: torch.Tensor) -> torch.Tensor:
         """w(v) ``[B, K]``: rows sum to one; with top-k, all but k entries are exactly zero."""

@@ -140,6 +140,10 @@ class VisualEncoder(nn.Module):
         backbone = getattr(self.vit.patch_embed, "backbone", None)
         return backbone
 
+    def no_weight_decay(self) -> set[str]:
+        """Position, class and view embeddings take no weight decay (timm's ``no_weight_decay``)."""
+        return {f"vit.{name}" for name in self.vit.no_weight_decay()} | {"view_embed.weight"}
+
     @property
     def target_layer(self) -> nn.Module:
         """The layer Grad-CAM hooks: the last transformer block's first norm."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation.logits_process import (
+    NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopPLogitsWarper,
@@ -34,6 +34,7 @@ from transformers.generation.logits_process import (
 
 from mrg.config import DEFAULT_DECODING, Decoding, ModelConfig
 from mrg.model.customizer import CustomizedPrompt, build_customizer
+from mrg.model.decoding import OnBody, ReportStructureProcessor, report_structure
 from mrg.model.encoder import VisualEncoder
 from mrg.model.llm import load_frozen_llm
 
@@ -92,7 +93,7 @@ class Context:
     embeds: torch.Tensor  # [B, T, D]
     attention_mask: torch.Tensor  # [B, T]
     prompt: CustomizedPrompt
-    global_feature: torch.Tensor  # [B, d_v], the customizer's input v
+    global_feature: torch.Tensor | None  # [B, d_v], the customizer's input v (None: no image)
 
 
 @dataclass
@@ -182,26 +183,36 @@ class MRGModel(nn.Module):
         features = self.encoder(
             images.to(self.device), view_ids.to(self.device), view_mask.to(self.device)
         )
-        visual = self.projection(features.tokens)
         prompt = self.customizer(features.global_)
-        b, dtype = visual.shape[0], self.llm_dtype
-        parts = [
-            self.embed_ids(self.template.prefix_ids, b),
-            prompt.tokens.to(dtype),
-            visual.to(dtype),
-            self.embed_ids(self.template.suffix_ids, b),
-        ]
+        visual = self.projection(features.tokens)
+        return self._assemble(prompt, visual, features.token_mask, features.global_)
+
+    def text_context(self, batch: int) -> Context:
+        """[prefix][P][suffix] with no image: the report-language stage's input.
+
+        The visual tokens are absent rather than masked; since positions skip masked tokens
+        (``positions_from_mask``), the two are the same computation, and absent is cheaper.
+        """
+        prompt = CustomizedPrompt(self.customizer.plain_prompt().unsqueeze(0).expand(batch, -1, -1))
+        return self._assemble(prompt)
+
+    def _assemble(
+        self,
+        prompt: CustomizedPrompt,
+        visual: torch.Tensor | None = None,
+        visual_mask: torch.Tensor | None = None,
+        global_feature: torch.Tensor | None = None,
+    ) -> Context:
+        b, dtype = prompt.tokens.shape[0], self.llm_dtype
         ones = lambda n: torch.ones(b, n, dtype=torch.long, device=self.device)
-        mask = torch.cat(
-            [
-                ones(len(self.template.prefix_ids)),
-                ones(prompt.tokens.shape[1]),
-                features.token_mask.long(),
-                ones(len(self.template.suffix_ids)),
-            ],
-            dim=1,
-        )
-        return Context(torch.cat(parts, dim=1), mask, prompt, features.global_)
+        parts = [self.embed_ids(self.template.prefix_ids, b), prompt.tokens.to(dtype)]
+        masks = [ones(len(self.template.prefix_ids)), ones(prompt.tokens.shape[1])]
+        if visual is not None:
+            parts.append(visual.to(dtype))
+            masks.append(visual_mask.long())
+        parts.append(self.embed_ids(self.template.suffix_ids, b))
+        masks.append(ones(len(self.template.suffix_ids)))
+        return Context(torch.cat(parts, dim=1), torch.cat(masks, dim=1), prompt, global_feature)
 
     def tokenize_reports(self, reports: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Report ids + EOS, right-padded: ``(ids [B, R], mask [B, R])``; truncated to max_report_tokens."""
@@ -236,6 +247,15 @@ class MRGModel(nn.Module):
     ) -> MRGOutput:
         """Teacher-forced LM loss over report tokens and EOS only."""
         ctx = self.context(images, view_ids, view_mask)
+        out = self.report_loss(ctx, reports)
+        return MRGOutput(out.loss, out.logits, ctx.prompt, ctx.global_feature)
+
+    def language_loss(self, reports: list[str]) -> torch.Tensor:
+        """The report-language stage's loss: report tokens after [prefix][P][suffix], no image."""
+        return self.report_loss(self.text_context(len(reports)), reports).loss
+
+    def report_loss(self, ctx: Context, reports: list[str]):
+        """The LLM's output on [context][reports], labels on the report tokens and EOS only."""
         report_ids, report_mask = self.tokenize_reports(reports)
         context_labels = torch.full(
             ctx.attention_mask.shape, IGNORE_INDEX, dtype=torch.long, device=self.device
@@ -243,8 +263,7 @@ class MRGModel(nn.Module):
         labels = torch.cat(
             [context_labels, report_ids.masked_fill(report_mask == 0, IGNORE_INDEX)], dim=1
         )
-        out = self.teacher_forced(ctx, report_ids, report_mask, labels)
-        return MRGOutput(out.loss, out.logits, ctx.prompt, ctx.global_feature)
+        return self.teacher_forced(ctx, report_ids, report_mask, labels)
 
     def teacher_forced(
         self,
@@ -281,32 +300,36 @@ class MRGModel(nn.Module):
             "attention_mask": ctx.attention_mask,
             "position_ids": positions_from_mask(ctx.attention_mask),
             "max_new_tokens": decoding.max_new_tokens,
-            "repetition_penalty": decoding.repetition_penalty,
+            "logits_processor": self.processors(decoding),
             "eos_token_id": self.template.eos_id,
             "pad_token_id": self.tokenizer.pad_token_id,
             "do_sample": decoding.strategy == "sample",
             "num_beams": decoding.num_beams if decoding.strategy == "beam" else 1,
         }
-        if decoding.strategy == "sample":
-            kwargs.update(temperature=decoding.temperature, top_p=decoding.top_p)
+        if decoding.strategy == "sample":  # the warpers are in ``processors``: no-ops here
+            kwargs.update(temperature=1.0, top_p=1.0, top_k=0)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
-        with (
-            warnings.catch_warnings()
-        ):  # the penalty is meant for generated tokens only: there are no prompt ids
-            warnings.filterwarnings(
-                "ignore", message="Passing `repetition_penalty` with `inputs_embeds`"
-            )
-            out = self.llm.generate(**kwargs)
+        out = self.llm.generate(**kwargs)
         return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
-    def _processors(self, decoding: Decoding) -> LogitsProcessorList:
+    def processors(self, decoding: Decoding) -> LogitsProcessorList:
+        """Penalty and n-gram ban on the body, warpers, then the report structure (last, so
+        that a forced header wins over everything before it)."""
+        structure = report_structure(self.tokenizer, self.template.eos_id)
         processors = LogitsProcessorList()
         if decoding.repetition_penalty != 1.0:
-            processors.append(RepetitionPenaltyLogitsProcessor(decoding.repetition_penalty))
+            processors.append(
+                OnBody(RepetitionPenaltyLogitsProcessor(decoding.repetition_penalty), structure)
+            )
+        if decoding.no_repeat_ngram_size:
+            processors.append(
+                OnBody(NoRepeatNGramLogitsProcessor(decoding.no_repeat_ngram_size), structure)
+            )
         if decoding.strategy == "sample":
             processors.append(TemperatureLogitsWarper(decoding.temperature))
             processors.append(TopPLogitsWarper(decoding.top_p))
+        processors.append(ReportStructureProcessor(structure, decoding.max_new_tokens))
         return processors
 
     @torch.inference_mode()
@@ -328,7 +351,7 @@ class MRGModel(nn.Module):
         if images.shape[0] != 1:
             raise ValueError("stream_ids decodes one study at a time")
         ctx = self.context(images, view_ids, view_mask)
-        processors = self._processors(decoding)
+        processors = self.processors(decoding)
         mask = ctx.attention_mask
         out = self.llm(
             inputs_embeds=ctx.embeds,

@@ -31,6 +31,8 @@ class TrainConfig:
     annotation: str = ""
     image_root: str = ""
     output_dir: str = "runs/mrg"
+    language_reports: str = ""  # OpenI NLMCXR_reports.tgz (or its folder) for the language stage
+    language: StageConfig = field(default_factory=lambda: StageConfig(epochs=0, lr=1e-3))
     align: StageConfig = field(default_factory=lambda: StageConfig(epochs=1, lr=5e-4))
     generate: StageConfig = field(default_factory=lambda: StageConfig(epochs=5, lr=1e-4))
     joint: StageConfig = field(default_factory=lambda: StageConfig(epochs=0, lr=5e-5))
@@ -48,20 +50,21 @@ class TrainConfig:
     on_missing: str = "error"  # error | skip
     val_max_studies: int = 32
     val_max_new_tokens: int = 60
-    max_steps_per_stage: int = 0  # 0: no cap (tests and smoke runs set it)
+    max_steps_per_epoch: int = 0  # optimizer steps per epoch; 0: no cap (tests and smoke runs)
     num_workers: int = 0
 
     def validate(self) -> TrainConfig:
         self.model.validate()
-        for name in ("align", "generate", "joint"):
+        for name in ("language", "align", "generate", "joint"):
             stage = getattr(self, name)
             if stage.epochs < 0:
                 raise ConfigError(f"{name}.epochs must be >= 0, got {stage.epochs}")
             if stage.epochs and stage.lr <= 0:
                 raise ConfigError(f"{name}.lr must be > 0, got {stage.lr}")
-        if not any(getattr(self, name).epochs for name in ("align", "generate", "joint")):
+        if not any(getattr(self, n).epochs for n in ("language", "align", "generate", "joint")):
             raise ConfigError(
-                "every stage has 0 epochs: set align.epochs, generate.epochs or joint.epochs"
+                "every stage has 0 epochs: set language.epochs, align.epochs, generate.epochs "
+                "or joint.epochs"
             )
         checks = {
             "batch_size": self.batch_size >= 1,
@@ -80,6 +83,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} has an invalid value: {getattr(self, name)!r}")
         if self.annotation and not Path(self.annotation).is_file():
             raise ConfigError(f"annotation: file not found: {self.annotation}")
+        if self.language_reports and not Path(self.language_reports).exists():
+            raise ConfigError(f"language_reports: not found: {self.language_reports}")
         if self.image_root and not Path(self.image_root).is_dir():
             raise ConfigError(f"image_root: folder not found: {self.image_root}")
         return self
@@ -104,6 +109,19 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 8,
         "val_max_studies": 24,
         "val_max_new_tokens": 60,
+    },
+    # The recipe of assets/checkpoints (scripts/build_demo_checkpoints.py runs it on the
+    # label-matched NIH/OpenI pairs): the prompt learns report language from OpenI text first,
+    # alignment once, then short generation with the aligned encoder at 0.1x the lr (each
+    # epoch costs 15-20 min on 2 cores: the whole build fits about an hour and a half).
+    "demo-checkpoints": {
+        "language": {"epochs": 1, "lr": 3e-3},
+        "align": {"epochs": 3, "lr": 5e-4},
+        "generate": {"epochs": 1, "lr": 1e-3},
+        "encoder_lr_scale": 0.1,
+        "batch_size": 8,
+        "val_max_studies": 16,
+        "val_max_new_tokens": 100,
     },
     # R2GenGPT's recipe: lr 1e-4, 15 epochs, batch 8, bf16, 60 report tokens (IU X-ray).
     "iu-xray-llama2-7b-nf4": {
@@ -132,7 +150,7 @@ def train_preset(name: str, mode: str | None = None, **overrides: Any) -> TrainC
         raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(TRAIN_PRESETS)}")
     data = copy.deepcopy(TRAIN_PRESETS[name])
     data["model"] = model_preset(name, mode).to_dict()
-    if name == "demo-cpu":
+    if name.startswith("demo-"):
         data["model"]["encoder"]["freeze_stem"] = True
     data.update(overrides)
     return TrainConfig.from_dict(data)

@@ -40,6 +40,10 @@ class ContrastiveHeads(nn.Module):
         self.text = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
+    def no_weight_decay(self) -> set[str]:
+        """Decay would pull the temperature towards exp(0) = 1, i.e. towards uniform logits."""
+        return {"logit_scale"}
+
     def logits(self, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """``[B, B]`` image-to-report similarity logits."""
         z_image = F.normalize(self.image(visual), dim=-1)

@@ -1,4 +1,8 @@
-"""Multi-stage training with Hugging Face ``accelerate``: alignment → generation → joint.
+"""Multi-stage training with Hugging Face ``accelerate``: language → alignment → generation → joint.
+
+The report-language stage trains the plain prompt alone on report text with no image (the
+frozen LLM learns the language of reports through its input prefix); alignment trains the
+encoder contrastively; generation and joint train encoder, projection and customizer.
 
 The same code runs on a CPU, one GPU and several (``accelerate launch -m mrg.cli train …``).
 Per stage: AdamW over that stage's trainable parameters, cosine schedule with warm-up,
@@ -24,12 +28,16 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from timm.optim import param_groups_weight_decay
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from mrg.config import ConfigError
 from mrg.data.datasets import Batch, Collate, StudyDataset, StudyRecord
+from mrg.data.language import ReportCorpus
 from mrg.model import Decoding, MRGModel
 from mrg.train.config import TrainConfig
 from mrg.train.losses import (
@@ -42,7 +50,7 @@ from mrg.train.losses import (
 )
 
 log = logging.getLogger(__name__)
-STAGES = ("align", "generate", "joint")
+STAGES = ("language", "align", "generate", "joint")
 STATE_NAME = "trainer_state.pt"
 
 
@@ -72,7 +80,10 @@ class TrainingModule(nn.Module):
             return torch.eye(len(reports))
         return label_similarity(self.report_labels(reports))
 
-    def forward(self, batch: Batch, stage: str) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch | list[str], stage: str) -> dict[str, torch.Tensor]:
+        if stage == "language":  # batch: report texts, no image
+            loss = self.model.language_loss(batch)
+            return {"loss": loss, "lm_loss": loss.detach()}
         if stage == "align":
             features = self.model.encoder(
                 batch.images.to(self.model.device),
@@ -101,25 +112,36 @@ class TrainingModule(nn.Module):
         }
 
     def stage_parameters(self, stage: str) -> list[nn.Parameter]:
-        return [p for group in self.stage_groups(stage, 1.0) for p in group["params"]]
+        return [p for group in self.stage_groups(stage) for p in group["params"]]
 
-    def stage_groups(self, stage: str, encoder_lr_scale: float) -> list[dict]:
-        """Optimizer parameter groups of ``stage``: the encoder's learning rate is scaled by
-        ``encoder_lr_scale`` in the report-writing stages (alignment trains it at full rate)."""
+    def stage_groups(
+        self, stage: str, encoder_lr_scale: float = 1.0, weight_decay: float = 0.0
+    ) -> list[dict]:
+        """Optimizer parameter groups of ``stage``, each with ``weight_decay`` and ``lr_scale``.
+
+        Biases, norms, the temperature, the prompts, the book and its keys, and position
+        embeddings take no weight decay (each part names its own, timm's rule). The encoder's
+        learning rate is scaled by ``encoder_lr_scale`` in the report-writing stages
+        (alignment trains it at full rate). The language stage trains the plain prompt only.
+        """
+        customizer = self.model.customizer
+        if stage == "language":
+            return [
+                {"params": customizer.prompt_parameters(), "weight_decay": 0.0, "lr_scale": 1.0}
+            ]
         others = {
             "align": [self.heads],
-            "generate": [self.model.projection, self.model.customizer],
-            "joint": [self.model.projection, self.model.customizer, self.heads],
+            "generate": [self.model.projection, customizer],
+            "joint": [self.model.projection, customizer, self.heads],
         }[stage]
         scale = 1.0 if stage == "align" else encoder_lr_scale
-
-        def trainable(parts):
-            return [p for part in parts for p in part.parameters() if p.requires_grad]
-
-        return [
-            {"params": trainable([self.model.encoder]), "lr_scale": scale},
-            {"params": trainable(others), "lr_scale": 1.0},
-        ]
+        parts = [(self.model.encoder, scale)] + [(part, 1.0) for part in others]
+        groups = []
+        for part, lr_scale in parts:
+            skip = part.no_weight_decay() if hasattr(part, "no_weight_decay") else ()
+            for group in param_groups_weight_decay(part, weight_decay, no_weight_decay_list=skip):
+                groups.append({**group, "lr_scale": lr_scale})
+        return groups
 
 
 @dataclass
@@ -141,8 +163,15 @@ class Trainer:
         val_records: Sequence[StudyRecord] = (),
         resume: bool = False,
         stop_after_epochs: int | None = None,
+        language: ReportCorpus | None = None,
     ):
+        """``language`` holds the report texts of the report-language stage (``report_corpus``)."""
         self.config = config.validate()
+        if config.language.epochs and not (language and language.train):
+            raise ConfigError(
+                "language.epochs > 0 needs report texts: pass the OpenI reports "
+                "(mrg train --language-reports NLMCXR_reports.tgz)"
+            )
         self.output = Path(config.output_dir)
         self.output.mkdir(parents=True, exist_ok=True)
         set_seed(config.seed)
@@ -186,7 +215,30 @@ class Trainer:
             collate_fn=Collate(image_size, views),
             num_workers=config.num_workers,
         )
-        self.module, self.loader = self.accelerator.prepare(self.module, loader)
+        # Report texts only: the batch is a list of strings, of similar lengths (less padding).
+        # Reports longer than max_report_tokens are left out rather than truncated, so that no
+        # cut-off report teaches the model to stop mid-sentence.
+        language_train = self._fitting(language.train if language else [])
+        language_loader = DataLoader(
+            language_train,
+            batch_size=config.batch_size,
+            sampler=LengthGroupedSampler(
+                config.batch_size,
+                lengths=[len(t.split()) for t in language_train] or [0],
+                generator=self.loader_generator,
+            )
+            if language_train
+            else None,
+            collate_fn=list,
+        )
+        self.language_val = DataLoader(
+            self._fitting(language.val if language else []),
+            batch_size=config.batch_size,
+            collate_fn=list,
+        )
+        self.module, self.loader, self.language_loader = self.accelerator.prepare(
+            self.module, loader, language_loader
+        )
         self.position = {"stage": 0, "epoch": 0, "step": 0}
         self.best_score = -math.inf
         self.pending_state: dict | None = None
@@ -198,6 +250,24 @@ class Trainer:
         config.save(self.output / "train_config.json")
 
     # ------------------------------------------------------------------ plumbing
+
+    def _fitting(self, texts: Sequence[str]) -> list[str]:
+        """The texts whose tokens fit ``max_report_tokens``."""
+        limit = self.config.model.max_report_tokens
+        tokens = (
+            self.model.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+            if texts
+            else []
+        )
+        kept = [t for t, ids in zip(texts, tokens) if len(ids) <= limit]
+        if len(kept) < len(texts):
+            log.info(
+                "language stage: %d of %d reports exceed %d tokens, left out",
+                len(texts) - len(kept),
+                len(texts),
+                limit,
+            )
+        return kept
 
     def _tensorboard(self):
         try:
@@ -282,6 +352,8 @@ class Trainer:
                 self.pending_state = None
             else:
                 self.position.update(stage=index, epoch=0, step=0)
+                if stage == "language":  # the starting point, to compare the stage against
+                    self._log({"stage": stage, "epoch": 0, **self._validate(stage)})
             while self.position["epoch"] < stage_config.epochs:
                 if self.stop_after_epochs is not None and epochs_run >= self.stop_after_epochs:
                     return result
@@ -290,8 +362,8 @@ class Trainer:
                 if record["score"] == -math.inf:
                     record["score"] = -record["train_loss"]
                 self.position["epoch"] += 1
-                # Only report-writing stages compete for "best"; alignment alone does not generate.
-                improved = stage != "align" and record["score"] > self.best_score
+                # Only the image stages that write reports compete for "best".
+                improved = stage in ("generate", "joint") and record["score"] > self.best_score
                 if improved:
                     self.best_score = record["score"]
                     result.best_dir = self.unwrapped.model.save_pretrained(self.output / "best")
@@ -306,17 +378,15 @@ class Trainer:
         return result
 
     def _optimizer(self, stage: str, stage_config):
-        groups = self.unwrapped.stage_groups(stage, self.config.encoder_lr_scale)
+        groups = self.unwrapped.stage_groups(
+            stage, self.config.encoder_lr_scale, self.config.weight_decay
+        )
         for group in groups:
             group["lr"] = stage_config.lr * group.pop("lr_scale")
-        optimizer = torch.optim.AdamW(
-            [g for g in groups if g["params"]],
-            lr=stage_config.lr,
-            weight_decay=self.config.weight_decay,
-        )
-        steps_per_epoch = math.ceil(len(self.loader) / self.config.grad_accum)
-        if self.config.max_steps_per_stage:
-            steps_per_epoch = min(steps_per_epoch, self.config.max_steps_per_stage)
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=stage_config.lr)
+        steps_per_epoch = math.ceil(len(self._loader(stage)) / self.config.grad_accum)
+        if self.config.max_steps_per_epoch:
+            steps_per_epoch = min(steps_per_epoch, self.config.max_steps_per_epoch)
         total = max(1, steps_per_epoch * stage_config.epochs)
         scheduler = get_cosine_schedule_with_warmup(
             optimizer, int(self.config.warmup_ratio * total), total
@@ -328,12 +398,13 @@ class Trainer:
         module = self.module
         module.train()
         losses, samples, start = [], 0, time.perf_counter()
-        cap = self.config.max_steps_per_stage * self.config.grad_accum or None
+        loader = self._loader(stage)
+        cap = self.config.max_steps_per_epoch * self.config.grad_accum or None
         bar = tqdm(
-            self.loader,
+            loader,
             desc=f"{stage} epoch {self.position['epoch'] + 1}",
             disable=not self.accelerator.is_local_main_process,
-            total=min(len(self.loader), cap) if cap else len(self.loader),
+            total=min(len(loader), cap) if cap else len(loader),
         )
         for i, batch in enumerate(bar):
             if cap and i >= cap:
@@ -352,7 +423,7 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
             self.position["step"] += 1
             losses.append(out["loss"].item())
-            samples += len(batch.reports)
+            samples += len(batch) if stage == "language" else len(batch.reports)
             rate = samples / (time.perf_counter() - start)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", samples_s=f"{rate:.2f}")
         elapsed = time.perf_counter() - start
@@ -367,9 +438,17 @@ class Trainer:
             "skipped_images": list(self.train_set.skipped),
         }
 
+    def _loader(self, stage: str) -> DataLoader:
+        return self.language_loader if stage == "language" else self.loader
+
     @torch.no_grad()
     def _validate(self, stage: str) -> dict:
         """Validation loss (and retrieval accuracy or BLEU-4/CIDEr) → ``score`` to maximise."""
+        if stage == "language":  # held-out report texts: loss in nats per report token
+            module = self.unwrapped.eval()
+            losses = [module(texts, stage)["loss"].item() for texts in self.language_val]
+            loss = float(np.mean(losses)) if losses else float("nan")
+            return {"val_loss": loss, "score": -loss if losses else -math.inf}
         if len(self.val_set) == 0:  # no validation data: the caller falls back to the training loss
             return {"score": -math.inf}
         module = self.unwrapped
