@@ -16,6 +16,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from mrg.config import DEFAULT_DECODING
 from mrg.data.datasets import StudyRecord
 from mrg.data.study import Study, study_from_sources
 from mrg.imaging import DEFAULT_LIMITS, ImageError, ImageLimits
@@ -245,7 +246,11 @@ class DemoApp:
             return
         try:
             decoding = Decoding(
-                strategy, int(max_tokens), 3, float(penalty), float(temperature), float(top_p)
+                strategy=strategy,
+                max_new_tokens=int(max_tokens),
+                repetition_penalty=float(penalty),
+                temperature=float(temperature),
+                top_p=float(top_p),
             ).validate()
         except ValueError as err:
             yield "", "", "", "", f"**Invalid decoding settings:** {err}", gr.update(), state
@@ -468,8 +473,20 @@ class DemoApp:
                         value="greedy",
                         label="Strategy (beam does not stream)",
                     )
-                    max_tokens = gr.Slider(8, 200, value=100, step=1, label="Max new tokens")
-                    penalty = gr.Slider(1.0, 2.5, value=1.2, step=0.05, label="Repetition penalty")
+                    max_tokens = gr.Slider(
+                        8,
+                        200,
+                        value=DEFAULT_DECODING.max_new_tokens,
+                        step=1,
+                        label="Max new tokens",
+                    )
+                    penalty = gr.Slider(
+                        1.0,
+                        2.5,
+                        value=DEFAULT_DECODING.repetition_penalty,
+                        step=0.05,
+                        label="Repetition penalty",
+                    )
                     temperature = gr.Slider(
                         0.1, 1.5, value=0.7, step=0.05, label="Temperature (sampling)"
                     )

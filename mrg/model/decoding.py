@@ -1,0 +1,129 @@
+"""Report-structured decoding: logits processors that make every answer a well-formed report.
+
+An answer is ``FINDINGS: …⏎IMPRESSION: …`` and nothing else:
+
+* the first tokens are forced to ``FINDINGS:``, and the first token after a header starts
+  with a space, as in every training target;
+* in the findings, a newline or EOS never appears as such: their probability is the
+  probability of closing the findings, and it moves to the forced ``⏎IMPRESSION:`` header
+  (which is also forced once only ``reserve`` tokens of the budget are left);
+* in the impression, the probability of a newline moves to EOS, so the report stops at the
+  end of the impression (and not before its first token);
+* no section writes a header of its own: ``:`` is banned right after "findings" or
+  "impression";
+* the repetition penalty and the n-gram ban see the body only (``OnBody``), so the headers
+  are never penalised ("ImpressION:") and never make body tokens look repeated.
+
+Every processor reads its state from each row's generated ids and keeps none, so the same
+list serves greedy, sampling and beam search, in ``generate`` and in the streaming loop.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+import torch
+from transformers import LogitsProcessor, PreTrainedTokenizerBase
+
+from mrg.data.sections import FINDINGS, IMPRESSION
+
+_HEADER_WORD_AT_END = re.compile(r"(findings|impression)\s*$", re.IGNORECASE)
+
+
+class ReportStructure:
+    """The header token ids of a tokenizer, and the vocabulary's newline and colon tokens."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, eos_id: int):
+        encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
+        self.tokenizer, self.eos_id = tokenizer, eos_id
+        self.findings = encode(FINDINGS)
+        self.impression = encode("\n" + IMPRESSION)
+        pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        self.newline_ids = torch.tensor(
+            [i for i, p in enumerate(pieces) if "\n" in p or "\r" in p], dtype=torch.long
+        )
+        self.colon_ids = torch.tensor(
+            [i for i, p in enumerate(pieces) if p.lstrip().startswith(":")], dtype=torch.long
+        )
+        self.not_spaced = torch.tensor([not (p[:1] == " " and p[1:2].strip()) for p in pieces])
+        if self.impression[0] not in set(self.newline_ids.tolist()):
+            raise ValueError("the tokenizer merges the newline before IMPRESSION with other text")
+
+    def impression_start(self, ids: list[int]) -> int | None:
+        """Index of the ``⏎IMPRESSION:`` header in ``ids`` (its newline occurs nowhere else)."""
+        try:
+            return ids.index(self.impression[0], len(self.findings))
+        except ValueError:
+            return None
+
+    def body_ids(self, ids: list[int]) -> list[int]:
+        """``ids`` without the two headers: the words the model chose."""
+        start = self.impression_start(ids)
+        if start is None:
+            return ids[len(self.findings) :]
+        return ids[len(self.findings) : start] + ids[start + len(self.impression) :]
+
+    def ends_with_header_word(self, ids: list[int]) -> bool:
+        return bool(_HEADER_WORD_AT_END.search(self.tokenizer.decode(ids[-4:])))
+
+
+@lru_cache(maxsize=4)
+def report_structure(tokenizer: PreTrainedTokenizerBase, eos_id: int) -> ReportStructure:
+    """One ``ReportStructure`` per tokenizer (decoding the vocabulary takes a moment)."""
+    return ReportStructure(tokenizer, eos_id)
+
+
+def _force(scores: torch.Tensor, token: int) -> None:
+    scores.fill_(float("-inf"))
+    scores[token] = 0.0
+
+
+class ReportStructureProcessor(LogitsProcessor):
+    """Forces the headers and decides where each section ends (see the module docstring)."""
+
+    def __init__(self, structure: ReportStructure, max_new_tokens: int, reserve: int = 16):
+        self.structure, self.max_new_tokens, self.reserve = structure, max_new_tokens, reserve
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        s = self.structure
+        header, findings = s.impression, s.findings
+        newline = s.newline_ids.to(scores.device)
+        for row, row_ids in enumerate(input_ids.tolist()):
+            out, n = scores[row], len(row_ids)
+            if n < len(findings):
+                _force(out, findings[n])
+                continue
+            start = s.impression_start(row_ids)
+            if start is not None and n - start < len(header):
+                _force(out, header[n - start])
+                continue
+            if s.ends_with_header_word(row_ids):
+                out[s.colon_ids.to(scores.device)] = float("-inf")
+            if n == len(findings) or (start is not None and n == start + len(header)):
+                out[s.not_spaced.to(scores.device)] = float("-inf")  # a section's first word
+            closing = torch.cat([newline, newline.new_tensor([s.eos_id])])
+            close = torch.logsumexp(out[closing], dim=0)
+            out[closing] = float("-inf")
+            if start is None:  # findings: closing them opens the impression
+                if self.max_new_tokens - n <= len(header) + self.reserve:
+                    _force(out, header[0])
+                else:
+                    out[header[0]] = close
+            elif n > start + len(header):  # impression with at least one token: closing ends it
+                out[s.eos_id] = close
+        return scores
+
+
+class OnBody(LogitsProcessor):
+    """Applies a ``transformers`` processor that reads past ids to each row's body ids only."""
+
+    def __init__(self, processor: LogitsProcessor, structure: ReportStructure):
+        self.processor, self.structure = processor, structure
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for row, row_ids in enumerate(input_ids.tolist()):
+            body = torch.tensor([self.structure.body_ids(row_ids)], device=input_ids.device)
+            if body.shape[1]:
+                scores[row : row + 1] = self.processor(body, scores[row : row + 1])
+        return scores

@@ -1,0 +1,101 @@
+"""Report-structured decoding: headers exact and once, no loops, a clean stop, on any strategy."""
+
+import pytest
+import torch
+from conftest import random_batch
+from transformers import RepetitionPenaltyLogitsProcessor
+
+from mrg.config import Decoding
+from mrg.data.sections import split_sections
+from mrg.evaluation.text_quality import has_loop, well_formed
+from mrg.model.decoding import OnBody, ReportStructureProcessor, report_structure
+
+
+@pytest.fixture
+def structure(tokenizer):
+    return report_structure(tokenizer, tokenizer.convert_tokens_to_ids("<|im_end|>"))
+
+
+def test_headers_are_single_tokens_sequences_and_the_newline_marks_the_impression(
+    structure, tokenizer
+):
+    assert tokenizer.decode(structure.findings) == "FINDINGS:"
+    assert tokenizer.decode(structure.impression) == "\nIMPRESSION:"
+    assert structure.impression[0] in structure.newline_ids.tolist()
+
+
+def test_closing_the_findings_moves_newline_and_eos_mass_to_the_impression_header(structure):
+    processor = ReportStructureProcessor(structure, max_new_tokens=100)
+    ids = torch.tensor([structure.findings + [1234, 567]])
+    scores = torch.zeros(1, len(structure.tokenizer))
+    scores[0, structure.eos_id] = 10.0  # the model wants to stop in the findings
+    out = processor(ids, scores.clone())
+    assert out[0].argmax() == structure.impression[0]
+    assert out[0, structure.eos_id] == float("-inf")
+    assert torch.isinf(
+        out[0, structure.newline_ids[structure.newline_ids != structure.impression[0]]]
+    ).all()
+
+
+def test_in_the_impression_a_newline_ends_the_report(structure):
+    processor = ReportStructureProcessor(structure, max_new_tokens=100)
+    ids = torch.tensor([structure.findings + [1234] + structure.impression + [567]])
+    scores = torch.zeros(1, len(structure.tokenizer))
+    scores[0, structure.impression[0]] = 10.0
+    out = processor(ids, scores.clone())
+    assert out[0].argmax() == structure.eos_id
+    assert torch.isinf(out[0, structure.newline_ids]).all()
+
+
+def test_the_impression_is_never_empty(structure):
+    processor = ReportStructureProcessor(structure, max_new_tokens=100)
+    ids = torch.tensor([structure.findings + [1234] + structure.impression])
+    scores = torch.zeros(1, len(structure.tokenizer))
+    scores[0, structure.eos_id] = 10.0
+    out = processor(ids, scores.clone())
+    assert out[0, structure.eos_id] == float("-inf")
+
+
+def test_a_colon_after_a_header_word_is_banned(structure, tokenizer):
+    processor = ReportStructureProcessor(structure, max_new_tokens=100)
+    body = tokenizer(" normal. Impression", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([structure.findings + body])
+    scores = torch.zeros(1, len(tokenizer))
+    colon = tokenizer(":", add_special_tokens=False)["input_ids"][0]
+    scores[0, colon] = 10.0
+    assert processor(ids, scores.clone())[0, colon] == float("-inf")
+
+
+def test_the_repetition_penalty_never_sees_the_headers(structure, tokenizer):
+    penalty = OnBody(RepetitionPenaltyLogitsProcessor(2.0), structure)
+    ids = torch.tensor([structure.findings + structure.impression])  # no body yet
+    scores = torch.ones(1, len(tokenizer))
+    out = penalty(ids, scores.clone())
+    assert torch.equal(out, torch.ones(1, len(tokenizer)))
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])
+def test_every_strategy_writes_exactly_one_findings_and_one_impression(make_tiny_model, strategy):
+    model = make_tiny_model("promptbook-wise").eval()
+    torch.manual_seed(0)
+    decoding = Decoding(strategy=strategy, max_new_tokens=40, num_beams=2)
+    texts = model.generate(*random_batch(3), decoding)
+    for text in texts:
+        assert well_formed(text), text
+        sections = split_sections(text)
+        assert sections.findings and sections.impression
+
+
+def test_a_random_model_never_loops_with_the_ngram_ban(make_tiny_model):
+    model = make_tiny_model("prompt-wise").eval()
+    texts = model.generate(*random_batch(4), Decoding(max_new_tokens=60, repetition_penalty=1.0))
+    assert not any(has_loop(t) for t in texts)
+
+
+def test_streaming_yields_the_same_report_as_generate(make_tiny_model):
+    model = make_tiny_model("prompt-wise").eval()
+    images, view_ids, view_mask = random_batch(1)
+    decoding = Decoding(max_new_tokens=40)
+    streamed = "".join(model.stream(images, view_ids, view_mask, decoding))
+    assert streamed.startswith("FINDINGS:")
+    assert streamed.strip() == model.generate(images, view_ids, view_mask, decoding)[0]
