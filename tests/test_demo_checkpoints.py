@@ -65,6 +65,23 @@ def test_the_model_card_reports_every_mode_both_baselines_and_the_ceiling():
     assert "{" not in card  # every template field was filled
 
 
+def test_the_model_card_tables_come_from_the_measured_run():
+    from mrg.evaluation.demo_card import dependence_table, markdown
+    from mrg.evaluation.text_quality import TextQuality, quality_table
+
+    card = (DEFAULT_CHECKPOINTS.parent / "MODEL_CARD.md").read_text()
+    measured = json.loads((DEFAULT_CHECKPOINTS.parent / "demo_metrics.json").read_text())
+    assert markdown(measured["results"]) in card
+    quality = {name: TextQuality(**q) for name, q in measured["text_quality"].items()}
+    assert quality_table(quality) in card
+    assert dependence_table(measured["image_dependence"], measured["results"]) in card
+    language = measured["language"]
+    assert (
+        f"{language['language_before']:.2f} → {language['language_after']:.2f} nats/token" in card
+    )
+    assert language["language_after"] < language["language_before"]
+
+
 def test_the_default_service_loads_the_trained_modes(service):
     assert service.info.trained and set(SHIPPED) <= set(service.info.modes)
     assert service.info.views == 1  # trained on single frontal NIH images
@@ -82,6 +99,18 @@ def test_reports_respond_to_the_image(service, test_images):
             service.generate(study_from_sources(path), mode, decoding).text for path in test_images
         }
         assert len(reports) >= 2, f"{mode} writes the same report for every image"
+
+
+@pytest.mark.slow
+def test_shipped_reports_are_well_formed_loop_free_and_without_demographics(service, test_images):
+    from mrg.config import DEFAULT_DECODING
+    from mrg.evaluation.text_quality import DEMOGRAPHICS, has_loop, well_formed
+
+    for mode in SHIPPED:
+        for path in test_images:
+            text = service.generate(study_from_sources(path), mode, DEFAULT_DECODING).text
+            assert well_formed(text), (mode, path.name, text)
+            assert not has_loop(text) and not DEMOGRAPHICS.search(text), (mode, text)
 
 
 @pytest.mark.slow

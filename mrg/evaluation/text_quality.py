@@ -1,0 +1,100 @@
+"""Does generated text read like a radiology report? Four counts a reader notices at once.
+
+* ``vocabulary_share``: the share of generated words (lower-case letter runs, headers
+  excluded) that occur at least ``min_count`` times in the OpenI report corpus;
+* ``demographics``: reports that mention age, sex or other demographics (a chest X-ray
+  report has no business inventing "a 45-year-old male");
+* ``malformed_headers``: reports that are not exactly ``FINDINGS: …⏎IMPRESSION: …``, each
+  header once, spelled so, each section non-empty;
+* ``loops``: reports in which some word 3-gram occurs three times or more.
+
+Real reports are measured the same way as a reference (``corpus_counts`` of the same text).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mrg.data.reports import iter_openi_reports
+from mrg.data.sections import FINDINGS, IMPRESSION, format_report
+
+WORD = re.compile(r"[a-z]+")
+HEADER = re.compile(r"\b(findings|impression)\s*:", re.IGNORECASE)
+DEMOGRAPHICS = re.compile(
+    r"\b(\d+[- ]?(year|yr|month)s?[- ]?old|years? old|male|female|man|woman|men|women|boy|girl|"
+    r"gentleman|lady|he|she|his|her|sex|gender|race|ethnicity|caucasian|african[- ]american|"
+    r"hispanic|asian)\b",
+    re.IGNORECASE,
+)
+WELL_FORMED = re.compile(rf"{FINDINGS} \S[^\n]*\n{IMPRESSION} \S[^\n]*")
+
+
+def words(text: str) -> list[str]:
+    """Lower-case words of ``text`` without the section headers."""
+    return WORD.findall(HEADER.sub(" ", text).lower())
+
+
+def corpus_counts(reports_source: str | Path) -> Counter:
+    """Word counts over every OpenI report with FINDINGS and IMPRESSION."""
+    counts: Counter = Counter()
+    for report in iter_openi_reports(reports_source):
+        if report.findings and report.impression:
+            counts.update(words(format_report(report.findings, report.impression)))
+    return counts
+
+
+def well_formed(text: str) -> bool:
+    return bool(WELL_FORMED.fullmatch(text.strip())) and len(HEADER.findall(text)) == 2
+
+
+def has_loop(text: str, n: int = 3, times: int = 3) -> bool:
+    tokens = words(text)
+    grams = Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+    return any(count >= times for count in grams.values())
+
+
+@dataclass
+class TextQuality:
+    reports: int
+    vocabulary_share: float
+    demographics: int
+    malformed_headers: int
+    loops: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def text_quality(texts: Sequence[str], counts: Counter, min_count: int = 5) -> TextQuality:
+    generated = [w for text in texts for w in words(text)]
+    known = sum(counts[w] >= min_count for w in generated)
+    return TextQuality(
+        reports=len(texts),
+        vocabulary_share=known / len(generated) if generated else 0.0,
+        demographics=sum(bool(DEMOGRAPHICS.search(t)) for t in texts),
+        malformed_headers=sum(not well_formed(t) for t in texts),
+        loops=sum(has_loop(t) for t in texts),
+    )
+
+
+def quality_table(rows: dict[str, TextQuality]) -> str:
+    """Markdown: one row per source of text."""
+    lines = [
+        "| text | reports | words seen ≥ 5× in OpenI | demographics | malformed headers | 3-gram loops |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, q in rows.items():
+        lines.append(
+            f"| {name} | {q.reports} | {q.vocabulary_share:.3f} | {q.demographics} | "
+            f"{q.malformed_headers} | {q.loops} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def examples_of_failures(texts: Iterable[str], limit: int = 3) -> list[str]:
+    """A few texts that fail any check, for reading."""
+    return [t for t in texts if DEMOGRAPHICS.search(t) or not well_formed(t) or has_loop(t)][:limit]
