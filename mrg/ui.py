@@ -474,7 +474,7 @@ class DemoApp:
                         label="Strategy (beam does not stream)",
                     )
                     max_tokens = gr.Slider(
-                        8,
+                        16,  # both headers and a word in each section take 11 tokens
                         200,
                         value=DEFAULT_DECODING.max_new_tokens,
                         step=1,

@@ -233,7 +233,7 @@ def test_end_to_end_with_gradio_client(app_server, tmp_path):
         handle_file(DICOM), None, api_name="/load_upload"
     )  # the app still serves
     assert "Could not load" not in again[-1]
-    client.submit("prompt-wise", "greedy", 8, 1.2, 0.7, 0.9, api_name="/generate").result(
+    client.submit("prompt-wise", "greedy", 16, 1.2, 0.7, 0.9, api_name="/generate").result(
         timeout=120
     )
     status = client.predict(
@@ -258,7 +258,7 @@ def test_review_survives_an_app_restart(tiny_checkpoints, tmp_path):
     try:
         client = Client(first.url, verbose=False)
         client.predict(handle_file(DICOM), None, api_name="/load_upload")
-        client.submit("promptbook-wise", "greedy", 8, 1.2, 0.7, 0.9, api_name="/generate").result(
+        client.submit("promptbook-wise", "greedy", 16, 1.2, 0.7, 0.9, api_name="/generate").result(
             timeout=120
         )
         client.predict(

@@ -99,3 +99,21 @@ def test_streaming_yields_the_same_report_as_generate(make_tiny_model):
     streamed = "".join(model.stream(images, view_ids, view_mask, decoding))
     assert streamed.startswith("FINDINGS:")
     assert streamed.strip() == model.generate(images, view_ids, view_mask, decoding)[0]
+
+
+def test_a_section_cannot_close_before_its_first_word(structure):
+    processor = ReportStructureProcessor(structure, max_new_tokens=100)
+    scores = torch.zeros(1, len(structure.tokenizer))
+    scores[0, structure.eos_id] = scores[0, structure.impression[0]] = 10.0
+    for ids in (structure.findings, structure.findings + [1234] + structure.impression):
+        out = processor(torch.tensor([ids]), scores.clone())
+        assert out[0, structure.eos_id] == out[0, structure.impression[0]] == float("-inf")
+
+
+def test_a_short_budget_still_leaves_room_for_the_impression(structure):
+    processor = ReportStructureProcessor(structure, max_new_tokens=40)
+    ids = structure.findings + [1234] * 25  # 29 of 40 tokens used: 11 left
+    out = processor(torch.tensor([ids]), torch.zeros(1, len(structure.tokenizer)))
+    assert (
+        out[0].argmax() == structure.impression[0] and torch.isinf(out[0]).sum() == out.shape[1] - 1
+    )

@@ -6,7 +6,8 @@ An answer is ``FINDINGS: …⏎IMPRESSION: …`` and nothing else:
   with a space, as in every training target;
 * in the findings, a newline or EOS never appears as such: their probability is the
   probability of closing the findings, and it moves to the forced ``⏎IMPRESSION:`` header
-  (which is also forced once only ``reserve`` tokens of the budget are left);
+  (which is also forced once only ``reserve`` tokens of the budget are left); a section
+  closes only after its first word;
 * in the impression, the probability of a newline moves to EOS, so the report stops at the
   end of the impression (and not before its first token);
 * no section writes a header of its own: ``:`` is banned right after "findings" or
@@ -100,17 +101,20 @@ class ReportStructureProcessor(LogitsProcessor):
                 continue
             if s.ends_with_header_word(row_ids):
                 out[s.colon_ids.to(scores.device)] = float("-inf")
-            if n == len(findings) or (start is not None and n == start + len(header)):
-                out[s.not_spaced.to(scores.device)] = float("-inf")  # a section's first word
             closing = torch.cat([newline, newline.new_tensor([s.eos_id])])
             close = torch.logsumexp(out[closing], dim=0)
             out[closing] = float("-inf")
+            written = n - len(findings) if start is None else n - start - len(header)
+            if not written:  # a section's first word: spaced, and the section cannot close yet
+                out[s.not_spaced.to(scores.device)] = float("-inf")
+                continue
             if start is None:  # findings: closing them opens the impression
-                if self.max_new_tokens - n <= len(header) + self.reserve:
+                reserve = min(self.reserve, self.max_new_tokens // 4)
+                if self.max_new_tokens - n <= len(header) + reserve:
                     _force(out, header[0])
                 else:
                     out[header[0]] = close
-            elif n > start + len(header):  # impression with at least one token: closing ends it
+            else:  # impression: closing it ends the report
                 out[s.eos_id] = close
         return scores
 
