@@ -56,6 +56,14 @@ def test_shipped_checkpoints_are_small_fp16_and_complete():
     assert total < 50 * 2**20
 
 
+def test_the_demo_checkpoints_preset_reproduces_the_shipped_configs():
+    from mrg.train.config import train_preset
+
+    for mode in SHIPPED:
+        shipped = json.loads((DEFAULT_CHECKPOINTS / mode / CONFIG_NAME).read_text())
+        assert train_preset("demo-checkpoints", mode=mode).model.to_dict() == shipped
+
+
 def test_the_model_card_reports_every_mode_both_baselines_and_the_ceiling():
     card = (DEFAULT_CHECKPOINTS.parent / "MODEL_CARD.md").read_text()
     for row in (*SHIPPED, "static", "baseline: most common report", "baseline: random"):

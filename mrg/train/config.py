@@ -115,7 +115,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # alignment once, then short generation with the aligned encoder at 0.1x the lr (each
     # epoch costs 15-20 min on 2 cores: the whole build fits about an hour and a half).
     "demo-checkpoints": {
-        "language": {"epochs": 1, "lr": 3e-3},
+        "language": {"epochs": 2, "lr": 3e-3},
         "align": {"epochs": 3, "lr": 5e-4},
         "generate": {"epochs": 1, "lr": 1e-3},
         "encoder_lr_scale": 0.1,

@@ -224,7 +224,7 @@ class Trainer:
             batch_size=config.batch_size,
             sampler=LengthGroupedSampler(
                 config.batch_size,
-                lengths=[len(t.split()) for t in language_train] or [0],
+                lengths=[len(t.split()) for t in language_train],
                 generator=self.loader_generator,
             )
             if language_train
