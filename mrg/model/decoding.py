@@ -27,7 +27,7 @@ from functools import lru_cache
 import torch
 from transformers import LogitsProcessor, PreTrainedTokenizerBase
 
-from mrg.data.sections import FINDINGS, IMPRESSION
+from mrg.data.sections import FINDINGS, format_report
 
 _HEADER_WORD_AT_END = re.compile(r"(findings|impression)\s*$", re.IGNORECASE)
 
@@ -39,7 +39,13 @@ class ReportStructure:
         encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
         self.tokenizer, self.eos_id = tokenizer, eos_id
         self.findings = encode(FINDINGS)
-        self.impression = encode("\n" + IMPRESSION)
+        # The impression header as a training target tokenizes it: after a sentence (alone,
+        # a SentencePiece tokenizer would prefix the newline with a space token).
+        before = encode(format_report("Normal.", ""))
+        whole = encode(format_report("Normal.", "x"))[: -len(encode(" x"))]
+        if whole[: len(before)] != before:
+            raise ValueError("the tokenizer merges the findings' last token with the newline")
+        self.impression = whole[len(before) :]
         pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
         self.newline_ids = torch.tensor(
             [i for i, p in enumerate(pieces) if "\n" in p or "\r" in p], dtype=torch.long
