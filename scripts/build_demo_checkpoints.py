@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np
 from safetensors.torch import load_file
 
+from mrg.config import DEFAULT_DECODING
 from mrg.data.datasets import load_annotation
 from mrg.data.language import HeldOut, report_corpus
 from mrg.data.pairs import build_pairs
@@ -60,7 +61,7 @@ from mrg.evaluation.demo_card import (
 from mrg.evaluation.labeler import ReportLabeler
 from mrg.evaluation.runner import generate_split
 from mrg.evaluation.text_quality import corpus_counts, quality_table, text_quality
-from mrg.model import Decoding, MRGModel
+from mrg.model import MRGModel
 from mrg.model.llm import load_frozen_llm
 from mrg.train.config import StageConfig, train_preset
 from mrg.train.trainer import Trainer
@@ -68,7 +69,6 @@ from mrg.train.trainer import Trainer
 log = logging.getLogger("build_demo_checkpoints")
 SHARED = Path(os.environ.get("MRG_SHARED_DATA", ROOT.parent / "shared" / "data"))
 REPORTS = SHARED / "iu_xray" / "NLMCXR_reports.tgz"
-DEMO_DECODING = Decoding(strategy="greedy", max_new_tokens=120, repetition_penalty=1.2)
 
 
 def demo_config(mode: str, args, annotation: Path, images: Path, output_dir: Path):
@@ -154,10 +154,10 @@ def main() -> None:
             Trainer(config, model, train, val, resume=True).fit()
         timings[mode] = training_seconds(read_log(out / mode / "log.jsonl"))
         best = MRGModel.from_pretrained(out / mode / "best", llm=llm, tokenizer=tokenizer).eval()
-        rows = generate_split(best, test, out / mode / "test_generations.jsonl", DEMO_DECODING)
+        rows = generate_split(best, test, out / mode / "test_generations.jsonl", DEFAULT_DECODING)
         results[mode] = score(rows, image_labels, labeler)
         generations[mode] = rows
-        blank = blank_image_report(best, DEMO_DECODING)
+        blank = blank_image_report(best, DEFAULT_DECODING)
         blank_rows = [dict(r, generated=blank) for r in rows]
         dependence[mode] = {
             **image_dependence(rows),
@@ -215,7 +215,8 @@ def main() -> None:
                 training_seconds([r for r in shared_log if r.get("stage") == "language"])
             ),
             **language_losses(shared_log),
-            max_new_tokens=DEMO_DECODING.max_new_tokens,
+            max_new_tokens=DEFAULT_DECODING.max_new_tokens,
+            repetition_penalty=DEFAULT_DECODING.repetition_penalty,
             floor_verdict=floor_verdict(results),
             quality_table=quality_table(quality),
             dependence_table=dependence_table(dependence, results),

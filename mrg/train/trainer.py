@@ -465,9 +465,7 @@ class Trainer:
                 chances.append(retrieval_chance(out["similarity"]))
             elif remaining > 0:
                 take = min(remaining, len(batch.reports))
-                decoding = Decoding(
-                    max_new_tokens=self.config.val_max_new_tokens, repetition_penalty=1.2
-                )
+                decoding = Decoding(max_new_tokens=self.config.val_max_new_tokens)
                 hypotheses += module.model.generate(
                     batch.images[:take], batch.view_ids[:take], batch.view_mask[:take], decoding
                 )
