@@ -52,6 +52,7 @@ from mrg.evaluation.demo_card import (
     language_losses,
     markdown,
     model_card,
+    naming_a_finding,
     pair_statistics,
     read_log,
     score,
@@ -161,6 +162,7 @@ def main() -> None:
         blank_rows = [dict(r, generated=blank) for r in rows]
         dependence[mode] = {
             **image_dependence(rows),
+            "naming_a_finding": naming_a_finding(rows, labeler),
             "blank_report": blank,
             "blank_CE_micro_F1": score(blank_rows, image_labels, labeler)["CE_micro_F1"],
         }

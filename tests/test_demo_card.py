@@ -27,6 +27,7 @@ from mrg.evaluation.demo_card import (
     language_losses,
     markdown,
     model_card,
+    naming_a_finding,
     pair_statistics,
     read_log,
     score,
@@ -393,3 +394,20 @@ def test_a_blank_image_gets_a_well_formed_report(make_tiny_model):
 
     model = make_tiny_model("prompt-wise").eval()
     assert well_formed(blank_image_report(model, Decoding(max_new_tokens=30)))
+
+
+def test_verdict_says_equal_when_a_mode_ties_static():
+    results = {
+        "prompt-wise": metrics(0.0),
+        "static": metrics(0.0),
+        "baseline: random training report": metrics(0.1),
+    }
+    assert "equal to static (0.000)" in verdict(results)
+
+
+def test_naming_a_finding_counts_reports_with_any_labeler_finding(labeler):
+    rows = [
+        {"generated": "FINDINGS: Large right pleural effusion.\nIMPRESSION: Effusion."},
+        {"generated": "FINDINGS: The lungs are clear.\nIMPRESSION: No acute disease."},
+    ]
+    assert naming_a_finding(rows, labeler) == 0.5

@@ -210,11 +210,12 @@ def verdict(results: dict[str, dict]) -> str:
         if name.startswith("baseline") or name == "static":
             continue
         beats = metrics["CE_micro_F1"] > best
-        versus_static = (
-            f"; {'above' if metrics['CE_micro_F1'] > static else 'below'} static ({static:.3f})"
-            if static is not None
-            else ""
-        )
+        if static is None:
+            versus_static = ""
+        else:
+            f1 = metrics["CE_micro_F1"]
+            side = "above" if f1 > static else "equal to" if f1 == static else "below"
+            versus_static = f"; {side} static ({static:.3f})"
         lines.append(
             f"- {name}: CE micro-F1 {metrics['CE_micro_F1']:.3f} "
             f"{'beats' if beats else 'does NOT beat'} the best trivial baseline ({best:.3f})"
@@ -275,6 +276,12 @@ def floor_verdict(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def naming_a_finding(rows: list[dict], labeler: ReportLabeler) -> float:
+    """The share of generated reports in which the labeler finds at least one finding."""
+    labels = [labeler.label14(r["generated"]) for r in rows]
+    return sum(any(found[f] for f in FINDINGS14) for found in labels) / len(rows)
+
+
 def image_dependence(rows: list[dict], seed: int = 0) -> dict:
     """How much the report depends on the image: the share of test images whose report
     changes when the image is replaced by another test image (a seeded derangement: greedy
@@ -302,12 +309,13 @@ def blank_image_report(model, decoding) -> str:
 
 def dependence_table(dependence: dict[str, dict], results: dict[str, dict]) -> str:
     lines = [
-        "| model | reports that change when the image is replaced | distinct reports | CE micro-F1, real image | CE micro-F1, blank image |",
-        "|---|---:|---:|---:|---:|",
+        "| model | reports that change when the image is replaced | distinct reports | reports naming a finding | CE micro-F1, real image | CE micro-F1, blank image |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, d in dependence.items():
         lines.append(
             f"| {name} | {d['changed']:.0%} | {d['distinct']} of {results[name]['studies']} | "
+            f"{d['naming_a_finding']:.0%} | "
             f"{results[name]['CE_micro_F1']:.3f} | {d['blank_CE_micro_F1']:.3f} |"
         )
     return "\n".join(lines) + "\n"
