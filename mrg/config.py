@@ -209,33 +209,27 @@ R2GENGPT_DECODING = Decoding(
 
 LLAMA2_7B = "meta-llama/Llama-2-7b-chat-hf"
 
-MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    # Offline default: SmolLM2-135M (GGUF from PyPI) + hybrid ViT with an ImageNet EfficientNet-Lite0 stem.
-    "demo-cpu": {
-        "llm": {"source": SMOLLM2, "quantization": "none", "dtype": "float32"},
-        "encoder": {
-            "name": HYBRID_ENCODER,
-            "image_size": 224,
-            "embed_dim": 192,
-            "depth": 4,
-            "num_heads": 3,
-        },
-        "customizer": {"prompt_length": 8, "book_size": 8, "hidden_dim": 256},
-        "max_report_tokens": 100,
+# Offline default: SmolLM2-135M (GGUF from PyPI) + hybrid ViT with an ImageNet EfficientNet-Lite0 stem.
+_DEMO_CPU: dict[str, Any] = {
+    "llm": {"source": SMOLLM2, "quantization": "none", "dtype": "float32"},
+    "encoder": {
+        "name": HYBRID_ENCODER,
+        "image_size": 224,
+        "embed_dim": 192,
+        "depth": 4,
+        "num_heads": 3,
     },
-    # The shipped demo checkpoints: demo-cpu on single NIH frontals, with a 32-token prompt
-    # (room for the report-language stage to steer a frozen 135M LLM).
+    "customizer": {"prompt_length": 8, "book_size": 8, "hidden_dim": 256},
+    "max_report_tokens": 100,
+}
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "demo-cpu": _DEMO_CPU,
+    # The shipped demo checkpoints: demo-cpu on single NIH frontals (max_views 1), with a
+    # 32-token prompt (room for the report-language stage to steer a frozen 135M LLM).
     "demo-checkpoints": {
-        "llm": {"source": SMOLLM2, "quantization": "none", "dtype": "float32"},
-        "encoder": {
-            "name": HYBRID_ENCODER,
-            "image_size": 224,
-            "embed_dim": 192,
-            "depth": 4,
-            "num_heads": 3,
-        },
-        "customizer": {"prompt_length": 32, "book_size": 8, "hidden_dim": 256},
-        "max_report_tokens": 100,
+        **_DEMO_CPU,
+        "customizer": {**_DEMO_CPU["customizer"], "prompt_length": 32},
         "max_views": 1,
     },
     # R2GenGPT's recipe as the starting point, on a GPU host with hub access.
