@@ -72,7 +72,7 @@ SHARED = Path(os.environ.get("MRG_SHARED_DATA", ROOT.parent / "shared" / "data")
 REPORTS = SHARED / "iu_xray" / "NLMCXR_reports.tgz"
 
 
-def demo_config(mode: str, args, annotation: Path, images: Path, output_dir: Path):
+def demo_config(mode: str, annotation: Path, images: Path, output_dir: Path):
     """The ``demo-checkpoints`` TrainConfig of one mode on this build's data."""
     return train_preset(
         "demo-checkpoints",
@@ -134,7 +134,7 @@ def main() -> None:
     # which depends on the mode: run them once and start every mode from the result.
     shared = out / "shared"
     if not args.skip_train:
-        config = demo_config("static", args, annotation, images, shared)
+        config = demo_config("static", annotation, images, shared)
         config.generate = StageConfig(0, config.generate.lr)
         torch.manual_seed(config.seed)
         model = MRGModel(config.model, llm, tokenizer)
@@ -142,9 +142,9 @@ def main() -> None:
     shared_weights = load_file(str(shared / "last" / "model.safetensors"))
     results, timings, generations, dependence = {}, {}, {}, {}
     labeler = ReportLabeler()
+    recipe = train_preset("demo-checkpoints")  # what the card states; each mode runs one stage
     for mode in args.modes:
-        config = demo_config(mode, args, annotation, images, out / mode)
-        recipe = train_preset("demo-checkpoints")
+        config = demo_config(mode, annotation, images, out / mode)
         config.language = StageConfig(0, config.language.lr)
         config.align = StageConfig(0, config.align.lr)
         if not args.skip_train:
@@ -207,7 +207,7 @@ def main() -> None:
             val=summary.per_split["val"],
             test=summary.per_split["test"],
             args="".join(f" {a}" for a in sys.argv[1:] if a != "--skip-train"),
-            prompt_length=config.model.customizer.prompt_length,
+            prompt_length=recipe.model.customizer.prompt_length,
             language_reports=len(corpus.train),
             language=recipe.language.epochs,
             language_lr=recipe.language.lr,
@@ -223,16 +223,16 @@ def main() -> None:
             quality_table=quality_table(quality),
             dependence_table=dependence_table(dependence, results),
             align=recipe.align.epochs,
-            align_lr=config.align.lr,
-            generate=config.generate.epochs,
-            generate_lr=config.generate.lr,
-            encoder_lr_scale=config.encoder_lr_scale,
-            max_tokens=config.model.max_report_tokens,
+            align_lr=recipe.align.lr,
+            generate=recipe.generate.epochs,
+            generate_lr=recipe.generate.lr,
+            encoder_lr_scale=recipe.encoder_lr_scale,
+            max_tokens=recipe.model.max_report_tokens,
             align_seconds=round(align_seconds),
             timings=", ".join(f"{mode} {round(seconds)}" for mode, seconds in timings.items()),
             table=markdown(results),
             verdict=verdict(results),
-            batch=config.batch_size,
+            batch=recipe.batch_size,
             **alignment_retrieval(align_log),
             **pair_statistics([r.report for r in train], [r.report for r in test]),
             ceiling_table=ceiling_table(ceiling),

@@ -14,6 +14,7 @@ import pytest
 
 from mrg.data.datasets import StudyRecord
 from mrg.evaluation.demo_card import (
+    CARD_METRICS,
     MODEL_CARD_TEMPLATE,
     alignment_retrieval,
     baselines,
@@ -40,15 +41,6 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_demo_checkpoin
 CARDIOMEGALY = "The heart is enlarged. Cardiomegaly is present in this chest radiograph today."
 EFFUSION = "There is a small right pleural effusion. No pneumothorax is seen on this film."
 NORMAL = "The lungs are clear. No acute cardiopulmonary abnormality is seen on this film."
-METRICS = (
-    "CE_micro_P",
-    "CE_micro_R",
-    "CE_micro_F1",
-    "CE_macro_F1",
-    "normal_accuracy",
-    "BLEU_4",
-    "CIDEr",
-)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +62,7 @@ def test_rows() -> tuple[list[dict], dict[str, list[str]]]:
 
 
 def metrics(ce_micro_f1: float, studies: int = 3) -> dict:
-    return {"studies": studies, **dict.fromkeys(METRICS, 0.5), "CE_micro_F1": ce_micro_f1}
+    return {"studies": studies, **dict.fromkeys(CARD_METRICS, 0.5), "CE_micro_F1": ce_micro_f1}
 
 
 # ------------------------------------------------------------------------------------- score
@@ -140,7 +132,7 @@ def test_markdown_has_a_header_with_every_metric_and_one_row_per_result():
     lines = markdown(results).splitlines()
     assert len(lines) == 2 + len(results)
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    assert header == ["model", "studies", *METRICS]
+    assert header == ["model", "studies", *CARD_METRICS]
     assert set(lines[1]) <= set("|-:")
     assert lines[2].startswith("| prompt-wise | 7 | ") and "| 0.250 |" in lines[2]
     assert lines[3].startswith("| baseline: most common report | 3 | ")

@@ -72,16 +72,19 @@ def baselines(
     }
 
 
+CARD_METRICS = (
+    "CE_micro_P",
+    "CE_micro_R",
+    "CE_micro_F1",
+    "CE_macro_F1",
+    "normal_accuracy",
+    "BLEU_4",
+    "CIDEr",
+)
+
+
 def markdown(results: dict[str, dict]) -> str:
-    keys = [
-        "CE_micro_P",
-        "CE_micro_R",
-        "CE_micro_F1",
-        "CE_macro_F1",
-        "normal_accuracy",
-        "BLEU_4",
-        "CIDEr",
-    ]
+    keys = CARD_METRICS
     lines = ["| model | studies | " + " | ".join(keys) + " |", "|---|---:|" + "---:|" * len(keys)]
     for name, m in results.items():
         lines.append(
