@@ -443,7 +443,7 @@ class Trainer:
 
     @torch.no_grad()
     def _validate(self, stage: str) -> dict:
-        """Validation loss (and retrieval accuracy or BLEU-4/CIDEr) → ``score`` to maximise."""
+        """Validation loss (and retrieval accuracy, or BLEU-4/CIDEr/CE micro-F1) → ``score`` to maximise."""
         if stage == "language":  # held-out report texts: loss in nats per report token
             module = self.unwrapped.eval()
             losses = [module(texts, stage)["loss"].item() for texts in self.language_val]
@@ -477,10 +477,15 @@ class Trainer:
             record["val_retrieval_chance"] = float(np.mean(chances))
             record["score"] = -record["val_loss"]
             return record
-        from mrg.evaluation.metrics import nlg_scores
+        from mrg.evaluation.metrics import clinical_efficacy, nlg_scores
 
         scores = nlg_scores(references, hypotheses, meteor=False)
-        record.update(val_bleu4=scores.corpus["BLEU_4"], val_cider=scores.corpus["CIDEr"])
-        record["score"] = 0.5 * scores.corpus["BLEU_4"] + 0.5 * scores.corpus["CIDEr"]
+        ce = clinical_efficacy(references, hypotheses)["chexpert14"].micro.f1
+        record.update(
+            val_bleu4=scores.corpus["BLEU_4"], val_cider=scores.corpus["CIDEr"], val_ce_f1=ce
+        )
+        # Wording (BLEU-4, CIDEr) and findings (CE) count alike: a model that writes one fluent
+        # normal report for every image scores well on wording alone.
+        record["score"] = (scores.corpus["BLEU_4"] + scores.corpus["CIDEr"] + ce) / 3
         record["val_example"] = hypotheses[0] if hypotheses else ""
         return record
