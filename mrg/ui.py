@@ -11,6 +11,7 @@ import hashlib
 import html
 import logging
 import tempfile
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,11 +24,13 @@ from mrg.imaging import DEFAULT_LIMITS, ImageError, ImageLimits
 from mrg.model import Decoding
 from mrg.review import ERROR_CATEGORIES, VERDICTS, Review, ReviewError, ReviewStore
 from mrg.service import ReportService, ServiceInfo, report_sentences
+from mrg.uploads import UploadReader
 
 log = logging.getLogger(__name__)
 COMPARE_BOTH = "compare both"
 WHOLE_REPORT = "(whole report)"
 AGREEMENT_COLOURS = {"matched": "#1b7f3b", "missed": "#b26a00", "hallucinated": "#b00020"}
+UNEXPECTED = "Something went wrong on the server (the error was logged). Please try again."
 
 try:  # ZeroGPU on Hugging Face Spaces: run GPU work inside spaces.GPU; elsewhere a no-op
     import spaces
@@ -39,15 +42,11 @@ except ImportError:
         return function
 
 
-def forget_uploads(*paths: str | None) -> None:
-    """Delete uploaded files from Gradio's upload folder once read: a DICOM header may hold
-    patient identifiers, and the server keeps no copy of it (files elsewhere are left alone)."""
-    from gradio.utils import get_upload_folder
-
-    folder = Path(get_upload_folder()).resolve()
-    for path in paths:
-        if path and folder in Path(path).resolve().parents:
-            Path(path).unlink(missing_ok=True)
+def log_failure(action: str, err: BaseException) -> None:
+    """Log an unexpected failure's type and stack, never its message: a message may quote a
+    DICOM attribute or an uploaded file's name (patient identifiers)."""
+    frames = "".join(traceback.format_tb(err.__traceback__))
+    log.error("%s failed with %s\n%s", action, type(err).__name__, frames)
 
 
 @dataclass
@@ -120,8 +119,10 @@ class DemoApp:
         examples: list[Example] | None = None,
         dataset: list[StudyRecord] | None = None,
         limits: ImageLimits = DEFAULT_LIMITS,
+        uploads: UploadReader | None = None,
     ):
         self.service, self.store, self.limits = service, store, limits
+        self.uploads = uploads or UploadReader()
         self.examples = {e.label: e for e in (examples or [])}
         self.dataset = {r.study_id: r for r in (dataset or [])}
 
@@ -141,35 +142,35 @@ class DemoApp:
     def _failed(self, state: DemoState, message: str):
         return state, gr.update(), None, None, "", f"**Could not load the study.** {message}"
 
+    def _load(self, state: DemoState, read, reference: str, message: str):
+        """Load a study from ``read() → (sources, key)``; any failure leaves ``state`` as it was."""
+        try:
+            sources, key = read()
+            study = self._study_from(sources, key)
+        except ImageError as err:
+            return self._failed(state, str(err))
+        except Exception as err:  # noqa: BLE001 — the user gets a message, the log the stack
+            log_failure("loading a study", err)
+            return self._failed(state, UNEXPECTED)
+        return self._loaded(state, study, key, reference, self._warnings(study) or message)
+
     def load_upload(self, state: DemoState, frontal: str | None, lateral: str | None):
         if not frontal:
             return self._failed(state, "Please upload a frontal chest X-ray (PNG, JPEG or DICOM).")
-        try:
-            data = [Path(frontal).read_bytes()] + ([Path(lateral).read_bytes()] if lateral else [])
-            forget_uploads(frontal, lateral)
-            key = "sha256:" + hashlib.sha256(b"".join(data)).hexdigest()[:20]
-            study = self._study_from(data, key)
-        except ImageError as err:
-            return self._failed(state, str(err))
-        return self._loaded(
-            state, study, key, "", self._warnings(study) or "Study loaded from upload."
-        )
+
+        def read():
+            data = [self.uploads.read(p) for p in (frontal, lateral) if p]
+            return data, "sha256:" + hashlib.sha256(b"".join(data)).hexdigest()[:20]
+
+        return self._load(state, read, "", "Study loaded from upload.")
 
     def load_example(self, state: DemoState, label: str | None):
         example = self.examples.get(label or "")
         if example is None:
             return self._failed(state, "Choose an example.")
         sources = [example.frontal] + ([example.lateral] if example.lateral else [])
-        try:
-            study = self._study_from(sources, f"example:{label}")
-        except ImageError as err:
-            return self._failed(state, str(err))
-        return self._loaded(
-            state,
-            study,
-            f"example:{label}",
-            example.reference,
-            self._warnings(study) or "Example loaded.",
+        return self._load(
+            state, lambda: (sources, f"example:{label}"), example.reference, "Example loaded."
         )
 
     def load_case(self, state: DemoState, choice: str | None):
@@ -177,16 +178,11 @@ class DemoApp:
         if record is None:
             return self._failed(state, "Choose a case from the dataset.")
         key = f"dataset:{record.split}:{record.study_id}"
-        try:
-            study = self._study_from(record.image_paths, key)
-        except ImageError as err:
-            return self._failed(state, str(err))
-        return self._loaded(
+        return self._load(
             state,
-            study,
-            key,
+            lambda: (record.image_paths, key),
             record.report,
-            self._warnings(study) or f"Case {record.study_id} loaded.",
+            f"Case {record.study_id} loaded.",
         )
 
     def case_choices(self, session: str = "") -> list[str]:
@@ -269,8 +265,8 @@ class DemoApp:
                         gr.update(),
                         state,
                     )
-            except Exception:  # a model failure must not take the app down
-                log.exception("generation failed")
+            except Exception as err:  # noqa: BLE001 — a model failure must not take the app down
+                log_failure("generation", err)
                 yield (
                     *boxes,
                     "**The model failed on this study.** Please try again or load another study.",
@@ -302,6 +298,9 @@ class DemoApp:
             state.heatmaps = self.service.explain(state.study, current, report, chosen)
         except ValueError as err:
             return None, None, f"**Cannot explain:** {err}", state
+        except Exception as err:  # noqa: BLE001
+            log_failure("Grad-CAM", err)
+            return None, None, f"**Cannot explain.** {UNEXPECTED}", state
         frontal, lateral = self.blend(state, opacity)
         target = f"sentence “{chosen}”" if chosen else "the whole report"
         return frontal, lateral, f"Grad-CAM of {target} ({current}).", state
@@ -325,7 +324,11 @@ class DemoApp:
             return "**Generate a report first.**", ""
         if not (reference or "").strip():
             return "**Paste or load a reference report to compare with.**", ""
-        result = self.service.compare(generated, reference)
+        try:
+            result = self.service.compare(generated, reference)
+        except Exception as err:  # noqa: BLE001
+            log_failure("comparison", err)
+            return f"**Cannot compare.** {UNEXPECTED}", ""
         metrics = " · ".join(f"{k.replace('_', '-')} {v:.3f}" for k, v in result.metrics.items())
         notes = (" " + " ".join(result.notes)) if result.notes else ""
         return f"**{current} vs reference:** {metrics}.{notes}", self.label_table(result.rows)
@@ -381,6 +384,9 @@ class DemoApp:
             self.store.save(review)
         except ReviewError as err:
             return f"**Not saved:** {err}", self.review_rows(session), gr.update()
+        except Exception as err:  # noqa: BLE001 — e.g. the review database is locked or full
+            log_failure("saving a review", err)
+            return f"**Not saved.** {UNEXPECTED}", self.review_rows(session), gr.update()
         return (
             f"Saved: {review.verdict} for {review.case_key} ({review.mode}) by {review.reviewer}.",
             self.review_rows(session),

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -294,3 +295,42 @@ def test_uploaded_files_are_deleted_from_gradios_folder_once_read(demo, tmp_path
     assert state.study is not None and not copy.exists()
     demo.load_upload(DemoState(), DICOM, None)
     assert Path(DICOM).exists()  # files outside the upload folder are never touched
+
+
+def test_identical_simultaneous_uploads_all_load(demo, tmp_path, monkeypatch):
+    """Gradio gives identical uploads one path: the first reader's deletion must not break the others."""
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio-uploads"))
+    shared = tmp_path / "gradio-uploads" / "same-sha" / "chest.dcm"
+    shared.parent.mkdir(parents=True)
+    shared.write_bytes(Path(DICOM).read_bytes())
+    with ThreadPoolExecutor(6) as pool:
+        loads = list(pool.map(lambda _: demo.load_upload(DemoState(), str(shared), None), range(6)))
+    assert all(state.study is not None for state, *_ in loads), [r[-1] for r in loads]
+    assert len({state.case_key for state, *_ in loads}) == 1
+    assert not shared.exists()
+    again, *_, status = demo.load_upload(DemoState(), str(shared), None)  # a second click
+    assert again.study is not None, status
+
+
+def test_unexpected_failures_are_messages_and_logs_without_their_text(demo, caplog, monkeypatch):
+    state, *_ = demo.load_upload(DemoState(), DICOM, None)
+    list(run_generate(demo, state))
+
+    patient = "DOE^JANE"
+
+    def leak(*args):  # an error whose message quotes a DICOM attribute
+        raise RuntimeError(patient)
+
+    monkeypatch.setattr(demo.service, "compare", leak)
+    monkeypatch.setattr(demo, "_study_from", leak)
+    with caplog.at_level("ERROR", logger="mrg.ui"):
+        message, table = demo.compare(state, "prompt-wise", "FINDINGS: Normal.")
+        kept, *_, status = demo.load_upload(state, DICOM, None)
+    assert "Cannot compare" in message and "try again" in message and table == ""
+    assert "Could not load" in status and kept.study is state.study
+    failures = [r.getMessage() for r in caplog.records]
+    assert [m.split("\n")[0] for m in failures] == [
+        "comparison failed with RuntimeError",
+        "loading a study failed with RuntimeError",
+    ]
+    assert "DOE^JANE" not in caplog.text
