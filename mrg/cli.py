@@ -15,6 +15,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from mrg.config import QUANTIZATIONS
+
 console = Console(width=None if sys.stdout.isatty() else 120)
 
 
@@ -210,7 +212,9 @@ def _generate(args: argparse.Namespace) -> int:
     from mrg.imaging import ImageError
     from mrg.service import ReportService
 
-    service = ReportService.load(args.checkpoints, device=args.device)
+    service = ReportService.load(
+        args.checkpoints, device=args.device, quantization=args.quantization
+    )
     decoding = _decoding(args)
     if args.annotation or (args.inputs and Path(args.inputs[0]).is_dir()):
         return _generate_many(args, service, decoding)
@@ -237,6 +241,8 @@ def _generate(args: argparse.Namespace) -> int:
     if args.json:
         payload = {
             "mode": args.mode,
+            "device": service.info.device,
+            "quantization": service.info.quantization,
             "findings": update.findings,
             "impression": update.impression,
             "text": update.text,
@@ -389,6 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder with prompt-wise/ and promptbook-wise/ (default: assets/checkpoints)",
     )
     generate.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    generate.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default=None,
+        help="load the LLM in 4-bit nf4 or int8 with bitsandbytes (GPU, or CPU where supported)",
+    )
     generate.add_argument("--json", action="store_true", help="print the final report as JSON")
     generate.add_argument("--annotation", help="annotation.json: generate for a whole split")
     generate.add_argument("--images", help="image root of --annotation")

@@ -22,6 +22,8 @@ import logging
 import os
 from pathlib import Path
 
+from mrg.config import QUANTIZATIONS
+
 HERE = Path(__file__).resolve().parents[1]  # the repository root
 
 
@@ -31,9 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoints", default=env("MRG_CHECKPOINTS"))
     parser.add_argument("--llm", default=env("MRG_LLM"))
     parser.add_argument("--device", default=env("MRG_DEVICE"))
-    parser.add_argument(
-        "--quantization", default=env("MRG_QUANTIZATION"), choices=["none", "nf4", "int8"]
-    )
+    parser.add_argument("--quantization", default=env("MRG_QUANTIZATION"), choices=QUANTIZATIONS)
     parser.add_argument("--data-dir", default=env("MRG_DATA_DIR", "mrg-data"))
     parser.add_argument("--dataset-annotation", default=env("MRG_DATASET_ANNOTATION"))
     parser.add_argument("--dataset-images", default=env("MRG_DATASET_IMAGES"))

@@ -30,7 +30,7 @@ from mrg.evaluation.labeler import CHEXPERT14, LABEL_MAPS, POSITIVE, ReportLabel
 from mrg.evaluation.metrics import nlg_scores
 from mrg.explain import Heatmap, explain
 from mrg.model import Decoding, MRGModel
-from mrg.model.llm import load_frozen_llm
+from mrg.model.llm import load_frozen_llm, quantization_in_effect
 from mrg.model.mrg_model import CONFIG_NAME
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class ServiceInfo:
     checkpoints: dict[str, str]
     trained: bool
     views: int = 2  # the most views every loaded model reads (1: frontal only)
+    quantization: str = "none"  # what bitsandbytes did to the LLM: "nf4", "int8" or "none"
 
 
 @dataclass
@@ -141,7 +142,8 @@ class ReportService:
             llm=llm_config.source
             if llm_config.source != "smollm2"
             else "SmolLM2-135M-Instruct (frozen)",
-            device=str(llm.device) + _quantization_label(llm),
+            device=str(llm.device),
+            quantization=quantization_in_effect(llm),
             modes=list(models),
             checkpoints={m: str(p) for m, p in found.items()},
             trained=bool(found),
@@ -266,13 +268,6 @@ class ReportService:
             if sentences:
                 out[observation] = list(dict.fromkeys(sentences))
         return out
-
-
-def _quantization_label(llm) -> str:
-    """ ", nf4" / ", int8" when bitsandbytes actually quantized the LLM (not merely when asked)."""
-    if getattr(llm, "is_loaded_in_4bit", False):
-        return ", nf4"
-    return ", int8" if getattr(llm, "is_loaded_in_8bit", False) else ""
 
 
 def _find_span(report: str, sentence: str) -> tuple[int, int]:

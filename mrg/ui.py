@@ -100,7 +100,9 @@ def banner(info: ServiceInfo) -> str:
     text = (
         "## mrg — chest X-ray report generation with customized prompts\n"
         "**Research demo, not for diagnosis.** "
-        f"Modes: {', '.join(info.modes)} · LLM: {info.llm} · device: {info.device}."
+        f"Modes: {', '.join(info.modes)} · LLM: {info.llm}"
+        + (f" ({info.quantization})" if info.quantization != "none" else "")
+        + f" · device: {info.device}."
     )
     if info.views == 1:
         text += " The checkpoints read the frontal view only; a lateral is shown but not used."

@@ -72,6 +72,15 @@ def tiny_llm(tokenizer):
 
 
 @pytest.fixture(scope="session")
+def tiny_llm_dir(tiny_llm, tokenizer, tmp_path_factory) -> Path:
+    """The tiny LLaMA and SmolLM2's tokenizer as a local Hugging Face model directory."""
+    path = tmp_path_factory.mktemp("tiny-llm")
+    tiny_llm.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def smollm2(smollm2_dir):
     from mrg.config import LLMConfig
     from mrg.model.llm import load_frozen_llm

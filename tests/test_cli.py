@@ -8,6 +8,7 @@ from conftest import save_tiny_checkpoints, shared_path
 from pydicom.data import get_testdata_file
 
 from mrg.cli import main
+from mrg.model.llm import bitsandbytes_device
 
 
 @pytest.fixture
@@ -15,24 +16,17 @@ def checkpoints(tiny_llm, tokenizer, tmp_path):
     return save_tiny_checkpoints(tmp_path, tiny_llm, tokenizer)
 
 
-def test_generate_json_for_a_dicom(checkpoints, capsys):
-    code = main(
-        [
-            "generate",
-            get_testdata_file("RG1_UNCI.dcm"),
-            "--checkpoints",
-            str(checkpoints),
-            "--json",
-            "--max-new-tokens",
-            "6",
-            "--mode",
-            "promptbook-wise",
-        ]
-    )
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_generate_json_for_a_dicom(checkpoints, capsys, quantization):
+    dicom = get_testdata_file("RG1_UNCI.dcm")
+    argv = f"generate {dicom} --checkpoints {checkpoints} --json --max-new-tokens 6"
+    code = main(argv.split() + ["--mode", "promptbook-wise", "--quantization", quantization])
     assert code == 0
     out = capsys.readouterr().out
     payload = json.loads(out[out.index("{") :])
     assert payload["mode"] == "promptbook-wise" and payload["tokens"] >= 1
+    in_effect = "nf4" if quantization == "nf4" and bitsandbytes_device() else "none"
+    assert (payload["device"], payload["quantization"]) == ("cpu", in_effect)
     view = payload["views"][0]
     assert view["format"] == "dicom" and view["position"] == "frontal"
     assert "CompressedSamples" not in out  # the file's patient name never reaches the output

@@ -1,12 +1,10 @@
 """Frozen-LLM loading: the cached SmolLM2 copy, local directories, the 4-bit fallback."""
 
-import logging
-
 import pytest
 import torch
 
 from mrg.config import ConfigError, LLMConfig
-from mrg.model.llm import LLMNotFoundError, load_frozen_llm, quantization_config, smollm2_local_dir
+from mrg.model.llm import LLMNotFoundError, load_frozen_llm, smollm2_local_dir
 
 
 def test_smollm2_cache_is_plain_safetensors(smollm2_dir):
@@ -38,25 +36,6 @@ def test_bfloat16_dtype_is_honoured(tiny_llm, tokenizer, tmp_path):
     tokenizer.save_pretrained(tmp_path)
     model, _ = load_frozen_llm(LLMConfig(source=str(tmp_path), dtype="bfloat16"))
     assert model.get_input_embeddings().weight.dtype == torch.bfloat16
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA fallback")
-@pytest.mark.parametrize("quantization", ["nf4", "int8"])
-def test_quantization_without_cuda_falls_back_with_a_log_line(quantization, caplog):
-    with caplog.at_level(logging.WARNING, logger="mrg.model.llm"):
-        assert quantization_config(LLMConfig(quantization=quantization)) is None
-    assert f"llm.quantization={quantization} needs CUDA" in caplog.text
-
-
-def test_nf4_request_on_cpu_still_loads(tiny_llm, tokenizer, tmp_path, caplog):
-    if torch.cuda.is_available():
-        pytest.skip("CPU fallback path")
-    tiny_llm.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    with caplog.at_level(logging.WARNING):
-        model, _ = load_frozen_llm(LLMConfig(source=str(tmp_path), quantization="nf4"))
-    assert model.get_input_embeddings().weight.dtype == torch.float32
-    assert "needs CUDA" in caplog.text
 
 
 def test_bad_configs_name_the_field():

@@ -10,12 +10,15 @@ Three sources, one function (``load_frozen_llm``):
 * a hub id (GPU hosts with network access; never used by tests or the offline default).
 
 The returned model is frozen: every parameter has ``requires_grad=False`` and it is in
-eval mode. ``nf4``/``int8`` use bitsandbytes on CUDA; without CUDA they fall back to the
-configured float dtype with a log line, never a crash.
+eval mode. ``nf4``/``int8`` use bitsandbytes on the device it quantizes on here (CUDA when
+present, else the CPU: bitsandbytes ≥ 0.48 has a CPU backend); where it quantizes nowhere
+they fall back to the configured float dtype with a log line, never a crash. The model's
+``is_loaded_in_4bit``/``is_loaded_in_8bit`` say what is actually in effect.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import logging
 import shutil
@@ -99,13 +102,36 @@ def resolve_llm_path(config: LLMConfig) -> str:
     return config.source
 
 
+@functools.lru_cache(maxsize=1)
+def bitsandbytes_device() -> str | None:
+    """The device bitsandbytes quantizes on here (``"cuda"``, ``"cpu"``) or None.
+
+    Probed by quantizing a small tensor, so the answer is what the installed bitsandbytes
+    does on this machine, not what its version promises.
+    """
+    try:
+        import bitsandbytes.functional as bnbf
+    except ImportError:
+        return None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        bnbf.quantize_4bit(
+            torch.ones(64, 64, dtype=torch.bfloat16, device=device), quant_type="nf4"
+        )
+    except Exception as err:  # noqa: BLE001 — any failure means "not on this device"
+        log.info("bitsandbytes cannot quantize on %s: %s", device, err)
+        return None
+    return device
+
+
 def quantization_config(config: LLMConfig):
-    """A ``BitsAndBytesConfig`` for nf4/int8 on CUDA, else ``None`` (logging the fallback)."""
+    """A ``BitsAndBytesConfig`` for nf4/int8 where bitsandbytes runs, else ``None`` (logged)."""
     if config.quantization == "none":
         return None
-    if not torch.cuda.is_available():
+    if bitsandbytes_device() is None:
         log.warning(
-            "llm.quantization=%s needs CUDA (bitsandbytes); no GPU here, loading in %s instead",
+            "llm.quantization=%s: bitsandbytes cannot quantize on this machine, "
+            "loading in %s instead",
             config.quantization,
             config.dtype,
         )
@@ -124,6 +150,13 @@ def quantization_config(config: LLMConfig):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+def quantization_in_effect(llm: PreTrainedModel) -> str:
+    """``"nf4"``, ``"int8"`` or ``"none"``: what bitsandbytes actually did, not what was asked."""
+    if getattr(llm, "is_loaded_in_4bit", False):
+        return "nf4"
+    return "int8" if getattr(llm, "is_loaded_in_8bit", False) else "none"
+
+
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
     """Turn off gradients for every parameter and switch to eval mode."""
     for param in model.parameters():
@@ -132,13 +165,15 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def load_frozen_llm(config: LLMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load (model, tokenizer) for ``config``, frozen, on CUDA when quantized there."""
+    """Load (model, tokenizer) for ``config``, frozen; a quantized model sits on the device
+    bitsandbytes quantizes on (the current GPU, else the CPU)."""
     config.validate()
     path = resolve_llm_path(config)
     quant = quantization_config(config)
     kwargs = {"dtype": getattr(torch, config.dtype)}
     if quant is not None:
-        kwargs.update(quantization_config=quant, device_map={"": torch.cuda.current_device()})
+        device = torch.cuda.current_device() if bitsandbytes_device() == "cuda" else "cpu"
+        kwargs.update(quantization_config=quant, device_map={"": device})
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if tokenizer.pad_token_id is None:
