@@ -135,6 +135,8 @@ def _train_config(args: argparse.Namespace):
         ("image_root", args.images),
         ("output_dir", args.out),
         ("language_reports", args.language_reports),
+        ("mixed_precision", args.mixed_precision),
+        ("gradient_checkpointing", args.gradient_checkpointing),
     ):
         if value:
             data[key] = value
@@ -378,6 +380,16 @@ def build_parser() -> argparse.ArgumentParser:
         "must not see (e.g. IU X-ray's when training on other images); repeatable",
     )
     train.add_argument("--resume", action="store_true", help="continue from <out>/last")
+    train.add_argument(
+        "--mixed-precision",
+        choices=["no", "bf16", "fp16"],
+        help="autocast the trainable parts and the frozen LLM's compute (GPU: bf16)",
+    )
+    train.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute the frozen LLM's activations in backward (7B on one GPU)",
+    )
     train.add_argument(
         "--set", action="append", metavar="FIELD=VALUE", help="override, e.g. generate.epochs=3"
     )

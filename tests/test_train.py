@@ -330,3 +330,88 @@ def test_max_steps_per_epoch_caps_every_epoch(tmp_path, four_studies, tiny_llm, 
     Trainer(config, build(tiny_llm, tokenizer, config), train, []).fit()
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [2, 4]  # 2 of the 4 batches in each of the 2 epochs
+
+
+def test_gradient_checkpointing_same_gradients_no_layer_activations_kept(tiny_llm_dir):
+    """Checkpointing the frozen LLM changes what backward keeps, not what it computes."""
+    from conftest import random_batch
+
+    from mrg.config import LLMConfig
+    from mrg.model.llm import load_frozen_llm
+
+    llm, tokenizer = load_frozen_llm(LLMConfig(source=str(tiny_llm_dir)))
+    layers = llm.model.layers
+    inside = [False]  # between the first decoder layer's input and the last one's output
+    layers[0].register_forward_pre_hook(lambda *_: inside.__setitem__(0, True))
+    layers[-1].register_forward_hook(lambda *_: inside.__setitem__(0, False))
+
+    def step(checkpointing: bool):
+        torch.manual_seed(0)
+        model = MRGModel(tiny_model_config("prompt-wise"), llm, tokenizer)
+        if checkpointing:
+            model.enable_llm_checkpointing()
+        model.train()
+        kept = []
+
+        def pack(tensor):
+            if inside[0]:
+                kept.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(*random_batch(), REPORTS[:2]).loss
+        loss.backward()
+        grads = [p.grad.clone() for p in model.customizer.parameters() if p.grad is not None]
+        return loss.detach(), grads, sum(kept)
+
+    plain_loss, plain_grads, plain_bytes = step(False)
+    loss, grads, checkpointed_bytes = step(True)
+    assert (
+        llm.is_activation_checkpointing and llm.training
+    )  # transformers checkpoints in train mode
+    assert torch.allclose(loss, plain_loss)
+    assert grads and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, plain_grads))
+    assert plain_bytes > 1e6 and checkpointed_bytes < 0.05 * plain_bytes
+
+
+def test_epoch_records_hold_peak_memory(tmp_path, four_studies, tiny_llm, tokenizer):
+    annotation, images = four_studies
+    config = make_config(tmp_path, annotation, images, max_steps_per_epoch=1)
+    model = build(tiny_llm, tokenizer, config)
+    Trainer(config, model, records(annotation, images, "train")).fit()
+    record = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    assert record["memory"] == "rss" and record["peak_memory_mib"] > 100  # torch alone is more
+
+
+def test_mrg_train_under_ddp_with_two_cpu_processes(tmp_path, four_studies, tiny_llm_dir):
+    """torchrun starts two ranks (gloo): rank 0 alone writes, the ranks end equal, resume works."""
+    import os
+    import subprocess
+    import sys
+
+    annotation, images = four_studies
+    config = make_config(tmp_path, annotation, images, max_steps_per_epoch=2)
+    config.model.llm.source = str(tiny_llm_dir)
+    config.generate = StageConfig(2, 1e-3)
+    config.save(tmp_path / "config.json")
+
+    def torchrun(*extra: str) -> None:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        command += ["--standalone", "-m", "mrg.cli", "train", "--config"]
+        command += [str(tmp_path / "config.json"), *extra]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        done = subprocess.run(
+            command, env=env, capture_output=True, text=True, timeout=600, check=False
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    torchrun("--set", "generate.epochs=1")  # one epoch, then "killed"
+    torchrun("--resume")  # the second epoch, resumed under DDP
+    run = tmp_path / "run"
+    lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    epochs = [(r["stage"], r.get("epoch")) for r in lines if r["stage"] != "done"]
+    assert epochs == [("generate", 1), ("generate", 2)]  # one line per epoch: rank 0 alone logs
+    done = [r for r in lines if r["stage"] == "done"]
+    assert [(r["ranks"], r["ranks_in_sync"]) for r in done] == [(2, True), (2, True)]
+    state = torch.load(run / "last" / "trainer_state.pt", weights_only=False)
+    assert state["position"]["epoch"] == 2 and (run / "best" / "model.safetensors").is_file()

@@ -32,7 +32,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from mrg.config import DEFAULT_DECODING, Decoding, ModelConfig
+from mrg.config import DEFAULT_DECODING, ConfigError, Decoding, ModelConfig
 from mrg.model.customizer import CustomizedPrompt, build_customizer
 from mrg.model.decoding import OnBody, ReportStructureProcessor, report_structure
 from mrg.model.encoder import VisualEncoder
@@ -151,10 +151,24 @@ class MRGModel(nn.Module):
         return self.llm.get_input_embeddings().weight.dtype
 
     def train(self, mode: bool = True) -> MRGModel:
-        """Train the trainable parts; the LLM stays in eval mode (no dropout)."""
+        """Train the trainable parts; the LLM stays in eval mode (no dropout), except under
+        activation checkpointing, which transformers applies to modules in training mode."""
         super().train(mode)
-        self.llm.eval()
+        self.llm.train(mode and self.llm.is_activation_checkpointing)
         return self
+
+    def enable_llm_checkpointing(self) -> None:
+        """Keep only each LLM layer's input in the forward pass and recompute the layer in
+        backward: activation memory from O(layers) to O(1) layers, for one more forward.
+
+        The gradient still flows through the frozen layers to ``inputs_embeds`` (non-reentrant
+        checkpointing needs no input that requires grad). Refused for an LLM with dropout,
+        which training mode would switch on.
+        """
+        dropout = getattr(self.llm.config, "attention_dropout", 0.0) or 0.0
+        if dropout > 0 or any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.llm.modules()):
+            raise ConfigError("gradient_checkpointing needs an LLM without dropout")
+        self.llm.activation_checkpointing_enable({"use_reentrant": False})
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Parameters with ``requires_grad`` (never the LLM's): what ``save_pretrained`` writes."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -157,9 +158,11 @@ class ReportEmbeddingCache:
             for text, vector in zip(chunk, self._embed(chunk)):
                 self.table[self.key(text)] = vector
             self.computed += len(chunk)
-        if missing and self.path:
+        if missing and self.path:  # atomically: DDP ranks write the same table at once
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(self.table, self.path)
+            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+            torch.save(self.table, tmp)
+            tmp.replace(self.path)
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
         self.fill(texts)

@@ -4,12 +4,15 @@ The report-language stage trains the plain prompt alone on report text with no i
 frozen LLM learns the language of reports through its input prefix); alignment trains the
 encoder contrastively; generation and joint train encoder, projection and customizer.
 
-The same code runs on a CPU, one GPU and several (``accelerate launch -m mrg.cli train …``).
-Per stage: AdamW over that stage's trainable parameters, cosine schedule with warm-up,
+The same code runs on a CPU, one GPU and several: ``torchrun --nproc_per_node N -m mrg.cli
+train …`` (or ``accelerate launch``) gives DDP, over NCCL on GPUs and gloo on CPUs; rank 0
+alone writes checkpoints and logs, and at the end every rank checks that its trainable
+weights equal rank 0's (``ranks_in_sync`` in the log). Per stage: AdamW over that stage's trainable parameters, cosine schedule with warm-up,
 gradient accumulation and clipping. After every epoch: validation, ``<out>/last`` (model +
 full training state, so a killed run resumes where it stopped) and, when it improves,
-``<out>/best`` (0.5·BLEU-4 + 0.5·CIDEr as R2GenGPT, or −loss for the alignment stage or
-when no metric can be computed). A JSON line per logged step and epoch goes to
+``<out>/best`` ((BLEU-4 + CIDEr + CE-14 micro-F1)/3, or −loss for the alignment stage or
+when no metric can be computed). Each epoch's record holds the peak memory so far (CUDA
+allocator where present, else the process's peak RSS). A JSON line per logged step and epoch goes to
 ``<out>/log.jsonl``; TensorBoard too when it is installed.
 """
 
@@ -19,6 +22,7 @@ import json
 import logging
 import math
 import random
+import resource
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -152,6 +156,17 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
+def peak_memory(device: torch.device) -> dict:
+    """Peak memory so far in MiB: the CUDA allocator's on a GPU, else the process's peak RSS."""
+    if device.type == "cuda":
+        return {
+            "peak_memory_mib": torch.cuda.max_memory_allocated(device) / 2**20,
+            "memory": "cuda",
+        }
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"peak_memory_mib": rss_kib / 1024, "memory": "rss"}
+
+
 class Trainer:
     """Runs the configured stages on ``model``; resumes from ``<output_dir>/last`` when asked."""
 
@@ -176,11 +191,14 @@ class Trainer:
         self.output.mkdir(parents=True, exist_ok=True)
         set_seed(config.seed)
         self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),  # DDP over gloo when torchrun starts CPU ranks
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.grad_accum,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
         self.model = model
+        if config.gradient_checkpointing:
+            model.enable_llm_checkpointing()
         heads = ContrastiveHeads(
             model.encoder.embed_dim, model.llm.config.hidden_size, config.align_dim
         )
@@ -247,7 +265,8 @@ class Trainer:
         self.writer = self._tensorboard()
         if resume and (self.output / "last" / STATE_NAME).is_file():
             self._load_state(self.output / "last")
-        config.save(self.output / "train_config.json")
+        if self.accelerator.is_main_process:
+            config.save(self.output / "train_config.json")
 
     # ------------------------------------------------------------------ plumbing
 
@@ -366,7 +385,9 @@ class Trainer:
                 improved = stage in ("generate", "joint") and record["score"] > self.best_score
                 if improved:
                     self.best_score = record["score"]
-                    result.best_dir = self.unwrapped.model.save_pretrained(self.output / "best")
+                    result.best_dir = self.output / "best"
+                    if self.accelerator.is_main_process:
+                        self.unwrapped.model.save_pretrained(result.best_dir)
                 self._save_state(self.output / "last", optimizer, scheduler)
                 result.last_dir, result.best_score = self.output / "last", self.best_score
                 record.update(improved=improved)
@@ -375,7 +396,20 @@ class Trainer:
                 epochs_run += 1
             self.position.update(stage=index + 1, epoch=0, step=0)
         self.accelerator.wait_for_everyone()
+        if self.accelerator.num_processes > 1:
+            self._log(
+                {"stage": "done", "ranks": self.accelerator.num_processes, **self._ranks_in_sync()}
+            )
         return result
+
+    def _ranks_in_sync(self) -> dict:
+        """Whether every rank's trainable weights equal rank 0's (DDP keeps them equal)."""
+        flat = torch.cat(
+            [p.detach().float().flatten() for p in self.unwrapped.parameters() if p.requires_grad]
+        )
+        gathered = self.accelerator.gather(flat.unsqueeze(0))
+        gap = (gathered - gathered[0]).abs().max().item()
+        return {"ranks_in_sync": gap == 0.0, "max_rank_difference": gap}
 
     def _optimizer(self, stage: str, stage_config):
         groups = self.unwrapped.stage_groups(
@@ -435,6 +469,7 @@ class Trainer:
             "samples_per_s": samples / elapsed if elapsed else 0.0,
             "epoch_seconds": elapsed,
             "lr": scheduler.get_last_lr()[0],
+            **peak_memory(self.accelerator.device),
             "skipped_images": list(self.train_set.skipped),
         }
 
