@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from mrg.config import QUANTIZATIONS
+from mrg.config import DTYPES, QUANTIZATIONS
 
 console = Console(width=None if sys.stdout.isatty() else 120)
 
@@ -215,7 +215,7 @@ def _generate(args: argparse.Namespace) -> int:
     from mrg.service import ReportService
 
     service = ReportService.load(
-        args.checkpoints, device=args.device, quantization=args.quantization
+        args.checkpoints, device=args.device, quantization=args.quantization, dtype=args.dtype
     )
     decoding = _decoding(args)
     if args.annotation or (args.inputs and Path(args.inputs[0]).is_dir()):
@@ -245,6 +245,7 @@ def _generate(args: argparse.Namespace) -> int:
             "mode": args.mode,
             "device": service.info.device,
             "quantization": service.info.quantization,
+            "dtype": service.info.dtype,
             "findings": update.findings,
             "impression": update.impression,
             "text": update.text,
@@ -412,6 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=QUANTIZATIONS,
         default=None,
         help="load the LLM in 4-bit nf4 or int8 with bitsandbytes (GPU, or CPU where supported)",
+    )
+    generate.add_argument(
+        "--dtype",
+        choices=("auto", *DTYPES),
+        default="auto",
+        help="the LLM's dtype (auto: bfloat16 on a CPU that decodes faster in it)",
     )
     generate.add_argument("--json", action="store_true", help="print the final report as JSON")
     generate.add_argument("--annotation", help="annotation.json: generate for a whole split")

@@ -5,7 +5,9 @@ Configuration: command-line flags or environment variables (flags win).
     MRG_CHECKPOINTS          folder with prompt-wise/ and promptbook-wise/  (default assets/checkpoints)
     MRG_LLM                  override the frozen LLM (local directory or hub id)
     MRG_DEVICE               cpu | cuda                                      (default: cuda when present)
-    MRG_QUANTIZATION         none | nf4 | int8 for the LLM (bitsandbytes, CUDA only; default: the checkpoint's)
+    MRG_QUANTIZATION         none | nf4 | int8 for the LLM (bitsandbytes; default: the checkpoint's)
+    MRG_DTYPE                auto | float32 | bfloat16 | float16 for the LLM  (default auto: bf16 on a
+                             CPU that decodes faster in it, else the checkpoint's)
     MRG_DATA_DIR             where the review database lives                 (default ./mrg-data)
     MRG_DATASET_ANNOTATION   annotation.json for the dataset browser         (optional)
     MRG_DATASET_IMAGES       its image root
@@ -22,7 +24,7 @@ import logging
 import os
 from pathlib import Path
 
-from mrg.config import QUANTIZATIONS
+from mrg.config import DTYPES, QUANTIZATIONS
 
 HERE = Path(__file__).resolve().parents[1]  # the repository root
 
@@ -34,6 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--llm", default=env("MRG_LLM"))
     parser.add_argument("--device", default=env("MRG_DEVICE"))
     parser.add_argument("--quantization", default=env("MRG_QUANTIZATION"), choices=QUANTIZATIONS)
+    parser.add_argument("--dtype", default=env("MRG_DTYPE", "auto"), choices=("auto", *DTYPES))
     parser.add_argument("--data-dir", default=env("MRG_DATA_DIR", "mrg-data"))
     parser.add_argument("--dataset-annotation", default=env("MRG_DATASET_ANNOTATION"))
     parser.add_argument("--dataset-images", default=env("MRG_DATASET_IMAGES"))
@@ -60,7 +63,11 @@ def build_demo(args: argparse.Namespace):
 
     torch.set_num_threads(os.cpu_count() or 1)
     service = ReportService.load(
-        args.checkpoints, llm_source=args.llm, device=args.device, quantization=args.quantization
+        args.checkpoints,
+        llm_source=args.llm,
+        device=args.device,
+        quantization=args.quantization,
+        dtype=args.dtype,
     )
     store = ReviewStore(Path(args.data_dir) / "reviews.sqlite")
     dataset = None

@@ -102,7 +102,7 @@ def banner(info: ServiceInfo) -> str:
         "**Research demo, not for diagnosis.** "
         f"Modes: {', '.join(info.modes)} · LLM: {info.llm}"
         + (f" ({info.quantization})" if info.quantization != "none" else "")
-        + f" · device: {info.device}."
+        + f" · device: {info.device}, {info.dtype}."
     )
     if info.views == 1:
         text += " The checkpoints read the frontal view only; a lateral is shown but not used."
