@@ -15,7 +15,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from mrg.config import DTYPES, QUANTIZATIONS
+from mrg.config import CUSTOMIZER_MODES, DTYPES, QUANTIZATIONS
+from mrg.train.config import TRAIN_PRESETS
 
 console = Console(width=None if sys.stdout.isatty() else 120)
 
@@ -360,12 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(func=_prepare)
 
     train = sub.add_parser("train", help="train a static, prompt-wise or promptbook-wise model")
-    train.add_argument(
-        "--preset",
-        default="demo-cpu",
-        help="demo-cpu | demo-checkpoints | iu-xray-llama2-7b-nf4 | mimic-cxr-llama2-7b-nf4",
-    )
-    train.add_argument("--mode", default=None, choices=["static", "prompt-wise", "promptbook-wise"])
+    train.add_argument("--preset", default="demo-cpu", choices=sorted(TRAIN_PRESETS))
+    train.add_argument("--mode", default=None, choices=CUSTOMIZER_MODES)
     train.add_argument("--config", help="a TrainConfig JSON file instead of a preset")
     train.add_argument("--annotation", help="R2Gen-style annotation.json")
     train.add_argument("--images", help="image root the annotation's paths are relative to")
@@ -400,9 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="generate a report for an image (PNG/JPEG/DICOM), a folder or a split"
     )
     generate.add_argument("inputs", nargs="*", help="FRONTAL [LATERAL], or a folder of images")
-    generate.add_argument(
-        "--mode", default="prompt-wise", choices=["static", "prompt-wise", "promptbook-wise"]
-    )
+    generate.add_argument("--mode", default="prompt-wise", choices=CUSTOMIZER_MODES)
     generate.add_argument(
         "--checkpoints",
         help="folder with prompt-wise/ and promptbook-wise/ (default: assets/checkpoints)",

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 CUSTOMIZER_MODES = ("static", "prompt-wise", "promptbook-wise")
+CUSTOMIZED_MODES = CUSTOMIZER_MODES[1:]  # the two instance-level customizations (MRG-LLM's)
 QUANTIZATIONS = ("none", "nf4", "int8")
 DTYPES = ("float32", "bfloat16", "float16")
 SMOLLM2 = "smollm2"

@@ -22,7 +22,13 @@ from pathlib import Path
 
 import torch
 
-from mrg.config import CUSTOMIZER_MODES, DEFAULT_DECODING, ModelConfig, model_preset
+from mrg.config import (
+    CUSTOMIZED_MODES,
+    CUSTOMIZER_MODES,
+    DEFAULT_DECODING,
+    ModelConfig,
+    model_preset,
+)
 from mrg.data.reports import split_sentences
 from mrg.data.sections import split_sections
 from mrg.data.study import Study, batch_tensors
@@ -144,7 +150,7 @@ class ReportService:
                 "no checkpoint under %s: using untrained demo models (reports will be meaningless)",
                 root,
             )
-            for index, mode in enumerate(("prompt-wise", "promptbook-wise")):
+            for index, mode in enumerate(CUSTOMIZED_MODES):
                 torch.manual_seed(index)
                 models[mode] = MRGModel(model_preset("demo-cpu", mode), llm, tokenizer).eval()
         info = ServiceInfo(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from mrg.config import DEFAULT_DECODING
+from mrg.config import CUSTOMIZED_MODES, DEFAULT_DECODING
 from mrg.data.datasets import StudyRecord
 from mrg.data.study import Study, study_from_sources
 from mrg.imaging import DEFAULT_LIMITS, ImageError, ImageLimits
@@ -224,7 +224,7 @@ class DemoApp:
 
     def _modes(self, choice: str) -> list[str]:
         if choice == COMPARE_BOTH:
-            return [m for m in ("prompt-wise", "promptbook-wise") if m in self.service.models]
+            return [m for m in CUSTOMIZED_MODES if m in self.service.models]
         return [choice]
 
     @gpu
@@ -419,8 +419,8 @@ class DemoApp:
 
     def build(self) -> gr.Blocks:
         info = self.service.info
-        modes = [m for m in ("prompt-wise", "promptbook-wise", "static") if m in info.modes]
-        if {"prompt-wise", "promptbook-wise"} <= set(info.modes):
+        modes = [m for m in (*CUSTOMIZED_MODES, "static") if m in info.modes]
+        if set(CUSTOMIZED_MODES) <= set(info.modes):
             modes.append(COMPARE_BOTH)
         # delete_cache: Gradio's own copies (images shown, exports) go after 10 minutes
         with gr.Blocks(

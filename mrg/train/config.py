@@ -47,6 +47,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 42
     mixed_precision: str = "no"  # no | bf16 | fp16
+    gradient_checkpointing: bool = False  # recompute the frozen LLM's activations in backward
     on_missing: str = "error"  # error | skip
     val_max_studies: int = 32
     val_max_new_tokens: int = 60
@@ -117,7 +118,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "demo-checkpoints": {
         "language": {"epochs": 2, "lr": 3e-3},
         "align": {"epochs": 3, "lr": 5e-4},
-        "generate": {"epochs": 1, "lr": 1e-3},
+        "generate": {"epochs": 3, "lr": 1e-3},
         "encoder_lr_scale": 0.1,
         "batch_size": 8,
         "val_max_studies": 16,
