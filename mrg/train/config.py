@@ -118,7 +118,7 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "demo-checkpoints": {
         "language": {"epochs": 2, "lr": 3e-3},
         "align": {"epochs": 3, "lr": 5e-4},
-        "generate": {"epochs": 3, "lr": 1e-3},
+        "generate": {"epochs": 1, "lr": 1e-3},
         "encoder_lr_scale": 0.1,
         "batch_size": 8,
         "val_max_studies": 16,
