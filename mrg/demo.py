@@ -7,7 +7,7 @@ Configuration: command-line flags or environment variables (flags win).
     MRG_DEVICE               cpu | cuda                                      (default: cuda when present)
     MRG_QUANTIZATION         none | nf4 | int8 for the LLM (bitsandbytes; default: the checkpoint's)
     MRG_DTYPE                auto | float32 | bfloat16 | float16 for the LLM  (default auto: bf16 on a
-                             CPU that decodes faster in it, else the checkpoint's)
+                             CPU with fast bf16 matrix products, else the checkpoint's)
     MRG_DATA_DIR             where the review database lives                 (default ./mrg-data)
     MRG_DATASET_ANNOTATION   annotation.json for the dataset browser         (optional)
     MRG_DATASET_IMAGES       its image root

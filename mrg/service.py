@@ -106,7 +106,7 @@ class ReportService:
         """Load every mode found under ``checkpoints`` (default ``$MRG_CHECKPOINTS`` or assets/checkpoints).
 
         ``dtype`` is the frozen LLM's: ``"auto"`` (or None) keeps the checkpoint's, except on
-        a CPU that decodes measurably faster in bfloat16 (``cpu_prefers_bf16``); the trainable
+        a CPU whose bfloat16 matrix products are measurably faster (``cpu_prefers_bf16``); the trainable
         parts stay float32. Without any checkpoint, untrained demo-cpu models are built so
         the app still runs; ``info.trained`` is then False and the banner says so.
         """
