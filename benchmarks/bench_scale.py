@@ -8,7 +8,7 @@ downloaded), saved once as a bf16 checkpoint in a temporary folder and loaded th
 ``mrg.model.llm.load_frozen_llm`` loads a real one (bitsandbytes for nf4). For each
 precision it measures
 
-* load: memory the frozen model takes (CUDA allocator, else resident set growth);
+* load: seconds, and the bytes of the frozen model's parameters and buffers as loaded;
 * a training step of the MRG-LLM kind: a loss on ``inputs_embeds`` that requires grad (the
   soft prompt and visual tokens), backward through the frozen LLM to those inputs, with and
   without activation checkpointing: seconds per step, samples/s, peak memory;
@@ -24,10 +24,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import multiprocessing
+import resource
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,12 +104,13 @@ class Estimate:
 
 
 class Memory:
-    """Memory in use now and at peak: the CUDA allocator's, else the process's resident set."""
+    """Memory in use now and at peak in this process: the CUDA allocator's, else the resident
+    set (each measurement runs in a fresh process, so freed pages of an earlier one do not hide
+    its growth)."""
 
     def __init__(self, device: str):
         self.device = device
         self.process = psutil.Process()
-        self.peak_rss = 0
 
     def free(self) -> float:
         if self.device == "cuda":
@@ -118,18 +122,10 @@ class Memory:
             return torch.cuda.memory_allocated()
         return self.process.memory_info().rss
 
-    def reset_peak(self) -> None:
-        if self.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        self.peak_rss = self.now()
-
-    def sample(self) -> None:
-        self.peak_rss = max(self.peak_rss, self.now())
-
     def peak(self) -> float:
         if self.device == "cuda":
             return torch.cuda.max_memory_allocated()
-        return self.peak_rss
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def load(path: Path, precision: str, device: str):
@@ -149,8 +145,8 @@ def load(path: Path, precision: str, device: str):
     return freeze(model)
 
 
-def train_steps(model, batch: int, seq: int, steps: int, memory: Memory) -> tuple[float, float]:
-    """(median seconds per step, peak bytes): loss on inputs_embeds, backward to them."""
+def train_steps(model, batch: int, seq: int, steps: int) -> float:
+    """Median seconds per step: a loss on inputs_embeds, backward to them."""
     dtype = model.get_input_embeddings().weight.dtype
     device = model.device
     generator = torch.Generator(device="cpu").manual_seed(0)
@@ -160,19 +156,16 @@ def train_steps(model, batch: int, seq: int, steps: int, memory: Memory) -> tupl
     labels[:, : seq // 2] = -100  # the prefix (instruction, prompt, image) carries no loss
     labels = labels.to(device)
     times = []
-    memory.reset_peak()
     for _ in range(steps):
         start = time.perf_counter()
         loss = model(inputs_embeds=embeds, labels=labels, use_cache=False).loss
-        memory.sample()
         loss.backward()
-        memory.sample()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         assert embeds.grad is not None and torch.isfinite(embeds.grad).all()
         embeds.grad = None
-    return statistics.median(times), memory.peak()
+    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -193,6 +186,29 @@ def generation(model, tokens: int) -> tuple[float, float]:
     return ttft, (tokens - 1) / max(1e-9, time.perf_counter() - start - ttft)
 
 
+def measure(folder: str, precision: str, device: str, checkpointing: bool, args: dict) -> dict:
+    """In a fresh process: load, train ``steps`` steps, and (without checkpointing) generate."""
+    torch.manual_seed(0)
+    memory = Memory(device)
+    before = memory.now()
+    start = time.perf_counter()
+    model = load(Path(folder), precision, device)
+    key = "checkpointed" if checkpointing else "plain"
+    # parameters and buffers as loaded (resident-set growth would miss memory-mapped weights)
+    row = {"load_s": time.perf_counter() - start, "load_gib": model.get_memory_footprint() / GIB}
+    if checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    model.train(checkpointing)  # transformers checkpoints modules in training mode
+    seconds = train_steps(model, args["batch"], args["seq"], args["steps"])
+    row[f"{key}_step_s"] = seconds
+    row[f"{key}_samples_s"] = args["batch"] / seconds
+    row[f"{key}_peak_gib"] = (memory.peak() - before) / GIB
+    if not checkpointing:
+        model.eval()
+        row["ttft_s"], row["tokens_s"] = generation(model, args["tokens"])
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=SHAPES, default="7b")
@@ -205,12 +221,19 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    memory = Memory(device)
     config = shape_config(args.shape)
     if "nf4" in args.precisions and bitsandbytes_device() is None:
         console.print("[yellow]bitsandbytes cannot quantize here: nf4 skipped[/yellow]")
         args.precisions = [p for p in args.precisions if p != "nf4"]
     estimates = {p: Estimate.of(config, p, args.batch, args.seq) for p in args.precisions}
+    free = Memory(device).free()
+    fitting = [p for p, e in estimates.items() if e.weights + e.checkpointed <= 0.85 * free]
+    if not fitting:
+        raise SystemExit(
+            f"{args.shape}: no precision of {args.precisions} fits the {free / GIB:.1f} GiB free "
+            f"on {device} (nf4 needs ~{Estimate.of(config, 'nf4', args.batch, args.seq).weights / GIB:.1f} "
+            "GiB of weights); choose a smaller --shape"
+        )
     host_free = psutil.virtual_memory().available
     build = next(iter(estimates.values())).build
     if build > 0.85 * host_free:
@@ -229,7 +252,7 @@ def main() -> None:
             gc.collect()
         for precision in args.precisions:
             need = estimates[precision]
-            free = memory.free()
+            free = Memory(device).free()
             if need.weights + need.checkpointed > 0.85 * free:
                 rows.append({"precision": precision, "refused": True})
                 console.print(
@@ -238,33 +261,20 @@ def main() -> None:
                     f"fit the {free / GIB:.1f} GiB free on {device}: skipped[/yellow]"
                 )
                 continue
-            before = memory.now()
-            start = time.perf_counter()
-            model = load(Path(folder), precision, device)
-            row = {
-                "precision": precision,
-                "load_s": time.perf_counter() - start,
-                "load_gib": (memory.now() - before) / GIB,
-            }
+            row = {"precision": precision}
             for checkpointing in (False, True):
                 key = "checkpointed" if checkpointing else "plain"
-                if not checkpointing and need.weights + need.activations > 0.85 * memory.free():
-                    row[f"{key}_step_s"] = None  # would not fit: only the checkpointed step runs
-                    continue
-                if checkpointing:
-                    model.activation_checkpointing_enable({"use_reentrant": False})
-                model.train(checkpointing)  # transformers checkpoints modules in training mode
-                seconds, peak = train_steps(model, args.batch, args.seq, args.steps, memory)
-                row[f"{key}_step_s"] = seconds
-                row[f"{key}_samples_s"] = args.batch / seconds
-                row[f"{key}_peak_gib"] = (peak - before) / GIB
-            model.eval()
-            row["ttft_s"], row["tokens_s"] = generation(model, args.tokens)
+                if not checkpointing and need.weights + need.activations > 0.85 * free:
+                    continue  # would not fit: only the checkpointed step runs
+                with (
+                    console.status(f"{precision}, {key}"),
+                    ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool,
+                ):
+                    child = pool.submit(
+                        measure, folder, precision, device, checkpointing, vars(args)
+                    ).result()
+                row.update({k: v for k, v in child.items() if k.startswith(key) or k not in row})
             rows.append(row)
-            del model
-            gc.collect()
-            if device == "cuda":
-                torch.cuda.empty_cache()
     show(args, device, params, rows)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
