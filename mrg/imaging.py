@@ -83,9 +83,6 @@ class LoadedImage:
     def to_uint8(self) -> np.ndarray:
         return np.round(self.pixels * 255.0).astype(np.uint8)
 
-    def to_pil(self) -> Image.Image:
-        return Image.fromarray(self.to_uint8(), mode="L")
-
 
 DEFAULT_LIMITS = ImageLimits()
 

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -11,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydicom.data import get_testdata_file
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -129,3 +135,67 @@ def random_batch(batch: int = 2, views: int = 2, size: int = 64, seed: int = 0):
     view_ids = torch.tensor([[0, 1][:views]] * batch)
     view_mask = torch.ones(batch, views, dtype=torch.bool)
     return images, view_ids, view_mask
+
+
+# ----------------------------------------------------------------------------- the app in a process
+
+DICOM = get_testdata_file("RG1_UNCI.dcm")  # a real chest CR that pydicom-data ships
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory, tiny_llm, tokenizer):
+    root = tmp_path_factory.mktemp("app")
+    save_tiny_checkpoints(root, tiny_llm, tokenizer)
+    return root
+
+
+class AppProcess:
+    def __init__(self, checkpoints: Path, data_dir: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        env = dict(
+            os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", MRG_NUM_THREADS="1"
+        )
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                str(REPO / "app.py"),
+                "--checkpoints",
+                str(checkpoints),
+                "--data-dir",
+                str(data_dir),
+                "--port",
+                str(self.port),
+                "--max-upload-mb",
+                "20",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError("app exited:\n" + self.process.stdout.read())
+            try:
+                urllib.request.urlopen(self.url, timeout=2)
+                return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError("app did not start in 120 s")
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()

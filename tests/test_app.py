@@ -1,19 +1,13 @@
 """The demo: handlers directly, then the real app in another process driven by gradio_client."""
 
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_checkpoints, shared_path, tiny_model_config
-from pydicom.data import get_testdata_file
+from conftest import DICOM, AppProcess, shared_path, tiny_model_config
 
 from mrg.model import MRGModel
 from mrg.review import ReviewStore
@@ -21,7 +15,6 @@ from mrg.service import ReportService, ServiceInfo
 from mrg.ui import COMPARE_BOTH, WHOLE_REPORT, DemoApp, DemoState, banner, default_examples
 
 ROOT = Path(__file__).resolve().parents[1]
-DICOM = get_testdata_file("RG1_UNCI.dcm")
 
 
 @pytest.fixture
@@ -148,64 +141,6 @@ def test_blocks_build(demo):
 # ----------------------------------------------------------------------------- end to end
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoints(tmp_path_factory, tiny_llm, tokenizer):
-    root = tmp_path_factory.mktemp("app")
-    save_tiny_checkpoints(root, tiny_llm, tokenizer)
-    return root
-
-
-class AppProcess:
-    def __init__(self, checkpoints: Path, data_dir: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
-        env = dict(
-            os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", MRG_NUM_THREADS="1"
-        )
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                str(ROOT / "app.py"),
-                "--checkpoints",
-                str(checkpoints),
-                "--data-dir",
-                str(data_dir),
-                "--port",
-                str(self.port),
-                "--max-upload-mb",
-                "20",
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError("app exited:\n" + self.process.stdout.read())
-            try:
-                urllib.request.urlopen(self.url, timeout=2)
-                return
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        raise RuntimeError("app did not start in 120 s")
-
-    def stop(self):
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-
-
 @pytest.fixture(scope="module")
 def app_server(tiny_checkpoints):
     server = AppProcess(tiny_checkpoints / "ckpt", tiny_checkpoints / "data")
@@ -308,7 +243,8 @@ def test_identical_simultaneous_uploads_all_load(demo, tmp_path, monkeypatch):
     assert all(state.study is not None for state, *_ in loads), [r[-1] for r in loads]
     assert len({state.case_key for state, *_ in loads}) == 1
     assert not shared.exists()
-    again, *_, status = demo.load_upload(DemoState(), str(shared), None)  # a second click
+    # a second click on the same upload
+    again, *_, status = demo.load_upload(DemoState(), str(shared), None)
     assert again.study is not None, status
 
 

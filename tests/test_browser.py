@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_app import DICOM, AppProcess, tiny_checkpoints  # noqa: F401 (fixture)
+from conftest import DICOM, AppProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -42,7 +42,7 @@ def browser():
         browser.close()
 
 
-def test_upload_generate_explain_and_review(browser, tiny_checkpoints, tmp_path):  # noqa: F811
+def test_upload_generate_explain_and_review(browser, tiny_checkpoints, tmp_path):
     ARTIFACTS.mkdir(exist_ok=True)
     server = AppProcess(tiny_checkpoints / "ckpt", tmp_path / "data")
     try:

@@ -8,9 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import shared_path
+from conftest import DICOM, AppProcess, shared_path
 from safetensors import safe_open
-from test_app import DICOM, AppProcess
 
 from mrg.config import Decoding
 from mrg.data.pairs import patient_split, read_nih_labels

@@ -106,9 +106,8 @@ def test_resume_equals_uninterrupted(tmp_path, four_studies, tiny_llm, tokenizer
     Trainer(full, build(tiny_llm, tokenizer, full), train, val).fit()
 
     part = make_config(tmp_path / "b", annotation, images, **stages)
-    Trainer(
-        part, build(tiny_llm, tokenizer, part), train, val, stop_after_epochs=2
-    ).fit()  # "killed" mid-run
+    killed = Trainer(part, build(tiny_llm, tokenizer, part), train, val, stop_after_epochs=2)
+    killed.fit()  # stops after two epochs, as a killed run would
     state = torch.load(tmp_path / "b" / "run" / "last" / "trainer_state.pt", weights_only=False)
     assert state["position"] == {"stage": 2, "epoch": 1, "step": 2}
     fresh = build(

@@ -18,9 +18,6 @@ class Sections:
     findings: str = ""
     impression: str = ""
 
-    def as_text(self) -> str:
-        return format_report(self.findings, self.impression)
-
 
 def format_report(findings: str, impression: str) -> str:
     """``FINDINGS: f⏎IMPRESSION: i``, omitting an empty section.
