@@ -287,6 +287,39 @@ class DemoApp:
         choices = [WHOLE_REPORT] + report_sentences(first)
         yield *boxes, " · ".join(stats), gr.update(choices=choices, value=WHOLE_REPORT), state
 
+    # ------------------------------------------------------------------ stateless API
+
+    @gpu
+    def report(self, frontal: str | None, lateral: str | None, mode: str | None) -> dict:
+        """One study in, its report out, with no session (``api_name="/report"``).
+
+        Greedy decoding with the app's defaults. Unusable input raises ``gr.Error`` with the
+        message the page would show, which ``gradio_client`` raises as ``AppError``.
+        """
+        mode = mode or CUSTOMIZED_MODES[0]
+        if mode not in self.service.models:
+            raise gr.Error(f"mode must be one of {', '.join(self.service.models)}, got {mode!r}")
+        if not frontal:
+            raise gr.Error("Give a frontal chest X-ray (PNG, JPEG or DICOM).")
+        try:
+            data = [self.uploads.read(p) for p in (frontal, lateral) if p]
+            study = self._study_from(data, "api")
+            update = self.service.generate(study, mode)
+        except ImageError as err:
+            raise gr.Error(f"Could not load the study. {err}") from None
+        except Exception as err:  # noqa: BLE001
+            log_failure("the report API", err)
+            raise gr.Error(UNEXPECTED) from None
+        return {
+            "findings": update.findings,
+            "impression": update.impression,
+            "text": update.text,
+            "mode": mode,
+            "checkpoint": self.service.info.checkpoints.get(mode, "untrained"),
+            "tokens": update.tokens,
+            "views": [v.position for v in study.views],
+        }
+
     # ------------------------------------------------------------------ explanation
 
     @gpu
@@ -552,6 +585,16 @@ class DemoApp:
                     export_csv = gr.Button("Export CSV")
                     export_json = gr.Button("Export JSON")
                     export_file = gr.File(label="Export", interactive=False)
+
+            with gr.Column(visible=False):  # the stateless API's inputs and output, not shown
+                api_frontal = gr.File(type="filepath")
+                api_lateral = gr.File(type="filepath")
+                api_mode = gr.Textbox()
+                api_report = gr.JSON()
+                api_button = gr.Button()
+            api_button.click(
+                self.report, [api_frontal, api_lateral, api_mode], api_report, api_name="report"
+            )
 
             loaded = [state, reference, frontal_image, lateral_image, meta, load_status]
             upload_button.click(

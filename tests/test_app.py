@@ -186,6 +186,25 @@ def test_end_to_end_with_gradio_client(app_server, tmp_path):
 
 
 @pytest.mark.slow
+def test_stateless_report_api(app_server, tmp_path):
+    """One call, no session: an image in, both sections out; bad input is a clear error."""
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    client = Client(app_server.url, verbose=False)
+    report = client.predict(handle_file(DICOM), None, "promptbook-wise", api_name="/report")
+    assert report["mode"] == "promptbook-wise" and report["checkpoint"].endswith("promptbook-wise")
+    assert report["findings"] and report["impression"] and report["views"] == ["frontal"]
+    assert report["text"].startswith("FINDINGS:") and "\nIMPRESSION:" in report["text"]
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(500))
+    with pytest.raises(AppError, match="Could not load the study.*damaged"):
+        client.predict(handle_file(str(corrupt)), None, "prompt-wise", api_name="/report")
+    with pytest.raises(AppError, match="mode must be one of"):
+        client.predict(handle_file(DICOM), None, "nonsense", api_name="/report")
+
+
+@pytest.mark.slow
 def test_review_survives_an_app_restart(tiny_checkpoints, tmp_path):
     from gradio_client import Client, handle_file
 
