@@ -17,6 +17,17 @@ from typing import Any
 
 CUSTOMIZER_MODES = ("static", "prompt-wise", "promptbook-wise")
 CUSTOMIZED_MODES = CUSTOMIZER_MODES[1:]  # the two instance-level customizations (MRG-LLM's)
+CONFIG_NAME = "mrg_config.json"  # a checkpoint folder's model config (beside model.safetensors)
+DEFAULT_CHECKPOINTS = Path(__file__).resolve().parents[1] / "assets" / "checkpoints"
+
+
+def checkpoint_modes(checkpoints: str | Path | None = None) -> dict[str, Path]:
+    """The modes a checkpoint folder holds (``<root>/<mode>/mrg_config.json``), read without
+    loading anything. ``checkpoints`` defaults to ``$MRG_CHECKPOINTS``, else the shipped ones."""
+    root = Path(checkpoints or os.environ.get("MRG_CHECKPOINTS") or DEFAULT_CHECKPOINTS)
+    return {m: root / m for m in CUSTOMIZER_MODES if (root / m / CONFIG_NAME).is_file()}
+
+
 QUANTIZATIONS = ("none", "nf4", "int8")
 DTYPES = ("float32", "bfloat16", "float16")
 SMOLLM2 = "smollm2"

@@ -53,25 +53,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_demo(args: argparse.Namespace):
-    import torch
+    """The Blocks, built at once; the models load in the background once ``start()``-ed.
 
-    from mrg.data.datasets import load_annotation
+    Only Gradio is imported before the page is served: torch, transformers and the
+    checkpoints load in a thread (``mrg.loading``), and the banner says so until they are in.
+    """
+    from mrg.config import CUSTOMIZED_MODES, checkpoint_modes
     from mrg.imaging import ImageLimits
+    from mrg.loading import Loading
     from mrg.review import ReviewStore
-    from mrg.service import ReportService
     from mrg.ui import DemoApp, default_examples
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    service = ReportService.load(
-        args.checkpoints,
-        llm_source=args.llm,
-        device=args.device,
-        quantization=args.quantization,
-        dtype=args.dtype,
-    )
+    def load_service():
+        import torch
+
+        from mrg.service import ReportService
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        return ReportService.load(
+            args.checkpoints,
+            llm_source=args.llm,
+            device=args.device,
+            quantization=args.quantization,
+            dtype=args.dtype,
+        )
+
     store = ReviewStore(Path(args.data_dir) / "reviews.sqlite")
     dataset = None
     if args.dataset_annotation:
+        from mrg.data.datasets import load_annotation
+
         dataset = load_annotation(
             args.dataset_annotation, args.dataset_images or ".", split=args.dataset_split
         )
@@ -79,14 +90,23 @@ def build_demo(args: argparse.Namespace):
         Path(args.shared_data) if args.shared_data and Path(args.shared_data).is_dir() else None
     )
     limits = ImageLimits(max_file_bytes=args.max_upload_mb * 1024 * 1024)
-    return DemoApp(service, store, default_examples(shared), dataset, limits).build()
+    app = DemoApp(
+        Loading(load_service),
+        store,
+        default_examples(shared),
+        dataset,
+        limits,
+        modes=list(checkpoint_modes(args.checkpoints)) or CUSTOMIZED_MODES,
+    )
+    return app.build(), app.loading
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    demo = build_demo(args)
+    demo, loading = build_demo(args)
     demo.queue(max_size=16, default_concurrency_limit=2)
+    loading.start()  # the page is served while the models load
     demo.launch(
         server_name=args.host, server_port=args.port, max_file_size=f"{args.max_upload_mb}mb"
     )

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -23,10 +22,11 @@ from pathlib import Path
 import torch
 
 from mrg.config import (
+    CONFIG_NAME,
     CUSTOMIZED_MODES,
-    CUSTOMIZER_MODES,
     DEFAULT_DECODING,
     ModelConfig,
+    checkpoint_modes,
     model_preset,
 )
 from mrg.data.reports import split_sentences
@@ -37,10 +37,8 @@ from mrg.evaluation.metrics import nlg_scores
 from mrg.explain import Heatmap, explain
 from mrg.model import Decoding, MRGModel
 from mrg.model.llm import cpu_prefers_bf16, load_frozen_llm, quantization_in_effect
-from mrg.model.mrg_model import CONFIG_NAME
 
 log = logging.getLogger(__name__)
-DEFAULT_CHECKPOINTS = Path(__file__).resolve().parents[1] / "assets" / "checkpoints"
 
 
 @dataclass
@@ -110,8 +108,7 @@ class ReportService:
         parts stay float32. Without any checkpoint, untrained demo-cpu models are built so
         the app still runs; ``info.trained`` is then False and the banner says so.
         """
-        root = Path(checkpoints or os.environ.get("MRG_CHECKPOINTS") or DEFAULT_CHECKPOINTS)
-        found = {m: root / m for m in CUSTOMIZER_MODES if (root / m / CONFIG_NAME).is_file()}
+        found = checkpoint_modes(checkpoints)
         overrides = {}
         if llm_source:
             overrides["source"] = llm_source
@@ -148,7 +145,7 @@ class ReportService:
         else:
             log.warning(
                 "no checkpoint under %s: using untrained demo models (reports will be meaningless)",
-                root,
+                checkpoints or "$MRG_CHECKPOINTS or the default folder",
             )
             for index, mode in enumerate(CUSTOMIZED_MODES):
                 torch.manual_seed(index)

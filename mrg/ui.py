@@ -12,19 +12,23 @@ import html
 import logging
 import tempfile
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gradio as gr
 
-from mrg.config import CUSTOMIZED_MODES, DEFAULT_DECODING
-from mrg.data.datasets import StudyRecord
-from mrg.data.study import Study, study_from_sources
+from mrg.config import CUSTOMIZED_MODES, DEFAULT_DECODING, Decoding
 from mrg.imaging import DEFAULT_LIMITS, ImageError, ImageLimits
-from mrg.model import Decoding
+from mrg.loading import Loading
 from mrg.review import ERROR_CATEGORIES, VERDICTS, Review, ReviewError, ReviewStore
-from mrg.service import ReportService, ServiceInfo, report_sentences
 from mrg.uploads import UploadReader
+
+if TYPE_CHECKING:  # torch and the models load after the page is up (``mrg.loading``)
+    from mrg.data.datasets import StudyRecord
+    from mrg.data.study import Study
+    from mrg.service import ReportService, ServiceInfo
 
 log = logging.getLogger(__name__)
 COMPARE_BOTH = "compare both"
@@ -111,27 +115,68 @@ def banner(info: ServiceInfo) -> str:
     return text
 
 
+LOADING_BANNER = (
+    "## mrg — chest X-ray report generation with customized prompts\n"
+    "**Research demo, not for diagnosis.** ⏳ **Loading the models…** You can load a study "
+    "now; generating waits until they are ready."
+)
+
+
+def failed_banner(error: BaseException) -> str:
+    return (
+        "## mrg — chest X-ray report generation with customized prompts\n"
+        f"⚠️ **The models could not be loaded ({type(error).__name__}); see the server log.**"
+    )
+
+
 class DemoApp:
-    """The demo's handlers; ``build`` lays them out as Gradio Blocks."""
+    """The demo's handlers; ``build`` lays them out as Gradio Blocks.
+
+    ``service`` may still be loading (``mrg.loading.Loading``): the page is built from
+    ``modes`` (what the checkpoint folder holds) and says so in the banner until the models
+    are ready; a handler that needs them waits for them.
+    """
 
     def __init__(
         self,
-        service: ReportService,
+        service: ReportService | Loading[ReportService],
         store: ReviewStore,
         examples: list[Example] | None = None,
         dataset: list[StudyRecord] | None = None,
         limits: ImageLimits = DEFAULT_LIMITS,
         uploads: UploadReader | None = None,
+        modes: Sequence[str] = CUSTOMIZED_MODES,
     ):
-        self.service, self.store, self.limits = service, store, limits
+        self.loading = service if isinstance(service, Loading) else Loading.of(service)
+        self.store, self.limits = store, limits
+        loaded = self.loading.ready() and self.loading.error is None
+        self.modes = list(self.loading.get().info.modes if loaded else modes)
         self.uploads = uploads or UploadReader()
         self.examples = {e.label: e for e in (examples or [])}
         self.dataset = {r.study_id: r for r in (dataset or [])}
+
+    @property
+    def service(self) -> ReportService:
+        """The loaded service (waits while the models load)."""
+        return self.loading.get()
+
+    def banner_now(self):
+        """(banner, timer update): the loaded banner once ready, and the timer stopped."""
+        if not self.loading.ready():
+            return gr.update(), gr.update()
+        text = (
+            failed_banner(self.loading.error)
+            if self.loading.error
+            else banner(self.loading.get().info)
+        )
+        return text, gr.Timer(active=False)
 
     # ------------------------------------------------------------------ loading
 
     def _study_from(self, sources: list[Path | bytes], key: str) -> Study:
         """Frontal (and lateral) from the first two sources; DICOM view positions win over the order."""
+        from mrg.data.study import study_from_sources
+
         lateral = sources[1] if len(sources) > 1 else None
         return study_from_sources(sources[0], lateral, study_id=key, limits=self.limits)
 
@@ -224,7 +269,7 @@ class DemoApp:
 
     def _modes(self, choice: str) -> list[str]:
         if choice == COMPARE_BOTH:
-            return [m for m in CUSTOMIZED_MODES if m in self.service.models]
+            return [m for m in CUSTOMIZED_MODES if m in self.modes]
         return [choice]
 
     @gpu
@@ -283,6 +328,8 @@ class DemoApp:
                 stats.append(
                     f"**{current}**: {update.tokens} tokens, first token after {ttft}, {rate}"
                 )
+        from mrg.service import report_sentences
+
         first = next(iter(state.generated.values()), "")
         choices = [WHOLE_REPORT] + report_sentences(first)
         yield *boxes, " · ".join(stats), gr.update(choices=choices, value=WHOLE_REPORT), state
@@ -297,8 +344,8 @@ class DemoApp:
         message the page would show, which ``gradio_client`` raises as ``AppError``.
         """
         mode = mode or CUSTOMIZED_MODES[0]
-        if mode not in self.service.models:
-            raise gr.Error(f"mode must be one of {', '.join(self.service.models)}, got {mode!r}")
+        if mode not in self.modes:
+            raise gr.Error(f"mode must be one of {', '.join(self.modes)}, got {mode!r}")
         if not frontal:
             raise gr.Error("Give a frontal chest X-ray (PNG, JPEG or DICOM).")
         try:
@@ -451,16 +498,20 @@ class DemoApp:
     # ------------------------------------------------------------------ layout
 
     def build(self) -> gr.Blocks:
-        info = self.service.info
-        modes = [m for m in (*CUSTOMIZED_MODES, "static") if m in info.modes]
-        if set(CUSTOMIZED_MODES) <= set(info.modes):
+        ready = self.loading.ready() and self.loading.error is None
+        modes = [m for m in (*CUSTOMIZED_MODES, "static") if m in self.modes]
+        if set(CUSTOMIZED_MODES) <= set(self.modes):
             modes.append(COMPARE_BOTH)
         # delete_cache: Gradio's own copies (images shown, exports) go after 10 minutes
         with gr.Blocks(
             title="mrg — chest X-ray report generation (research demo)", delete_cache=(600, 600)
         ) as demo:
             state = gr.State(DemoState())
-            gr.Markdown(banner(info), elem_id="banner")
+            heading = gr.Markdown(
+                banner(self.service.info) if ready else LOADING_BANNER, elem_id="banner"
+            )
+            until_loaded = gr.Timer(1.0, active=not ready)
+            until_loaded.tick(self.banner_now, None, [heading, until_loaded], api_name=False)
             with gr.Row():
                 with gr.Column(scale=1):
                     with gr.Tab("Upload"):

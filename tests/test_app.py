@@ -1,6 +1,8 @@
 """The demo: handlers directly, then the real app in another process driven by gradio_client."""
 
 import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -289,3 +291,62 @@ def test_unexpected_failures_are_messages_and_logs_without_their_text(demo, capl
         "loading a study failed with RuntimeError",
     ]
     assert "DOE^JANE" not in caplog.text
+
+
+# ----------------------------------------------------------------------------- start-up
+
+
+def test_the_page_is_built_while_the_models_load(demo):
+    """The page needs no model: it is built at once and handlers wait for the models."""
+    import threading
+
+    from mrg.loading import Loading
+    from mrg.ui import LOADING_BANNER
+
+    release = threading.Event()
+
+    def slow_load():
+        release.wait(10)
+        return demo.service
+
+    app = DemoApp(Loading(slow_load), demo.store, default_examples())
+    assert app.loading.ready() is False
+    blocks = app.build()  # nothing waited for the models
+    heading = next(b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "banner")
+    assert heading.value == LOADING_BANNER
+    assert all(u == {"__type__": "update"} for u in app.banner_now())  # unchanged while loading
+    state, *_ = app.load_upload(DemoState(), DICOM, None)  # loading a study needs no model
+    app.loading.start()
+    release.set()
+    findings, *_, stats, _, _ = list(run_generate(app, state))[-1]  # waited, then ran
+    assert findings and "first token" in stats
+    text, timer = app.banner_now()
+    assert text == banner(demo.service.info) and timer.active is False
+
+
+def test_a_failed_load_is_a_message_not_a_crash(demo):
+    from mrg.loading import Loading
+
+    def broken():
+        raise OSError("disk full")
+
+    app = DemoApp(Loading(broken), demo.store, default_examples())
+    app.build()
+    state, *_ = app.load_upload(DemoState(), DICOM, None)
+    *_, stats, _, _ = list(run_generate(app, state))[-1]
+    assert "failed" in stats and "try again" in stats
+    assert "could not be loaded (OSError)" in app.banner_now()[0]
+
+
+def test_building_the_demo_imports_no_torch(tmp_path):
+    """What `python app.py` does before it serves the page: Gradio only, no torch."""
+    code = (
+        "import sys; from mrg.demo import build_demo, parse_args; "
+        f"demo, loading = build_demo(parse_args(['--data-dir', {str(tmp_path)!r}])); "
+        "print('torch' in sys.modules, loading.ready())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["False", "False"]

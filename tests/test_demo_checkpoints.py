@@ -11,11 +11,11 @@ import pytest
 from conftest import DICOM, AppProcess, shared_path
 from safetensors import safe_open
 
-from mrg.config import Decoding
+from mrg.config import DEFAULT_CHECKPOINTS, Decoding
 from mrg.data.pairs import patient_split, read_nih_labels
 from mrg.data.study import study_from_sources
 from mrg.model.mrg_model import CONFIG_NAME, WEIGHTS_NAME
-from mrg.service import DEFAULT_CHECKPOINTS, ReportService
+from mrg.service import ReportService
 from mrg.ui import banner
 
 SHIPPED = ("prompt-wise", "promptbook-wise")

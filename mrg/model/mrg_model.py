@@ -32,7 +32,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from mrg.config import DEFAULT_DECODING, ConfigError, Decoding, ModelConfig
+from mrg.config import CONFIG_NAME, DEFAULT_DECODING, ConfigError, Decoding, ModelConfig
 from mrg.model.customizer import CustomizedPrompt, build_customizer
 from mrg.model.decoding import OnBody, ReportStructureProcessor, report_structure
 from mrg.model.encoder import VisualEncoder
@@ -40,7 +40,6 @@ from mrg.model.llm import load_frozen_llm
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "mrg_config.json"
 WEIGHTS_NAME = "model.safetensors"
 IMAGE_PLACEHOLDER = "<image>"
 IGNORE_INDEX = -100
