@@ -1,0 +1,148 @@
+"""A bounded load test of the running app: N users at once, each uploading the same DICOM.
+
+    python benchmarks/bench_load.py [--users 1 4 8] [--tokens 120] [--checkpoints DIR]
+
+Starts ``python app.py`` on 127.0.0.1 (the shipped checkpoints unless ``--checkpoints``), then
+for each N starts N ``gradio_client`` users at the same moment. Each uploads the same file
+(Gradio stores identical uploads at one path: the upload race), loads it, and streams a
+greedy report. Checked: every user's study loads and every report is complete and equal to
+what one user alone gets (none lost, none mixed up). Printed: p50/p95 time to first token and
+to the full report, the aggregate tokens/s, and its ratio to one user's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from pydicom.data import get_testdata_file
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+DICOM = get_testdata_file("RG1_UNCI.dcm")
+
+
+def start_app(checkpoints: str | None) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, str(ROOT / "app.py"), "--port", str(port)]
+    command += ["--checkpoints", checkpoints] if checkpoints else []
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return process, url
+        except OSError:
+            time.sleep(0.3)
+    process.kill()
+    raise SystemExit("the app did not start in 180 s")
+
+
+def user(url: str, tokens: int, barrier: threading.Barrier, results: list, index: int) -> None:
+    """One browser session: upload, load, stream a report; timings from the shared start."""
+    from gradio_client import Client, handle_file
+
+    client = Client(url, verbose=False)
+    barrier.wait()
+    start = time.perf_counter()
+    loaded = client.predict(handle_file(DICOM), None, api_name="/load_upload")
+    row = {"loaded": "Could not load" not in loaded[-1], "message": loaded[-1]}
+    first = None
+    job = client.submit("prompt-wise", "greedy", tokens, 1.05, 0.7, 0.9, api_name="/generate")
+    for output in job:
+        if first is None and output[0]:
+            first = time.perf_counter() - start
+    final = job.outputs()[-1]
+    match = re.search(r"(\d+) tokens", final[4])
+    row.update(
+        ttft=first,
+        total=time.perf_counter() - start,
+        report=(final[0], final[1]),
+        tokens=int(match.group(1)) if match else 0,
+    )
+    results[index] = row
+
+
+def round_of(url: str, users: int, tokens: int) -> tuple[list[dict], float]:
+    results: list = [None] * users
+    barrier = threading.Barrier(users)
+    threads = [
+        threading.Thread(target=user, args=(url, tokens, barrier, results, i)) for i in range(users)
+    ]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results, time.perf_counter() - start
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", nargs="+", type=int, default=[1, 4, 8])
+    parser.add_argument("--tokens", type=int, default=120)
+    parser.add_argument("--checkpoints", default=None)
+    args = parser.parse_args()
+    console = Console(width=150)
+    process, url = start_app(args.checkpoints)
+    try:
+        alone, _ = round_of(url, 1, args.tokens)  # warm-up: models loaded, the reference report
+        reference = alone[0]["report"]
+        table = Table(
+            title=f"Load test on 127.0.0.1 (same DICOM for every user, {args.tokens} tokens max)"
+        )
+        for column in (
+            "users", "loaded", "complete & equal", "TTFT p50", "TTFT p95",
+            "report p50", "report p95", "last user (s)", "tokens/s (all)",
+        ):  # fmt: skip
+            table.add_column(column, justify="right")
+        single_rate = None
+        for users in args.users:
+            results, wall = round_of(url, users, args.tokens)
+            ttfts = [r["ttft"] for r in results if r and r["ttft"] is not None]
+            totals = [r["total"] for r in results if r]
+            rate = sum(r["tokens"] for r in results if r) / wall
+            single_rate = single_rate or rate
+            table.add_row(
+                str(users),
+                f"{sum(bool(r and r['loaded']) for r in results)}/{users}",
+                f"{sum(bool(r and r['report'] == reference) for r in results)}/{users}",
+                f"{statistics.median(ttfts):.2f}" if ttfts else "—",
+                f"{percentile(ttfts, 0.95):.2f}" if ttfts else "—",
+                f"{statistics.median(totals):.2f}",
+                f"{percentile(totals, 0.95):.2f}",
+                f"{max(totals):.2f}",
+                f"{rate:.1f} (×{rate / single_rate:.2f})",
+            )
+            failures = [r["message"] for r in results if r and not r["loaded"]]
+            if failures:
+                console.print(f"[red]{users} users: failed loads: {failures[:2]}[/red]")
+        console.print(table)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
