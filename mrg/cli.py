@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from mrg.config import CUSTOMIZER_MODES, DTYPES, QUANTIZATIONS
+from mrg.config import CUSTOMIZER_MODES, DTYPES, QUANTIZATIONS, ConfigError
 from mrg.train.config import TRAIN_PRESETS
 
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -145,8 +145,14 @@ def _train_config(args: argparse.Namespace):
         path, _, raw = item.partition("=")
         target = data
         *parents, leaf = path.split(".")
-        for parent in parents:
-            target = target[parent]
+        for depth, name in enumerate([*parents, leaf]):
+            fields = target if isinstance(target, dict) else {}
+            if name not in fields:
+                where = ".".join(parents[:depth]) or "the training config"
+                choices = ", ".join(sorted(fields)) or "none: it is not a section"
+                raise ConfigError(f"--set {item}: {where} has no field {name!r} ({choices})")
+            if depth < len(parents):
+                target = target[name]
         target[leaf] = _parse_value(raw)
     return TrainConfig.from_dict(data).validate()
 
@@ -465,8 +471,6 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     import torch
-
-    from mrg.config import ConfigError
 
     torch.set_num_threads(int(os.environ.get("MRG_NUM_THREADS", os.cpu_count() or 1)))
     try:

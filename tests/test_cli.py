@@ -100,6 +100,19 @@ def test_train_rejects_a_bad_field_before_loading(capsys):
     assert "batch_size" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("generate.epoch=3", "generate has no field 'epoch' (epochs, lr)"),
+        ("batchsize=4", "the training config has no field 'batchsize'"),
+        ("batch_size.x=1", "batch_size has no field 'x' (none: it is not a section)"),
+    ],
+)
+def test_a_mistyped_set_path_names_the_field_and_the_choices(capsys, override, message):
+    assert main(["train", "--set", override]) == 2
+    assert message in capsys.readouterr().out
+
+
 def test_demo_subcommand_passes_its_flags_to_the_app(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", "--help"])
