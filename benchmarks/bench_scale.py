@@ -25,7 +25,6 @@ import argparse
 import gc
 import json
 import multiprocessing
-import resource
 import statistics
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mrg.model.llm import bitsandbytes_device, freeze
+from mrg.train.trainer import peak_memory
 
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocabulary
     "7b": (4096, 11008, 32, 32, 32, 32000),  # LLaMA-2-7B, the presets' LLM
@@ -123,9 +123,7 @@ class Memory:
         return self.process.memory_info().rss
 
     def peak(self) -> float:
-        if self.device == "cuda":
-            return torch.cuda.max_memory_allocated()
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        return peak_memory(torch.device(self.device))["peak_memory_mib"] * 2**20
 
 
 def load(path: Path, precision: str, device: str):
@@ -252,8 +250,7 @@ def main() -> None:
             gc.collect()
         for precision in args.precisions:
             need = estimates[precision]
-            free = Memory(device).free()
-            if need.weights + need.checkpointed > 0.85 * free:
+            if precision not in fitting:
                 rows.append({"precision": precision, "refused": True})
                 console.print(
                     f"[yellow]{args.shape} {precision}: ~{need.weights / GIB:.1f} GiB of weights "

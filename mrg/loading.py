@@ -47,6 +47,10 @@ class Loading(Generic[T]):
         """Whether the build has finished (with a value or an error)."""
         return self._done.is_set()
 
+    def succeeded(self) -> bool:
+        """Whether the build has finished with a value (``get()`` returns at once)."""
+        return self._done.is_set() and self.error is None
+
     def get(self, timeout: float | None = None) -> T:
         self.start()
         if not self._done.wait(timeout):

@@ -149,8 +149,7 @@ class DemoApp:
     ):
         self.loading = service if isinstance(service, Loading) else Loading.of(service)
         self.store, self.limits = store, limits
-        loaded = self.loading.ready() and self.loading.error is None
-        self.modes = list(self.loading.get().info.modes if loaded else modes)
+        self.modes = list(self.loading.get().info.modes if self.loading.succeeded() else modes)
         self.uploads = uploads or UploadReader()
         self.examples = {e.label: e for e in (examples or [])}
         self.dataset = {r.study_id: r for r in (dataset or [])}
@@ -189,6 +188,11 @@ class DemoApp:
     def _failed(self, state: DemoState, message: str):
         return state, gr.update(), None, None, "", f"**Could not load the study.** {message}"
 
+    def _read_uploads(self, frontal: str, lateral: str | None) -> tuple[list[bytes], str]:
+        """The uploaded files' bytes (the files themselves are gone after this) and a content key."""
+        data = [self.uploads.read(p) for p in (frontal, lateral) if p]
+        return data, "sha256:" + hashlib.sha256(b"".join(data)).hexdigest()[:20]
+
     def _load(self, state: DemoState, read, reference: str, message: str):
         """Load a study from ``read() → (sources, key)``; any failure leaves ``state`` as it was."""
         try:
@@ -204,12 +208,9 @@ class DemoApp:
     def load_upload(self, state: DemoState, frontal: str | None, lateral: str | None):
         if not frontal:
             return self._failed(state, "Please upload a frontal chest X-ray (PNG, JPEG or DICOM).")
-
-        def read():
-            data = [self.uploads.read(p) for p in (frontal, lateral) if p]
-            return data, "sha256:" + hashlib.sha256(b"".join(data)).hexdigest()[:20]
-
-        return self._load(state, read, "", "Study loaded from upload.")
+        return self._load(
+            state, lambda: self._read_uploads(frontal, lateral), "", "Study loaded from upload."
+        )
 
     def load_example(self, state: DemoState, label: str | None):
         example = self.examples.get(label or "")
@@ -349,8 +350,7 @@ class DemoApp:
         if not frontal:
             raise gr.Error("Give a frontal chest X-ray (PNG, JPEG or DICOM).")
         try:
-            data = [self.uploads.read(p) for p in (frontal, lateral) if p]
-            study = self._study_from(data, "api")
+            study = self._study_from(*self._read_uploads(frontal, lateral))
             update = self.service.generate(study, mode)
         except ImageError as err:
             raise gr.Error(f"Could not load the study. {err}") from None
@@ -498,7 +498,7 @@ class DemoApp:
     # ------------------------------------------------------------------ layout
 
     def build(self) -> gr.Blocks:
-        ready = self.loading.ready() and self.loading.error is None
+        ready = self.loading.succeeded()
         modes = [m for m in (*CUSTOMIZED_MODES, "static") if m in self.modes]
         if set(CUSTOMIZED_MODES) <= set(self.modes):
             modes.append(COMPARE_BOTH)

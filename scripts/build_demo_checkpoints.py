@@ -20,6 +20,7 @@ The recipe is the ``demo-checkpoints`` preset; this script orchestrates it (resu
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -64,12 +65,24 @@ from mrg.evaluation.runner import generate_split
 from mrg.evaluation.text_quality import corpus_counts, quality_table, text_quality
 from mrg.model import MRGModel
 from mrg.model.llm import load_frozen_llm
+from mrg.model.mrg_model import WEIGHTS_NAME
 from mrg.train.config import StageConfig, train_preset
 from mrg.train.trainer import Trainer
 
 log = logging.getLogger("build_demo_checkpoints")
 SHARED = Path(os.environ.get("MRG_SHARED_DATA", ROOT.parent / "shared" / "data"))
 REPORTS = SHARED / "iu_xray" / "NLMCXR_reports.tgz"
+
+
+def generations_of(checkpoint: Path, rows_file: Path) -> Path:
+    """``rows_file`` for ``generate_split`` to resume, emptied first when it was written by
+    another checkpoint (a retrained ``best``): resuming must never mix two models' reports."""
+    digest = hashlib.sha256((checkpoint / WEIGHTS_NAME).read_bytes()).hexdigest()
+    stamp = rows_file.with_suffix(".checkpoint")
+    if not stamp.is_file() or stamp.read_text() != digest:
+        rows_file.unlink(missing_ok=True)
+        stamp.write_text(digest)
+    return rows_file
 
 
 def demo_config(mode: str, annotation: Path, images: Path, output_dir: Path):
@@ -155,7 +168,8 @@ def main() -> None:
             Trainer(config, model, train, val, resume=True).fit()
         timings[mode] = training_seconds(read_log(out / mode / "log.jsonl"))
         best = MRGModel.from_pretrained(out / mode / "best", llm=llm, tokenizer=tokenizer).eval()
-        rows = generate_split(best, test, out / mode / "test_generations.jsonl", DEFAULT_DECODING)
+        cache = generations_of(out / mode / "best", out / mode / "test_generations.jsonl")
+        rows = generate_split(best, test, cache, DEFAULT_DECODING)
         results[mode] = score(rows, image_labels, labeler)
         generations[mode] = rows
         blank = blank_image_report(best, DEFAULT_DECODING)

@@ -171,7 +171,7 @@ def test_auto_dtype_follows_the_cpu_and_an_explicit_dtype_wins(
     assert auto.info.dtype == expected and str(auto.models["prompt-wise"].llm.dtype).endswith(
         expected
     )
-    assert auto.models["prompt-wise"].encoder.parameters().__next__().dtype == torch.float32
+    assert next(auto.models["prompt-wise"].encoder.parameters()).dtype == torch.float32
     study = synthetic_study()
     update = list(auto.stream(study, "prompt-wise", Decoding(max_new_tokens=6)))[-1]
     assert update.text.startswith("FINDINGS:")
