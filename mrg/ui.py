@@ -117,7 +117,7 @@ def banner(info: ServiceInfo) -> str:
 
 LOADING_BANNER = (
     "## mrg — chest X-ray report generation with customized prompts\n"
-    "**Research demo, not for diagnosis.** ⏳ **Loading the models…** You can load a study "
+    "**Research demo, not for diagnosis.** **Loading the models…** You can load a study "
     "now; generating waits until they are ready."
 )
 
