@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     demo, loading = build_demo(args)
-    demo.queue(max_size=16, default_concurrency_limit=2)
+    demo.queue(max_size=32, default_concurrency_limit=2)
     loading.start()  # the page is served while the models load
     demo.launch(
         server_name=args.host, server_port=args.port, max_file_size=f"{args.max_upload_mb}mb"

@@ -2,10 +2,11 @@
 
 ``ReportService.load`` reads the frozen LLM once and puts every customizer model found in a
 checkpoint folder (``prompt-wise/``, ``promptbook-wise/``, optionally ``static/``) on top of
-it. Requests are serialised by one lock: a CPU (or one GPU) runs one decode at a time, and a
-waiting request starts as soon as the previous one ends or is cancelled. Cancelling is
-closing the stream (or ``should_stop`` returning True): decoding stops at the next token
-and the lock is released.
+it. Greedy and sampled reports decode in one continuous batch (``mrg.batching``): a request
+that arrives while others decode joins them at the next step, whatever its mode; past the
+batch and the waiting room, a request is refused at once with ``ServiceBusy``. Encoding an
+image, beam search and Grad-CAM take one lock. Cancelling is closing the stream (or
+``should_stop`` returning True): the request leaves the batch at the next step.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ from mrg.data.study import Study, batch_tensors
 from mrg.evaluation.labeler import CHEXPERT14, LABEL_MAPS, POSITIVE, ReportLabeler
 from mrg.evaluation.metrics import nlg_scores
 from mrg.explain import Heatmap, explain
+from mrg.batching import Batcher
 from mrg.model import Decoding, MRGModel
+from mrg.model.mrg_model import text_increments
 from mrg.model.llm import cpu_prefers_bf16, load_frozen_llm, quantization_in_effect
 
 log = logging.getLogger(__name__)
@@ -85,10 +88,19 @@ class Comparison:
 
 
 class ReportService:
-    def __init__(self, models: dict[str, MRGModel], info: ServiceInfo):
+    def __init__(
+        self,
+        models: dict[str, MRGModel],
+        info: ServiceInfo,
+        max_batch: int = 8,
+        max_waiting: int = 8,
+    ):
+        """``max_batch`` reports decode together; ``max_waiting`` more may wait for a place."""
         self.models, self.info = models, info
         self.lock = threading.Lock()
         self.labeler = ReportLabeler()
+        llms = {id(m.llm): m.llm for m in models.values()}
+        self.batchers = {key: Batcher(llm, max_batch, max_waiting) for key, llm in llms.items()}
 
     # ------------------------------------------------------------------ loading
 
@@ -186,23 +198,29 @@ class ReportService:
         decoding.validate()
         model = self.model(mode)
         images, view_ids, view_mask = self.tensors(study, mode)
-        with self.lock:
-            start = time.perf_counter()
-            if decoding.strategy == "beam":
+        start = time.perf_counter()
+        if decoding.strategy == "beam":
+            with self.lock:
                 text = model.generate(images, view_ids, view_mask, decoding)[0]
-                elapsed = time.perf_counter() - start
-                tokens = len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
-                yield self._update(text, True, tokens, elapsed, start)
-                return
-            text, tokens, first = "", 0, None
-            for piece in model.stream(images, view_ids, view_mask, decoding):
+            elapsed = time.perf_counter() - start
+            tokens = len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+            yield self._update(text, True, tokens, elapsed, start)
+            return
+        with self.lock:
+            request = model.decoding_request(images, view_ids, view_mask, decoding)
+        ids = self.batchers[id(model.llm)].stream(request)
+        text, tokens, first = "", 0, None
+        try:
+            for piece in text_increments(model.tokenizer, ids):
                 if should_stop is not None and should_stop():
                     break
                 tokens += 1
                 first = first if first is not None else time.perf_counter() - start
                 text += piece
                 yield self._update(text, False, tokens, first, start)
-            yield self._update(text, True, tokens, first, start)
+        finally:
+            ids.close()  # leaves the batch at its next step
+        yield self._update(text, True, tokens, first, start)
 
     @staticmethod
     def _update(

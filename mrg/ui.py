@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 COMPARE_BOTH = "compare both"
 WHOLE_REPORT = "(whole report)"
 AGREEMENT_COLOURS = {"matched": "#1b7f3b", "missed": "#b26a00", "hallucinated": "#b00020"}
+# Report requests Gradio hands to the service at once: the service's batch (8) and waiting
+# room (8); past them it answers "busy" (``mrg.batching.ServiceBusy``).
+REPORTS_AT_ONCE = 16
 UNEXPECTED = "Something went wrong on the server (the error was logged). Please try again."
 
 try:  # ZeroGPU on Hugging Face Spaces: run GPU work inside spaces.GPU; elsewhere a no-op
@@ -314,6 +317,11 @@ class DemoApp:
                         state,
                     )
             except Exception as err:  # noqa: BLE001 — a model failure must not take the app down
+                from mrg.batching import ServiceBusy
+
+                if isinstance(err, ServiceBusy):
+                    yield *boxes, f"**{err}**", gr.update(), state
+                    return
                 log_failure("generation", err)
                 yield (
                     *boxes,
@@ -355,6 +363,10 @@ class DemoApp:
         except ImageError as err:
             raise gr.Error(f"Could not load the study. {err}") from None
         except Exception as err:  # noqa: BLE001
+            from mrg.batching import ServiceBusy
+
+            if isinstance(err, ServiceBusy):
+                raise gr.Error(str(err)) from None
             log_failure("the report API", err)
             raise gr.Error(UNEXPECTED) from None
         return {
@@ -644,7 +656,11 @@ class DemoApp:
                 api_report = gr.JSON()
                 api_button = gr.Button()
             api_button.click(
-                self.report, [api_frontal, api_lateral, api_mode], api_report, api_name="report"
+                self.report,
+                [api_frontal, api_lateral, api_mode],
+                api_report,
+                api_name="report",
+                concurrency_limit=REPORTS_AT_ONCE,
             )
 
             loaded = [state, reference, frontal_image, lateral_image, meta, load_status]
@@ -661,6 +677,7 @@ class DemoApp:
                 [state, mode, strategy, max_tokens, penalty, temperature, top_p],
                 [findings_a, impression_a, findings_b, impression_b, stats, sentence, state],
                 api_name="generate",
+                concurrency_limit=REPORTS_AT_ONCE,
             )
             stop_button.click(None, None, None, cancels=[generation])
             explain_button.click(

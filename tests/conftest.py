@@ -199,3 +199,12 @@ class AppProcess:
             self.process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.process.kill()
+
+
+def wait_idle(batcher, timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if batcher.admitted == 0 and not batcher.rows:
+            return True
+        time.sleep(0.01)
+    return False

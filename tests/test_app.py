@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import gradio as gr
 import pytest
 import torch
 from conftest import DICOM, AppProcess, shared_path, tiny_model_config
@@ -350,3 +351,18 @@ def test_building_the_demo_imports_no_torch(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-2:] == ["False", "False"]
+
+
+def test_a_busy_service_answers_with_the_message(demo, monkeypatch):
+    from mrg.batching import BUSY, ServiceBusy
+
+    state, *_ = demo.load_upload(DemoState(), DICOM, None)
+
+    def busy(*args, **kwargs):
+        raise ServiceBusy()
+
+    monkeypatch.setattr(demo.service, "stream", busy)
+    monkeypatch.setattr(demo.service, "generate", busy)
+    assert BUSY in run_generate(demo, state)[-1][4]
+    with pytest.raises(gr.Error, match="busy"):
+        demo.report(DICOM, None, "prompt-wise")

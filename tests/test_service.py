@@ -5,7 +5,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_checkpoints, shared_path, tiny_model_config
+from conftest import save_tiny_checkpoints, shared_path, tiny_model_config, wait_idle
 
 from mrg.data.study import Study, View, study_from_sources
 from mrg.imaging import ImageMeta, LoadedImage
@@ -54,7 +54,9 @@ def test_stream_yields_several_increments_ending_in_the_generated_text(service):
 
 def test_sections_split_correctly_mid_stream(service, monkeypatch):
     pieces = ["FIND", "INGS: The heart", " is enlarged.", " IMPRES", "SION: Cardio", "megaly."]
-    monkeypatch.setattr(service.models["prompt-wise"], "stream", lambda *a, **k: iter(pieces))
+    import mrg.service
+
+    monkeypatch.setattr(mrg.service, "text_increments", lambda tokenizer, ids: iter(pieces))
     updates = list(service.stream(synthetic_study(), "prompt-wise"))
     by_step = [(u.findings, u.impression) for u in updates]
     assert by_step[0] == ("", "")
@@ -86,12 +88,13 @@ def test_cancellation_stops_promptly_and_frees_the_model(service):
         if len(seen) == 2:
             stop.set()
     assert seen[-1].finished and seen[-1].tokens == 2
-    assert not service.lock.locked()
+    batcher = service.batchers[id(service.models["prompt-wise"].llm)]
+    assert wait_idle(batcher) and not service.lock.locked()
     stream = service.stream(synthetic_study(), "prompt-wise", Decoding(max_new_tokens=200))
     next(stream)
-    assert service.lock.locked()
+    assert batcher.admitted == 1
     stream.close()  # the client went away
-    assert not service.lock.locked()
+    assert wait_idle(batcher)
 
 
 def test_two_simultaneous_requests_both_finish_correctly(service):

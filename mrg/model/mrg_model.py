@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from mrg.batching import Request
 from mrg.config import CONFIG_NAME, DEFAULT_DECODING, ConfigError, Decoding, ModelConfig
 from mrg.model.customizer import CustomizedPrompt, build_customizer
 from mrg.model.decoding import OnBody, ReportStructureProcessor, report_structure
@@ -101,6 +102,22 @@ class MRGOutput:
     logits: torch.Tensor
     prompt: CustomizedPrompt
     global_feature: torch.Tensor
+
+
+def text_increments(tokenizer: PreTrainedTokenizerBase, ids: Iterable[int]) -> Iterator[str]:
+    """Text increments of a stream of token ids; their concatenation is the decoded text.
+
+    An increment is held back while the text ends in an incomplete multi-byte character."""
+    seen: list[int] = []
+    shown = ""
+    for token in ids:
+        seen.append(token)
+        text = tokenizer.decode(seen, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            continue
+        if len(text) > len(shown):
+            yield text[len(shown) :]
+            shown = text
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -401,16 +418,33 @@ class MRGModel(nn.Module):
         decoding: Decoding = DEFAULT_DECODING,
     ) -> Iterator[str]:
         """Yield text increments; their concatenation is the decoded report."""
-        ids: list[int] = []
-        shown = ""
-        for token in self.stream_ids(images, view_ids, view_mask, decoding):
-            ids.append(token)
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-                continue
-            if len(text) > len(shown):
-                yield text[len(shown) :]
-                shown = text
+        yield from text_increments(
+            self.tokenizer, self.stream_ids(images, view_ids, view_mask, decoding)
+        )
+
+    @torch.inference_mode()
+    def decoding_request(
+        self,
+        images: torch.Tensor,
+        view_ids: torch.Tensor,
+        view_mask: torch.Tensor,
+        decoding: Decoding = DEFAULT_DECODING,
+    ) -> Request:
+        """One study's context and processors, for the continuous batcher (``mrg.batching``)."""
+        decoding.validate()
+        if decoding.strategy == "beam":
+            raise ValueError("beam search is not streamable; use generate()")
+        if images.shape[0] != 1:
+            raise ValueError("a decoding request holds one study")
+        ctx = self.context(images, view_ids, view_mask)
+        return Request(
+            ctx.embeds,
+            ctx.attention_mask,
+            self.processors(decoding),
+            decoding.max_new_tokens,
+            self.template.eos_id,
+            sample=decoding.strategy == "sample",
+        )
 
     # ----------------------------------------------------------------- persistence
 

@@ -1,0 +1,253 @@
+"""Continuous batching: concurrent requests decode together over one frozen LLM.
+
+A request is a context (``inputs_embeds`` and mask, one row: what ``MRGModel.context`` made
+from the image) with its own logits processors and budget. The batcher's thread owns the
+LLM's decoding: a request that arrives while others decode is prefilled alone and joins the
+running batch at the next step. The batch shares one KV cache, left-padded to its longest
+row; every step feeds each row the token it chose last, with position ids that count that
+row's real tokens only (``mask.sum − 1``, the rule ``positions_from_mask`` gives the prefill),
+so a row's tokens do not depend on who else is in the batch. A finished, cancelled or failed
+row leaves at the next step and the cache's all-padding columns are dropped. Prompt-wise and
+promptbook-wise requests share the batch: they differ only in their context.
+
+The queue is bounded: past ``max_batch`` decoding and ``max_waiting`` waiting requests,
+``submit`` raises ``ServiceBusy`` at once rather than making anyone wait without end.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, LogitsProcessorList, PreTrainedModel
+
+log = logging.getLogger(__name__)
+
+BUSY = "The service is busy with other reports right now. Please try again in a moment."
+
+
+class ServiceBusy(RuntimeError):
+    """The queue is full; the message says so in words a clinician understands."""
+
+    def __init__(self):
+        super().__init__(BUSY)
+
+
+_DONE = object()
+
+
+@dataclass
+class Request:
+    """One study's decoding: its context row, processors, budget and end token."""
+
+    embeds: torch.Tensor  # [1, L, H]
+    attention_mask: torch.Tensor  # [1, L]
+    processors: LogitsProcessorList
+    max_new_tokens: int
+    eos_id: int
+    sample: bool = False
+
+
+@dataclass
+class Ticket:
+    """The consumer's end of a request: iterate for token ids; ``cancel`` to stop early."""
+
+    request: Request
+    tokens: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    ended: bool = False  # set once, by the batcher's thread, with the last item it puts
+
+    def __iter__(self) -> Iterator[int]:
+        while True:
+            item = self.tokens.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass
+class _Row:
+    ticket: Ticket
+    generated: list[int] = field(default_factory=list)
+
+
+class Batcher:
+    """Decodes every submitted request in one running batch (see the module docstring)."""
+
+    def __init__(self, llm: PreTrainedModel, max_batch: int = 8, max_waiting: int = 8):
+        if max_batch < 1 or max_waiting < 0:
+            raise ValueError("max_batch >= 1 and max_waiting >= 0 are required")
+        self.llm, self.max_batch, self.max_waiting = llm, max_batch, max_waiting
+        self.waiting: deque[Ticket] = deque()
+        self.admitted = 0  # submitted and not ended: waiting, being prefilled or decoding
+        self.rows: list[_Row] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # [B, T]: 0 on each row's left padding
+        self.wakeup = threading.Condition()
+        self.largest_batch = 0  # the most rows decoded in one step so far (for benchmarks)
+        threading.Thread(target=self._run, name="mrg-batcher", daemon=True).start()
+
+    # ------------------------------------------------------------------ consumer side
+
+    def submit(self, request: Request) -> Ticket:
+        """Queue ``request``; raises ``ServiceBusy`` when the batch and the queue are full."""
+        ticket = Ticket(request)
+        with self.wakeup:
+            if self.admitted >= self.max_batch + self.max_waiting:
+                raise ServiceBusy()
+            self.admitted += 1
+            self.waiting.append(ticket)
+            self.wakeup.notify()
+        return ticket
+
+    def stream(self, request: Request) -> Iterator[int]:
+        """Token ids of ``request``; closing the iterator cancels it."""
+        ticket = self.submit(request)
+        try:
+            yield from ticket
+        finally:
+            ticket.cancel()
+
+    # ------------------------------------------------------------------ decoding thread
+
+    def _run(self) -> None:
+        while True:
+            with self.wakeup:
+                while not self.waiting and not self.rows:
+                    self.wakeup.wait()
+                joining = []
+                while self.waiting and len(self.rows) + len(joining) < self.max_batch:
+                    joining.append(self.waiting.popleft())
+            with torch.inference_mode():
+                for ticket in joining:
+                    self._join(ticket)
+                self._drop([i for i, r in enumerate(self.rows) if r.ticket.cancelled.is_set()])
+                if self.rows:
+                    self._step()
+
+    def _join(self, ticket: Ticket) -> None:
+        """Prefill ``ticket`` alone, choose its first token, and append it to the batch."""
+        request = ticket.request
+        try:
+            mask = request.attention_mask.long()
+            out = self.llm(
+                inputs_embeds=request.embeds,
+                attention_mask=mask,
+                position_ids=(mask.cumsum(-1) - 1).masked_fill(mask == 0, 0),
+                use_cache=True,
+            )
+        except Exception as err:  # noqa: BLE001 — this request fails, the batch goes on
+            log.exception("prefill failed")
+            self._end(ticket, err)
+            return
+        row = _Row(ticket)
+        if not self._choose(row, out.logits[:, -1]):
+            return
+        self._append(out.past_key_values, mask)
+        self.rows.append(row)
+
+    def _choose(self, row: _Row, logits: torch.Tensor) -> bool:
+        """Pick ``row``'s next token and hand it out; False when the row has ended."""
+        request, ticket = row.ticket.request, row.ticket
+        try:
+            ids = torch.tensor([row.generated], dtype=torch.long, device=logits.device)
+            scores = request.processors(ids, logits.float())
+            if request.sample:
+                token = int(torch.multinomial(scores.softmax(-1), 1))
+            else:
+                token = int(scores.argmax(-1))
+        except Exception as err:  # noqa: BLE001
+            log.exception("choosing a token failed")
+            self._end(ticket, err)
+            return False
+        if token == request.eos_id or ticket.cancelled.is_set():
+            self._end(ticket)
+            return False
+        row.generated.append(token)
+        ticket.tokens.put(token)
+        if len(row.generated) >= request.max_new_tokens:
+            self._end(ticket)
+            return False
+        return True
+
+    def _end(self, ticket: Ticket, last: object = _DONE) -> None:
+        """Hand ``ticket`` its last item (the end, or the error) once, and free its place."""
+        if ticket.ended:
+            return
+        ticket.ended = True
+        ticket.tokens.put(last)
+        with self.wakeup:
+            self.admitted -= 1
+
+    def _step(self) -> None:
+        """One token for every row, from the shared cache."""
+        self.largest_batch = max(self.largest_batch, len(self.rows))
+        last = torch.tensor([[r.generated[-1]] for r in self.rows], device=self.mask.device)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        try:
+            out = self.llm(
+                input_ids=last,
+                attention_mask=self.mask,
+                position_ids=self.mask.sum(-1, keepdim=True) - 1,
+                past_key_values=self.cache,
+                use_cache=True,
+            )
+        except Exception as err:  # noqa: BLE001 — every row of this step fails; the thread goes on
+            log.exception("decoding step failed")
+            for row in self.rows:
+                self._end(row.ticket, err)
+            self._drop(list(range(len(self.rows))))
+            return
+        ended = [i for i, row in enumerate(self.rows) if not self._choose(row, out.logits[i : i + 1, -1])]
+        self._drop(ended)
+
+    # ------------------------------------------------------------------ the shared cache
+
+    def _append(self, cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Concatenate a prefilled row's cache to the batch's, left-padding the shorter one."""
+        if self.cache is None:
+            self.cache, self.mask = cache, mask
+            return
+        ours, theirs = self.mask.shape[1], mask.shape[1]
+        pad_ours, pad_theirs = max(0, theirs - ours), max(0, ours - theirs)
+        for layer, new in zip(self.cache.layers, cache.layers):
+            layer.keys = torch.cat([_left_pad(layer.keys, pad_ours), _left_pad(new.keys, pad_theirs)])
+            layer.values = torch.cat(
+                [_left_pad(layer.values, pad_ours), _left_pad(new.values, pad_theirs)]
+            )
+        self.mask = torch.cat([F.pad(self.mask, (pad_ours, 0)), F.pad(mask, (pad_theirs, 0))])
+
+    def _drop(self, indices: list[int]) -> None:
+        """Remove rows ``indices`` from the batch and the cache columns no row needs."""
+        if not indices:
+            return
+        gone = set(indices)
+        for i in gone:
+            self._end(self.rows[i].ticket)  # a cancelled row's end; ended rows have theirs
+        self.rows = [r for i, r in enumerate(self.rows) if i not in gone]
+        if not self.rows:
+            self.cache = self.mask = None
+            return
+        keep = torch.tensor([i for i in range(self.mask.shape[0]) if i not in gone])
+        self.mask = self.mask[keep]
+        start = int((self.mask.sum(0) > 0).nonzero()[0])  # leading columns that are padding in every row
+        self.mask = self.mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[keep, :, start:]
+            layer.values = layer.values[keep, :, start:]
+
+
+def _left_pad(tensor: torch.Tensor, n: int) -> torch.Tensor:
+    """``[B, heads, T, D]`` with ``n`` zero positions before the first."""
+    return F.pad(tensor, (0, 0, n, 0)) if n else tensor
