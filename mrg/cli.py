@@ -192,6 +192,9 @@ def _train(args: argparse.Namespace) -> int:
     console.print(
         f"best checkpoint: {result.best_dir} (score {result.best_score:.4f}); last: {result.last_dir}"
     )
+    if args.push_to_hub and result.best_dir:
+        best = MRGModel.from_pretrained(result.best_dir, llm=llm, tokenizer=tokenizer)
+        console.print(f"pushed to the Hub: {best.push_to_hub(args.push_to_hub)}")
     return 0
 
 
@@ -385,6 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--resume", action="store_true", help="continue from <out>/last")
     train.add_argument(
+        "--push-to-hub",
+        metavar="ORG/NAME",
+        help="upload the best checkpoint with a Hub model card when training ends",
+    )
+    train.add_argument(
         "--mixed-precision",
         choices=["no", "bf16", "fp16"],
         help="autocast the trainable parts and the frozen LLM's compute (GPU: bf16)",
@@ -406,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--mode", default="prompt-wise", choices=CUSTOMIZER_MODES)
     generate.add_argument(
         "--checkpoints",
-        help="folder with prompt-wise/ and promptbook-wise/ (default: assets/checkpoints)",
+        help="folder or Hub repo id with prompt-wise/ and promptbook-wise/ "
+        "(default: assets/checkpoints)",
     )
     generate.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     generate.add_argument(
@@ -434,7 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", help="score one or more checkpoints on a split")
     evaluate.add_argument(
-        "--checkpoint", action="append", required=True, help="repeat to compare several"
+        "--checkpoint",
+        action="append",
+        required=True,
+        help="a checkpoint folder or Hub repo id; repeat to compare several",
     )
     evaluate.add_argument("--annotation", required=True)
     evaluate.add_argument("--images", required=True)

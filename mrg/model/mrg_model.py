@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from mrg.config import CONFIG_NAME, DEFAULT_DECODING, ConfigError, Decoding, Mod
 from mrg.model.customizer import CustomizedPrompt, build_customizer
 from mrg.model.decoding import OnBody, ReportStructureProcessor, report_structure
 from mrg.model.encoder import VisualEncoder
+from mrg.hub import base_model_id, hub_model_card, push_to_hub, resolve_checkpoint
 from mrg.model.llm import load_frozen_llm
 
 log = logging.getLogger(__name__)
@@ -462,6 +464,13 @@ class MRGModel(nn.Module):
         (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
         return directory
 
+    def push_to_hub(self, repo_id: str, card: str = "", private: bool = False) -> str:
+        """Save (float16 trainable weights) and upload to ``repo_id`` with a Hub model card."""
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, dtype=torch.float16)
+            readme = hub_model_card(repo_id, [self.mode], base_model_id(self.config.llm.source), card)
+            return push_to_hub(tmp, repo_id, readme, private=private)
+
     @classmethod
     def from_pretrained(
         cls,
@@ -469,9 +478,11 @@ class MRGModel(nn.Module):
         llm: PreTrainedModel | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
         config_overrides: dict | None = None,
+        subfolder: str = "",
     ) -> MRGModel:
-        """Rebuild from ``save_pretrained`` output, reusing ``llm``/``tokenizer`` when given."""
-        directory = Path(directory)
+        """Rebuild from ``save_pretrained`` output (a folder, or a Hub repo id with the mode in
+        ``subfolder`` where the repo holds several), reusing ``llm``/``tokenizer`` when given."""
+        directory = resolve_checkpoint(directory) / subfolder
         data = json.loads((directory / CONFIG_NAME).read_text())
         for section, values in (config_overrides or {}).items():
             data.setdefault(section, {}).update(values)
