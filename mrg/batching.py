@@ -147,7 +147,7 @@ class Batcher:
                 position_ids=(mask.cumsum(-1) - 1).masked_fill(mask == 0, 0),
                 use_cache=True,
             )
-        except Exception as err:  # noqa: BLE001 — this request fails, the batch goes on
+        except Exception as err:
             log.exception("prefill failed")
             self._end(ticket, err)
             return
@@ -167,7 +167,7 @@ class Batcher:
                 token = int(torch.multinomial(scores.softmax(-1), 1))
             else:
                 token = int(scores.argmax(-1))
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             log.exception("choosing a token failed")
             self._end(ticket, err)
             return False
@@ -203,13 +203,15 @@ class Batcher:
                 past_key_values=self.cache,
                 use_cache=True,
             )
-        except Exception as err:  # noqa: BLE001 — every row of this step fails; the thread goes on
+        except Exception as err:
             log.exception("decoding step failed")
             for row in self.rows:
                 self._end(row.ticket, err)
             self._drop(list(range(len(self.rows))))
             return
-        ended = [i for i, row in enumerate(self.rows) if not self._choose(row, out.logits[i : i + 1, -1])]
+        ended = [
+            i for i, row in enumerate(self.rows) if not self._choose(row, out.logits[i : i + 1, -1])
+        ]
         self._drop(ended)
 
     # ------------------------------------------------------------------ the shared cache
@@ -222,7 +224,9 @@ class Batcher:
         ours, theirs = self.mask.shape[1], mask.shape[1]
         pad_ours, pad_theirs = max(0, theirs - ours), max(0, ours - theirs)
         for layer, new in zip(self.cache.layers, cache.layers):
-            layer.keys = torch.cat([_left_pad(layer.keys, pad_ours), _left_pad(new.keys, pad_theirs)])
+            layer.keys = torch.cat(
+                [_left_pad(layer.keys, pad_ours), _left_pad(new.keys, pad_theirs)]
+            )
             layer.values = torch.cat(
                 [_left_pad(layer.values, pad_ours), _left_pad(new.values, pad_theirs)]
             )
@@ -241,7 +245,9 @@ class Batcher:
             return
         keep = torch.tensor([i for i in range(self.mask.shape[0]) if i not in gone])
         self.mask = self.mask[keep]
-        start = int((self.mask.sum(0) > 0).nonzero()[0])  # leading columns that are padding in every row
+        start = int(
+            (self.mask.sum(0) > 0).nonzero()[0]
+        )  # leading columns that are padding in every row
         self.mask = self.mask[:, start:]
         for layer in self.cache.layers:
             layer.keys = layer.keys[keep, :, start:]

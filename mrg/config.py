@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 import typing
 from dataclasses import dataclass, field
@@ -27,7 +28,9 @@ def checkpoint_modes(checkpoints: str | Path | None = None) -> dict[str, Path]:
     shipped ones. A repo id is downloaded to (or found in) the Hub cache (``mrg.hub``)."""
     from mrg.hub import resolve_checkpoint
 
-    root = resolve_checkpoint(checkpoints or os.environ.get("MRG_CHECKPOINTS") or DEFAULT_CHECKPOINTS)
+    root = resolve_checkpoint(
+        checkpoints or os.environ.get("MRG_CHECKPOINTS") or DEFAULT_CHECKPOINTS
+    )
     return {m: root / m for m in CUSTOMIZER_MODES if (root / m / CONFIG_NAME).is_file()}
 
 
@@ -52,6 +55,25 @@ def default_cache_dir() -> Path:
         return Path(os.environ["MRG_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "mrg"
+
+
+class ConfigBase:
+    """JSON round trip for the config dataclasses (nested sections are dataclasses too)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """Build from a mapping (not modified); unknown fields raise ConfigError with their path."""
+        return config_from_dict(cls, copy.deepcopy(data))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path):
+        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 @dataclass
@@ -138,7 +160,7 @@ class CustomizerConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(ConfigBase):
     """Everything needed to rebuild an MRG model around a frozen LLM."""
 
     llm: LLMConfig = field(default_factory=LLMConfig)
@@ -157,13 +179,6 @@ class ModelConfig:
         if self.max_views not in (1, 2):
             raise ConfigError(f"max_views must be 1 or 2, got {self.max_views}")
         return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        return config_from_dict(cls, data)
 
 
 def config_from_dict(cls, data: dict[str, Any], prefix: str = ""):
@@ -224,52 +239,100 @@ R2GENGPT_DECODING = Decoding(
 
 LLAMA2_7B = "meta-llama/Llama-2-7b-chat-hf"
 
-# Offline default: SmolLM2-135M (GGUF from PyPI) + hybrid ViT with an ImageNet EfficientNet-Lite0 stem.
-_DEMO_CPU: dict[str, Any] = {
-    "llm": {"source": SMOLLM2, "quantization": "none", "dtype": "float32"},
-    "encoder": {
-        "name": HYBRID_ENCODER,
-        "image_size": 224,
-        "embed_dim": 192,
-        "depth": 4,
-        "num_heads": 3,
+# Every named preset, for the model and for training, as overrides of the dataclass defaults
+# above and of ``TrainConfig``'s (``mrg.train.config``); each value says why it differs.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # Offline on a 2-core CPU: the defaults are this model (SmolLM2-135M from PyPI, hybrid ViT
+    # with an ImageNet EfficientNet-Lite0 stem).
+    "demo-cpu": {
+        "model": {
+            # The stem's ImageNet features are all the pretraining there is offline; training
+            # them on a few hundred radiographs would only forget them.
+            "encoder": {"freeze_stem": True},
+        },
+        "train": {
+            "align": {"epochs": 2, "lr": 5e-4},  # twice over a small set before generation
+            "generate": {"epochs": 6, "lr": 3e-4},  # 135M frozen LLM: a larger lr than 7B's
+            "joint": {"epochs": 0, "lr": 1e-4},
+            "val_max_studies": 24,  # validation generation costs minutes on 2 cores
+        },
     },
-    "customizer": {"prompt_length": 8, "book_size": 8, "hidden_dim": 256},
-    "max_report_tokens": 100,
+    # The recipe of assets/checkpoints (scripts/build_demo_checkpoints.py runs it on the
+    # label-matched NIH/OpenI pairs): the prompt learns report language from OpenI text first,
+    # alignment once, then short generation with the aligned encoder at 0.1x the lr (each
+    # epoch costs 15-20 min on 2 cores: the whole build fits about an hour and a half).
+    "demo-checkpoints": {
+        "model": {
+            "encoder": {"freeze_stem": True},  # as demo-cpu
+            "customizer": {"prompt_length": 32},  # room for the language stage to steer 135M
+            "max_views": 1,  # NIH ChestX-ray14 has frontal images only
+        },
+        "train": {
+            "language": {"epochs": 2, "lr": 3e-3},  # a soft prompt takes a large lr
+            "align": {"epochs": 3, "lr": 5e-4},
+            "generate": {"epochs": 1, "lr": 1e-3},
+            "encoder_lr_scale": 0.1,  # generation must not overwrite what alignment learned
+            "val_max_studies": 16,
+            "val_max_new_tokens": 100,  # whole reports, as the app writes them
+        },
+    },
+    # R2GenGPT's recipe (IU X-ray) on a GPU host with hub access: LLaMA-2-7B in 4 bits, an
+    # ImageNet ViT-B/16, lr 1e-4, 15 epochs, batch 8, bf16, 60 report tokens.
+    "iu-xray-llama2-7b-nf4": {
+        "model": {
+            "llm": {"source": LLAMA2_7B, "quantization": "nf4", "dtype": "bfloat16"},
+            "encoder": {"name": "vit_base_patch16_224", "pretrained": True},
+            "customizer": {"prompt_length": 16, "book_size": 16, "hidden_dim": 512},
+            "max_report_tokens": 60,  # IU X-ray findings are short
+        },
+        "train": {
+            "align": {"epochs": 1, "lr": 1e-4},
+            "generate": {"epochs": 15, "lr": 1e-4},
+            "mixed_precision": "bf16",
+            "val_max_studies": 296,  # the whole R2Gen validation split
+            "val_max_new_tokens": 100,
+        },
+    },
+    # MIMIC-CXR as R2GenGPT: 5 epochs, 100 report tokens, one (frontal) view.
+    "mimic-cxr-llama2-7b-nf4": {
+        "model": {
+            "llm": {"source": LLAMA2_7B, "quantization": "nf4", "dtype": "bfloat16"},
+            "encoder": {"name": "vit_base_patch16_224", "pretrained": True},
+            "customizer": {"prompt_length": 16, "book_size": 16, "hidden_dim": 512},
+            "max_views": 1,
+        },
+        "train": {
+            "align": {"epochs": 1, "lr": 1e-4},
+            "generate": {"epochs": 5, "lr": 1e-4},
+            "mixed_precision": "bf16",
+            "val_max_studies": 500,
+            "val_max_new_tokens": 100,
+        },
+    },
 }
 
-MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    "demo-cpu": _DEMO_CPU,
-    # The shipped demo checkpoints: demo-cpu on single NIH frontals (max_views 1), with a
-    # 32-token prompt (room for the report-language stage to steer a frozen 135M LLM).
-    "demo-checkpoints": {
-        **_DEMO_CPU,
-        "customizer": {**_DEMO_CPU["customizer"], "prompt_length": 32},
-        "max_views": 1,
-    },
-    # R2GenGPT's recipe as the starting point, on a GPU host with hub access.
-    "iu-xray-llama2-7b-nf4": {
-        "llm": {"source": LLAMA2_7B, "quantization": "nf4", "dtype": "bfloat16"},
-        "encoder": {"name": "vit_base_patch16_224", "pretrained": True, "image_size": 224},
-        "customizer": {"prompt_length": 16, "book_size": 16, "hidden_dim": 512},
-        "max_report_tokens": 60,
-        "max_views": 2,
-    },
-    "mimic-cxr-llama2-7b-nf4": {
-        "llm": {"source": LLAMA2_7B, "quantization": "nf4", "dtype": "bfloat16"},
-        "encoder": {"name": "vit_base_patch16_224", "pretrained": True, "image_size": 224},
-        "customizer": {"prompt_length": 16, "book_size": 16, "hidden_dim": 512},
-        "max_report_tokens": 100,
-        "max_views": 1,
-    },
-}
+
+def merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` applied, nested mappings merged key by key (a new dict)."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def preset(name: str) -> dict[str, dict[str, Any]]:
+    """The overrides of preset ``name``: ``{"model": …, "train": …}``."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]
 
 
 def model_preset(name: str, mode: str | None = None) -> ModelConfig:
     """The ModelConfig of preset ``name`` (optionally with another customizer mode)."""
-    if name not in MODEL_PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
-    config = ModelConfig.from_dict(copy.deepcopy(MODEL_PRESETS[name]))
+    config = ModelConfig.from_dict(merged(ModelConfig().to_dict(), preset(name)["model"]))
     if mode is not None:
         config.customizer.mode = mode
     return config.validate()

@@ -97,9 +97,7 @@ def push_to_hub(
     from huggingface_hub import CommitOperationAdd, HfApi
 
     folder = Path(folder)
-    files = sorted(
-        p for pattern in CHECKPOINT_FILES for p in folder.glob(pattern) if p.is_file()
-    )
+    files = sorted(p for pattern in CHECKPOINT_FILES for p in folder.glob(pattern) if p.is_file())
     if not any(p.name == CONFIG_NAME for p in files):
         raise ConfigError(f"{folder} holds no checkpoint ({CONFIG_NAME} missing)")
     operations = [

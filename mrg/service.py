@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from mrg.batching import Batcher
 from mrg.config import (
     CONFIG_NAME,
     CUSTOMIZED_MODES,
@@ -36,10 +37,9 @@ from mrg.data.study import Study, batch_tensors
 from mrg.evaluation.labeler import CHEXPERT14, LABEL_MAPS, POSITIVE, ReportLabeler
 from mrg.evaluation.metrics import nlg_scores
 from mrg.explain import Heatmap, explain
-from mrg.batching import Batcher
 from mrg.model import Decoding, MRGModel
-from mrg.model.mrg_model import text_increments
 from mrg.model.llm import cpu_prefers_bf16, load_frozen_llm, quantization_in_effect
+from mrg.model.mrg_model import text_increments
 
 log = logging.getLogger(__name__)
 

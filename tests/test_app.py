@@ -6,8 +6,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import gradio as gr
+import numpy as np
 import pytest
 import torch
 from conftest import DICOM, AppProcess, shared_path, tiny_model_config

@@ -1,6 +1,7 @@
 """Checkpoints and SmolLM2 by Hub repo id, from a local Hub cache, with HF_HUB_OFFLINE=1."""
 
 import json
+from pathlib import Path
 
 import huggingface_hub
 import pytest
@@ -77,7 +78,7 @@ def test_push_to_hub_sends_the_checkpoint_and_a_card_with_metadata(make_tiny_mod
         for op in operations:
             source = op.path_or_fileobj
             sent["files"][op.path_in_repo] = (
-                source if isinstance(source, bytes) else open(source, "rb").read()
+                source if isinstance(source, bytes) else Path(source).read_bytes()
             )
         return type("Commit", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/1"})
 
@@ -103,7 +104,7 @@ def test_pushed_weights_load_back(make_tiny_model, monkeypatch, cache, tmp_path)
             target = uploaded / op.path_in_repo
             target.parent.mkdir(parents=True, exist_ok=True)
             source = op.path_or_fileobj
-            target.write_bytes(source if isinstance(source, bytes) else open(source, "rb").read())
+            target.write_bytes(source if isinstance(source, bytes) else Path(source).read_bytes())
         return type("Commit", (), {"commit_url": ""})
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, *a, **k: None)

@@ -35,10 +35,10 @@ from transformers.generation.logits_process import (
 
 from mrg.batching import Request
 from mrg.config import CONFIG_NAME, DEFAULT_DECODING, ConfigError, Decoding, ModelConfig
+from mrg.hub import base_model_id, hub_model_card, push_to_hub, resolve_checkpoint
 from mrg.model.customizer import CustomizedPrompt, build_customizer
 from mrg.model.decoding import OnBody, ReportStructureProcessor, report_structure
 from mrg.model.encoder import VisualEncoder
-from mrg.hub import base_model_id, hub_model_card, push_to_hub, resolve_checkpoint
 from mrg.model.llm import load_frozen_llm
 
 log = logging.getLogger(__name__)
@@ -468,7 +468,9 @@ class MRGModel(nn.Module):
         """Save (float16 trainable weights) and upload to ``repo_id`` with a Hub model card."""
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp, dtype=torch.float16)
-            readme = hub_model_card(repo_id, [self.mode], base_model_id(self.config.llm.source), card)
+            readme = hub_model_card(
+                repo_id, [self.mode], base_model_id(self.config.llm.source), card
+            )
             return push_to_hub(tmp, repo_id, readme, private=private)
 
     @classmethod
