@@ -25,12 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mrg.config import CUSTOMIZER_MODES, LLMConfig, model_preset
 from mrg.data.study import batch_tensors, study_from_sources
+from mrg.environment import setting
 from mrg.model import Decoding, MRGModel
 from mrg.model.llm import load_frozen_llm
 
-SHARED = Path(
-    os.environ.get("MRG_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
-)
+SHARED = Path(setting("MRG_SHARED_DATA"))
 
 
 def peak_rss_mib() -> float:

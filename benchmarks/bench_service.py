@@ -27,12 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mrg.config import DEFAULT_DECODING
 from mrg.data.study import study_from_sources
+from mrg.environment import setting
 from mrg.model import Decoding
 from mrg.service import ReportService, report_sentences
 
-SHARED = Path(
-    os.environ.get("MRG_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
-)
+SHARED = Path(setting("MRG_SHARED_DATA"))
 
 
 def load_study():

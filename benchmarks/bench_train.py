@@ -26,15 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mrg.config import CUSTOMIZER_MODES
 from mrg.data.datasets import Batch
 from mrg.data.study import batch_tensors, study_from_sources, train_transform
+from mrg.environment import setting
 from mrg.model import MRGModel
 from mrg.model.llm import load_frozen_llm
 from mrg.train.config import train_preset
 from mrg.train.losses import ContrastiveHeads, ReportEmbeddingCache
 from mrg.train.trainer import STAGES, TrainingModule
 
-SHARED = Path(
-    os.environ.get("MRG_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
-)
+SHARED = Path(setting("MRG_SHARED_DATA"))
 REPORT = (
     "FINDINGS: The heart is normal in size. The mediastinum is unremarkable. The lungs are clear. "
     "There is no pleural effusion or pneumothorax. IMPRESSION: No acute cardiopulmonary abnormality."

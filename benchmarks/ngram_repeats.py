@@ -7,7 +7,6 @@ them, headers excluded) in which some token n-gram occurs twice, and the share w
 3-gram loop (three or more times) as ``mrg.evaluation.text_quality`` counts it.
 """
 
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -15,12 +14,11 @@ from transformers import AutoTokenizer
 
 from mrg.data.reports import iter_openi_reports
 from mrg.data.sections import format_report
+from mrg.environment import setting
 from mrg.evaluation.text_quality import has_loop
 from mrg.model.llm import smollm2_local_dir
 
-SHARED = Path(
-    os.environ.get("MRG_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
-)
+SHARED = Path(setting("MRG_SHARED_DATA"))
 
 
 def repeats(ids: list[int], n: int) -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mrg.config import CUSTOMIZER_MODES, DTYPES, QUANTIZATIONS, ConfigError
+from mrg.environment import setting
 from mrg.train.config import TRAIN_PRESETS
 
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -462,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("demo_args", nargs=argparse.REMAINDER)
     demo.set_defaults(func=_demo)
 
-    shared = os.environ.get("MRG_SHARED_DATA", "../shared/data")
+    shared = setting("MRG_SHARED_DATA")
     labeler = sub.add_parser(
         "labeler-eval", help="score the report labeler on the OpenI gold standard"
     )
@@ -484,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     import torch
 
-    torch.set_num_threads(int(os.environ.get("MRG_NUM_THREADS", os.cpu_count() or 1)))
+    torch.set_num_threads(int(setting("MRG_NUM_THREADS")))
     try:
         return args.func(args)
     except ConfigError as err:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mrg.environment import setting
 
 CUSTOMIZER_MODES = ("static", "prompt-wise", "promptbook-wise")
 CUSTOMIZED_MODES = CUSTOMIZER_MODES[1:]  # the two instance-level customizations (MRG-LLM's)
@@ -28,9 +29,7 @@ def checkpoint_modes(checkpoints: str | Path | None = None) -> dict[str, Path]:
     shipped ones. A repo id is downloaded to (or found in) the Hub cache (``mrg.hub``)."""
     from mrg.hub import resolve_checkpoint
 
-    root = resolve_checkpoint(
-        checkpoints or os.environ.get("MRG_CHECKPOINTS") or DEFAULT_CHECKPOINTS
-    )
+    root = resolve_checkpoint(checkpoints or setting("MRG_CHECKPOINTS") or DEFAULT_CHECKPOINTS)
     return {m: root / m for m in CUSTOMIZER_MODES if (root / m / CONFIG_NAME).is_file()}
 
 
@@ -51,10 +50,7 @@ class ConfigError(ValueError):
 
 def default_cache_dir() -> Path:
     """``$MRG_CACHE_DIR``, else ``$XDG_CACHE_HOME/mrg``, else ``~/.cache/mrg``."""
-    if os.environ.get("MRG_CACHE_DIR"):
-        return Path(os.environ["MRG_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "mrg"
+    return Path(setting("MRG_CACHE_DIR") or Path(setting("XDG_CACHE_HOME")) / "mrg")
 
 
 class ConfigBase:

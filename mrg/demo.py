@@ -21,34 +21,32 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
 
 from mrg.config import DTYPES, QUANTIZATIONS
+from mrg.environment import setting
 
 HERE = Path(__file__).resolve().parents[1]  # the repository root
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    env = os.environ.get
+    """Flags, each defaulting to its environment variable (``mrg.environment``)."""
     parser = argparse.ArgumentParser(description="mrg chest X-ray report generation demo")
-    parser.add_argument("--checkpoints", default=env("MRG_CHECKPOINTS"))
-    parser.add_argument("--llm", default=env("MRG_LLM"))
-    parser.add_argument("--device", default=env("MRG_DEVICE"))
-    parser.add_argument("--quantization", default=env("MRG_QUANTIZATION"), choices=QUANTIZATIONS)
-    parser.add_argument("--dtype", default=env("MRG_DTYPE", "auto"), choices=("auto", *DTYPES))
-    parser.add_argument("--data-dir", default=env("MRG_DATA_DIR", "mrg-data"))
-    parser.add_argument("--dataset-annotation", default=env("MRG_DATASET_ANNOTATION"))
-    parser.add_argument("--dataset-images", default=env("MRG_DATASET_IMAGES"))
-    parser.add_argument("--dataset-split", default=env("MRG_DATASET_SPLIT", "test"))
+    parser.add_argument("--checkpoints", default=setting("MRG_CHECKPOINTS"))
+    parser.add_argument("--llm", default=setting("MRG_LLM"))
+    parser.add_argument("--device", default=setting("MRG_DEVICE"))
     parser.add_argument(
-        "--shared-data", default=env("MRG_SHARED_DATA", str(HERE.parent / "shared" / "data"))
+        "--quantization", default=setting("MRG_QUANTIZATION"), choices=QUANTIZATIONS
     )
-    parser.add_argument("--host", default=env("MRG_HOST", env("GRADIO_SERVER_NAME", "127.0.0.1")))
-    parser.add_argument(
-        "--port", type=int, default=int(env("MRG_PORT", env("GRADIO_SERVER_PORT", "7860")))
-    )
-    parser.add_argument("--max-upload-mb", type=int, default=int(env("MRG_MAX_UPLOAD_MB", "64")))
+    parser.add_argument("--dtype", default=setting("MRG_DTYPE"), choices=("auto", *DTYPES))
+    parser.add_argument("--data-dir", default=setting("MRG_DATA_DIR"))
+    parser.add_argument("--dataset-annotation", default=setting("MRG_DATASET_ANNOTATION"))
+    parser.add_argument("--dataset-images", default=setting("MRG_DATASET_IMAGES"))
+    parser.add_argument("--dataset-split", default=setting("MRG_DATASET_SPLIT"))
+    parser.add_argument("--shared-data", default=setting("MRG_SHARED_DATA"))
+    parser.add_argument("--host", default=setting("MRG_HOST"))
+    parser.add_argument("--port", type=int, default=int(setting("MRG_PORT")))
+    parser.add_argument("--max-upload-mb", type=int, default=int(setting("MRG_MAX_UPLOAD_MB")))
     return parser.parse_args(argv)
 
 
@@ -69,7 +67,7 @@ def build_demo(args: argparse.Namespace):
 
         from mrg.service import ReportService
 
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(int(setting("MRG_NUM_THREADS")))
         return ReportService.load(
             args.checkpoints,
             llm_source=args.llm,

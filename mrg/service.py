@@ -11,7 +11,6 @@ image, beam search and Grad-CAM take one lock. Cancelling is closing the stream 
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import threading
@@ -27,6 +26,7 @@ from mrg.config import (
     CONFIG_NAME,
     CUSTOMIZED_MODES,
     DEFAULT_DECODING,
+    LLMConfig,
     ModelConfig,
     checkpoint_modes,
     model_preset,
@@ -121,60 +121,13 @@ class ReportService:
         the app still runs; ``info.trained`` is then False and the banner says so.
         """
         found = checkpoint_modes(checkpoints)
-        overrides = {}
-        if llm_source:
-            overrides["source"] = llm_source
-        if quantization:
-            overrides["quantization"] = quantization
-        if device == "cuda" and not torch.cuda.is_available():
-            log.warning("device=cuda requested but no GPU is visible: running on the CPU")
-            device = "cpu"
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if found:  # the LLM named by the first checkpoint's config serves every mode
-            config = json.loads((next(iter(found.values())) / CONFIG_NAME).read_text())
-            llm_config = ModelConfig.from_dict(config).llm
-        else:
-            llm_config = model_preset("demo-cpu").llm
-        if dtype in (None, "auto"):
-            if device == "cpu" and llm_config.quantization == "none" and cpu_prefers_bf16():
-                overrides["dtype"] = "bfloat16"
-        else:
-            overrides["dtype"] = dtype
-        for key, value in overrides.items():
-            setattr(llm_config, key, value)
+        device = resolve_device(device)
+        llm_config, overrides = resolve_llm_config(found, device, llm_source, quantization, dtype)
         llm, tokenizer = load_frozen_llm(llm_config)
         if device == "cuda" and llm_config.quantization == "none":
             llm.to("cuda")
-        models: dict[str, MRGModel] = {}
-        if found:
-            for mode, path in found.items():
-                models[mode] = MRGModel.from_pretrained(
-                    path,
-                    llm=llm,
-                    tokenizer=tokenizer,
-                    config_overrides={"llm": overrides} if overrides else None,
-                ).eval()
-        else:
-            log.warning(
-                "no checkpoint under %s: using untrained demo models (reports will be meaningless)",
-                checkpoints or "$MRG_CHECKPOINTS or the default folder",
-            )
-            for index, mode in enumerate(CUSTOMIZED_MODES):
-                torch.manual_seed(index)
-                models[mode] = MRGModel(model_preset("demo-cpu", mode), llm, tokenizer).eval()
-        info = ServiceInfo(
-            llm=llm_config.source
-            if llm_config.source != "smollm2"
-            else "SmolLM2-135M-Instruct (frozen)",
-            device=str(llm.device),
-            quantization=quantization_in_effect(llm),
-            dtype=str(llm.dtype).removeprefix("torch."),
-            modes=list(models),
-            checkpoints={m: str(p) for m, p in found.items()},
-            trained=bool(found),
-            views=min(m.config.max_views for m in models.values()),
-        )
-        return cls(models, info)
+        models = load_models(found, llm, tokenizer, overrides)
+        return cls(models, describe(llm_config, llm, models, found))
 
     def model(self, mode: str) -> MRGModel:
         if mode not in self.models:
@@ -299,6 +252,89 @@ class ReportService:
             if sentences:
                 out[observation] = list(dict.fromkeys(sentences))
         return out
+
+
+# ---------------------------------------------------------------------- loading, step by step
+
+
+def resolve_device(device: str | None) -> str:
+    """``device``, else CUDA when present; CUDA asked for where there is none falls back to the CPU."""
+    if device == "cuda" and not torch.cuda.is_available():
+        log.warning("device=cuda requested but no GPU is visible: running on the CPU")
+        return "cpu"
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_llm_config(
+    found: dict[str, Path],
+    device: str,
+    llm_source: str | None,
+    quantization: str | None,
+    dtype: str | None,
+) -> tuple[LLMConfig, dict[str, str]]:
+    """The LLM every mode shares (the first checkpoint's, else demo-cpu's) with the caller's
+    overrides, which are returned too: each checkpoint's config gets the same."""
+    if found:
+        llm_config = ModelConfig.load(next(iter(found.values())) / CONFIG_NAME).llm
+    else:
+        llm_config = model_preset("demo-cpu").llm
+    overrides = {}
+    if llm_source:
+        overrides["source"] = llm_source
+    if quantization:
+        overrides["quantization"] = quantization
+    if dtype in (None, "auto"):
+        unquantized = (overrides.get("quantization") or llm_config.quantization) == "none"
+        if device == "cpu" and unquantized and cpu_prefers_bf16():
+            overrides["dtype"] = "bfloat16"
+    else:
+        overrides["dtype"] = dtype
+    for key, value in overrides.items():
+        setattr(llm_config, key, value)
+    return llm_config, overrides
+
+
+def load_models(
+    found: dict[str, Path], llm, tokenizer, overrides: dict[str, str]
+) -> dict[str, MRGModel]:
+    """Every checkpoint's model on the one LLM; untrained demo-cpu models where there is none."""
+    if not found:
+        log.warning(
+            "no checkpoint found ($MRG_CHECKPOINTS, --checkpoints or assets/checkpoints): "
+            "using untrained demo models (reports will be meaningless)"
+        )
+        models = {}
+        for index, mode in enumerate(CUSTOMIZED_MODES):
+            torch.manual_seed(index)
+            models[mode] = MRGModel(model_preset("demo-cpu", mode), llm, tokenizer).eval()
+        return models
+    return {
+        mode: MRGModel.from_pretrained(
+            path,
+            llm=llm,
+            tokenizer=tokenizer,
+            config_overrides={"llm": overrides} if overrides else None,
+        ).eval()
+        for mode, path in found.items()
+    }
+
+
+def describe(
+    llm_config: LLMConfig, llm, models: dict[str, MRGModel], found: dict[str, Path]
+) -> ServiceInfo:
+    """What is loaded and in effect, for the banner and ``mrg generate --json``."""
+    return ServiceInfo(
+        llm=llm_config.source
+        if llm_config.source != "smollm2"
+        else "SmolLM2-135M-Instruct (frozen)",
+        device=str(llm.device),
+        quantization=quantization_in_effect(llm),
+        dtype=str(llm.dtype).removeprefix("torch."),
+        modes=list(models),
+        checkpoints={m: str(p) for m, p in found.items()},
+        trained=bool(found),
+        views=min(m.config.max_views for m in models.values()),
+    )
 
 
 def _find_span(report: str, sentence: str) -> tuple[int, int]:

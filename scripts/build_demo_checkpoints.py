@@ -39,6 +39,7 @@ from mrg.config import DEFAULT_DECODING
 from mrg.data.datasets import load_annotation
 from mrg.data.language import HeldOut, report_corpus
 from mrg.data.pairs import build_pairs
+from mrg.environment import setting
 from mrg.evaluation.demo_card import (
     alignment_retrieval,
     baselines,
@@ -70,7 +71,7 @@ from mrg.train.config import StageConfig, train_preset
 from mrg.train.trainer import Trainer
 
 log = logging.getLogger("build_demo_checkpoints")
-SHARED = Path(os.environ.get("MRG_SHARED_DATA", ROOT.parent / "shared" / "data"))
+SHARED = Path(setting("MRG_SHARED_DATA"))
 REPORTS = SHARED / "iu_xray" / "NLMCXR_reports.tgz"
 
 

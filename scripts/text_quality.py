@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
+from mrg.environment import setting
 from mrg.evaluation.text_quality import (
     corpus_counts,
     examples_of_failures,
@@ -21,9 +21,7 @@ from mrg.evaluation.text_quality import (
     text_quality,
 )
 
-SHARED = Path(
-    os.environ.get("MRG_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
-)
+SHARED = Path(setting("MRG_SHARED_DATA"))
 
 
 def main() -> None:
