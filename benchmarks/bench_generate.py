@@ -28,6 +28,7 @@ from mrg.data.study import batch_tensors, study_from_sources
 from mrg.environment import setting
 from mrg.model import Decoding, MRGModel
 from mrg.model.llm import load_frozen_llm
+from mrg.model.views import Views
 
 SHARED = Path(setting("MRG_SHARED_DATA"))
 
@@ -43,11 +44,9 @@ def study_tensors(size: int):
         return batch_tensors([study], size), "IU X-ray CXR2843 (2 views)"
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(1, 2, 1, size, size, generator=generator)
-    return (
-        images,
-        torch.tensor([[0, 1]]),
-        torch.ones(1, 2, dtype=torch.bool),
-    ), "random 2-view input"
+    return Views(images, torch.tensor([[0, 1]]), torch.ones(1, 2, dtype=torch.bool)), (
+        "random 2-view input"
+    )
 
 
 def time_stream(model: MRGModel, inputs, decoding: Decoding) -> tuple[float, float, int]:
@@ -55,7 +54,7 @@ def time_stream(model: MRGModel, inputs, decoding: Decoding) -> tuple[float, flo
     start = time.perf_counter()
     first = None
     count = 0
-    for _ in model.stream_ids(*inputs, decoding):
+    for _ in model.stream_ids(inputs, decoding):
         count += 1
         if first is None:
             first = time.perf_counter()

@@ -29,6 +29,7 @@ from mrg.data.study import batch_tensors, study_from_sources, train_transform
 from mrg.environment import setting
 from mrg.model import MRGModel
 from mrg.model.llm import load_frozen_llm
+from mrg.model.views import Views
 from mrg.train.config import train_preset
 from mrg.train.losses import ContrastiveHeads, ReportEmbeddingCache
 from mrg.train.trainer import STAGES, TrainingModule
@@ -45,14 +46,17 @@ def make_batch(batch_size: int, size: int) -> tuple[Batch, str]:
     if root.exists():
         studies = [study_from_sources(d / "0.png", d / "1.png") for d in sorted(root.iterdir())]
         studies = (studies * batch_size)[:batch_size]
-        images, ids, mask = batch_tensors(studies, size, transform=train_transform(size))
+        views = batch_tensors(studies, size, transform=train_transform(size))
         label = "IU X-ray studies (2 views)"
     else:
-        images = torch.rand(batch_size, 2, 1, size, size)
-        ids, mask = torch.tensor([[0, 1]] * batch_size), torch.ones(batch_size, 2, dtype=torch.bool)
+        views = Views(
+            torch.rand(batch_size, 2, 1, size, size),
+            torch.tensor([[0, 1]] * batch_size),
+            torch.ones(batch_size, 2, dtype=torch.bool),
+        )
         label = "random 2-view input"
     reports = [f"{REPORT} ({i})" for i in range(batch_size)]
-    return Batch(images, ids, mask, reports, [str(i) for i in range(batch_size)]), label
+    return Batch(views, reports, [str(i) for i in range(batch_size)]), label
 
 
 def main() -> None:

@@ -80,10 +80,10 @@ class LLMConfig:
     a local Hugging Face model directory, or a hub id (GPU hosts with network access).
     """
 
-    source: str = SMOLLM2
-    quantization: str = "none"
-    dtype: str = "float32"
-    cache_dir: str | None = None
+    source: str = SMOLLM2  # "smollm2", a local model directory or a hub id
+    quantization: str = "none"  # none | nf4 | int8 (bitsandbytes, where it quantizes)
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16
+    cache_dir: str | None = None  # the converted SmolLM2 copy (default: default_cache_dir())
 
     def validate(self) -> None:
         if not self.source:
@@ -104,15 +104,16 @@ class EncoderConfig:
     embedding + ViT blocks, offline) or any timm ViT name such as ``vit_base_patch16_224``.
     """
 
-    name: str = HYBRID_ENCODER
+    name: str = HYBRID_ENCODER  # or a timm ViT name
+    # timm's pretrained weights (hub access); the hybrid's stem has its own
     pretrained: bool = False
-    image_size: int = 224
-    embed_dim: int = 192
-    depth: int = 4
-    num_heads: int = 3
-    pool_grid: int = 7
-    freeze_stem: bool = False
-    drop_path_rate: float = 0.0
+    image_size: int = 224  # input side in pixels, a multiple of 16
+    embed_dim: int = 192  # ViT width (hybrid encoder; a timm ViT has its own)
+    depth: int = 4  # ViT blocks (hybrid encoder)
+    num_heads: int = 3  # attention heads per block (hybrid encoder)
+    pool_grid: int = 7  # patch tokens are average-pooled to pool_grid² visual tokens per view
+    freeze_stem: bool = False  # keep the CNN stem's ImageNet weights out of training
+    drop_path_rate: float = 0.0  # stochastic depth
 
     def validate(self) -> None:
         if self.image_size < 32 or self.image_size % 16:
@@ -131,12 +132,12 @@ class EncoderConfig:
 class CustomizerConfig:
     """Instance-level prompt customization (see ``mrg.model.customizer``)."""
 
-    mode: str = "prompt-wise"
-    prompt_length: int = 8
-    book_size: int = 8
+    mode: str = "prompt-wise"  # static | prompt-wise | promptbook-wise
+    prompt_length: int = 8  # L soft prompt tokens
+    book_size: int = 8  # promptbook-wise: prompts in the book
     top_k: int = 0  # 0: dense softmax over the whole book
-    hidden_dim: int = 256
-    temperature: float = 1.0
+    hidden_dim: int = 256  # width of the MLPs that give the affine parameters and the query
+    temperature: float = 1.0  # softmax temperature over the book's keys
 
     def validate(self) -> None:
         if self.mode not in CUSTOMIZER_MODES:
@@ -159,12 +160,12 @@ class CustomizerConfig:
 class ModelConfig(ConfigBase):
     """Everything needed to rebuild an MRG model around a frozen LLM."""
 
-    llm: LLMConfig = field(default_factory=LLMConfig)
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    customizer: CustomizerConfig = field(default_factory=CustomizerConfig)
-    instruction: str = DEFAULT_INSTRUCTION
-    max_report_tokens: int = 100
-    max_views: int = 2
+    llm: LLMConfig = field(default_factory=LLMConfig)  # the frozen LLM
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)  # the trainable encoder
+    customizer: CustomizerConfig = field(default_factory=CustomizerConfig)  # the prompts
+    instruction: str = DEFAULT_INSTRUCTION  # the system message of the chat template
+    max_report_tokens: int = 100  # target length in training (longer reports are left out)
+    max_views: int = 2  # 1: frontal only; 2: frontal and lateral
 
     def validate(self) -> ModelConfig:
         self.llm.validate()

@@ -19,6 +19,7 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from torch import nn
 
 from mrg.model.mrg_model import MRGModel
+from mrg.model.views import Views
 
 
 @dataclass
@@ -47,6 +48,7 @@ class ReportScore(nn.Module):
         report: str,
         char_span: tuple[int, int] | None,
     ):
+        """``view_ids [1, V]``: the study's; every view is present."""
         super().__init__()
         self.model, self.view_ids = model, view_ids
         enc = model.tokenizer(report, add_special_tokens=False, return_offsets_mapping=True)
@@ -65,10 +67,8 @@ class ReportScore(nn.Module):
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
         model = self.model
-        images = views.unsqueeze(0)
-        view_ids = self.view_ids.to(model.device)
-        mask = torch.ones_like(view_ids, dtype=torch.bool)
-        ctx = model.context(images, view_ids, mask)
+        ids = self.view_ids.to(model.device)
+        ctx = model.context(Views(views.unsqueeze(0), ids, torch.ones_like(ids, dtype=torch.bool)))
         ids = self.report_ids.to(model.device).unsqueeze(0)
         logits = model.teacher_forced(ctx, ids, torch.ones_like(ids)).logits
         start = ctx.embeds.shape[1]
@@ -90,16 +90,15 @@ def _reshape_transform(model: MRGModel):
 
 def explain(
     model: MRGModel,
-    images: torch.Tensor,
-    view_ids: torch.Tensor,
+    views: Views,
     report: str,
     char_span: tuple[int, int] | None = None,
-    views: list[str] | None = None,
+    positions: list[str] | None = None,
 ) -> list[Heatmap]:
-    """One Grad-CAM heatmap per view of a single study (``images [1, V, 1, H, W]``)."""
+    """One Grad-CAM heatmap per view of a single study (``views`` of one study, all present)."""
     was_training = model.training
     model.eval()
-    scorer = ReportScore(model, view_ids, report, char_span)
+    scorer = ReportScore(model, views.ids, report, char_span)
     try:
         with (
             torch.enable_grad(),
@@ -110,10 +109,11 @@ def explain(
             ) as cam,
         ):
             maps = cam(
-                input_tensor=images[0].to(model.device), targets=[lambda out: out] * images.shape[1]
+                input_tensor=views.images[0].to(model.device),
+                targets=[lambda out: out] * views.images.shape[1],
             )
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    names = views or ["unknown"] * images.shape[1]
+    names = positions or ["unknown"] * views.images.shape[1]
     return [Heatmap(m.astype(np.float32), name) for m, name in zip(maps, names)]

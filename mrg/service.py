@@ -40,6 +40,7 @@ from mrg.explain import Heatmap, explain
 from mrg.model import Decoding, MRGModel
 from mrg.model.llm import cpu_prefers_bf16, load_frozen_llm, quantization_in_effect
 from mrg.model.mrg_model import text_increments
+from mrg.model.views import Views
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,8 @@ class ReportService:
             raise ValueError(f"mode {mode!r} is not loaded; available: {', '.join(self.models)}")
         return self.models[mode]
 
-    def tensors(self, study: Study, mode: str):
+    def views(self, study: Study, mode: str) -> Views:
+        """``study`` as ``mode``'s model reads it (its image size and number of views)."""
         model = self.model(mode)
         return batch_tensors([study], model.config.encoder.image_size, model.config.max_views)
 
@@ -150,17 +152,17 @@ class ReportService:
         """Yield a ``ReportUpdate`` per decoded token (greedy/sampling) or once (beam)."""
         decoding.validate()
         model = self.model(mode)
-        images, view_ids, view_mask = self.tensors(study, mode)
+        views = self.views(study, mode)
         start = time.perf_counter()
         if decoding.strategy == "beam":
             with self.lock:
-                text = model.generate(images, view_ids, view_mask, decoding)[0]
+                text = model.generate(views, decoding)[0]
             elapsed = time.perf_counter() - start
             tokens = len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
             yield self._update(text, True, tokens, elapsed, start)
             return
         with self.lock:
-            request = model.decoding_request(images, view_ids, view_mask, decoding)
+            request = model.decoding_request(views, decoding)
         ids = self.batchers[id(model.llm)].stream(request)
         text, tokens, first = "", 0, None
         try:
@@ -187,14 +189,14 @@ class ReportService:
             else None
         )
         return ReportUpdate(
-            sections.findings,
-            sections.impression,
-            text.strip(),
-            finished,
-            tokens,
-            ttft,
-            rate,
-            elapsed,
+            findings=sections.findings,
+            impression=sections.impression,
+            text=text.strip(),
+            finished=finished,
+            tokens=tokens,
+            ttft_s=ttft,
+            tokens_per_s=rate,
+            elapsed_s=elapsed,
         )
 
     def generate(
@@ -213,10 +215,10 @@ class ReportService:
     ) -> list[Heatmap]:
         """Grad-CAM per view for the whole report, or for one of its sentences."""
         model = self.model(mode)
-        images, view_ids, _ = self.tensors(study, mode)
+        views = self.views(study, mode)
         span = _find_span(report, sentence) if sentence else None
         with self.lock:
-            return explain(model, images, view_ids, report, span, [v.position for v in study.views])
+            return explain(model, views, report, span, [v.position for v in study.views])
 
     # ------------------------------------------------------------------ comparison
 

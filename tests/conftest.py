@@ -131,11 +131,14 @@ def save_tiny_checkpoints(root: Path, llm, tokenizer) -> Path:
 
 
 def random_batch(batch: int = 2, views: int = 2, size: int = 64, seed: int = 0):
+    """Random ``Views`` of ``batch`` studies with ``views`` present views each."""
+    from mrg.model.views import Views
+
     generator = torch.Generator().manual_seed(seed)
     images = torch.rand(batch, views, 1, size, size, generator=generator)
     view_ids = torch.tensor([[0, 1][:views]] * batch)
     view_mask = torch.ones(batch, views, dtype=torch.bool)
-    return images, view_ids, view_mask
+    return Views(images, view_ids, view_mask)
 
 
 # ----------------------------------------------------------------------------- the app in a process
@@ -158,25 +161,15 @@ def tiny_checkpoints(tmp_path_factory, tiny_llm, tokenizer):
 
 
 class AppProcess:
-    def __init__(self, checkpoints: Path, data_dir: Path):
+    def __init__(self, checkpoints: Path, data_dir: Path, env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         env = dict(
             os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", MRG_NUM_THREADS="1"
-        )
+        ) | (env or {})
+        flags = f"--checkpoints {checkpoints} --data-dir {data_dir} --port {self.port}"
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                str(REPO / "app.py"),
-                "--checkpoints",
-                str(checkpoints),
-                "--data-dir",
-                str(data_dir),
-                "--port",
-                str(self.port),
-                "--max-upload-mb",
-                "20",
-            ],
+            [sys.executable, str(REPO / "app.py"), *flags.split(), "--max-upload-mb", "20"],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -211,10 +204,10 @@ def wait_idle(batcher, timeout: float = 20.0) -> bool:
     return False
 
 
-def hub_cache(cache: Path, repo_id: str, files: dict[str, Path]) -> Path:
+def hub_cache(cache: Path, repo_id: str, files: dict[str, Path], commit: str | None = None) -> Path:
     """What ``huggingface_hub`` leaves in ``cache`` after downloading ``files`` (path in repo →
-    local source) of ``repo_id``: ``refs/main`` naming a snapshot of links to the files."""
-    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    local source) of ``repo_id`` at ``commit``: ``refs/main`` naming a snapshot of links."""
+    commit = commit or hashlib.sha1(repo_id.encode()).hexdigest()
     repo = cache / f"models--{repo_id.replace('/', '--')}"
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(commit)

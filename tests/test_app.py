@@ -30,8 +30,20 @@ def demo(tiny_llm, tokenizer, tmp_path):
     return DemoApp(service, ReviewStore(tmp_path / "reviews.sqlite"), default_examples())
 
 
-def run_generate(demo, state, mode="prompt-wise", tokens=8):
-    return list(demo.generate(state, mode, "greedy", tokens, 1.2, 0.7, 0.9))
+# What ``DemoApp.generate`` yields, in order (the page's components).
+GENERATE_OUTPUTS = (
+    "findings_a", "impression_a", "findings_b", "impression_b", "stats", "sentences", "state",
+)  # fmt: skip
+REVIEW_COLUMNS = ("saved", "case", "mode", "reviewer", "verdict", "categories", "note")
+
+
+def named(outputs, names=GENERATE_OUTPUTS) -> dict:
+    return dict(zip(names, outputs, strict=True))
+
+
+def run_generate(demo, state, mode="prompt-wise", tokens=8) -> list[dict]:
+    """Every update of a greedy generation, by output name."""
+    return [named(u) for u in demo.generate(state, mode, "greedy", tokens, 1.2, 0.7, 0.9)]
 
 
 def test_upload_dicom_shows_the_windowed_image_and_no_phi(demo):
@@ -59,8 +71,8 @@ def test_generate_streams_and_offers_sentences(demo):
     state, *_ = demo.load_example(DemoState(), next(iter(demo.examples)))
     updates = run_generate(demo, state)
     assert len(updates) >= 3
-    assert "tokens" in updates[-1][4] and "first token" in updates[-1][4]
-    assert updates[-1][5]["choices"][0] == WHOLE_REPORT
+    assert "tokens" in updates[-1]["stats"] and "first token" in updates[-1]["stats"]
+    assert updates[-1]["sentences"]["choices"][0] == WHOLE_REPORT
     assert state.generated["prompt-wise"]
 
 
@@ -68,12 +80,12 @@ def test_compare_both_fills_both_columns(demo):
     state, *_ = demo.load_example(DemoState(), next(iter(demo.examples)))
     final = run_generate(demo, state, COMPARE_BOTH)[-1]
     assert set(state.generated) == {"prompt-wise", "promptbook-wise"}
-    assert "prompt-wise" in final[4] and "promptbook-wise" in final[4]
+    assert "prompt-wise" in final["stats"] and "promptbook-wise" in final["stats"]
 
 
 def test_generate_before_loading_is_a_message(demo):
     (update,) = run_generate(demo, DemoState())
-    assert "Load a study first" in update[4]
+    assert "Load a study first" in update["stats"]
 
 
 def test_explain_and_reblend(demo):
@@ -106,9 +118,9 @@ def test_review_save_validation_and_export(demo):
     status, rows, _ = demo.save_review(
         state, "prompt-wise", "", "minor error", ["missed finding"], "n", "Dr B", "s"
     )
-    assert (
-        status.startswith("Saved") and rows[0][1] == state.case_key and rows[0][4] == "minor error"
-    )
+    saved = named(rows[0], REVIEW_COLUMNS)
+    assert status.startswith("Saved")
+    assert saved["case"] == state.case_key and saved["verdict"] == "minor error"
     exported = Path(demo.export("s", "csv"))
     assert exported.is_file() and "Dr B" in exported.read_text()
 
@@ -162,7 +174,8 @@ def test_end_to_end_with_gradio_client(app_server, tmp_path):
     job = client.submit("prompt-wise", "greedy", 16, 1.2, 0.7, 0.9, api_name="/generate")
     job.result(timeout=120)
     outputs = job.outputs()
-    assert len(outputs) >= 3 and "first token" in outputs[-1][4]
+    client_outputs = GENERATE_OUTPUTS[:-1]  # gradio_client never sees the session state
+    assert len(outputs) >= 3 and "first token" in named(outputs[-1], client_outputs)["stats"]
 
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(500))
@@ -272,7 +285,7 @@ def test_identical_simultaneous_uploads_all_load(demo, tmp_path, monkeypatch):
 
 def test_unexpected_failures_are_messages_and_logs_without_their_text(demo, caplog, monkeypatch):
     state, *_ = demo.load_upload(DemoState(), DICOM, None)
-    list(run_generate(demo, state))
+    run_generate(demo, state)
 
     patient = "DOE^JANE"
 
@@ -319,7 +332,8 @@ def test_the_page_is_built_while_the_models_load(demo):
     state, *_ = app.load_upload(DemoState(), DICOM, None)  # loading a study needs no model
     app.loading.start()
     release.set()
-    findings, *_, stats, _, _ = list(run_generate(app, state))[-1]  # waited, then ran
+    final = run_generate(app, state)[-1]  # waited, then ran
+    findings, stats = final["findings_a"], final["stats"]
     assert findings and "first token" in stats
     text, timer = app.banner_now()
     assert text == banner(demo.service.info) and timer.active is False
@@ -334,7 +348,7 @@ def test_a_failed_load_is_a_message_not_a_crash(demo):
     app = DemoApp(Loading(broken), demo.store, default_examples())
     app.build()
     state, *_ = app.load_upload(DemoState(), DICOM, None)
-    *_, stats, _, _ = list(run_generate(app, state))[-1]
+    stats = run_generate(app, state)[-1]["stats"]
     assert "failed" in stats and "try again" in stats
     assert "could not be loaded (OSError)" in app.banner_now()[0]
 
@@ -363,6 +377,6 @@ def test_a_busy_service_answers_with_the_message(demo, monkeypatch):
 
     monkeypatch.setattr(demo.service, "stream", busy)
     monkeypatch.setattr(demo.service, "generate", busy)
-    assert BUSY in run_generate(demo, state)[-1][4]
+    assert BUSY in run_generate(demo, state)[-1]["stats"]
     with pytest.raises(gr.Error, match="busy"):
         demo.report(DICOM, None, "prompt-wise")

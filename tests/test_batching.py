@@ -23,10 +23,10 @@ def studies(n: int):
     """``n`` one-study batches; odd ones lack the lateral view, so their contexts are shorter."""
     made = []
     for i in range(n):
-        images, view_ids, view_mask = random_batch(batch=1, seed=i)
+        views = random_batch(batch=1, seed=i)
         if i % 2:
-            view_mask[0, 1] = False
-        made.append((images, view_ids, view_mask))
+            views.mask[0, 1] = False
+        made.append(views)
     return made
 
 
@@ -40,7 +40,7 @@ def cases(models, n=6):
 
 
 def alone(model, study, decoding) -> list[int]:
-    return list(model.stream_ids(*study, decoding))
+    return list(model.stream_ids(study, decoding))
 
 
 def test_batched_greedy_tokens_equal_decoding_alone_for_mixed_lengths_and_modes(models, tiny_llm):
@@ -48,7 +48,7 @@ def test_batched_greedy_tokens_equal_decoding_alone_for_mixed_lengths_and_modes(
     expected = [alone(*run) for run in runs]
     assert len({len(e) for e in expected}) > 1  # the rows end at different steps
     batcher = Batcher(tiny_llm, max_batch=8)
-    tickets = [batcher.submit(model.decoding_request(*study, d)) for model, study, d in runs]
+    tickets = [batcher.submit(model.decoding_request(study, d)) for model, study, d in runs]
     assert [list(t) for t in tickets] == expected
     assert batcher.largest_batch >= 2 and wait_idle(batcher)
 
@@ -57,10 +57,11 @@ def test_a_request_joins_a_running_batch_and_its_tokens_do_not_change(models, ti
     runs = cases(models, n=4)
     expected = [alone(*run) for run in runs]
     batcher = Batcher(tiny_llm, max_batch=8)
-    first = batcher.submit(runs[-1][0].decoding_request(*runs[-1][1], runs[-1][2]))
+    model, study, decoding = runs[-1]
+    first = batcher.submit(model.decoding_request(study, decoding))
     tokens = iter(first)
     head = [next(tokens) for _ in range(3)]  # the first request is decoding...
-    later = [batcher.submit(m.decoding_request(*s, d)) for m, s, d in runs[:-1]]  # ...others join
+    later = [batcher.submit(m.decoding_request(s, d)) for m, s, d in runs[:-1]]  # ...others join
     assert head + list(tokens) == expected[-1]
     assert [list(t) for t in later] == expected[:-1]
 
@@ -70,7 +71,7 @@ def test_cancelling_one_request_mid_batch_leaves_the_others_correct(models, tiny
     runs = [(m, s, Decoding(max_new_tokens=40, repetition_penalty=1.2)) for m, s, _ in runs]
     expected = [alone(*run) for run in runs]
     batcher = Batcher(tiny_llm, max_batch=8)
-    streams = [batcher.stream(m.decoding_request(*s, d)) for m, s, d in runs]
+    streams = [batcher.stream(m.decoding_request(s, d)) for m, s, d in runs]
     got = [[next(stream)] for stream in streams]  # every request is in the batch
     streams[1].close()  # the second user leaves
     for i in (0, 2, 3):
@@ -99,23 +100,23 @@ def test_past_the_batch_and_the_waiting_room_a_request_is_refused_with_the_messa
     study, decoding = studies(1)[0], Decoding(max_new_tokens=5)
     gate = Gate(tiny_llm)
     batcher = Batcher(gate, max_batch=1, max_waiting=1)
-    first = batcher.submit(model.decoding_request(*study, decoding))  # held in its prefill
-    second = batcher.submit(model.decoding_request(*study, decoding))  # waits for a place
+    first = batcher.submit(model.decoding_request(study, decoding))  # held in its prefill
+    second = batcher.submit(model.decoding_request(study, decoding))  # waits for a place
     with pytest.raises(ServiceBusy) as refused:
-        batcher.submit(model.decoding_request(*study, decoding))
+        batcher.submit(model.decoding_request(study, decoding))
     assert str(refused.value) == BUSY and "try again" in BUSY
     gate.open.set()
     expected = alone(model, study, decoding)
     assert list(first) == expected and list(second) == expected
     assert wait_idle(batcher)
-    assert list(batcher.submit(model.decoding_request(*study, decoding))) == expected
+    assert list(batcher.submit(model.decoding_request(study, decoding))) == expected
 
 
 def test_a_failing_request_fails_alone(models, tiny_llm):
     runs = cases(models, n=3)
     expected = [alone(*run) for run in runs]
     batcher = Batcher(tiny_llm, max_batch=8)
-    requests = [m.decoding_request(*s, d) for m, s, d in runs]
+    requests = [m.decoding_request(s, d) for m, s, d in runs]
 
     def broken(ids, scores):
         raise RuntimeError("a processor failed")

@@ -79,7 +79,7 @@ def test_every_strategy_writes_exactly_one_findings_and_one_impression(make_tiny
     model = make_tiny_model("promptbook-wise").eval()
     torch.manual_seed(0)
     decoding = Decoding(strategy=strategy, max_new_tokens=40, num_beams=2)
-    texts = model.generate(*random_batch(3), decoding)
+    texts = model.generate(random_batch(3), decoding)
     for text in texts:
         assert well_formed(text), text
         sections = split_sections(text)
@@ -88,17 +88,17 @@ def test_every_strategy_writes_exactly_one_findings_and_one_impression(make_tiny
 
 def test_a_random_model_never_loops_with_the_ngram_ban(make_tiny_model):
     model = make_tiny_model("prompt-wise").eval()
-    texts = model.generate(*random_batch(4), Decoding(max_new_tokens=60, repetition_penalty=1.0))
+    texts = model.generate(random_batch(4), Decoding(max_new_tokens=60, repetition_penalty=1.0))
     assert not any(has_loop(t) for t in texts)
 
 
 def test_streaming_yields_the_same_report_as_generate(make_tiny_model):
     model = make_tiny_model("prompt-wise").eval()
-    images, view_ids, view_mask = random_batch(1)
+    views = random_batch(1)
     decoding = Decoding(max_new_tokens=40)
-    streamed = "".join(model.stream(images, view_ids, view_mask, decoding))
+    streamed = "".join(model.stream(views, decoding))
     assert streamed.startswith("FINDINGS:")
-    assert streamed.strip() == model.generate(images, view_ids, view_mask, decoding)[0]
+    assert streamed.strip() == model.generate(views, decoding)[0]
 
 
 def test_a_section_cannot_close_before_its_first_word(structure):

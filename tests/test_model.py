@@ -17,8 +17,8 @@ REPORTS = [
 
 def test_context_layout_and_shapes(make_tiny_model):
     model = make_tiny_model("promptbook-wise")
-    images, view_ids, view_mask = random_batch()
-    ctx = model.context(images, view_ids, view_mask)
+    views = random_batch()
+    ctx = model.context(views)
     t = model.template
     visual = 2 * model.config.encoder.pool_grid**2
     length = len(t.prefix_ids) + model.config.customizer.prompt_length + visual + len(t.suffix_ids)
@@ -31,9 +31,9 @@ def test_context_layout_and_shapes(make_tiny_model):
 
 def test_missing_view_is_masked_and_skipped_in_positions(make_tiny_model):
     model = make_tiny_model()
-    images, view_ids, view_mask = random_batch()
-    view_mask[1, 1] = False
-    ctx = model.context(images, view_ids, view_mask)
+    views = random_batch()
+    views.mask[1, 1] = False
+    ctx = model.context(views)
     grid = model.config.encoder.pool_grid**2
     assert int(ctx.attention_mask[0].sum() - ctx.attention_mask[1].sum()) == grid
     positions = positions_from_mask(ctx.attention_mask)
@@ -42,7 +42,7 @@ def test_missing_view_is_masked_and_skipped_in_positions(make_tiny_model):
 
 def test_labels_mask_everything_but_report_and_eos(make_tiny_model):
     model = make_tiny_model()
-    images, view_ids, view_mask = random_batch()
+    views = random_batch()
     captured = {}
     original = model.llm.forward
 
@@ -52,7 +52,7 @@ def test_labels_mask_everything_but_report_and_eos(make_tiny_model):
 
     model.llm.forward = spy
     try:
-        model(images, view_ids, view_mask, REPORTS)
+        model(views, REPORTS)
     finally:
         del model.llm.forward
     labels = captured["labels"]
@@ -79,7 +79,7 @@ def test_report_truncated_to_max_tokens(make_tiny_model):
 def test_gradients_reach_trainable_parts_never_the_llm(make_tiny_model, mode):
     model = make_tiny_model(mode)
     model.train()
-    out = model(*random_batch(), REPORTS)
+    out = model(random_batch(), REPORTS)
     assert torch.isfinite(out.loss)
     out.loss.backward()
     for part in ("encoder", "projection", "customizer"):
@@ -94,7 +94,7 @@ def test_llm_is_frozen_after_an_optimizer_step(make_tiny_model):
     model = make_tiny_model()
     before = {k: v.clone() for k, v in model.llm.state_dict().items()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model(*random_batch(), REPORTS).loss.backward()
+    model(random_batch(), REPORTS).loss.backward()
     optimizer.step()
     after = model.llm.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -102,28 +102,24 @@ def test_llm_is_frozen_after_an_optimizer_step(make_tiny_model):
 
 def test_stream_matches_greedy_generate(make_tiny_model):
     model = make_tiny_model()
-    images, view_ids, view_mask = random_batch(batch=1)
+    views = random_batch(batch=1)
     decoding = Decoding(max_new_tokens=12, repetition_penalty=1.3)
-    generated = model.generate(images, view_ids, view_mask, decoding)[0]
-    ids = list(model.stream_ids(images, view_ids, view_mask, decoding))
+    generated = model.generate(views, decoding)[0]
+    ids = list(model.stream_ids(views, decoding))
     assert 0 < len(ids) <= 12
     assert model.tokenizer.decode(ids, skip_special_tokens=True).strip() == generated
-    assert "".join(model.stream(images, view_ids, view_mask, decoding)).strip() == generated
+    assert "".join(model.stream(views, decoding)).strip() == generated
 
 
 def test_beam_and_sampling_decode(make_tiny_model):
     model = make_tiny_model()
-    images, view_ids, view_mask = random_batch(batch=2)
-    beams = model.generate(
-        images, view_ids, view_mask, Decoding(strategy="beam", num_beams=3, max_new_tokens=6)
-    )
+    views = random_batch(batch=2)
+    beams = model.generate(views, Decoding(strategy="beam", num_beams=3, max_new_tokens=6))
     torch.manual_seed(0)
-    samples = model.generate(
-        images, view_ids, view_mask, Decoding(strategy="sample", max_new_tokens=6)
-    )
+    samples = model.generate(views, Decoding(strategy="sample", max_new_tokens=6))
     assert len(beams) == len(samples) == 2 and all(isinstance(t, str) for t in beams + samples)
     with pytest.raises(ValueError, match="not streamable"):
-        next(model.stream_ids(images[:1], view_ids[:1], view_mask[:1], Decoding(strategy="beam")))
+        next(model.stream_ids(views[:1], Decoding(strategy="beam")))
 
 
 def test_closing_the_stream_stops_decoding(make_tiny_model):
@@ -137,7 +133,7 @@ def test_closing_the_stream_stops_decoding(make_tiny_model):
 
     model.llm.forward = counting
     try:
-        stream = model.stream_ids(*random_batch(batch=1), Decoding(max_new_tokens=50))
+        stream = model.stream_ids(random_batch(batch=1), Decoding(max_new_tokens=50))
         next(stream)
         next(stream)
         stream.close()
@@ -151,7 +147,7 @@ def test_save_load_round_trip_is_exact(make_tiny_model, tmp_path, mode):
     model = make_tiny_model(mode)
     # move off the identity initialisation so the round trip is not trivially equal
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model(*random_batch(), REPORTS).loss.backward()
+    model(random_batch(), REPORTS).loss.backward()
     optimizer.step()
     model.eval()
     model.save_pretrained(tmp_path)
@@ -168,9 +164,9 @@ def test_save_load_round_trip_is_exact(make_tiny_model, tmp_path, mode):
     assert loaded.llm is model.llm  # the frozen LLM is shared, not reloaded
     batch = random_batch(seed=3)
     with torch.no_grad():
-        assert torch.equal(model(*batch, REPORTS).loss, loaded(*batch, REPORTS).loss)
+        assert torch.equal(model(batch, REPORTS).loss, loaded(batch, REPORTS).loss)
     decoding = Decoding(max_new_tokens=8)
-    assert model.generate(*batch, decoding) == loaded.generate(*batch, decoding)
+    assert model.generate(batch, decoding) == loaded.generate(batch, decoding)
 
 
 def test_loading_a_checkpoint_into_the_wrong_mode_fails(make_tiny_model, tmp_path):
@@ -231,7 +227,7 @@ def test_a_timm_vit_by_name_works_as_encoder(tiny_llm, tokenizer):
     config.encoder.image_size = 64
     model = MRGModel(config, tiny_llm, tokenizer)
     assert model.encoder.grid_size == (4, 4) and model.encoder.stem is None
-    out = model(*random_batch(), REPORTS)
+    out = model(random_batch(), REPORTS)
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert model.encoder.vit.blocks[0].attn.qkv.weight.grad is not None

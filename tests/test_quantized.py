@@ -62,7 +62,7 @@ def test_nf4_training_step(nf4, mode):
     model = nf4_model(nf4, mode).train()
     before = {k: v.clone() for k, v in model.llm.state_dict().items()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    out = model(*random_batch(), REPORTS)
+    out = model(random_batch(), REPORTS)
     assert torch.isfinite(out.loss)
     out.loss.backward()
     for part in ("encoder", "projection", "customizer"):
@@ -75,23 +75,23 @@ def test_nf4_training_step(nf4, mode):
 
 def test_nf4_streaming_matches_greedy_generation(nf4):
     model = nf4_model(nf4, "prompt-wise").eval()
-    images, view_ids, view_mask = random_batch(batch=1)
+    views = random_batch(batch=1)
     decoding = Decoding(max_new_tokens=12)
-    generated = model.generate(images, view_ids, view_mask, decoding)[0]
-    streamed = "".join(model.stream(images, view_ids, view_mask, decoding)).strip()
+    generated = model.generate(views, decoding)[0]
+    streamed = "".join(model.stream(views, decoding)).strip()
     assert generated.startswith("FINDINGS:") and streamed == generated
 
 
 def test_save_load_round_trip_over_an_nf4_llm(nf4, tmp_path):
     model = nf4_model(nf4, "promptbook-wise")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model(*random_batch(), REPORTS).loss.backward()
+    model(random_batch(), REPORTS).loss.backward()
     optimizer.step()
     model.eval().save_pretrained(tmp_path)
     llm, tokenizer = nf4
     loaded = MRGModel.from_pretrained(tmp_path, llm=llm, tokenizer=tokenizer).eval()
     batch = random_batch(seed=3)
     with torch.no_grad():
-        assert torch.equal(model(*batch, REPORTS).loss, loaded(*batch, REPORTS).loss)
+        assert torch.equal(model(batch, REPORTS).loss, loaded(batch, REPORTS).loss)
     decoding = Decoding(max_new_tokens=8)
-    assert model.generate(*batch, decoding) == loaded.generate(*batch, decoding)
+    assert model.generate(batch, decoding) == loaded.generate(batch, decoding)

@@ -206,13 +206,13 @@ def test_dataset_and_collate_on_real_studies():
     studies = [dataset[i] for i in range(len(dataset))]
     assert [v.position for v in studies[0].views] == ["frontal", "lateral"]
     batch = Collate(image_size=64)(studies)
-    assert batch.images.shape == (3, 2, 1, 64, 64) and batch.view_mask.all()
-    assert batch.view_ids.tolist() == [[0, 1]] * 3
+    assert batch.views.images.shape == (3, 2, 1, 64, 64) and batch.views.mask.all()
+    assert batch.views.ids.tolist() == [[0, 1]] * 3
     assert batch.reports[0] == records[0].report
     torch.manual_seed(0)
     augmented = Collate(image_size=64, train=True)(studies)
-    assert augmented.images.shape == batch.images.shape and not torch.equal(
-        augmented.images, batch.images
+    assert augmented.views.images.shape == batch.views.images.shape and not torch.equal(
+        augmented.views.images, batch.views.images
     )
 
 

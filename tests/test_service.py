@@ -47,8 +47,8 @@ def test_stream_yields_several_increments_ending_in_the_generated_text(service):
     assert len(updates) >= 3 and updates[-1].finished and not any(u.finished for u in updates[:-1])
     assert [u.tokens for u in updates[:-1]] == list(range(1, len(updates)))
     assert updates[-1].ttft_s is not None and updates[-1].ttft_s > 0
-    images, view_ids, view_mask = service.tensors(study, "prompt-wise")
-    expected = service.models["prompt-wise"].generate(images, view_ids, view_mask, decoding)[0]
+    views = service.views(study, "prompt-wise")
+    expected = service.models["prompt-wise"].generate(views, decoding)[0]
     assert updates[-1].text == expected
 
 

@@ -310,8 +310,8 @@ def test_a_language_prompt_starts_any_mode_at_the_same_prompt(tiny_llm, tokenize
         torch.manual_seed(1)
         model = MRGModel(tiny_model_config(mode), tiny_llm, tokenizer)
         model.customizer.set_plain_prompt(prompt)
-        images, view_ids, view_mask = random_batch(2)
-        ctx = model.context(images, view_ids, view_mask)
+        views = random_batch(2)
+        ctx = model.context(views)
         assert torch.allclose(ctx.prompt.tokens, prompt.expand(2, -1, -1), atol=1e-6), mode
 
 
@@ -358,7 +358,7 @@ def test_gradient_checkpointing_same_gradients_no_layer_activations_kept(tiny_ll
             return tensor
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = model(*random_batch(), REPORTS[:2]).loss
+            loss = model(random_batch(), REPORTS[:2]).loss
         loss.backward()
         grads = [p.grad.clone() for p in model.customizer.parameters() if p.grad is not None]
         return loss.detach(), grads, sum(kept)

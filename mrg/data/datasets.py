@@ -15,13 +15,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch.utils.data import Dataset
 
 from mrg.data.reports import iter_openi_reports
 from mrg.data.sections import format_report
 from mrg.data.study import Study, View, batch_tensors, eval_transform, train_transform
 from mrg.imaging import ImageError, load_image
+from mrg.model.views import Views
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -185,9 +185,7 @@ class StudyDataset(Dataset):
 
 @dataclass
 class Batch:
-    images: torch.Tensor
-    view_ids: torch.Tensor
-    view_mask: torch.Tensor
+    views: Views
     reports: list[str]
     study_ids: list[str]
 
@@ -203,9 +201,5 @@ class Collate:
         studies = [s for s in studies if s is not None]
         if not studies:
             return None
-        images, view_ids, view_mask = batch_tensors(
-            studies, self.image_size, self.max_views, self.transform
-        )
-        return Batch(
-            images, view_ids, view_mask, [s.report for s in studies], [s.study_id for s in studies]
-        )
+        views = batch_tensors(studies, self.image_size, self.max_views, self.transform)
+        return Batch(views, [s.report for s in studies], [s.study_id for s in studies])

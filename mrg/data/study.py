@@ -1,7 +1,7 @@
 """Studies (one or two views of one examination) and their conversion to model tensors.
 
-``batch_tensors`` is where image tensors are born: ``images [B, V, 1, S, S]`` in [0, 1],
-``view_ids [B, V]`` and ``view_mask [B, V]`` (False marks a missing view, zero-filled).
+``batch_tensors`` is where image tensors are born, as ``Views``: ``images [B, V, 1, S, S]`` in
+[0, 1], ``ids [B, V]`` and ``mask [B, V]`` (False marks a missing view, zero-filled).
 Training augmentation is anatomy-safe: small crops, rotations and contrast changes, never a
 horizontal flip (left and right matter in a chest radiograph).
 """
@@ -17,6 +17,7 @@ from torchvision.transforms import v2
 
 from mrg.imaging import DEFAULT_LIMITS, ImageLimits, LoadedImage, load_image
 from mrg.model.encoder import VIEW_IDS
+from mrg.model.views import Views
 
 
 @dataclass
@@ -74,8 +75,8 @@ def view_tensor(
 
 def batch_tensors(
     studies: Sequence[Study], size: int, max_views: int = 2, transform: Callable | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stack studies into ``(images, view_ids, view_mask)``; extra views beyond ``max_views`` are dropped."""
+) -> Views:
+    """Stack studies into ``Views``; extra views beyond ``max_views`` are dropped."""
     transform = transform or eval_transform(size)
     width = min(max_views, max(len(s.views) for s in studies))
     images = torch.zeros(len(studies), width, 1, size, size)
@@ -86,4 +87,4 @@ def batch_tensors(
             images[i, j] = view_tensor(view.image, transform)
             view_ids[i, j] = VIEW_IDS[view.position]
             view_mask[i, j] = True
-    return images, view_ids, view_mask
+    return Views(images, view_ids, view_mask)

@@ -20,6 +20,7 @@ from mrg.evaluation.labeler import FINDINGS14, ReportLabeler
 from mrg.evaluation.metrics import label_agreement, nlg_scores
 from mrg.evaluation.probe import constant_micro_f1, probe_micro_f1
 from mrg.model.encoder import VisualEncoder
+from mrg.model.views import Views
 from mrg.train.config import train_preset
 from mrg.train.losses import ReportLabels
 
@@ -105,7 +106,7 @@ def stem_features(
     features = []
     for start in range(0, len(unique), 16):
         batch = collate([dataset[i] for i in range(start, min(start + 16, len(unique)))])
-        stem_map = encoder.stem(encoder.normalise(batch.images[:, 0]))
+        stem_map = encoder.stem(encoder.normalise(batch.views.images[:, 0]))
         features.append(stem_map.mean(dim=(2, 3)))
     labels = [[int(f in r.labels) for f in FINDINGS14] for r in unique]
     return torch.cat(features).numpy(), np.array(labels)
@@ -303,11 +304,10 @@ def image_dependence(rows: list[dict], seed: int = 0) -> dict:
 def blank_image_report(model, decoding) -> str:
     """The report written for a blank (black) frontal image."""
     size, views = model.config.encoder.image_size, model.config.max_views
-    images = torch.zeros(1, views, 1, size, size)
-    view_ids = torch.arange(views).unsqueeze(0)
-    view_mask = torch.zeros(1, views, dtype=torch.bool)
-    view_mask[0, 0] = True
-    return model.generate(images, view_ids, view_mask, decoding)[0]
+    mask = torch.zeros(1, views, dtype=torch.bool)
+    mask[0, 0] = True
+    blank = Views(torch.zeros(1, views, 1, size, size), torch.arange(views).unsqueeze(0), mask)
+    return model.generate(blank, decoding)[0]
 
 
 def dependence_table(dependence: dict[str, dict], results: dict[str, dict]) -> str:

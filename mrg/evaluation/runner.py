@@ -49,7 +49,7 @@ def generate_split(
             bar.update(min(batch_size, len(todo) - start))
             if batch is None:
                 continue
-            texts = model.generate(batch.images, batch.view_ids, batch.view_mask, decoding)
+            texts = model.generate(batch.views, decoding)
             for study_id, reference, text in zip(batch.study_ids, batch.reports, texts):
                 row = {"id": study_id, "reference": reference, "generated": text}
                 handle.write(json.dumps(row) + "\n")

@@ -1,7 +1,7 @@
 """The trainable visual encoder: a timm ViT over each view, tokens pooled to a small grid.
 
-Input: greyscale views ``images [B, V, 1, H, W]`` in [0, 1] with ``view_ids [B, V]``
-(0 frontal, 1 lateral, 2 unknown) and ``view_mask [B, V]`` (False for a missing view).
+Input: ``Views`` (``mrg.model.views``): greyscale ``images [B, V, 1, H, W]`` in [0, 1] with
+``ids [B, V]`` (0 frontal, 1 lateral, 2 unknown) and ``mask [B, V]`` (False for a missing view).
 
 Output (``VisualFeatures``):
   tokens    ``[B, V·G², d]``  patch tokens per view, average-pooled to a G×G grid, plus a
@@ -27,6 +27,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from mrg.config import HYBRID_ENCODER, EncoderConfig
+from mrg.model.views import Views
 
 VIEW_IDS = {"frontal": 0, "lateral": 1, "unknown": 2}
 STEM_OUT_INDEX = 3  # tf_efficientnet_lite0 feature level at stride 16 (112 channels)
@@ -160,21 +161,19 @@ class VisualEncoder(nn.Module):
         """``[N, 1, H, W]`` in [0, 1] → ``[N, 3, H, W]`` normalised for the backbone."""
         return (grey.expand(-1, 3, -1, -1) - self.pixel_mean) / self.pixel_std
 
-    def forward(
-        self, images: torch.Tensor, view_ids: torch.Tensor, view_mask: torch.Tensor
-    ) -> VisualFeatures:
-        b, v = images.shape[:2]
-        x = self.normalise(images.flatten(0, 1).to(self.pixel_mean.dtype))
+    def forward(self, views: Views) -> VisualFeatures:
+        b, v = views.images.shape[:2]
+        x = self.normalise(views.images.flatten(0, 1).to(self.pixel_mean.dtype))
         hidden = self.vit.forward_features(x)  # [B·V, prefix + N, d]
         prefix = self.vit.num_prefix_tokens
         cls = hidden[:, 0] if prefix else hidden.mean(dim=1)
         grid = hidden[:, prefix:].transpose(1, 2).reshape(b * v, self.embed_dim, *self.grid_size)
         g = self.config.pool_grid
         pooled = F.adaptive_avg_pool2d(grid, (g, g)).flatten(2).transpose(1, 2)  # [B·V, G², d]
-        pooled = pooled.view(b, v, g * g, self.embed_dim) + self.view_embed(view_ids).unsqueeze(2)
-        mask = view_mask.to(hidden.dtype)
+        pooled = pooled.view(b, v, g * g, self.embed_dim) + self.view_embed(views.ids).unsqueeze(2)
+        mask = views.mask.to(hidden.dtype)
         global_ = (cls.view(b, v, -1) * mask.unsqueeze(-1)).sum(1) / mask.sum(
             1, keepdim=True
         ).clamp_min(1.0)
-        token_mask = view_mask.unsqueeze(-1).expand(b, v, g * g).reshape(b, v * g * g)
+        token_mask = views.mask.unsqueeze(-1).expand(b, v, g * g).reshape(b, v * g * g)
         return VisualFeatures(pooled.reshape(b, v * g * g, self.embed_dim), token_mask, global_)

@@ -40,6 +40,7 @@ from mrg.model.customizer import CustomizedPrompt, build_customizer
 from mrg.model.decoding import OnBody, ReportStructureProcessor, report_structure
 from mrg.model.encoder import VisualEncoder
 from mrg.model.llm import load_frozen_llm
+from mrg.model.views import Views
 
 log = logging.getLogger(__name__)
 
@@ -208,13 +209,9 @@ class MRGModel(nn.Module):
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
         return self.llm.get_input_embeddings()(ids).unsqueeze(0).expand(batch, -1, -1)
 
-    def context(
-        self, images: torch.Tensor, view_ids: torch.Tensor, view_mask: torch.Tensor
-    ) -> Context:
+    def context(self, views: Views) -> Context:
         """[prefix][P'(v)][visual tokens][suffix] as embeddings, with the attention mask."""
-        features = self.encoder(
-            images.to(self.device), view_ids.to(self.device), view_mask.to(self.device)
-        )
+        features = self.encoder(views.to(self.device))
         prompt = self.customizer(features.global_)
         visual = self.projection(features.tokens)
         return self._assemble(prompt, visual, features.token_mask, features.global_)
@@ -272,13 +269,11 @@ class MRGModel(nn.Module):
 
     def forward(
         self,
-        images: torch.Tensor,
-        view_ids: torch.Tensor,
-        view_mask: torch.Tensor,
+        views: Views,
         reports: list[str],
     ) -> MRGOutput:
         """Teacher-forced LM loss over report tokens and EOS only."""
-        ctx = self.context(images, view_ids, view_mask)
+        ctx = self.context(views)
         out = self.report_loss(ctx, reports)
         return MRGOutput(out.loss, out.logits, ctx.prompt, ctx.global_feature)
 
@@ -319,14 +314,12 @@ class MRGModel(nn.Module):
     @torch.inference_mode()
     def generate(
         self,
-        images: torch.Tensor,
-        view_ids: torch.Tensor,
-        view_mask: torch.Tensor,
+        views: Views,
         decoding: Decoding = DEFAULT_DECODING,
     ) -> list[str]:
         """Batched decoding with ``transformers`` ``generate`` (greedy, beam or sampling)."""
         decoding.validate()
-        ctx = self.context(images, view_ids, view_mask)
+        ctx = self.context(views)
         kwargs = {
             "inputs_embeds": ctx.embeds,
             "attention_mask": ctx.attention_mask,
@@ -367,9 +360,7 @@ class MRGModel(nn.Module):
     @torch.inference_mode()
     def stream_ids(
         self,
-        images: torch.Tensor,
-        view_ids: torch.Tensor,
-        view_mask: torch.Tensor,
+        views: Views,
         decoding: Decoding = DEFAULT_DECODING,
     ) -> Iterator[int]:
         """Yield token ids of one study one at a time (KV cache on); stops at EOS.
@@ -380,9 +371,9 @@ class MRGModel(nn.Module):
         decoding.validate()
         if decoding.strategy == "beam":
             raise ValueError("beam search is not streamable; use generate()")
-        if images.shape[0] != 1:
+        if views.batch_size != 1:
             raise ValueError("stream_ids decodes one study at a time")
-        ctx = self.context(images, view_ids, view_mask)
+        ctx = self.context(views)
         processors = self.processors(decoding)
         mask = ctx.attention_mask
         out = self.llm(
@@ -414,31 +405,25 @@ class MRGModel(nn.Module):
 
     def stream(
         self,
-        images: torch.Tensor,
-        view_ids: torch.Tensor,
-        view_mask: torch.Tensor,
+        views: Views,
         decoding: Decoding = DEFAULT_DECODING,
     ) -> Iterator[str]:
         """Yield text increments; their concatenation is the decoded report."""
-        yield from text_increments(
-            self.tokenizer, self.stream_ids(images, view_ids, view_mask, decoding)
-        )
+        yield from text_increments(self.tokenizer, self.stream_ids(views, decoding))
 
     @torch.inference_mode()
     def decoding_request(
         self,
-        images: torch.Tensor,
-        view_ids: torch.Tensor,
-        view_mask: torch.Tensor,
+        views: Views,
         decoding: Decoding = DEFAULT_DECODING,
     ) -> Request:
         """One study's context and processors, for the continuous batcher (``mrg.batching``)."""
         decoding.validate()
         if decoding.strategy == "beam":
             raise ValueError("beam search is not streamable; use generate()")
-        if images.shape[0] != 1:
+        if views.batch_size != 1:
             raise ValueError("a decoding request holds one study")
-        ctx = self.context(images, view_ids, view_mask)
+        ctx = self.context(views)
         return Request(
             ctx.embeds,
             ctx.attention_mask,

@@ -89,11 +89,7 @@ class TrainingModule(nn.Module):
             loss = self.model.language_loss(batch)
             return {"loss": loss, "lm_loss": loss.detach()}
         if stage == "align":
-            features = self.model.encoder(
-                batch.images.to(self.model.device),
-                batch.view_ids.to(self.model.device),
-                batch.view_mask.to(self.model.device),
-            )
+            features = self.model.encoder(batch.views.to(self.model.device))
             text = self.embeddings(batch.reports).to(self.model.device)
             logits = self.heads.logits(features.global_, text)
             similarity = self.similarity(batch.reports)
@@ -104,7 +100,7 @@ class TrainingModule(nn.Module):
                 "logits": logits.detach(),
                 "similarity": similarity,
             }
-        out = self.model(batch.images, batch.view_ids, batch.view_mask, batch.reports)
+        out = self.model(batch.views, batch.reports)
         if stage == "generate":
             return {"loss": out.loss, "lm_loss": out.loss.detach()}
         text = self.embeddings(batch.reports).to(self.model.device)
@@ -501,9 +497,7 @@ class Trainer:
             elif remaining > 0:
                 take = min(remaining, len(batch.reports))
                 decoding = Decoding(max_new_tokens=self.config.val_max_new_tokens)
-                hypotheses += module.model.generate(
-                    batch.images[:take], batch.view_ids[:take], batch.view_mask[:take], decoding
-                )
+                hypotheses += module.model.generate(batch.views[:take], decoding)
                 references += batch.reports[:take]
                 remaining -= take
         record = {"val_loss": float(np.mean(losses))}

@@ -1,0 +1,33 @@
+"""``Views``: a batch of studies' images as the encoder reads them.
+
+Born in ``mrg.data.study.batch_tensors`` (or ``Collate``), read by ``VisualEncoder.forward``;
+everything between passes the one value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Views:
+    """``images [B, V, 1, H, W]`` greyscale in [0, 1] (zeros where a view is missing),
+    ``ids [B, V]`` (0 frontal, 1 lateral, 2 unknown), ``mask [B, V]`` (False: missing)."""
+
+    images: torch.Tensor
+    ids: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.images.shape[0]
+
+    def to(self, device: torch.device | str) -> Views:
+        return Views(self.images.to(device), self.ids.to(device), self.mask.to(device))
+
+    def __getitem__(self, rows: int | slice) -> Views:
+        """The studies ``rows`` (an int keeps the batch dimension)."""
+        rows = slice(rows, rows + 1) if isinstance(rows, int) else rows
+        return Views(self.images[rows], self.ids[rows], self.mask[rows])
