@@ -10,7 +10,7 @@ Configuration: command-line flags or environment variables (flags win).
                              CPU with fast bf16 matrix products, else the checkpoint's)
     MRG_DATA_DIR             where the review database lives                 (default ./mrg-data)
     MRG_DATASET_ANNOTATION   annotation.json for the dataset browser         (optional)
-    MRG_DATASET_IMAGES       its image root
+    MRG_DATASET_IMAGES       its image root; alone, a folder whose images are the cases
     MRG_DATASET_SPLIT        split to browse                                 (default test)
     MRG_SHARED_DATA          shared data folder for the IU X-ray examples    (default ../shared/data)
     MRG_HOST / MRG_PORT      where to listen (also GRADIO_SERVER_*, PORT)   (default 127.0.0.1:7860)
@@ -84,6 +84,10 @@ def build_demo(args: argparse.Namespace):
         dataset = load_annotation(
             args.dataset_annotation, args.dataset_images or ".", split=args.dataset_split
         )
+    elif args.dataset_images:
+        from mrg.data.datasets import folder_records
+
+        dataset = folder_records(args.dataset_images)
     shared = (
         Path(args.shared_data) if args.shared_data and Path(args.shared_data).is_dir() else None
     )
@@ -105,8 +109,14 @@ def main(argv: list[str] | None = None) -> None:
     demo, loading = build_demo(args)
     demo.queue(max_size=32, default_concurrency_limit=2)
     loading.start()  # the page is served while the models load
+    from mrg.ui import CSS, KEYBOARD_JS
+
     demo.launch(
-        server_name=args.host, server_port=args.port, max_file_size=f"{args.max_upload_mb}mb"
+        server_name=args.host,
+        server_port=args.port,
+        max_file_size=f"{args.max_upload_mb}mb",
+        css=CSS,
+        head=KEYBOARD_JS,
     )
 
 

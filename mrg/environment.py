@@ -22,7 +22,7 @@ VARIABLES: dict[str, tuple[str | None, tuple[str, ...], str]] = {
     "MRG_DTYPE": ("auto", (), "auto | float32 | bfloat16 | float16: the LLM's compute dtype"),
     "MRG_DATA_DIR": ("mrg-data", (), "where the review database is written"),
     "MRG_DATASET_ANNOTATION": (None, (), "annotation.json of a dataset to browse in the app"),
-    "MRG_DATASET_IMAGES": (None, (), "the image root of that annotation"),
+    "MRG_DATASET_IMAGES": (None, (), "the image root of that annotation; alone, a folder of cases"),
     "MRG_DATASET_SPLIT": ("test", (), "the split of that annotation to browse"),
     "MRG_SHARED_DATA": (str(ROOT.parent / "shared" / "data"), (), "the shared data folder"),
     "MRG_HOST": ("127.0.0.1", ("GRADIO_SERVER_NAME",), "the address the app listens on"),

@@ -73,15 +73,72 @@ class ImageMeta:
         return "unknown"
 
 
+VALUES_SIDE = 1024  # the long side of the values kept for re-windowing (memory bound)
+
+
 @dataclass
 class LoadedImage:
-    """Greyscale pixels ``[H, W]`` float32 in [0, 1] (0 = black) and their metadata."""
+    """Greyscale pixels ``[H, W]`` float32 in [0, 1] (0 = black), as the file's own window (or
+    VOI LUT) shows them: what the model reads. ``values``: the modality values (after the
+    Modality LUT, before any VOI windowing; the stored values for PNG/JPEG), float32, with
+    the long side at most ``VALUES_SIDE``, for windowing in the viewer. ``inverted``:
+    MONOCHROME1, where the lowest value is shown white. ``file_window``: the file's own
+    ``(center, width)`` where it states one."""
 
     pixels: np.ndarray
     meta: ImageMeta
+    values: np.ndarray | None = None
+    inverted: bool = False
+    file_window: tuple[float, float] | None = None
 
     def to_uint8(self) -> np.ndarray:
         return np.round(self.pixels * 255.0).astype(np.uint8)
+
+
+def display_size(shape: tuple[int, int], side: int = VALUES_SIDE) -> tuple[int, int]:
+    """``(width, height)`` scaled so the long side is at most ``side``."""
+    height, width = shape
+    scale = min(1.0, side / max(height, width))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _values_for_viewer(values: np.ndarray) -> np.ndarray:
+    """Modality values, box-downsampled to the viewer's resolution (still modality values)."""
+    values = np.asarray(values, dtype=np.float32)
+    size = display_size(values.shape)
+    if size == (values.shape[1], values.shape[0]):
+        return values
+    return np.asarray(Image.fromarray(values, mode="F").resize(size, Image.BOX), dtype=np.float32)
+
+
+def window(image: LoadedImage, center: float, width: float, invert: bool = False) -> np.ndarray:
+    """``image.values`` through the DICOM linear window (PS3.3 C.11.2.1.2.1) at ``center`` /
+    ``width``, in [0, 1] with MONOCHROME1 shown as the file means it, then ``invert``."""
+    if image.values is None:
+        raise ValueError("this image keeps no modality values to window")
+    out = np.clip((image.values - (center - 0.5)) / max(width - 1.0, 1e-6) + 0.5, 0.0, 1.0)
+    if image.inverted != invert:
+        out = 1.0 - out
+    return out.astype(np.float32)
+
+
+# (low, high) percentiles of the displayed brightness that a preset spreads from black to
+# white: radiographs have no Hounsfield scale, so presets follow each image's own values.
+WINDOW_PRESETS = {
+    "full range": (0.0, 100.0),
+    "lung": (2.0, 65.0),
+    "mediastinum": (35.0, 98.0),
+    "bone": (70.0, 99.8),
+}
+
+
+def preset_window(image: LoadedImage, preset: str) -> tuple[float, float]:
+    """``(center, width)`` in modality values for ``preset`` on this image."""
+    low, high = WINDOW_PRESETS[preset]
+    if image.inverted:  # bright is low values
+        low, high = 100.0 - high, 100.0 - low
+    a, b = np.percentile(image.values, [low, high])
+    return float(a + b) / 2.0, max(float(b - a), 2.0)
 
 
 DEFAULT_LIMITS = ImageLimits()
@@ -161,14 +218,14 @@ def _load_raster(data: bytes, limits: ImageLimits) -> LoadedImage:
         pixels = np.asarray(image, dtype=np.float32)
         meta.bits_stored = 16 if mode.startswith("I;16") or fmt == "png" else 32
         meta.windowing = "full range (min–max)"
-        return LoadedImage(_min_max(pixels), meta)
+        return LoadedImage(_min_max(pixels), meta, _values_for_viewer(pixels))
     if mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LA", "PA") and not _is_greyscale_rgb(image):
         meta.warnings.append(
             "This is a colour image; it was converted to greyscale. The model expects a chest radiograph."
         )
-    pixels = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    grey = np.asarray(image.convert("L"), dtype=np.float32)
     meta.windowing = "none (8-bit)"
-    return LoadedImage(pixels, meta)
+    return LoadedImage(grey / 255.0, meta, _values_for_viewer(grey))
 
 
 def _is_greyscale_rgb(image: Image.Image) -> bool:
@@ -192,6 +249,7 @@ def _min_max(pixels: np.ndarray) -> np.ndarray:
 def _load_dicom(data: bytes, limits: ImageLimits):
     import pydicom
     from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut
 
     has_marker = len(data) > 132 and data[128:132] == b"DICM"
     try:
@@ -256,21 +314,27 @@ def _load_dicom(data: bytes, limits: ImageLimits):
         raise ImageError(
             "This DICOM file does not hold a single 2-D image; upload a single chest radiograph."
         )
-    pixels, meta.windowing = _window(raw, ds)
-    if meta.photometric_interpretation == "MONOCHROME1":
+    values = apply_modality_lut(raw, ds)
+    pixels, meta.windowing = _window(values, ds)
+    inverted = meta.photometric_interpretation == "MONOCHROME1"
+    if inverted:
         pixels = 1.0 - pixels
         meta.windowing += ", MONOCHROME1 inverted"
-    return LoadedImage(pixels.astype(np.float32), meta)
+    center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    stated = (center, width) if center is not None and width is not None and width > 1 else None
+    return LoadedImage(
+        pixels.astype(np.float32), meta, _values_for_viewer(values), inverted, stated
+    )
 
 
 _NOT_AN_IMAGE = "This file is not a PNG, JPEG or DICOM image. Please upload a chest X-ray in one of these formats."
 
 
-def _window(raw: np.ndarray, ds) -> tuple[np.ndarray, str]:
-    """Modality LUT then VOI LUT, returned in [0, 1] with a description of what was applied."""
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+def _window(values: np.ndarray, ds) -> tuple[np.ndarray, str]:
+    """The file's VOI LUT or window over the modality ``values``, in [0, 1], with a
+    description of what was applied."""
+    from pydicom.pixels import apply_voi_lut
 
-    values = apply_modality_lut(raw, ds)
     steps = []
     if "ModalityLUTSequence" in ds:
         steps.append("Modality LUT sequence")

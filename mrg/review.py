@@ -4,11 +4,17 @@ A case is keyed by its dataset id (``dataset:<split>:<id>``) or by a content has
 uploaded pixels (``sha256:<hex>``), never by anything from the DICOM header, so the store
 holds no patient identifiers. Saving the same case again for the same session, mode and
 reviewer replaces the earlier verdict; everything can be exported as CSV or JSON.
+
+A blinded A/B session shows two modes as "Report A" and "Report B" in a per-case order
+(``blinding_for``: seeded by session and case, stored on first use); the reviewer's
+preference is stored as seen (A, B or equal) and unblinded only by ``preferences``, for
+exports and the summary.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import sqlite3
 import threading
@@ -41,7 +47,24 @@ CREATE TABLE IF NOT EXISTS reviews (
     created_at TEXT NOT NULL,
     UNIQUE (session, case_key, mode, reviewer)
 );
+CREATE TABLE IF NOT EXISTS blinding (
+    session TEXT NOT NULL,
+    case_key TEXT NOT NULL,
+    report_a TEXT NOT NULL,
+    report_b TEXT NOT NULL,
+    PRIMARY KEY (session, case_key)
+);
+CREATE TABLE IF NOT EXISTS preferences (
+    session TEXT NOT NULL,
+    case_key TEXT NOT NULL,
+    reviewer TEXT NOT NULL,
+    preferred TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    UNIQUE (session, case_key, reviewer)
+);
 """
+BLIND_LABELS = ("Report A", "Report B")
+PREFERENCES = ("A", "B", "equal")
 
 
 class ReviewError(ValueError):
@@ -77,6 +100,26 @@ class Review:
                 "An acceptable report has no error categories; untick them or change the verdict."
             )
         return self
+
+
+@dataclass(frozen=True)
+class Blinding:
+    """Which mode wrote "Report A" and which "Report B" for one case of a blinded session."""
+
+    report_a: str
+    report_b: str
+
+    def mode_of(self, preferred: str) -> str | None:
+        """The mode behind a preference ``A``/``B``; None for ``equal``."""
+        return {"A": self.report_a, "B": self.report_b, "equal": None}[preferred]
+
+
+def blinding_for(session: str, case_key: str, modes: tuple[str, str]) -> Blinding:
+    """A per-case coin seeded by (session, case): the same case in the same session always
+    gets the same order, different cases get either order with equal chance."""
+    coin = hashlib.sha256(f"blinding:{session}:{case_key}".encode()).digest()[0] % 2
+    first, second = modes if coin == 0 else modes[::-1]
+    return Blinding(first, second)
 
 
 class ReviewStore:
@@ -120,6 +163,63 @@ class ReviewStore:
             data["categories"] = json.loads(data["categories"])
             out.append(Review(**data))
         return out
+
+    def blinding(self, session: str, case_key: str, modes: tuple[str, str]) -> Blinding:
+        """The case's A/B order in ``session``: stored the first time it is asked for, so an
+        export and a restart see the order the reviewer saw."""
+        proposed = blinding_for(session, case_key, modes)
+        with self._lock, self._connect() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO blinding VALUES (?, ?, ?, ?)",
+                (session, case_key, proposed.report_a, proposed.report_b),
+            )
+            row = db.execute(
+                "SELECT report_a, report_b FROM blinding WHERE session = ? AND case_key = ?",
+                (session, case_key),
+            ).fetchone()
+        return Blinding(row["report_a"], row["report_b"])
+
+    def save_preference(self, session: str, case_key: str, reviewer: str, preferred: str) -> None:
+        """``preferred``: ``A``, ``B`` or ``equal``, as the reviewer saw the case."""
+        if not reviewer.strip():
+            raise ReviewError("Please enter a reviewer name.")
+        if not case_key:
+            raise ReviewError("Load a study before saving a preference.")
+        if preferred not in PREFERENCES:
+            raise ReviewError(f"Choose a preference: {', '.join(PREFERENCES)}.")
+        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        with self._lock, self._connect() as db:
+            if not db.execute(
+                "SELECT 1 FROM blinding WHERE session = ? AND case_key = ?", (session, case_key)
+            ).fetchone():
+                raise ReviewError("This case was not shown blinded in this session.")
+            db.execute(
+                "INSERT OR REPLACE INTO preferences VALUES (?, ?, ?, ?, ?)",
+                (session, case_key, reviewer, preferred, created),
+            )
+
+    def preferences(self, session: str) -> list[dict]:
+        """Every preference of ``session``, unblinded: ``preferred_mode`` is None for equal."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT p.case_key, p.reviewer, p.preferred, b.report_a, b.report_b "
+                "FROM preferences p JOIN blinding b USING (session, case_key) "
+                "WHERE p.session = ? ORDER BY p.rowid",
+                (session,),
+            ).fetchall()
+        return [
+            {
+                "case_key": row["case_key"],
+                "reviewer": row["reviewer"],
+                "preferred": row["preferred"],
+                "report_a": row["report_a"],
+                "report_b": row["report_b"],
+                "preferred_mode": Blinding(row["report_a"], row["report_b"]).mode_of(
+                    row["preferred"]
+                ),
+            }
+            for row in rows
+        ]
 
     def reviewed_keys(self, session: str | None = None) -> set[str]:
         return {r.case_key for r in self.reviews(session)}

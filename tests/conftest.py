@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -161,15 +162,21 @@ def tiny_checkpoints(tmp_path_factory, tiny_llm, tokenizer):
 
 
 class AppProcess:
-    def __init__(self, checkpoints: Path, data_dir: Path, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        checkpoints: Path,
+        data_dir: Path,
+        env: dict[str, str] | None = None,
+        flags: Sequence[str] = (),
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         env = dict(
             os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", MRG_NUM_THREADS="1"
         ) | (env or {})
-        flags = f"--checkpoints {checkpoints} --data-dir {data_dir} --port {self.port}"
+        where = f"--checkpoints {checkpoints} --data-dir {data_dir} --port {self.port}"
         self.process = subprocess.Popen(
-            [sys.executable, str(REPO / "app.py"), *flags.split(), "--max-upload-mb", "20"],
+            [sys.executable, str(REPO / "app.py"), *where.split(), "--max-upload-mb", "20", *flags],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -16,6 +16,11 @@ from mrg.model import MRGModel
 from mrg.review import ReviewStore
 from mrg.service import ReportService, ServiceInfo
 from mrg.ui import COMPARE_BOTH, WHOLE_REPORT, DemoApp, DemoState, banner, default_examples
+from mrg.ui.comparison import COMPARED
+from mrg.ui.explanation import EXPLAINED
+from mrg.ui.generation import GENERATED
+from mrg.ui.review import REVIEW_COLUMNS, SAVED
+from mrg.ui.viewer import FILE_WINDOW, LOADED
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,57 +35,92 @@ def demo(tiny_llm, tokenizer, tmp_path):
     return DemoApp(service, ReviewStore(tmp_path / "reviews.sqlite"), default_examples())
 
 
-# What ``DemoApp.generate`` yields, in order (the page's components).
-GENERATE_OUTPUTS = (
-    "findings_a", "impression_a", "findings_b", "impression_b", "stats", "sentences", "state",
-)  # fmt: skip
-REVIEW_COLUMNS = ("saved", "case", "mode", "reviewer", "verdict", "categories", "note")
-
-
-def named(outputs, names=GENERATE_OUTPUTS) -> dict:
+def named(outputs, names) -> dict:
     return dict(zip(names, outputs, strict=True))
 
 
-def run_generate(demo, state, mode="prompt-wise", tokens=8) -> list[dict]:
+def load(handler, *args) -> dict:
+    """A loading handler's outputs, by name."""
+    return named(handler(*args), LOADED)
+
+
+def run_generate(demo, state, mode="prompt-wise", tokens=8, blinded=False) -> list[dict]:
     """Every update of a greedy generation, by output name."""
-    return [named(u) for u in demo.generate(state, mode, "greedy", tokens, 1.2, 0.7, 0.9)]
+    updates = demo.generate(state, mode, "greedy", tokens, 1.2, 0.7, 0.9, blinded, "s")
+    return [named(u, GENERATED) for u in updates]
+
+
+def first_example(demo) -> DemoState:
+    return load(demo.load_example, DemoState(), next(iter(demo.examples)))["state"]
 
 
 def test_upload_dicom_shows_the_windowed_image_and_no_phi(demo):
-    state, _, frontal, lateral, meta, status = demo.load_upload(DemoState(), DICOM, None)
+    loaded = load(demo.load_upload, DemoState(), DICOM, None)
+    state, (shown, same) = loaded["state"], loaded["frontal_view"]
     assert state.study is not None and state.case_key.startswith("sha256:")
-    assert frontal.dtype == np.uint8 and frontal.shape == (1955, 1841) and lateral is None
-    assert "MONOCHROME1 inverted" in meta and "CR" in meta
-    assert "CompressedSamples" not in meta + status  # the file's patient name
+    # the viewer's copy: the long side at 1024 px, the file's own window, no overlay yet
+    assert shown.dtype == np.uint8 and shown.shape == (1024, 964, 3) and same is shown
+    assert loaded["lateral_view"]["visible"] is False and loaded["preset"] == FILE_WINDOW
+    assert loaded["center"]["value"] == 15000 and loaded["width"]["value"] == 30000
+    assert "MONOCHROME1 inverted" in loaded["meta"] and "CR" in loaded["meta"]
+    assert "CompressedSamples" not in loaded["meta"] + loaded["load_status"]  # patient name
+
+
+def test_window_level_works_on_the_modality_values(demo):
+    state = load(demo.load_upload, DemoState(), DICOM, None)["state"]
+    stored = demo.render(state, FILE_WINDOW, 0, 1, False, False, 0)[0][0]
+    # the file's window 15000/30000 set by hand gives the file's picture back
+    by_hand = demo.set_window(state, 15000, 30000, False, False, 0)[1][0]
+    assert np.abs(by_hand.astype(int) - stored.astype(int)).max() <= 1
+    center, width, (bone, _), _ = demo.choose_preset(state, "bone", 0, 1, False, False, 0)
+    assert width < 30000 and not np.array_equal(bone, stored)
+    inverted = demo.render(state, "bone", center, width, True, False, 0)[0][0]
+    assert np.array_equal(inverted, 255 - bone)
 
 
 def test_bad_uploads_give_a_clear_message_and_keep_the_state(demo, tmp_path):
-    state, *_ = demo.load_upload(DemoState(), DICOM, None)
+    state = load(demo.load_upload, DemoState(), DICOM, None)["state"]
     bad = tmp_path / "broken.dcm"
     bad.write_bytes(Path(DICOM).read_bytes()[:3000])
-    kept, _, _, _, _, status = demo.load_upload(state, str(bad), None)
+    failed = load(demo.load_upload, state, str(bad), None)
+    status = failed["load_status"]
     assert "Could not load" in status and ("damaged" in status or "could not be decoded" in status)
-    assert kept.study is state.study
+    assert failed["state"].study is state.study
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
-    assert "empty" in demo.load_upload(DemoState(), str(empty), None)[-1]
-    assert "upload a frontal" in demo.load_upload(DemoState(), None, None)[-1]
+    assert "empty" in load(demo.load_upload, DemoState(), str(empty), None)["load_status"]
+    assert "upload a frontal" in load(demo.load_upload, DemoState(), None, None)["load_status"]
 
 
 def test_generate_streams_and_offers_sentences(demo):
-    state, *_ = demo.load_example(DemoState(), next(iter(demo.examples)))
+    state = first_example(demo)
     updates = run_generate(demo, state)
     assert len(updates) >= 3
     assert "tokens" in updates[-1]["stats"] and "first token" in updates[-1]["stats"]
-    assert updates[-1]["sentences"]["choices"][0] == WHOLE_REPORT
-    assert state.generated["prompt-wise"]
+    assert updates[-1]["sentence"]["choices"][0] == WHOLE_REPORT
+    assert state.generated["prompt-wise"] and state.shown == ["prompt-wise"]
+    assert updates[-1]["header_a"] == "**prompt-wise**" and not updates[-1]["report_b"]["visible"]
 
 
 def test_compare_both_fills_both_columns(demo):
-    state, *_ = demo.load_example(DemoState(), next(iter(demo.examples)))
+    state = first_example(demo)
     final = run_generate(demo, state, COMPARE_BOTH)[-1]
     assert set(state.generated) == {"prompt-wise", "promptbook-wise"}
     assert "prompt-wise" in final["stats"] and "promptbook-wise" in final["stats"]
+    assert final["report_b"]["visible"] and final["header_b"] == "**promptbook-wise**"
+
+
+def test_a_blinded_session_names_no_mode_and_keeps_its_order(demo):
+    state = first_example(demo)
+    final = run_generate(demo, state, "prompt-wise", blinded=True)[-1]
+    shown = [final[k] for k in ("header_a", "header_b", "stats")]
+    assert final["header_a"] == "**Report A**" and final["header_b"] == "**Report B**"
+    assert not any("prompt" in text for text in shown)
+    order = [state.blinding.report_a, state.blinding.report_b]
+    assert sorted(order) == ["prompt-wise", "promptbook-wise"] and state.shown == order
+    again = first_example(demo)
+    run_generate(demo, again, blinded=True)
+    assert again.blinding == state.blinding  # stored: the same case, the same order
 
 
 def test_generate_before_loading_is_a_message(demo):
@@ -88,41 +128,79 @@ def test_generate_before_loading_is_a_message(demo):
     assert "Load a study first" in update["stats"]
 
 
-def test_explain_and_reblend(demo):
-    state, *_ = demo.load_example(DemoState(), next(iter(demo.examples)))
+def test_grad_cam_is_an_overlay_on_the_viewer_image(demo):
+    state = first_example(demo)
+    explain = (FILE_WINDOW, 0, 1, False)
+    off = named(demo.explain(state, False, WHOLE_REPORT, *explain, 0.5), EXPLAINED)
+    assert off["frontal_view"][1] is off["frontal_view"][0]  # no overlay
+    early = named(demo.explain(state, True, WHOLE_REPORT, *explain, 0.5), EXPLAINED)
+    assert "Generate a report first" in early["explain_status"]
     run_generate(demo, state)
-    frontal, lateral, status, state = demo.explain(state, "prompt-wise", WHOLE_REPORT, 0.5)
-    assert frontal.shape == (1955, 1841, 3) and lateral is None and "Grad-CAM" in status
-    faint, _ = demo.blend(state, 0.1)
-    assert not np.array_equal(faint, frontal)
+    shown = named(demo.explain(state, True, WHOLE_REPORT, *explain, 0.5), EXPLAINED)
+    overlay, image = shown["frontal_view"]  # the overlay first: whole until the divider moves
+    assert overlay.shape == image.shape == (1024, 964, 3) and not np.array_equal(overlay, image)
+    assert shown["lateral_view"] is None and "Grad-CAM" in shown["explain_status"]
+    faint = demo.render(state, *explain, True, 0.1)[0][0]
+    assert not np.array_equal(faint, overlay)
 
 
 def test_compare_with_pasted_reference(demo):
-    state, *_ = demo.load_example(DemoState(), next(iter(demo.examples)))
+    state = first_example(demo)
     run_generate(demo, state)
-    metrics, table = demo.compare(state, "prompt-wise", "Small left pleural effusion.")
-    assert "BLEU-1" in metrics
-    assert (
-        "Pleural Effusion" in table and "missed" in table
-    )  # the untrained model does not mention it
-    assert "Paste or load" in demo.compare(state, "prompt-wise", " ")[0]
+    reference = "No pneumothorax. Small left pleural effusion."
+    compared = named(demo.compare(state, "Report A", reference), COMPARED)
+    assert "BLEU-1" in compared["compare_metrics"]
+    # the untrained model does not mention it: missed, and marked so in the reference text
+    assert "Pleural Effusion" in compared["compare_table"] and "missed" in compared["compare_table"]
+    assert "<mark class='agree-missed'" in compared["reference_view"]
+    assert "Small left pleural effusion.</mark>" in compared["reference_view"]
+    assert "No pneumothorax." in compared["reference_view"].split("<mark")[0]  # not marked
+    assert "Paste or load" in demo.compare(state, "Report A", " ")[0]
+
+
+def save(demo, state, verdict_a, reviewer, verdict_b=None, preference=None, session="s"):
+    given = (verdict_a, ["missed finding"] if verdict_a == "minor error" else [], verdict_b, [])
+    return named(demo.save_review(state, "", *given, preference, "n", reviewer, session), SAVED)
 
 
 def test_review_save_validation_and_export(demo):
-    state, *_ = demo.load_example(DemoState(), next(iter(demo.examples)))
+    state = first_example(demo)
+    assert "Generate a report" in save(demo, state, "minor error", "Dr B")["review_status"]
     run_generate(demo, state)
-    status, rows, _ = demo.save_review(
-        state, "prompt-wise", "", "minor error", ["missed finding"], "n", "", "s"
-    )
-    assert "Not saved" in status and "reviewer" in status
-    status, rows, _ = demo.save_review(
-        state, "prompt-wise", "", "minor error", ["missed finding"], "n", "Dr B", "s"
-    )
-    saved = named(rows[0], REVIEW_COLUMNS)
-    assert status.startswith("Saved")
-    assert saved["case"] == state.case_key and saved["verdict"] == "minor error"
+    refused = save(demo, state, "minor error", "")["review_status"]
+    assert "Not saved" in refused and "reviewer" in refused
+    saved = save(demo, state, "minor error", "Dr B")
+    row = named(saved["reviews"][0], REVIEW_COLUMNS)
+    assert saved["review_status"].startswith("Saved")
+    assert row["case"] == state.case_key and row["verdict"] == "minor error"
+    assert row["report"] == "prompt-wise" and saved["progress"].startswith("**1 of")
     exported = Path(demo.export("s", "csv"))
     assert exported.is_file() and "Dr B" in exported.read_text()
+
+
+def test_blinded_reviews_need_both_verdicts_and_a_preference_and_unblind_in_the_export(demo):
+    import json
+
+    state = first_example(demo)
+    run_generate(demo, state, blinded=True)
+    assert "Report B" in save(demo, state, "acceptable", "Dr A")["review_status"]
+    refused = save(demo, state, "acceptable", "Dr A", "major error")["review_status"]
+    assert "prefer" in refused
+    saved = save(demo, state, "acceptable", "Dr A", "major error", "A")
+    assert "preferred A" in saved["review_status"] and "prompt" not in saved["review_status"]
+    assert {named(r, REVIEW_COLUMNS)["report"] for r in saved["reviews"]} == {
+        "Report A",
+        "Report B",
+    }
+    exported = json.loads(Path(demo.export("s", "json")).read_text())
+    (preference,) = exported["preferences"]
+    assert preference["preferred_mode"] == state.blinding.report_a
+    verdicts = {r["mode"]: r["verdict"] for r in exported["reviews"]}
+    assert verdicts == {
+        state.blinding.report_a: "acceptable",
+        state.blinding.report_b: "major error",
+    }
+    assert exported["summary"]["preference"]["ties"] == 0
 
 
 def test_dataset_browser_marks_reviewed_cases(tiny_llm, tokenizer, tmp_path, demo):
@@ -132,12 +210,29 @@ def test_dataset_browser_marks_reviewed_cases(tiny_llm, tokenizer, tmp_path, dem
         shared_path("iu_xray", "annotation_sample.json"), shared_path("iu_xray", "images")
     )
     app = DemoApp(demo.service, demo.store, [], records)
-    state, reference, _, lateral, _, _ = app.load_case(DemoState(), records[0].study_id)
-    assert reference == records[0].report and lateral is not None
+    loaded = load(app.load_case, DemoState(), records[0].study_id)
+    assert loaded["reference"] == records[0].report and loaded["lateral_view"]["visible"]
+    state = loaded["state"]
+    assert state.position == 0 and app.progress("s2") == "**0 of 3 reviewed**"
     run_generate(app, state, tokens=4)
-    app.save_review(state, "prompt-wise", reference, "acceptable", [], "", "Dr C", "s2")
-    assert app.case_choices("s2")[0] == f"{records[0].study_id} ✓ reviewed"
-    assert app.case_choices("s2")[1] == records[1].study_id
+    save(app, state, "acceptable", "Dr C", session="s2")
+    assert app.progress("s2") == "**1 of 3 reviewed**"
+    *moved, _, choice = app.go(state, "s2", "unreviewed")
+    assert choice == records[1].study_id and named(moved, LOADED)["state"].position == 1
+    *_, choice = app.go(state, "s2", "previous")
+    assert choice == records[0].study_id
+
+
+def test_a_folder_is_a_review_queue(demo):
+    from mrg.data.datasets import folder_records
+    from mrg.ui import SHIPPED_EXAMPLES
+
+    records = folder_records(SHIPPED_EXAMPLES)
+    assert len(records) == 8 and all(len(r.image_paths) == 1 for r in records)
+    app = DemoApp(demo.service, demo.store, [], records)
+    *loaded, progress, choice = app.go(DemoState(), "f", "next")
+    assert choice == records[0].study_id and progress == "**0 of 8 reviewed**"
+    assert named(loaded, LOADED)["state"].case_key == f"dataset:folder:{records[0].study_id}"
 
 
 def test_banner_says_what_is_loaded_and_its_limits():
@@ -168,36 +263,27 @@ def test_end_to_end_with_gradio_client(app_server, tmp_path):
     from gradio_client import Client, handle_file
 
     client = Client(app_server.url, verbose=False)
-    loaded = client.predict(handle_file(DICOM), None, api_name="/load_upload")
-    assert "Could not load" not in loaded[-1] and "MONOCHROME1" in loaded[-2]
+    loaded_names = LOADED[1:]  # gradio_client never sees the session state
+    loaded = named(client.predict(handle_file(DICOM), None, api_name="/load_upload"), loaded_names)
+    assert "Could not load" not in loaded["load_status"] and "MONOCHROME1" in loaded["meta"]
 
-    job = client.submit("prompt-wise", "greedy", 16, 1.2, 0.7, 0.9, api_name="/generate")
+    decoding = ("greedy", 16, 1.2, 0.7, 0.9, False, "e2e-session")
+    job = client.submit("prompt-wise", *decoding, api_name="/generate")
     job.result(timeout=120)
     outputs = job.outputs()
-    client_outputs = GENERATE_OUTPUTS[:-1]  # gradio_client never sees the session state
+    client_outputs = [n for n in GENERATED if n not in ("report_b", "state")]  # a column, state
     assert len(outputs) >= 3 and "first token" in named(outputs[-1], client_outputs)["stats"]
 
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(500))
-    message = client.predict(handle_file(str(corrupt)), None, api_name="/load_upload")[-1]
+    failed = client.predict(handle_file(str(corrupt)), None, api_name="/load_upload")
+    message = named(failed, loaded_names)["load_status"]
     assert "Could not load" in message and "damaged" in message
-    again = client.predict(
-        handle_file(DICOM), None, api_name="/load_upload"
-    )  # the app still serves
-    assert "Could not load" not in again[-1]
-    client.submit("prompt-wise", "greedy", 16, 1.2, 0.7, 0.9, api_name="/generate").result(
-        timeout=120
-    )
-    status = client.predict(
-        "prompt-wise",
-        "",
-        "major error",
-        ["false finding"],
-        "e2e",
-        "Dr E2E",
-        "e2e-session",
-        api_name="/save_review",
-    )[0]
+    again = client.predict(handle_file(DICOM), None, api_name="/load_upload")  # still serving
+    assert "Could not load" not in named(again, loaded_names)["load_status"]
+    client.submit("prompt-wise", *decoding, api_name="/generate").result(timeout=120)
+    review = ("", "major error", ["false finding"], None, [], None, "e2e", "Dr E2E", "e2e-session")
+    status = client.predict(*review, api_name="/save_review")[0]
     assert status.startswith("Saved")
 
 
@@ -229,19 +315,10 @@ def test_review_survives_an_app_restart(tiny_checkpoints, tmp_path):
     try:
         client = Client(first.url, verbose=False)
         client.predict(handle_file(DICOM), None, api_name="/load_upload")
-        client.submit("promptbook-wise", "greedy", 16, 1.2, 0.7, 0.9, api_name="/generate").result(
-            timeout=120
-        )
-        client.predict(
-            "promptbook-wise",
-            "",
-            "acceptable",
-            [],
-            "fine",
-            "Dr R",
-            "restart",
-            api_name="/save_review",
-        )
+        decoding = ("greedy", 16, 1.2, 0.7, 0.9, False, "restart")
+        client.submit("promptbook-wise", *decoding, api_name="/generate").result(timeout=120)
+        review = ("", "acceptable", [], None, [], None, "fine", "Dr R", "restart")
+        client.predict(*review, api_name="/save_review")
     finally:
         first.stop()
     second = AppProcess(tiny_checkpoints / "ckpt", data)
@@ -261,7 +338,7 @@ def test_uploaded_files_are_deleted_from_gradios_folder_once_read(demo, tmp_path
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio-uploads"))
     copy = uploads / "patient.dcm"
     copy.write_bytes(Path(DICOM).read_bytes())
-    state, *_ = demo.load_upload(DemoState(), str(copy), None)
+    state = load(demo.load_upload, DemoState(), str(copy), None)["state"]
     assert state.study is not None and not copy.exists()
     demo.load_upload(DemoState(), DICOM, None)
     assert Path(DICOM).exists()  # files outside the upload folder are never touched
@@ -274,17 +351,19 @@ def test_identical_simultaneous_uploads_all_load(demo, tmp_path, monkeypatch):
     shared.parent.mkdir(parents=True)
     shared.write_bytes(Path(DICOM).read_bytes())
     with ThreadPoolExecutor(6) as pool:
-        loads = list(pool.map(lambda _: demo.load_upload(DemoState(), str(shared), None), range(6)))
-    assert all(state.study is not None for state, *_ in loads), [r[-1] for r in loads]
-    assert len({state.case_key for state, *_ in loads}) == 1
+        loads = list(
+            pool.map(lambda _: load(demo.load_upload, DemoState(), str(shared), None), range(6))
+        )
+    assert all(r["state"].study is not None for r in loads), [r["load_status"] for r in loads]
+    assert len({r["state"].case_key for r in loads}) == 1
     assert not shared.exists()
-    # a second click on the same upload
-    again, *_, status = demo.load_upload(DemoState(), str(shared), None)
-    assert again.study is not None, status
+    # a second upload event for the same file (e.g. a lateral added)
+    again = load(demo.load_upload, DemoState(), str(shared), None)
+    assert again["state"].study is not None, again["load_status"]
 
 
 def test_unexpected_failures_are_messages_and_logs_without_their_text(demo, caplog, monkeypatch):
-    state, *_ = demo.load_upload(DemoState(), DICOM, None)
+    state = load(demo.load_upload, DemoState(), DICOM, None)["state"]
     run_generate(demo, state)
 
     patient = "DOE^JANE"
@@ -295,10 +374,12 @@ def test_unexpected_failures_are_messages_and_logs_without_their_text(demo, capl
     monkeypatch.setattr(demo.service, "compare", leak)
     monkeypatch.setattr(demo, "_study_from", leak)
     with caplog.at_level("ERROR", logger="mrg.ui"):
-        message, table = demo.compare(state, "prompt-wise", "FINDINGS: Normal.")
-        kept, *_, status = demo.load_upload(state, DICOM, None)
-    assert "Cannot compare" in message and "try again" in message and table == ""
-    assert "Could not load" in status and kept.study is state.study
+        compared = named(demo.compare(state, "Report A", "FINDINGS: Normal."), COMPARED)
+        kept = load(demo.load_upload, state, DICOM, None)
+    message = compared["compare_metrics"]
+    assert "Cannot compare" in message and "try again" in message
+    assert compared["compare_table"] == ""
+    assert "Could not load" in kept["load_status"] and kept["state"].study is state.study
     failures = [r.getMessage() for r in caplog.records]
     assert [m.split("\n")[0] for m in failures] == [
         "comparison failed with RuntimeError",
@@ -329,7 +410,7 @@ def test_the_page_is_built_while_the_models_load(demo):
     heading = next(b for b in blocks.blocks.values() if getattr(b, "elem_id", None) == "banner")
     assert heading.value == LOADING_BANNER
     assert all(u == {"__type__": "update"} for u in app.banner_now())  # unchanged while loading
-    state, *_ = app.load_upload(DemoState(), DICOM, None)  # loading a study needs no model
+    state = load(app.load_upload, DemoState(), DICOM, None)["state"]  # needs no model
     app.loading.start()
     release.set()
     final = run_generate(app, state)[-1]  # waited, then ran
@@ -347,7 +428,7 @@ def test_a_failed_load_is_a_message_not_a_crash(demo):
 
     app = DemoApp(Loading(broken), demo.store, default_examples())
     app.build()
-    state, *_ = app.load_upload(DemoState(), DICOM, None)
+    state = load(app.load_upload, DemoState(), DICOM, None)["state"]
     stats = run_generate(app, state)[-1]["stats"]
     assert "failed" in stats and "try again" in stats
     assert "could not be loaded (OSError)" in app.banner_now()[0]
@@ -370,7 +451,7 @@ def test_building_the_demo_imports_no_torch(tmp_path):
 def test_a_busy_service_answers_with_the_message(demo, monkeypatch):
     from mrg.batching import BUSY, ServiceBusy
 
-    state, *_ = demo.load_upload(DemoState(), DICOM, None)
+    state = load(demo.load_upload, DemoState(), DICOM, None)["state"]
 
     def busy(*args, **kwargs):
         raise ServiceBusy()

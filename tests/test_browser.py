@@ -1,10 +1,12 @@
-"""The demo in headless Chromium (Playwright): upload, generate, explain, review, screenshots.
+"""The reading room in headless Chromium (Playwright) at 1440×900: the reading row, upload,
+window/level, Grad-CAM, blinded A/B review, the keyboard-driven queue and the summary.
 
 Needs Debian's chromium (`apt-get install -y chromium`); `.ci/run` installs it and sets
-MRG_REQUIRE_BROWSER=1 so a missing browser fails there instead of skipping. Full-page
-screenshots are written to test-artifacts/ (not committed).
+MRG_REQUIRE_BROWSER=1 so a missing browser fails there instead of skipping. Screenshots are
+written to test-artifacts/ (not committed).
 """
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -12,9 +14,27 @@ from pathlib import Path
 import pytest
 from conftest import DICOM, AppProcess
 
+from mrg.review import Review, ReviewStore
+from mrg.ui import SHIPPED_EXAMPLES
+
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+VIEWPORT = {"width": 1440, "height": 900}
+QUEUE = ["00003350_000.png", "00015044_000.png", "00028558_000.png"]
+# The mean of every pixel of the frontal view's image, as the browser draws it.
+SHOWN_MEAN = """() => {
+  const img = document.querySelector('#frontal-view img');
+  if (!img || !img.complete || img.naturalWidth === 0) return null;  // still loading
+  const canvas = document.createElement('canvas');
+  canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+  const context = canvas.getContext('2d');
+  context.drawImage(img, 0, 0);
+  const data = context.getImageData(0, 0, canvas.width, canvas.height).data;
+  let sum = 0;
+  for (let i = 0; i < data.length; i += 4) sum += data[i];
+  return sum / (data.length / 4);
+}"""
 
 
 @pytest.fixture(scope="module")
@@ -42,35 +62,155 @@ def browser():
         browser.close()
 
 
-def test_upload_generate_explain_and_review(browser, tiny_checkpoints, tmp_path):
+@pytest.fixture(scope="module")
+def server(tiny_checkpoints, tmp_path_factory):
+    """The app over the tiny checkpoints, with a folder of three radiographs as its queue."""
+    root = tmp_path_factory.mktemp("reading-room")
+    cases = root / "cases"
+    cases.mkdir()
+    for name in QUEUE:
+        shutil.copy(SHIPPED_EXAMPLES / name, cases / name)
+    app = AppProcess(
+        tiny_checkpoints / "ckpt", root / "data", flags=["--dataset-images", str(cases)]
+    )
+    app.data = root / "data"
+    yield app
+    app.stop()
+
+
+def open_page(browser, server, session: str):
+    page = browser.new_page(viewport=VIEWPORT)
+    page.goto(server.url)
+    page.get_by_text("Research demo, not for diagnosis").wait_for(timeout=30_000)
+    page.get_by_text("device: cpu").wait_for(timeout=60_000)  # the models are in
+    field = page.get_by_label("Review session")
+    field.fill(session)
+    field.blur()
+    return page
+
+
+def generate(page):
+    page.locator("#generate").click()
+    page.get_by_text("first token after").wait_for(timeout=120_000)
+
+
+def within_viewport(page, selector: str) -> bool:
+    box = page.locator(selector).first.bounding_box()
+    return box is not None and box["y"] >= 0 and box["y"] + box["height"] <= VIEWPORT["height"]
+
+
+def test_upload_alone_loads_and_the_reading_row_fits_the_screen(browser, server):
     ARTIFACTS.mkdir(exist_ok=True)
-    server = AppProcess(tiny_checkpoints / "ckpt", tmp_path / "data")
-    try:
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(server.url)
-        page.get_by_text("Research demo, not for diagnosis").wait_for(timeout=30_000)
+    page = open_page(browser, server, "row")
+    page.locator("#frontal-upload input[type=file]").set_input_files(DICOM)
+    page.get_by_text("Study loaded from upload").wait_for(timeout=60_000)  # no extra click
+    generate(page)
+    assert page.locator("#findings textarea").input_value().strip()
+    assert page.evaluate("window.scrollY") == 0
+    for part in ("#frontal-view", "#findings", "#impression", "#compare-metrics"):
+        assert within_viewport(page, part), part
+    page.screenshot(path=str(ARTIFACTS / "reading-row-1440x900.png"))
 
-        page.locator("#frontal-upload input[type=file]").set_input_files(DICOM)
-        page.locator("#load-upload").click()
-        page.get_by_text("Study loaded from upload").wait_for(timeout=60_000)
-        page.get_by_text("MONOCHROME1 inverted").wait_for()
-
-        page.locator("#generate").click()
-        page.get_by_text("first token after").wait_for(timeout=120_000)
-        findings = page.locator("#findings textarea").input_value()
-        assert findings.strip()
-
-        page.locator("#explain").click()
-        page.locator("#overlay-frontal img").wait_for(timeout=120_000)
-
-        page.locator("#verdict").get_by_text("minor error").click()
-        page.locator("#reviewer textarea, #reviewer input").first.fill("Dr Browser")
-        page.locator("#save-review").click()
-        page.get_by_text("Saved: minor error").wait_for(timeout=30_000)
-        page.screenshot(path=str(ARTIFACTS / "demo-full-page.png"), full_page=True)
-    finally:
-        server.stop()
-    from mrg.review import ReviewStore
-
-    reviews = ReviewStore(tmp_path / "data" / "reviews.sqlite").reviews()
+    before = page.evaluate(SHOWN_MEAN)
+    page.locator("#show-cam input").check()
+    page.get_by_text("Grad-CAM of the whole of Report A").wait_for(timeout=120_000)
+    page.screenshot(path=str(ARTIFACTS / "grad-cam-1440x900.png"))
+    page.locator("#verdict-a").get_by_text("minor error").click()
+    page.locator("#reviewer textarea, #reviewer input").first.fill("Dr Browser")
+    page.locator("#save-review").click()
+    page.get_by_text("Saved: minor error").wait_for(timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "demo-full-page.png"), full_page=True)
+    assert before > 0
+    reviews = ReviewStore(server.data / "reviews.sqlite").reviews("row")
     assert [(r.reviewer, r.verdict) for r in reviews] == [("Dr Browser", "minor error")]
+
+
+def test_window_level_changes_the_shown_pixels_of_a_16_bit_dicom(browser, server):
+    page = open_page(browser, server, "window")
+    page.locator("#frontal-upload input[type=file]").set_input_files(DICOM)
+    page.get_by_text("Study loaded from upload").wait_for(timeout=60_000)
+    level, window = (
+        page.locator("#level input[type=number]"),
+        page.locator("#window input[type=number]"),
+    )
+    assert (level.input_value(), window.input_value()) == ("15000", "30000")  # the file's own
+    stored = page.evaluate(SHOWN_MEAN)
+    page.locator("#window-preset input").click()
+    page.get_by_role("option", name="bone").click()
+    page.wait_for_function(f"![null, {stored}].includes(({SHOWN_MEAN})())", timeout=30_000)
+    bone = page.evaluate(SHOWN_MEAN)
+    page.locator("#invert input").check()
+    page.wait_for_function(f"![null, {bone}].includes(({SHOWN_MEAN})())", timeout=30_000)
+    inverted = page.evaluate(SHOWN_MEAN)
+    assert abs(stored - bone) > 5 and abs((255 - bone) - inverted) < 2
+    page.screenshot(path=str(ARTIFACTS / "window-bone-inverted.png"))
+
+
+def test_a_blinded_session_names_no_mode_and_the_export_does(browser, server):
+    page = open_page(browser, server, "blind")
+    page.locator("#blinded input").check()
+    page.locator("#next-unreviewed").click()
+    page.get_by_text("loaded.").wait_for(timeout=60_000)
+    generate(page)
+    page.locator("#stats", has_text="Report B:").wait_for(timeout=120_000)
+    text = page.locator("body").inner_text()
+    assert "Report A" in text and "Report B" in text
+    hidden_too = page.evaluate("document.querySelector('.gradio-container').textContent")
+    for name in ("prompt-wise", "promptbook-wise"):
+        assert name not in text and name not in hidden_too, name
+    page.screenshot(path=str(ARTIFACTS / "blinded-1440x900.png"), full_page=True)
+
+    page.locator("#reviewer textarea, #reviewer input").first.fill("Dr Blind")
+    page.locator("#verdict-a").get_by_text("acceptable").click()
+    page.locator("#verdict-b").get_by_text("major error").click()
+    page.locator("#preference").get_by_text("A", exact=True).click()
+    page.locator("#save-review").click()
+    page.get_by_text("preferred A").wait_for(timeout=30_000)
+    assert "prompt-wise" not in page.locator("body").inner_text()
+
+    page.get_by_text("Session summary and export").click()
+    page.locator("#export-json").click()
+    link = page.locator("#export-file a").first
+    link.wait_for(timeout=30_000)
+    exported = json.loads(page.request.get(link.get_attribute("href")).text())
+    (preference,) = exported["preferences"]
+    assert {preference["report_a"], preference["report_b"]} == {"prompt-wise", "promptbook-wise"}
+    verdicts = {r["mode"]: r["verdict"] for r in exported["reviews"]}
+    assert verdicts[preference["report_a"]] == "acceptable"
+    assert verdicts[preference["report_b"]] == "major error"
+
+
+def test_keyboard_review_of_three_cases_moves_the_progress_counter(browser, server):
+    page = open_page(browser, server, "keys")
+    page.locator("#reviewer textarea, #reviewer input").first.fill("Dr Keys")
+    page.get_by_text("0 of 3 reviewed").wait_for()
+    for done in (1, 2, 3):
+        page.locator("#banner").click()  # focus leaves the text fields: keys are shortcuts
+        page.keyboard.press("u")
+        page.get_by_text(f"Case {QUEUE[done - 1][:-4]} loaded.").wait_for(timeout=60_000)
+        page.keyboard.press("g")
+        page.get_by_text("first token after").wait_for(timeout=120_000)
+        page.keyboard.press("2")
+        page.keyboard.press("s")
+        page.get_by_text(f"{done} of 3 reviewed").wait_for(timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "keyboard-queue.png"), full_page=True)
+    reviews = ReviewStore(server.data / "reviews.sqlite").reviews("keys")
+    assert sorted(r.case_key.split(":")[-1] for r in reviews) == [q[:-4] for q in QUEUE]
+    assert {r.verdict for r in reviews} == {"minor error"}
+
+
+def test_the_summary_shows_kappa_for_two_reviewers(browser, server):
+    # κ by hand: p_o = 3/5, p_e = 0.28, κ = 0.32 / 0.72 = 0.44
+    x = ["acceptable", "acceptable", "minor error", "major error", "acceptable"]
+    y = ["acceptable", "minor error", "minor error", "major error", "major error"]
+    store = ReviewStore(server.data / "reviews.sqlite")
+    for reviewer, verdicts in (("Dr X", x), ("Dr Y", y)):
+        for i, verdict in enumerate(verdicts):
+            store.save(Review("kappa", f"case{i}", "prompt-wise", reviewer, verdict))
+    page = open_page(browser, server, "kappa")
+    page.get_by_text("Session summary and export").click()
+    page.locator("#summarize").click()
+    row = page.locator("#summary tr", has_text="Dr X & Dr Y")
+    row.wait_for(timeout=60_000)
+    assert row.inner_text().split("\t")[1:] == ["5", "0.60", "0.44"]
+    page.screenshot(path=str(ARTIFACTS / "summary.png"), full_page=True)

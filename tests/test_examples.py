@@ -76,9 +76,10 @@ def test_an_app_without_shared_data_lists_the_examples_and_generates_for_one(tmp
         cardiomegaly = next(label for label in listed if "Cardiomegaly" in label)
         loaded = client.predict(cardiomegaly, api_name="/load_example")
         assert loaded[0] == "NIH ChestX-ray14 labels: Cardiomegaly."
-        job = client.submit("prompt-wise", "greedy", 60, 1.05, 0.7, 0.9, api_name="/generate")
+        decoding = ("greedy", 60, 1.05, 0.7, 0.9, False, "default")
+        job = client.submit("prompt-wise", *decoding, api_name="/generate")
         job.result(timeout=300)
-        findings, impression = job.outputs()[-1][:2]
+        _, findings, impression, *_ = job.outputs()[-1]
         assert findings and impression
     finally:
         app.stop()

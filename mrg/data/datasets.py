@@ -49,6 +49,20 @@ class StudyRecord:
         return self.report
 
 
+CASE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", "")
+
+
+def folder_records(folder: str | Path) -> list[StudyRecord]:
+    """One single-view case per image file of ``folder`` (PNG, JPEG, DICOM with or without
+    its extension), in name order, with no reference report."""
+    paths = sorted(
+        p
+        for p in Path(folder).iterdir()
+        if p.is_file() and p.suffix.lower() in CASE_SUFFIXES and not p.name.startswith(".")
+    )
+    return [StudyRecord(p.stem, "", [p], "folder") for p in paths]
+
+
 def load_annotation(
     path: str | Path, image_root: str | Path, split: str | None = None
 ) -> list[StudyRecord]:
