@@ -274,7 +274,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _generate_many(args: argparse.Namespace, service, decoding) -> int:
-    from mrg.data.datasets import StudyRecord, load_annotation
+    from mrg.data.datasets import folder_records, load_annotation
     from mrg.evaluation.runner import generate_split
 
     if not args.out:
@@ -282,10 +282,7 @@ def _generate_many(args: argparse.Namespace, service, decoding) -> int:
     if args.annotation:
         records = load_annotation(args.annotation, args.images, split=args.split)
     else:
-        folder = Path(args.inputs[0])
-        records = [
-            StudyRecord(p.name, "", [p], "test") for p in sorted(folder.iterdir()) if p.is_file()
-        ]
+        records = folder_records(args.inputs[0])
     out = Path(args.out)
     jsonl = out if out.suffix == ".jsonl" else out.with_suffix(".jsonl")
     rows = generate_split(service.model(args.mode), records, jsonl, decoding, args.batch_size)

@@ -41,19 +41,10 @@ def test_generate_refuses_a_bad_file_clearly(checkpoints, tmp_path, capsys):
 
 def test_generate_a_split_is_resumable(checkpoints, tmp_path):
     out = tmp_path / "gen.csv"
-    args = [
-        "generate",
-        "--annotation",
-        str(shared_path("iu_xray", "annotation_sample.json")),
-        "--images",
-        str(shared_path("iu_xray", "images")),
-        "--checkpoints",
-        str(checkpoints),
-        "--out",
-        str(out),
-        "--max-new-tokens",
-        "4",
-    ]
+    annotation = shared_path("iu_xray", "annotation_sample.json")
+    images = shared_path("iu_xray", "images")
+    argv = f"generate --annotation {annotation} --images {images} --checkpoints {checkpoints}"
+    args = [*argv.split(), "--out", str(out), "--max-new-tokens", "4"]
     assert main(args) == 0
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 3 and rows[0]["reference"]
@@ -118,3 +109,15 @@ def test_demo_subcommand_passes_its_flags_to_the_app(capsys):
         main(["demo", "--help"])
     assert exit_info.value.code == 0
     assert "--dataset-annotation" in capsys.readouterr().out
+
+
+def test_generate_a_folder_writes_one_row_per_image(checkpoints, tmp_path):
+    from mrg.ui import SHIPPED_EXAMPLES
+
+    out = tmp_path / "folder.csv"
+    argv = f"generate {SHIPPED_EXAMPLES} --checkpoints {checkpoints} --out {out} --max-new-tokens 4"
+    assert main(argv.split()) == 0
+    rows = list(csv.DictReader(out.open()))
+    names = sorted(p.stem for p in SHIPPED_EXAMPLES.glob("*.png"))
+    assert [r["id"] for r in rows] == names  # manifest.json is not a case
+    assert all(r["generated"].startswith("FINDINGS:") for r in rows)
