@@ -275,7 +275,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _generate_many(args: argparse.Namespace, service, decoding) -> int:
     from mrg.data.datasets import folder_records, load_annotation
-    from mrg.evaluation.runner import generate_split
+    from mrg.evaluation.runner import generate_split, stream_split
 
     if not args.out:
         raise SystemExit("mrg generate: --out is required for a folder or an annotation split")
@@ -285,7 +285,10 @@ def _generate_many(args: argparse.Namespace, service, decoding) -> int:
         records = folder_records(args.inputs[0])
     out = Path(args.out)
     jsonl = out if out.suffix == ".jsonl" else out.with_suffix(".jsonl")
-    rows = generate_split(service.model(args.mode), records, jsonl, decoding, args.batch_size)
+    if decoding.strategy == "beam":  # not streamable: transformers' batched beam search
+        rows = generate_split(service.model(args.mode), records, jsonl, decoding, args.batch_size)
+    else:  # the app's continuous batcher, args.batch_size studies at once
+        rows = stream_split(service, args.mode, records, jsonl, decoding, args.batch_size)
     if out.suffix == ".csv":
         import csv
 

@@ -244,3 +244,21 @@ def test_model_randomisation_sanity_check_with_smollm2(smollm2):
     correlation = _correlation(original, randomised)
     print(f"Grad-CAM correlation before/after re-initialising the last 2 blocks: {correlation:.3f}")
     assert correlation < 0.5
+
+
+def test_a_split_streamed_through_the_batcher_equals_decoding_alone(service, tmp_path):
+    """``mrg generate`` over a folder: the app's continuous batcher, the same greedy reports."""
+    from mrg.data.datasets import folder_records
+    from mrg.evaluation.runner import generate_split, stream_split
+    from mrg.ui import SHIPPED_EXAMPLES
+
+    records = folder_records(SHIPPED_EXAMPLES)[:4]
+    decoding = Decoding(max_new_tokens=12)
+    model = service.model("prompt-wise")
+    alone = generate_split(model, records, tmp_path / "alone.jsonl", decoding, batch_size=1)
+    streamed = stream_split(service, "prompt-wise", records, tmp_path / "s.jsonl", decoding, 4)
+    assert [r["id"] for r in streamed] == [r.study_id for r in records]
+    assert [r["generated"] for r in streamed] == [r["generated"] for r in alone]
+    assert service.batchers[id(model.llm)].largest_batch >= 2
+    again = stream_split(service, "prompt-wise", records, tmp_path / "s.jsonl", decoding, 4)
+    assert again == streamed and len((tmp_path / "s.jsonl").read_text().splitlines()) == 4

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import csv
 import json
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
@@ -20,7 +23,37 @@ from mrg.evaluation.labeler import CHEXPERT14, ReportLabeler
 from mrg.evaluation.metrics import chexpert_positive, clinical_efficacy, nlg_scores
 from mrg.model import Decoding, MRGModel
 
+if TYPE_CHECKING:
+    from mrg.service import ReportService
+
 GENERATIONS = "generations.jsonl"
+
+
+class Generations:
+    """A resumable JSONL of ``{"id", "reference", "generated"}`` rows: rows already in the file
+    are kept, new ones are appended and flushed one by one, from any thread."""
+
+    def __init__(self, path: Path):
+        self.path, self.done, self.lock = Path(path), {}, threading.Lock()
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                row = json.loads(line)
+                self.done[row["id"]] = row
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def todo(self, records: Sequence[StudyRecord]) -> list[StudyRecord]:
+        return [r for r in records if r.study_id not in self.done]
+
+    def add(self, handle, study_id: str, reference: str, generated: str) -> None:
+        row = {"id": study_id, "reference": reference, "generated": generated}
+        with self.lock:
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+            self.done[study_id] = row
+
+    def rows(self, records: Sequence[StudyRecord]) -> list[dict]:
+        """The rows of ``records`` that have one, in their order."""
+        return [self.done[r.study_id] for r in records if r.study_id in self.done]
 
 
 def generate_split(
@@ -30,18 +63,14 @@ def generate_split(
     decoding: Decoding,
     batch_size: int = 8,
 ) -> list[dict]:
-    """Append ``{"id", "reference", "generated"}`` rows for studies not in ``out_file`` yet; return all rows."""
-    done = {}
-    if out_file.is_file():
-        for line in out_file.read_text().splitlines():
-            row = json.loads(line)
-            done[row["id"]] = row
-    todo = [r for r in records if r.study_id not in done]
+    """Append rows for studies not in ``out_file`` yet, ``batch_size`` at a time through
+    ``transformers``' ``generate``; return all rows."""
+    generations = Generations(out_file)
+    todo = generations.todo(records)
     dataset = StudyDataset(todo, on_missing="skip")
     collate = Collate(model.config.encoder.image_size, model.config.max_views)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
     with (
-        out_file.open("a") as handle,
+        generations.path.open("a") as handle,
         tqdm(total=len(todo), desc=f"generating ({model.mode})") as bar,
     ):
         for start in range(0, len(todo), batch_size):
@@ -51,11 +80,41 @@ def generate_split(
                 continue
             texts = model.generate(batch.views, decoding)
             for study_id, reference, text in zip(batch.study_ids, batch.reports, texts):
-                row = {"id": study_id, "reference": reference, "generated": text}
-                handle.write(json.dumps(row) + "\n")
-                handle.flush()
-                done[study_id] = row
-    return [done[r.study_id] for r in records if r.study_id in done]
+                generations.add(handle, study_id, reference, text)
+    return generations.rows(records)
+
+
+def stream_split(
+    service: ReportService,
+    mode: str,
+    records: Sequence[StudyRecord],
+    out_file: Path,
+    decoding: Decoding,
+    concurrency: int = 8,
+) -> list[dict]:
+    """``generate_split`` through the service's continuous batcher (``mrg.batching``), as the
+    app serves its users: ``concurrency`` studies decode together, and the next one joins the
+    running batch as soon as one finishes (at most the batch's size: past it, requests wait)."""
+    batcher = service.batchers[id(service.model(mode).llm)]
+    concurrency = max(1, min(concurrency, batcher.max_batch))
+    generations = Generations(out_file)
+    todo = generations.todo(records)
+    dataset = StudyDataset(todo, on_missing="skip")
+    with (
+        generations.path.open("a") as handle,
+        tqdm(total=len(todo), desc=f"generating ({mode})") as bar,
+    ):
+
+        def one(index: int) -> None:
+            study = dataset[index]
+            if study is not None:
+                text = service.generate(study, mode, decoding).text
+                generations.add(handle, todo[index].study_id, todo[index].report, text)
+            bar.update(1)
+
+        with ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(one, range(len(todo))))
+    return generations.rows(records)
 
 
 def score_rows(rows: Sequence[dict], meteor: bool = True) -> tuple[dict, list[dict]]:
