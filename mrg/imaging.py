@@ -138,7 +138,7 @@ def preset_window(image: LoadedImage, preset: str) -> tuple[float, float]:
     if image.inverted:  # bright is low values
         low, high = 100.0 - high, 100.0 - low
     a, b = np.percentile(image.values, [low, high])
-    return float(a + b) / 2.0, max(float(b - a), 2.0)
+    return round(float(a + b) / 2.0, 1), round(max(float(b - a), 2.0), 1)
 
 
 DEFAULT_LIMITS = ImageLimits()

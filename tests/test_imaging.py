@@ -297,3 +297,38 @@ def test_no_identifying_attribute_reaches_metadata_or_logs(tmp_path, caplog):
     for value in PHI.values():
         for part in value.split("^"):
             assert part not in shown
+
+
+def test_the_viewer_keeps_the_modality_values_not_the_display_copy():
+    from pydicom.pixels import apply_modality_lut
+
+    from mrg.imaging import VALUES_SIDE, window
+
+    path = get_testdata_file("RG1_UNCI.dcm")
+    image = load_image(path)
+    ds = pydicom.dcmread(path)
+    raw = apply_modality_lut(ds.pixel_array, ds)
+    assert image.inverted and image.file_window == (15000.0, 30000.0)
+    assert max(image.values.shape) == VALUES_SIDE and image.values.dtype == np.float32
+    # box-downsampled modality values: their range, not [0, 1]
+    assert raw.min() <= image.values.min() < image.values.max() <= raw.max()
+    assert image.values.max() > 255
+    # the file's own window over the kept values is the picture the file means
+    size = image.values.shape[::-1]
+    shown = np.asarray(Image.fromarray(image.pixels, mode="F").resize(size, Image.BOX))
+    assert np.abs(window(image, *image.file_window) - shown).max() < 1e-3
+    assert np.allclose(window(image, 2000, 3000, invert=True), 1 - window(image, 2000, 3000))
+
+
+def test_a_16_bit_png_keeps_its_stored_values(tmp_path):
+    from mrg.imaging import preset_window
+
+    values = np.linspace(0, 4000, 64 * 80, dtype=np.uint16).reshape(64, 80)
+    path = tmp_path / "sixteen.png"
+    Image.fromarray(values).save(path)
+    image = load_image(path)
+    assert image.values.shape == (64, 80) and image.values.max() == 4000
+    assert not image.inverted and image.file_window is None
+    low_center, _ = preset_window(image, "lung")
+    high_center, _ = preset_window(image, "bone")
+    assert low_center < high_center  # lung spreads the dark values, bone the bright ones
