@@ -32,7 +32,15 @@ from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mrg.ui.generation import GENERATED
+from mrg.ui.viewer import LOADED
+
 DICOM = get_testdata_file("RG1_UNCI.dcm")
+# What gradio_client receives: no session state, no layout column.
+CLIENT_LOADED = LOADED[1:]
+CLIENT_GENERATED = [name for name in GENERATED if name not in ("report_b", "state")]
 
 
 def start_app(checkpoints: str | None) -> tuple[subprocess.Popen, str]:
@@ -64,19 +72,23 @@ def user(url: str, tokens: int, barrier: threading.Barrier, results: list, index
     client = Client(url, verbose=False)
     barrier.wait()
     start = time.perf_counter()
-    loaded = client.predict(handle_file(DICOM), None, api_name="/load_upload")
-    row = {"loaded": "Could not load" not in loaded[-1], "message": loaded[-1]}
+    loaded = dict(
+        zip(CLIENT_LOADED, client.predict(handle_file(DICOM), None, api_name="/load_upload"))
+    )
+    status = loaded["load_status"]
+    row = {"loaded": "Could not load" not in status, "message": status}
     first = None
-    job = client.submit("prompt-wise", "greedy", tokens, 1.05, 0.7, 0.9, api_name="/generate")
+    decoding = ("greedy", tokens, 1.05, 0.7, 0.9, False, "load-test")
+    job = client.submit("prompt-wise", *decoding, api_name="/generate")
     for output in job:
-        if first is None and output[0]:
+        if first is None and dict(zip(CLIENT_GENERATED, output))["findings_a"]:
             first = time.perf_counter() - start
-    final = job.outputs()[-1]
-    match = re.search(r"(\d+) tokens", final[4])
+    final = dict(zip(CLIENT_GENERATED, job.outputs()[-1]))
+    match = re.search(r"(\d+) tokens", final["stats"])
     row.update(
         ttft=first,
         total=time.perf_counter() - start,
-        report=(final[0], final[1]),
+        report=(final["findings_a"], final["impression_a"]),
         tokens=int(match.group(1)) if match else 0,
     )
     results[index] = row
