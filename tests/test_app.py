@@ -59,7 +59,7 @@ def test_upload_dicom_shows_the_windowed_image_and_no_phi(demo):
     state, (shown, same) = loaded["state"], loaded["frontal_view"]
     assert state.study is not None and state.case_key.startswith("sha256:")
     # the viewer's copy: the long side at 1024 px, the file's own window, no overlay yet
-    assert shown.dtype == np.uint8 and shown.shape == (1024, 964, 3) and same is shown
+    assert shown.dtype == np.uint8 and shown.shape == (1024, 964) and same is shown  # grey
     assert loaded["lateral_view"]["visible"] is False and loaded["preset"] == FILE_WINDOW
     assert loaded["center"]["value"] == 15000 and loaded["width"]["value"] == 30000
     assert "MONOCHROME1 inverted" in loaded["meta"] and "CR" in loaded["meta"]
@@ -138,7 +138,8 @@ def test_grad_cam_is_an_overlay_on_the_viewer_image(demo):
     run_generate(demo, state)
     shown = named(demo.explain(state, True, WHOLE_REPORT, *explain, 0.5), EXPLAINED)
     overlay, image = shown["frontal_view"]  # the overlay first: whole until the divider moves
-    assert overlay.shape == image.shape == (1024, 964, 3) and not np.array_equal(overlay, image)
+    assert overlay.shape == (1024, 964, 3) and image.shape == (1024, 964)  # colour over grey
+    assert not np.array_equal(overlay[..., 0], image)
     assert shown["lateral_view"] is None and "Grad-CAM" in shown["explain_status"]
     faint = demo.render(state, *explain, True, 0.1)[0][0]
     assert not np.array_equal(faint, overlay)

@@ -62,8 +62,9 @@ def view_pixels(
     return window(image, *preset_window(image, preset), invert)
 
 
-def to_rgb(grey: np.ndarray) -> np.ndarray:
-    return np.repeat(np.round(np.clip(grey, 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=-1)
+def to_uint8(grey: np.ndarray) -> np.ndarray:
+    """``[h, w]`` in [0, 1] → greyscale uint8 (a third of RGB's bytes to encode and send)."""
+    return np.round(np.clip(grey, 0, 1) * 255).astype(np.uint8)
 
 
 class ViewerPanel:
@@ -185,7 +186,7 @@ class ViewerPanel:
         pairs = []
         for i, view in enumerate(state.study.views[:2]):
             grey = view_pixels(view.image, preset, float(center), float(width), bool(invert))
-            shown = to_rgb(grey)
+            shown = to_uint8(grey)
             if show_cam and i < len(state.heatmaps):
                 pairs.append((state.heatmaps[i].overlay(grey, float(opacity)), shown))
             else:
