@@ -44,6 +44,8 @@ CSS = """
 #reading-row {gap: 10px}
 #reference-view, #generated-view {max-height: 190px; overflow-y: auto; font-size: 0.92em}
 #compare-table {max-height: 180px; overflow-y: auto; font-size: 0.85em}
+#compare-table table {width: 100%}
+#compare-table th, #compare-table td {overflow-wrap: break-word; padding: 3px 5px}
 mark.agree-matched, mark.agree-missed, mark.agree-hallucinated {padding: 0 1px; color: inherit}
 """
 

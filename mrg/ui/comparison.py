@@ -99,7 +99,7 @@ class ComparisonPanel:
             )
         return (
             "<table class='label-agreement'><thead><tr><th>finding</th><th>agreement</th>"
-            "<th>reference sentences</th><th>generated sentences</th></tr></thead><tbody>"
+            "<th>in the reference</th><th>in the report</th></tr></thead><tbody>"
             + "".join(body)
             + "</tbody></table>"
         )
