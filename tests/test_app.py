@@ -222,6 +222,10 @@ def test_dataset_browser_marks_reviewed_cases(tiny_llm, tokenizer, tmp_path, dem
     assert choice == records[1].study_id and named(moved, LOADED)["state"].position == 1
     *_, choice = app.go(state, "s2", "previous")
     assert choice == records[0].study_id
+    restarted = DemoApp(demo.service, ReviewStore(demo.store.path), [], records)  # same file
+    assert restarted.progress("s2") == "**1 of 3 reviewed**"
+    *_, choice = restarted.go(DemoState(), "s2", "unreviewed")  # resumes past the reviewed one
+    assert choice == records[1].study_id
 
 
 def test_a_folder_is_a_review_queue(demo):
