@@ -63,7 +63,6 @@ CREATE TABLE IF NOT EXISTS preferences (
     UNIQUE (session, case_key, reviewer)
 );
 """
-BLIND_LABELS = ("Report A", "Report B")
 PREFERENCES = ("A", "B", "equal")
 
 

@@ -240,6 +240,28 @@ def test_a_folder_is_a_review_queue(demo):
     assert named(loaded, LOADED)["state"].case_key == f"dataset:folder:{records[0].study_id}"
 
 
+def test_a_case_whose_name_has_a_space_loads(demo, tmp_path):
+    import shutil
+
+    from mrg.data.datasets import folder_records
+    from mrg.ui import SHIPPED_EXAMPLES
+
+    shutil.copy(SHIPPED_EXAMPLES / "00003350_000.png", tmp_path / "chest film 1.png")
+    app = DemoApp(demo.service, demo.store, [], folder_records(tmp_path))
+    loaded = load(app.load_case, DemoState(), "chest film 1")
+    assert loaded["load_status"] == "Case chest film 1 loaded."
+
+
+def test_a_blank_session_name_is_the_default_session_for_blinding_and_saving(demo):
+    state = first_example(demo)
+    updates = demo.generate(state, "prompt-wise", "greedy", 8, 1.2, 0.7, 0.9, True, "  ")
+    for _ in updates:
+        pass
+    given = ("", "acceptable", [], "acceptable", [], "equal", "", "Dr S", "  ")
+    assert named(demo.save_review(state, *given), SAVED)["review_status"].startswith("Saved")
+    assert [p["preferred"] for p in demo.store.preferences("default")] == ["equal"]
+
+
 def test_banner_says_what_is_loaded_and_its_limits():
     info = ServiceInfo("tiny", "cpu", ["prompt-wise"], {}, trained=False, views=2)
     text = banner(info)

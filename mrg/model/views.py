@@ -27,7 +27,6 @@ class Views:
     def to(self, device: torch.device | str) -> Views:
         return Views(self.images.to(device), self.ids.to(device), self.mask.to(device))
 
-    def __getitem__(self, rows: int | slice) -> Views:
-        """The studies ``rows`` (an int keeps the batch dimension)."""
-        rows = slice(rows, rows + 1) if isinstance(rows, int) else rows
+    def __getitem__(self, rows: slice) -> Views:
+        """The studies ``rows``."""
         return Views(self.images[rows], self.ids[rows], self.mask[rows])

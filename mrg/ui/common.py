@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from mrg.data.datasets import StudyRecord
     from mrg.data.study import Study
     from mrg.review import Blinding
     from mrg.service import ServiceInfo
@@ -52,6 +53,20 @@ class Example:
     frontal: Path
     lateral: Path | None = None
     reference: str = ""
+
+
+def session_name(session: str | None) -> str:
+    """The review session a text field names: stripped, ``default`` when empty."""
+    return (session or "").strip() or "default"
+
+
+def example_key(label: str) -> str:
+    return f"example:{label}"
+
+
+def dataset_key(record: StudyRecord) -> str:
+    """A dataset case's key: its split and id, nothing from the image."""
+    return f"dataset:{record.split}:{record.study_id}"
 
 
 @dataclass

@@ -3,6 +3,8 @@ on the viewer's own images (the viewer's "Grad-CAM overlay" toggle and opacity).
 
 from __future__ import annotations
 
+import gradio as gr
+
 from mrg.ui.common import UNEXPECTED, WHOLE_REPORT, DemoState, gpu, log_failure
 
 EXPLAINED = ("frontal_view", "lateral_view", "explain_status", "state")
@@ -59,8 +61,6 @@ class ExplanationPanel:
 
     def refresh(self, state: DemoState, show_cam: bool, *view):
         """After a new report: its Grad-CAM where the overlay is on; else nothing changes."""
-        import gradio as gr
-
         if not show_cam:
             return gr.update(), gr.update(), "", state
         return self.explain(state, show_cam, *view)

@@ -20,6 +20,7 @@ from mrg.ui.common import (
     DemoState,
     gpu,
     log_failure,
+    session_name,
 )
 
 # What ``generate`` yields, in this order.
@@ -57,7 +58,7 @@ class GenerationPanel:
             if not set(CUSTOMIZED_MODES) <= set(self.modes):
                 raise ValueError("A blinded A/B session needs both customized checkpoints.")
             state.blinding = self.store.blinding(
-                (session or "default").strip(), state.case_key, CUSTOMIZED_MODES
+                session_name(session), state.case_key, CUSTOMIZED_MODES
             )
             return [state.blinding.report_a, state.blinding.report_b], list(SLOTS)
         state.blinding = None

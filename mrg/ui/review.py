@@ -18,7 +18,15 @@ import gradio as gr
 
 from mrg.config import CUSTOMIZED_MODES
 from mrg.review import ERROR_CATEGORIES, PREFERENCES, VERDICTS, Review, ReviewError
-from mrg.ui.common import SLOTS, UNEXPECTED, DemoState, log_failure
+from mrg.ui.common import (
+    SLOTS,
+    UNEXPECTED,
+    DemoState,
+    dataset_key,
+    example_key,
+    log_failure,
+    session_name,
+)
 
 REVIEW_COLUMNS = ("saved", "case", "report", "reviewer", "verdict", "categories", "note")
 SAVED = ("review_status", "reviews", "progress")
@@ -57,10 +65,6 @@ document.addEventListener("keydown", (event) => {
 """
 
 
-def _session(session: str | None) -> str:
-    return (session or "").strip() or "default"
-
-
 class ReviewPanel:
     """Handlers of the review panel; ``DemoApp`` mixes the panels together."""
 
@@ -80,7 +84,7 @@ class ReviewPanel:
         session: str,
     ):
         """The ``SAVED`` outputs: a verdict per shown report (and the preference, blinded)."""
-        session = _session(session)
+        session = session_name(session)
         try:
             if not state.shown:
                 raise ReviewError("Generate a report before saving a review.")
@@ -128,7 +132,7 @@ class ReviewPanel:
 
     def review_rows(self, session: str = "") -> list[list[str]]:
         """The session's reviews; in a blinded case the report is named by its slot only."""
-        session = _session(session)
+        session = session_name(session)
         blinded = {p["case_key"]: p for p in self.store.preferences(session)}
         rows = []
         for r in self.store.reviews(session):
@@ -147,11 +151,11 @@ class ReviewPanel:
     def queue(self) -> list[tuple[str, str]]:
         """``(case key, choice)`` of every case to review: the dataset's, else the examples."""
         if self.dataset:
-            return [(f"dataset:{r.split}:{r.study_id}", r.study_id) for r in self.dataset.values()]
-        return [(f"example:{label}", label) for label in self.examples]
+            return [(dataset_key(r), r.study_id) for r in self.dataset.values()]
+        return [(example_key(label), label) for label in self.examples]
 
     def progress(self, session: str = "") -> str:
-        reviewed = self.store.reviewed_keys(_session(session))
+        reviewed = self.store.reviewed_keys(session_name(session))
         done = sum(key in reviewed for key, _ in self.queue)
         return f"**{done} of {len(self.queue)} reviewed**"
 
@@ -161,12 +165,12 @@ class ReviewPanel:
         if not self.dataset:
             loaded = self.load_example(state, choice)
         else:
-            record = self.dataset.get((choice or "").split(" ")[0])
+            record = self.dataset.get(choice or "")
             if record is None:
                 return self._failed(state, "Choose a case from the dataset.")
             loaded = self._load(
                 state,
-                lambda: (record.image_paths, f"dataset:{record.split}:{record.study_id}"),
+                lambda: (record.image_paths, dataset_key(record)),
                 record.report,
                 f"Case {record.study_id} loaded.",
             )
@@ -183,7 +187,7 @@ class ReviewPanel:
             return *self._failed(state, "No cases to review."), self.progress(session), gr.update()
         here = -1 if state.position is None else state.position
         if step == "unreviewed":
-            reviewed = self.store.reviewed_keys(_session(session))
+            reviewed = self.store.reviewed_keys(session_name(session))
             ahead = [(here + i) % len(queue) for i in range(1, len(queue) + 1)]
             todo = [i for i in ahead if queue[i][0] not in reviewed]
             if not todo:
@@ -202,7 +206,7 @@ class ReviewPanel:
         with its binomial test, and Cohen's κ between reviewers; the modes are named."""
         from mrg.review_summary import preference_test, reviewer_agreement, verdict_counts
 
-        session = _session(session)
+        session = session_name(session)
         reviews = self.store.reviews(session)
         if not reviews:
             return f"No reviews in session “{session}” yet.", None
@@ -280,7 +284,7 @@ class ReviewPanel:
         preferences and the summary's numbers."""
         from mrg.review_summary import preference_test, reviewer_agreement, verdict_counts
 
-        session = _session(session)
+        session = session_name(session)
         directory = Path(tempfile.mkdtemp(prefix="mrg-reviews-"))
         path = directory / f"reviews-{session}.{fmt}"
         if fmt == "csv":

@@ -3,8 +3,8 @@ window/level, invert, zoom and pan, and the Grad-CAM overlay on the image itself
 
 Windowing works on the modality values (``LoadedImage.values``: after the Modality LUT,
 before any VOI windowing), never on the 8-bit copy shown; the file's own window or VOI LUT
-is the default. Each view is a ``gr.ImageSlider`` (Gradio's, with zoom and pan): the image on
-the left, the same image or its Grad-CAM overlay on the right.
+is the default. Each view is a ``gr.ImageSlider`` (Gradio's, with zoom and pan) holding the
+image twice, or its Grad-CAM overlay first and the image second (``render``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from mrg.imaging import WINDOW_PRESETS, ImageError, display_size, preset_window, window
-from mrg.ui.common import UNEXPECTED, DemoState, log_failure
+from mrg.ui.common import UNEXPECTED, WHOLE_REPORT, DemoState, example_key, log_failure
 
 if TYPE_CHECKING:
     from mrg.data.study import Study
@@ -140,7 +140,7 @@ class ViewerPanel:
             return self._failed(state, "Choose an example.")
         sources = [example.frontal] + ([example.lateral] if example.lateral else [])
         return self._load(
-            state, lambda: (sources, f"example:{label}"), example.reference, "Example loaded."
+            state, lambda: (sources, example_key(label)), example.reference, "Example loaded."
         )
 
     @staticmethod
@@ -285,7 +285,7 @@ class ViewerPanel:
                 label="Grad-CAM overlay (slide to compare)", value=False, elem_id="show-cam"
             )
             c["sentence"] = gr.Dropdown(
-                ["(whole report)"], value="(whole report)", label="Explain", elem_id="sentence"
+                [WHOLE_REPORT], value=WHOLE_REPORT, label="Explain", elem_id="sentence"
             )
             c["opacity"] = gr.Slider(0.0, 1.0, value=0.45, step=0.05, label="Overlay opacity")
         c["explain_status"] = gr.Markdown(elem_id="explain-status")
@@ -323,6 +323,6 @@ class ViewerPanel:
                 [c["preset"], *views],
                 api_name=False,
             )
-        for control in (c["invert"], c["opacity"]):
-            event = control.change if control is c["invert"] else control.release
-            event(self.render, [c[name] for name in VIEWER_INPUTS], views, api_name=False)
+        shown = [c[name] for name in VIEWER_INPUTS]
+        c["invert"].change(self.render, shown, views, api_name=False)
+        c["opacity"].release(self.render, shown, views, api_name=False)
