@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
 
 from mrg.review import ERROR_CATEGORIES, VERDICTS, Review
 
@@ -114,3 +114,30 @@ def verdict_counts(reviews: Iterable[Review]) -> dict[str, dict[str, int]]:
         mode: {name: counter[name] for name in (*VERDICTS, *ERROR_CATEGORIES)}
         for mode, counter in sorted(counts.items())
     }
+
+
+@dataclass(frozen=True)
+class SessionSummary:
+    """A session's numbers: what the page's summary shows and the JSON export holds."""
+
+    verdicts: dict[str, dict[str, int]]
+    preference: PreferenceTest | None  # None where no case was shown blinded
+    agreement: list[Agreement]
+
+    def to_dict(self) -> dict:
+        return {
+            "verdicts": self.verdicts,
+            "preference": asdict(self.preference) if self.preference else None,
+            "agreement": [asdict(a) for a in self.agreement],
+        }
+
+
+def summarize(
+    reviews: Sequence[Review], preferred_modes: Sequence[str | None], modes: tuple[str, str]
+) -> SessionSummary:
+    """``preferred_modes``: the unblinded preference of every blinded case (None: equal)."""
+    return SessionSummary(
+        verdict_counts(reviews),
+        preference_test(preferred_modes, *modes) if preferred_modes else None,
+        reviewer_agreement(reviews),
+    )

@@ -201,16 +201,22 @@ class ReviewPanel:
 
     # ------------------------------------------------------------------ summary and export
 
+    def _summarize(self, session: str):
+        """(reviews, unblinded preferences, ``SessionSummary``) of ``session``."""
+        from mrg.review_summary import summarize
+
+        reviews = self.store.reviews(session)
+        preferences = self.store.preferences(session)
+        preferred = [p["preferred_mode"] for p in preferences]
+        return reviews, preferences, summarize(reviews, preferred, CUSTOMIZED_MODES)
+
     def summary(self, session: str):
         """(Markdown, figure): verdicts and error categories per mode, the A/B preference
         with its binomial test, and Cohen's κ between reviewers; the modes are named."""
-        from mrg.review_summary import preference_test, reviewer_agreement, verdict_counts
-
         session = session_name(session)
-        reviews = self.store.reviews(session)
+        reviews, preferences, numbers = self._summarize(session)
         if not reviews:
             return f"No reviews in session “{session}” yet.", None
-        counts = verdict_counts(reviews)
         columns = (*VERDICTS, *ERROR_CATEGORIES)
         lines = [
             f"### Session “{session}”: {len(reviews)} reviews",
@@ -219,12 +225,10 @@ class ReviewPanel:
         ]
         lines += [
             f"| {mode} | " + " | ".join(str(row[c]) for c in columns) + " |"
-            for mode, row in counts.items()
+            for mode, row in numbers.verdicts.items()
         ]
-        preferences = self.store.preferences(session)
-        test = None
-        if preferences:
-            test = preference_test([p["preferred_mode"] for p in preferences], *CUSTOMIZED_MODES)
+        test = numbers.preference
+        if test is not None:
             lines.append(
                 f"\n**Blinded preference** ({len(preferences)} cases): {test.first} preferred "
                 f"{test.wins}×, {test.second} {test.losses}×, equal {test.ties}×."
@@ -235,8 +239,7 @@ class ReviewPanel:
                     f"{test.ci95[0]:.2f}–{test.ci95[1]:.2f}, Clopper–Pearson); exact two-sided "
                     f"binomial test against 0.5: p = {test.p_value:.3g}."
                 )
-        agreements = reviewer_agreement(reviews)
-        if agreements:
+        if numbers.agreement:
             lines += [
                 "\n**Agreement between reviewers** (verdicts on the same case and mode)",
                 "| reviewers | cases | observed agreement | Cohen's κ |",
@@ -246,9 +249,9 @@ class ReviewPanel:
                 f"| {a.reviewers[0]} & {a.reviewers[1]} | {a.cases} | {a.observed:.2f} | "
                 + ("—" if a.kappa is None else f"{a.kappa:.2f}")
                 + " |"
-                for a in agreements
+                for a in numbers.agreement
             ]
-        return "\n".join(lines), self._summary_figure(counts, test)
+        return "\n".join(lines), self._summary_figure(numbers.verdicts, test)
 
     @staticmethod
     def _summary_figure(counts: dict, test):
@@ -282,29 +285,17 @@ class ReviewPanel:
     def export(self, session: str, fmt: str) -> str:
         """The session's reviews as CSV, or everything as JSON: reviews, the unblinded
         preferences and the summary's numbers."""
-        from mrg.review_summary import preference_test, reviewer_agreement, verdict_counts
-
         session = session_name(session)
         directory = Path(tempfile.mkdtemp(prefix="mrg-reviews-"))
         path = directory / f"reviews-{session}.{fmt}"
         if fmt == "csv":
             return str(self.store.export_csv(path, session))
-        reviews = self.store.reviews(session)
-        preferences = self.store.preferences(session)
-        test = (
-            preference_test([p["preferred_mode"] for p in preferences], *CUSTOMIZED_MODES)
-            if preferences
-            else None
-        )
+        reviews, preferences, numbers = self._summarize(session)
         data = {
             "session": session,
             "reviews": [asdict(r) for r in reviews],
             "preferences": preferences,
-            "summary": {
-                "verdicts": verdict_counts(reviews),
-                "preference": asdict(test) if test else None,
-                "agreement": [asdict(a) for a in reviewer_agreement(reviews)],
-            },
+            "summary": numbers.to_dict(),
         }
         path.write_text(json.dumps(data, indent=2) + "\n")
         return str(path)
