@@ -95,28 +95,34 @@ class LoadedImage:
         return np.round(self.pixels * 255.0).astype(np.uint8)
 
 
-def display_size(shape: tuple[int, int], side: int = VALUES_SIDE) -> tuple[int, int]:
+def _display_size(shape: tuple[int, int], side: int = VALUES_SIDE) -> tuple[int, int]:
     """``(width, height)`` scaled so the long side is at most ``side``."""
     height, width = shape
     scale = min(1.0, side / max(height, width))
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def _values_for_viewer(values: np.ndarray) -> np.ndarray:
-    """Modality values, box-downsampled to the viewer's resolution (still modality values)."""
-    values = np.asarray(values, dtype=np.float32)
-    size = display_size(values.shape)
-    if size == (values.shape[1], values.shape[0]):
-        return values
-    return np.asarray(Image.fromarray(values, mode="F").resize(size, Image.BOX), dtype=np.float32)
+def for_viewer(array: np.ndarray) -> np.ndarray:
+    """``array [H, W]`` as float32, box-downsampled so its long side is at most
+    ``VALUES_SIDE`` (an average of modality values is still a modality value)."""
+    array = np.asarray(array, dtype=np.float32)
+    size = _display_size(array.shape)
+    if size == (array.shape[1], array.shape[0]):
+        return array
+    return np.asarray(Image.fromarray(array, mode="F").resize(size, Image.BOX), dtype=np.float32)
+
+
+def _linear_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """The DICOM linear VOI function (PS3.3 C.11.2.1.2.1), mapped to [0, 1]."""
+    return np.clip((values - (center - 0.5)) / max(width - 1.0, 1e-6) + 0.5, 0.0, 1.0)
 
 
 def window(image: LoadedImage, center: float, width: float, invert: bool = False) -> np.ndarray:
-    """``image.values`` through the DICOM linear window (PS3.3 C.11.2.1.2.1) at ``center`` /
-    ``width``, in [0, 1] with MONOCHROME1 shown as the file means it, then ``invert``."""
+    """``image.values`` through the DICOM linear window at ``center`` / ``width``, in [0, 1]
+    with MONOCHROME1 shown as the file means it, then ``invert``."""
     if image.values is None:
         raise ValueError("this image keeps no modality values to window")
-    out = np.clip((image.values - (center - 0.5)) / max(width - 1.0, 1e-6) + 0.5, 0.0, 1.0)
+    out = _linear_window(image.values, center, width)
     if image.inverted != invert:
         out = 1.0 - out
     return out.astype(np.float32)
@@ -218,14 +224,14 @@ def _load_raster(data: bytes, limits: ImageLimits) -> LoadedImage:
         pixels = np.asarray(image, dtype=np.float32)
         meta.bits_stored = 16 if mode.startswith("I;16") or fmt == "png" else 32
         meta.windowing = "full range (min–max)"
-        return LoadedImage(_min_max(pixels), meta, _values_for_viewer(pixels))
+        return LoadedImage(_min_max(pixels), meta, for_viewer(pixels))
     if mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LA", "PA") and not _is_greyscale_rgb(image):
         meta.warnings.append(
             "This is a colour image; it was converted to greyscale. The model expects a chest radiograph."
         )
     grey = np.asarray(image.convert("L"), dtype=np.float32)
     meta.windowing = "none (8-bit)"
-    return LoadedImage(grey / 255.0, meta, _values_for_viewer(grey))
+    return LoadedImage(grey / 255.0, meta, for_viewer(grey))
 
 
 def _is_greyscale_rgb(image: Image.Image) -> bool:
@@ -320,10 +326,8 @@ def _load_dicom(data: bytes, limits: ImageLimits):
     if inverted:
         pixels = 1.0 - pixels
         meta.windowing += ", MONOCHROME1 inverted"
-    center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
-    stated = (center, width) if center is not None and width is not None and width > 1 else None
     return LoadedImage(
-        pixels.astype(np.float32), meta, _values_for_viewer(values), inverted, stated
+        pixels.astype(np.float32), meta, for_viewer(values), inverted, _stated_window(ds)
     )
 
 
@@ -347,17 +351,21 @@ def _window(values: np.ndarray, ds) -> tuple[np.ndarray, str]:
         steps.append("VOI LUT sequence")
         return np.clip(out / top, 0.0, 1.0), ", ".join(steps)
     values = values.astype(np.float64)
-    center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
-    if center is not None and width is not None and width > 1:
-        # DICOM PS3.3 C.11.2.1.2.1 linear function, mapped to [0, 1].
-        out = ((values - (center - 0.5)) / (width - 1.0)) + 0.5
-        steps.append(f"window {center:g}/{width:g}")
-        return np.clip(out, 0.0, 1.0), ", ".join(steps)
+    stated = _stated_window(ds)
+    if stated is not None:
+        steps.append(f"window {stated[0]:g}/{stated[1]:g}")
+        return _linear_window(values, *stated), ", ".join(steps)
     low, high = np.percentile(values, [0.5, 99.5])
     steps.append("percentile window 0.5–99.5%")
     if high <= low:
         return np.zeros_like(values), ", ".join(steps)
     return np.clip((values - low) / (high - low), 0.0, 1.0), ", ".join(steps)
+
+
+def _stated_window(ds) -> tuple[float, float] | None:
+    """The file's first ``(WindowCenter, WindowWidth)``, where it states a usable one."""
+    center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    return (center, width) if center is not None and width is not None and width > 1 else None
 
 
 def _first(value) -> float | None:

@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING
 
 import gradio as gr
 import numpy as np
-from PIL import Image
 
-from mrg.imaging import WINDOW_PRESETS, ImageError, display_size, preset_window, window
+from mrg.imaging import WINDOW_PRESETS, ImageError, for_viewer, preset_window, window
 from mrg.ui.common import UNEXPECTED, WHOLE_REPORT, DemoState, example_key, log_failure
 
 if TYPE_CHECKING:
@@ -54,8 +53,7 @@ def view_pixels(
 ) -> np.ndarray:
     """``[h, w]`` in [0, 1] at the viewer's resolution, windowed as ``preset`` says."""
     if preset == FILE_WINDOW or image.values is None:
-        size = display_size(image.pixels.shape)
-        shown = np.asarray(Image.fromarray(image.pixels, mode="F").resize(size, Image.BOX))
+        shown = for_viewer(image.pixels)
         return 1.0 - shown if invert else shown
     if preset == CUSTOM:
         return window(image, center, width, invert)
