@@ -143,5 +143,4 @@ class DemoApp(ViewerPanel, GenerationPanel, ExplanationPanel, ComparisonPanel, R
                 [c["banner"], c["mode"], c["reviews"]],
                 api_name=False,
             )
-        self.components = c
         return demo

@@ -63,7 +63,7 @@ class ComparisonPanel:
         index = SLOTS.index(slot) if slot in SLOTS else 0
         mode, generated = state.report(index)
         reference = (reference or "").strip()
-        plain = html.escape(reference).replace("\n", "<br>")
+        plain = marked(reference, {})
         if not generated:
             return "Generate a report to compare it with the reference.", plain, "", ""
         if not reference:
