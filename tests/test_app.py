@@ -213,6 +213,8 @@ def test_dataset_browser_marks_reviewed_cases(tiny_llm, tokenizer, tmp_path, dem
     app = DemoApp(demo.service, demo.store, [], records)
     loaded = load(app.load_case, DemoState(), records[0].study_id)
     assert loaded["reference"] == records[0].report and loaded["lateral_view"]["visible"]
+    cleared = ("verdict_a", "categories_a", "verdict_b", "categories_b", "preference", "note")
+    assert [loaded[name] for name in cleared] == [None, [], None, [], None, ""]  # a fresh review
     state = loaded["state"]
     assert state.position == 0 and app.progress("s2") == "**0 of 3 reviewed**"
     run_generate(app, state, tokens=4)

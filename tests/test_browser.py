@@ -190,6 +190,7 @@ def test_keyboard_review_of_three_cases_moves_the_progress_counter(browser, serv
         page.get_by_text(f"Case {QUEUE[done - 1][:-4]} loaded.").wait_for(timeout=60_000)
         page.keyboard.press("g")
         page.get_by_text("first token after").wait_for(timeout=120_000)
+        assert page.locator("#verdict-a input:checked").count() == 0  # not the last case's
         page.keyboard.press("2")
         page.keyboard.press("s")
         page.get_by_text(f"{done} of 3 reviewed").wait_for(timeout=30_000)

@@ -44,6 +44,12 @@ LOADED = (
     "findings_b",
     "impression_b",
     "stats",
+    "verdict_a",
+    "categories_a",
+    "verdict_b",
+    "categories_b",
+    "preference",
+    "note",
 )
 VIEWER_INPUTS = ("state", "preset", "center", "width", "invert", "show_cam", "opacity")
 
@@ -99,7 +105,13 @@ class ViewerPanel:
             width_update,
             self._meta_markdown(study),
             message,
-            *("",) * 7,  # a new study: the previous reports and their timing go
+            *("",) * 7,  # a new study: the previous reports and their timing go,
+            None,  # and so does the review of the previous study, so that it is never
+            [],  # saved for this one by a key press
+            None,
+            [],
+            None,
+            "",
         )
 
     def _failed(self, state: DemoState, message: str):
