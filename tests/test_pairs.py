@@ -8,7 +8,8 @@ import pytest
 from conftest import shared_path
 
 from mrg.data.pairs import build_pairs, concise, label_reports, nearest_sets
-from mrg.evaluation.labeler import FINDINGS14, ReportLabeler
+from mrg.evaluation.labeler import ReportLabeler
+from mrg.text.taxonomy import FINDINGS14
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,12 @@ def pairs(tmp_path_factory):
 
 def test_every_image_is_paired_and_counted(pairs):
     summary, annotation = pairs
-    assert summary.images == 521 == summary.exact + summary.nearest
+    images = shared_path("nih_cxr14", "images")
+    with open(shared_path("nih_cxr14", "labels.csv"), newline="") as handle:
+        listed = [row["Image Index"] for row in csv.DictReader(handle)]
+    on_disk = sum((images / name).is_file() for name in listed)
+    assert on_disk == len(listed) > 0, "labels.csv lists images that are not in images/"
+    assert summary.images == on_disk == summary.exact + summary.nearest
     assert summary.exact > summary.nearest
     assert sum(len(v) for v in annotation.values()) == summary.entries
 
