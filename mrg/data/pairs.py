@@ -32,7 +32,8 @@ from pathlib import Path
 from mrg.data.datasets import split_of, write_annotation
 from mrg.data.reports import REDACTED, iter_openi_reports
 from mrg.data.sections import format_report
-from mrg.evaluation.labeler import FINDINGS14, ReportLabeler
+from mrg.evaluation.labeler import ReportLabeler
+from mrg.text.taxonomy import FINDINGS14
 
 NIH_TO_LABELER = {
     label: label for label in FINDINGS14
