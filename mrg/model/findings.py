@@ -1,0 +1,142 @@
+"""Image → findings: the classifier whose decisions condition the report.
+
+    z = W · GAP(f(x)) + b            f: EfficientNet-Lite0 (ImageNet) over the frontal view
+    p_c = σ(z_c / T_c)               T: per-finding temperature, fitted on validation
+    y_c = 1[p_c ≥ t_c], y_normal = 1[no y_c]   t: per-finding operating points (validation)
+
+``y`` (``[B, 15]``) is what the report model is conditioned on (``MRGModel.context``); ``p``
+is what the findings panel shows. A study with several views takes the mean of the present
+views' logits. The head keeps its own backbone beside the report encoder's frozen stem: its
+later stages and the classifier are trained on labelled images (``mrg.train.findings``),
+which no report-writing stage touches.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mrg.config import ConfigBase, ConfigError
+from mrg.model.encoder import efficientnet_lite0_state_dict
+from mrg.model.views import Views
+from mrg.text.taxonomy import FINDINGS14
+
+FINDINGS_FOLDER = "findings"  # beside the modes in a checkpoint folder
+FINDINGS_CONFIG_NAME = "findings_config.json"
+FINDINGS_WEIGHTS_NAME = "findings.safetensors"
+TRAINABLE_PARTS = ("classifier", "last_stages", "all")
+
+
+@dataclass
+class FindingsHeadConfig(ConfigBase):
+    """The findings classifier: backbone input, which parts train, and the loss."""
+
+    image_size: int = 224  # ImageNet scale: 448 px scored lower on validation (model card)
+    dropout: float = 0.2  # before the classifier
+    trainable: str = "last_stages"  # classifier | last_stages (blocks 5-6 + conv head) | all
+    loss: str = "asl"  # asl (asymmetric loss) | weighted-bce (positives weighted by neg/pos)
+
+    def validate(self) -> FindingsHeadConfig:
+        if self.trainable not in TRAINABLE_PARTS:
+            raise ConfigError(f"trainable must be one of {TRAINABLE_PARTS}, got {self.trainable!r}")
+        if self.loss not in ("asl", "weighted-bce"):
+            raise ConfigError(f"loss must be asl or weighted-bce, got {self.loss!r}")
+        return self
+
+
+class FindingsHead(nn.Module):
+    """``Views`` → 14 finding logits; calibrated probabilities and decisions on top."""
+
+    def __init__(self, config: FindingsHeadConfig | None = None, load_weights: bool = True):
+        super().__init__()
+        self.config = (config or FindingsHeadConfig()).validate()
+        self.backbone = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+        if load_weights:
+            weights = efficientnet_lite0_state_dict()
+            wanted = self.backbone.state_dict().keys()
+            self.backbone.load_state_dict({k: v for k, v in weights.items() if k in wanted})
+        self.dropout = nn.Dropout(self.config.dropout)
+        self.classifier = nn.Linear(self.backbone.num_features, len(FINDINGS14))
+        self.register_buffer("temperature", torch.ones(len(FINDINGS14)))
+        self.register_buffer("threshold", torch.full((len(FINDINGS14),), 0.5))
+        self.register_buffer("pixel_mean", torch.tensor(0.5), persistent=False)
+        self.set_trainable(self.config.trainable)
+
+    def set_trainable(self, part: str) -> None:
+        """Freeze all but ``part``: the classifier, the last two stages and the conv head, or all."""
+        for param in self.backbone.parameters():
+            param.requires_grad_(part == "all")
+        if part == "last_stages":
+            for module in (*self.backbone.blocks[5:], self.backbone.conv_head, self.backbone.bn2):
+                for param in module.parameters():
+                    param.requires_grad_(True)
+
+    def train(self, mode: bool = True) -> FindingsHead:
+        """Frozen BatchNorm layers keep their ImageNet statistics (eval mode) while the rest trains."""
+        super().train(mode)
+        for module in self.backbone.modules():
+            if isinstance(module, nn.BatchNorm2d) and not any(
+                p.requires_grad for p in module.parameters()
+            ):
+                module.eval()
+        return self
+
+    def features(self, grey: torch.Tensor) -> torch.Tensor:
+        """``[N, 1, S, S]`` in [0, 1] → pooled features ``[N, C]`` (TF-Lite normalisation)."""
+        x = (grey.expand(-1, 3, -1, -1) - self.pixel_mean) / 0.5
+        return self.backbone(x)
+
+    def forward(self, views: Views) -> torch.Tensor:
+        """Raw logits ``[B, 14]``: the mean over each study's present views."""
+        b, v = views.images.shape[:2]
+        images = views.images.flatten(0, 1).to(self.classifier.weight.device)
+        logits = self.classifier(self.dropout(self.features(images))).view(b, v, -1)
+        mask = views.mask.to(logits.device, logits.dtype).unsqueeze(-1)
+        return (logits * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Calibrated p = σ(z / T)."""
+        return torch.sigmoid(logits / self.temperature)
+
+    def decide(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """The condition y ``[B, 15]``: 1 where p reaches the operating point, normal where none does."""
+        named = (probabilities >= self.threshold).float()
+        return torch.cat([named, (named.sum(-1, keepdim=True) == 0).float()], dim=-1)
+
+    @torch.inference_mode()
+    def predict(self, views: Views) -> tuple[torch.Tensor, torch.Tensor]:
+        """(calibrated probabilities ``[B, 14]``, condition y ``[B, 15]``) in eval mode."""
+        was_training = self.training
+        self.eval()
+        probabilities = self.probabilities(self(views))
+        self.train(was_training)
+        return probabilities, self.decide(probabilities)
+
+    @property
+    def target_layer(self) -> nn.Module:
+        """What per-finding Grad-CAM hooks: the last convolution before pooling."""
+        return self.backbone.conv_head
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / FINDINGS_WEIGHTS_NAME), metadata={"format": "pt"})
+        (directory / FINDINGS_CONFIG_NAME).write_text(
+            json.dumps(self.config.to_dict(), indent=2) + "\n"
+        )
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> FindingsHead:
+        directory = Path(directory)
+        config = FindingsHeadConfig.load(directory / FINDINGS_CONFIG_NAME)
+        head = cls(config, load_weights=False)
+        head.load_state_dict(load_file(str(directory / FINDINGS_WEIGHTS_NAME)))
+        return head.eval()
