@@ -88,3 +88,43 @@ def test_bad_config_names_the_field():
         CustomizerConfig(mode="promptbook").validate()
     with pytest.raises(ConfigError, match="customizer.top_k"):
         CustomizerConfig(mode="promptbook-wise", book_size=4, top_k=9).validate()
+
+
+FINDINGS = 15  # 14 ChestX-ray14 findings + normal
+
+
+@pytest.mark.parametrize("mode", ["prompt-wise", "promptbook-wise"])
+def test_findings_conditioning_is_the_identity_at_init(mode):
+    customizer = make(mode, conditioning="visual+findings")
+    visual, findings = torch.randn(4, VISUAL) * 5, torch.rand(4, FINDINGS)
+    plain = customizer.plain_prompt().expand(4, -1, -1)
+    assert torch.allclose(customizer(visual, findings).tokens, plain, atol=1e-6)
+    with pytest.raises(ValueError, match="findings"):
+        customizer(visual)
+
+
+@pytest.mark.parametrize("mode", ["prompt-wise", "promptbook-wise"])
+def test_findings_reach_the_prompt_once_trained(mode):
+    """One step on a loss that needs y moves P'(v, y) apart for two y with the same v."""
+    customizer = make(mode, conditioning="visual+findings")
+    visual = torch.randn(1, VISUAL).expand(2, -1)
+    findings = torch.tensor([[1.0] + [0.0] * 14, [0.0] * 14 + [1.0]])
+    target = torch.stack([torch.ones(3, EMBED), -torch.ones(3, EMBED)])
+    optimizer = torch.optim.SGD(customizer.parameters(), lr=0.5)
+    for _ in range(3):
+        loss = (customizer(visual, findings).tokens - target).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    tokens = customizer(visual, findings).tokens
+    assert (tokens[0] - tokens[1]).abs().max() > 1e-3
+
+
+def test_visual_conditioning_ignores_findings_and_static_refuses_them():
+    customizer = make("prompt-wise")
+    visual = torch.randn(2, VISUAL)
+    assert torch.equal(customizer(visual).tokens, customizer(visual, torch.rand(2, FINDINGS)).tokens)
+    with pytest.raises(ConfigError, match="static"):
+        make("static", conditioning="visual+findings")
+    with pytest.raises(ConfigError, match="conditioning"):
+        make("prompt-wise", conditioning="findings")

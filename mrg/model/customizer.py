@@ -4,12 +4,17 @@ A customizer turns the image's global visual feature ``v ∈ R^{d_v}`` into ``L`
 prompt tokens ``P'(v) ∈ R^{L×D}`` in the LLM's embedding space.
 
 * ``static``          P' = P                                  (R2GenGPT-like baseline)
-* ``prompt-wise``     P' = γ(v) ⊙ P + β(v)
-* ``promptbook-wise`` P' = Σ_k w_k(v) · (γ_k(v) ⊙ P_k + β_k(v)),
-                      w(v) = softmax(q(v) · K^T / (τ·√d_k))   (optionally top-k, renormalised)
+* ``prompt-wise``     P' = γ(c) ⊙ P + β(c)
+* ``promptbook-wise`` P' = Σ_k w_k(c) · (γ_k(c) ⊙ P_k + β_k(c)),
+                      w(c) = softmax(q(c) · K^T / (τ·√d_k))   (optionally top-k, renormalised)
+
+The condition ``c`` is ``v`` alone (``conditioning: visual``, the paper's form) or ``v`` with
+the findings vector ``y ∈ [0, 1]^15`` (``visual+findings``: the 14 ChestX-ray14
+probabilities and "normal"), which enters the MLP's hidden layer and the book's query
+beside ``v``: h = GELU(W_v LN(v) + W_y y + b).
 
 γ and β are conditional affine (FiLM) transforms, one scale and one shift per embedding
-channel, computed from ``v`` by a small MLP whose last layers are zero-initialised so that
+channel, computed from ``c`` by a small MLP whose last layers are zero-initialised so that
 γ = 1 and β = 0 at initialisation. The book's pages start as copies of one prompt, so every
 mode starts from its *plain prompt* ``P`` whatever the image: P'(v) = P at initialisation.
 
@@ -27,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mrg.config import CustomizerConfig
+from mrg.text.taxonomy import FINDINGS14
 
 
 @dataclass
@@ -43,23 +49,42 @@ def usage_entropy(selection: torch.Tensor) -> torch.Tensor:
     return -(usage * usage.clamp_min(1e-12).log()).sum()
 
 
-class ConditionalAffine(nn.Module):
-    """v ↦ (γ, β) with γ = 1 + Δγ(v), both ``[B, n, D]``; Δγ = β = 0 at initialisation."""
+class Condition(nn.Module):
+    """(v, y) ↦ W_v LN(v) + b (+ W_y y where the findings condition): a ``[B, out]`` code."""
 
-    def __init__(self, visual_dim: int, hidden_dim: int, embed_dim: int, n: int = 1):
+    def __init__(self, visual_dim: int, out_dim: int, findings_dim: int = 0):
+        super().__init__()
+        self.visual = nn.Sequential(nn.LayerNorm(visual_dim), nn.Linear(visual_dim, out_dim))
+        self.findings = nn.Linear(findings_dim, out_dim, bias=False) if findings_dim else None
+
+    def forward(self, visual: torch.Tensor, findings: torch.Tensor | None = None) -> torch.Tensor:
+        code = self.visual(visual)
+        if self.findings is None:
+            return code
+        if findings is None:
+            raise ValueError("this customizer is conditioned on findings: pass the findings vector")
+        return code + self.findings(findings.to(code.dtype))
+
+
+class ConditionalAffine(nn.Module):
+    """(v[, y]) ↦ (γ, β) with γ = 1 + Δγ, both ``[B, n, D]``; Δγ = β = 0 at initialisation."""
+
+    def __init__(
+        self, visual_dim: int, hidden_dim: int, embed_dim: int, n: int = 1, findings_dim: int = 0
+    ):
         super().__init__()
         self.n, self.embed_dim = n, embed_dim
-        self.trunk = nn.Sequential(
-            nn.LayerNorm(visual_dim), nn.Linear(visual_dim, hidden_dim), nn.GELU()
-        )
+        self.trunk = Condition(visual_dim, hidden_dim, findings_dim)
         self.to_gamma = nn.Linear(hidden_dim, n * embed_dim)
         self.to_beta = nn.Linear(hidden_dim, n * embed_dim)
         for layer in (self.to_gamma, self.to_beta):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.trunk(visual)
+    def forward(
+        self, visual: torch.Tensor, findings: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h = F.gelu(self.trunk(visual, findings))
         shape = (visual.shape[0], self.n, self.embed_dim)
         return 1.0 + self.to_gamma(h).view(shape), self.to_beta(h).view(shape)
 
@@ -92,24 +117,30 @@ class StaticPrompt(SinglePrompt):
     def __init__(self, config: CustomizerConfig, visual_dim: int, embed_dim: int, init_std: float):
         super().__init__(config, embed_dim, init_std)
 
-    def forward(self, visual: torch.Tensor) -> CustomizedPrompt:
+    def forward(
+        self, visual: torch.Tensor, findings: torch.Tensor | None = None
+    ) -> CustomizedPrompt:
         return CustomizedPrompt(self.prompt.unsqueeze(0).expand(visual.shape[0], -1, -1))
 
 
 class PromptWise(SinglePrompt):
-    """P' = γ(v) ⊙ P + β(v), γ and β broadcast over the L prompt tokens."""
+    """P' = γ(c) ⊙ P + β(c), γ and β broadcast over the L prompt tokens."""
 
     def __init__(self, config: CustomizerConfig, visual_dim: int, embed_dim: int, init_std: float):
         super().__init__(config, embed_dim, init_std)
-        self.affine = ConditionalAffine(visual_dim, config.hidden_dim, embed_dim)
+        self.affine = ConditionalAffine(
+            visual_dim, config.hidden_dim, embed_dim, findings_dim=findings_dim(config)
+        )
 
-    def forward(self, visual: torch.Tensor) -> CustomizedPrompt:
-        gamma, beta = self.affine(visual)  # [B, 1, D]
+    def forward(
+        self, visual: torch.Tensor, findings: torch.Tensor | None = None
+    ) -> CustomizedPrompt:
+        gamma, beta = self.affine(visual, findings)  # [B, 1, D]
         return CustomizedPrompt(gamma * self.prompt.unsqueeze(0) + beta)
 
 
 class PromptBook(nn.Module):
-    """P' = Σ_k w_k(v) (γ_k(v) ⊙ P_k + β_k(v)) over a book of K learned prompts.
+    """P' = Σ_k w_k(c) (γ_k(c) ⊙ P_k + β_k(c)) over a book of K learned prompts.
 
     The pages start equal (P_k = P), so P' = P at initialisation whatever w(v); they
     specialise through their selection-weighted gradients and their own affine heads.
@@ -122,8 +153,10 @@ class PromptBook(nn.Module):
         page = torch.randn(config.prompt_length, embed_dim) * init_std
         self.book = nn.Parameter(page.repeat(k, 1, 1))
         self.keys = nn.Parameter(torch.randn(k, key_dim) / math.sqrt(key_dim))
-        self.query = nn.Sequential(nn.LayerNorm(visual_dim), nn.Linear(visual_dim, key_dim))
-        self.affine = ConditionalAffine(visual_dim, config.hidden_dim, embed_dim, n=k)
+        self.query = Condition(visual_dim, key_dim, findings_dim(config))
+        self.affine = ConditionalAffine(
+            visual_dim, config.hidden_dim, embed_dim, n=k, findings_dim=findings_dim(config)
+        )
 
     def plain_prompt(self) -> torch.Tensor:
         """The book's mean page: P while the pages are equal (the language stage keeps them so,
@@ -140,21 +173,29 @@ class PromptBook(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"book", "keys"}
 
-    def selection(self, visual: torch.Tensor) -> torch.Tensor:
-        """w(v) ``[B, K]``: rows sum to one; with top-k, all but k entries are exactly zero."""
-        logits = (
-            self.query(visual) @ self.keys.t() / (self.temperature * math.sqrt(self.keys.shape[1]))
-        )
+    def selection(
+        self, visual: torch.Tensor, findings: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """w(c) ``[B, K]``: rows sum to one; with top-k, all but k entries are exactly zero."""
+        query = self.query(visual, findings)
+        logits = query @ self.keys.t() / (self.temperature * math.sqrt(self.keys.shape[1]))
         if self.top_k:
             kth = logits.topk(self.top_k, dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         return F.softmax(logits, dim=-1)
 
-    def forward(self, visual: torch.Tensor) -> CustomizedPrompt:
-        weights = self.selection(visual)  # [B, K]
-        gamma, beta = self.affine(visual)  # [B, K, D]
+    def forward(
+        self, visual: torch.Tensor, findings: torch.Tensor | None = None
+    ) -> CustomizedPrompt:
+        weights = self.selection(visual, findings)  # [B, K]
+        gamma, beta = self.affine(visual, findings)  # [B, K, D]
         modulated = gamma.unsqueeze(2) * self.book.unsqueeze(0) + beta.unsqueeze(2)  # [B, K, L, D]
         return CustomizedPrompt(torch.einsum("bk,bkld->bld", weights, modulated), weights)
+
+
+def findings_dim(config: CustomizerConfig) -> int:
+    """Width of the findings vector the affine heads see: 15 (14 findings + normal), or 0."""
+    return len(FINDINGS14) + 1 if config.uses_findings else 0
 
 
 CUSTOMIZERS: dict[str, type[nn.Module]] = {

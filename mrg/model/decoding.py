@@ -87,17 +87,36 @@ def _force(scores: torch.Tensor, token: int) -> None:
 
 
 class ReportStructureProcessor(LogitsProcessor):
-    """Forces the headers and decides where each section ends (see the module docstring)."""
+    """Forces the headers and decides where each section ends (see the module docstring).
 
-    def __init__(self, structure: ReportStructure, max_new_tokens: int, reserve: int = 16):
+    ``leads`` (one list of token ids per study; rows ``i·r … i·r + r − 1`` of a batch with
+    ``r`` rows per study, as beam search lays them out) are forced right after ``FINDINGS:``:
+    the findings' sentences a findings-conditioned report begins with, so that the LLM only
+    continues them."""
+
+    def __init__(
+        self,
+        structure: ReportStructure,
+        max_new_tokens: int,
+        reserve: int = 16,
+        leads: list[list[int]] | None = None,
+    ):
         self.structure, self.max_new_tokens, self.reserve = structure, max_new_tokens, reserve
+        self.leads = leads
+
+    def _opening(self, row: int, rows: int) -> list[int]:
+        """The forced opening of ``row``: the findings header and its lead, if any."""
+        if not self.leads:
+            return self.structure.findings
+        return self.structure.findings + self.leads[row // max(1, rows // len(self.leads))]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         s = self.structure
-        header, findings = s.impression, s.findings
+        header = s.impression
         newline = s.newline_ids.to(scores.device)
         for row, row_ids in enumerate(input_ids.tolist()):
             out, n = scores[row], len(row_ids)
+            findings = self._opening(row, len(input_ids))
             if n < len(findings):
                 _force(out, findings[n])
                 continue

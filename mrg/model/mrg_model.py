@@ -2,10 +2,15 @@
 
 Sequence fed to the LLM as ``inputs_embeds`` (one row per study)::
 
-    [instruction prefix] [customized prompt P'(v): L] [visual tokens: V·G²] [assistant prefix] ([report] [EOS])
+    [instruction prefix] [customized prompt P'(v, y): L] [visual tokens: V·G²] ([findings words])
+    [assistant prefix] ([report] [EOS])
 
 The instruction and assistant prefix come from the tokenizer's chat template when the LLM has
-one. Labels are −100 everywhere except the report and its EOS. Position ids are
+one. ``y`` (``[B, 15]``: the 14 ChestX-ray14 findings and "normal", 0/1 decisions or
+probabilities) is the findings condition: the customizer's affine heads see it with
+``conditioning: visual+findings``, and with ``findings_prompt: words`` the findings it names
+(entries ≥ 0.5) are written after the image ("Findings: cardiomegaly."). Rows whose words
+differ in length are left-padded. Labels are −100 everywhere except the report and its EOS. Position ids are
 ``cumsum(attention_mask) − 1``, the rule ``generate`` uses, so a missing view (masked out)
 is skipped identically in training and decoding.
 
@@ -17,12 +22,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
@@ -41,43 +48,54 @@ from mrg.model.decoding import OnBody, ReportStructureProcessor, report_structur
 from mrg.model.encoder import VisualEncoder
 from mrg.model.llm import load_frozen_llm
 from mrg.model.views import Views
+from mrg.text.taxonomy import FINDINGS14, findings_words, spoken_name
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
 IMAGE_PLACEHOLDER = "<image>"
+FINDINGS_PLACEHOLDER = "<findings>"
 IGNORE_INDEX = -100
 
 
-def _render_chat(tokenizer: PreTrainedTokenizerBase, instruction: str) -> str:
+def _render_chat(tokenizer: PreTrainedTokenizerBase, instruction: str, user: str) -> str:
     """The chat prompt with the instruction as system message (replacing any default system
     prompt), or inside the user turn where the template has no system role."""
     system = [
         {"role": "system", "content": instruction},
-        {"role": "user", "content": IMAGE_PLACEHOLDER},
+        {"role": "user", "content": user},
     ]
     try:
         return tokenizer.apply_chat_template(system, add_generation_prompt=True, tokenize=False)
     except Exception:  # noqa: BLE001 — templates without a system role raise their own error types
-        user = [{"role": "user", "content": f"{instruction}\n{IMAGE_PLACEHOLDER}"}]
-        return tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+        user_only = [{"role": "user", "content": f"{instruction}\n{user}"}]
+        return tokenizer.apply_chat_template(user_only, add_generation_prompt=True, tokenize=False)
 
 
 @dataclass
 class PromptTemplate:
-    """Token ids around the image: ``prefix`` before P', ``suffix`` after the visual tokens."""
+    """Token ids around the image: ``prefix`` before P', ``suffix`` after the visual tokens;
+    with findings words, ``middle`` + the words' ids come between the two."""
 
     prefix_ids: list[int]
     suffix_ids: list[int]
     eos_id: int
+    middle_ids: list[int] | None = None  # None: no findings words
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: PreTrainedTokenizerBase, instruction: str) -> PromptTemplate:
+    def from_tokenizer(
+        cls, tokenizer: PreTrainedTokenizerBase, instruction: str, findings_words: bool = False
+    ) -> PromptTemplate:
+        user = f"{IMAGE_PLACEHOLDER}\n{FINDINGS_PLACEHOLDER}" if findings_words else IMAGE_PLACEHOLDER
         if tokenizer.chat_template:
-            before, after = _render_chat(tokenizer, instruction).split(IMAGE_PLACEHOLDER)
+            before, after = _render_chat(tokenizer, instruction, user).split(IMAGE_PLACEHOLDER)
         else:
-            before, after = f"{instruction}\n", "\nReport:"
+            before, after = f"{instruction}\n", f"\n{user[len(IMAGE_PLACEHOLDER):]}\nReport:"
+        middle = None
         encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
+        if findings_words:
+            between, after = after.split(FINDINGS_PLACEHOLDER)
+            middle = encode(between)
         prefix = encode(before)
         if tokenizer.bos_token_id is not None and not tokenizer.chat_template:
             prefix = [tokenizer.bos_token_id] + prefix
@@ -86,7 +104,9 @@ class PromptTemplate:
             if "<|im_end|>" in tokenizer.get_vocab()
             else None
         )
-        return cls(prefix, encode(after), eos if eos is not None else tokenizer.eos_token_id)
+        return cls(
+            prefix, encode(after), eos if eos is not None else tokenizer.eos_token_id, middle
+        )
 
 
 @dataclass
@@ -97,6 +117,7 @@ class Context:
     attention_mask: torch.Tensor  # [B, T]
     prompt: CustomizedPrompt
     global_feature: torch.Tensor | None  # [B, d_v], the customizer's input v (None: no image)
+    findings: torch.Tensor | None = None  # [B, 15], the condition y (None: not conditioned)
 
 
 @dataclass
@@ -121,6 +142,15 @@ def text_increments(tokenizer: PreTrainedTokenizerBase, ids: Iterable[int]) -> I
         if len(text) > len(shown):
             yield text[len(shown) :]
             shown = text
+
+
+_LEGACY_CONDITION = re.compile(r"^(customizer\.(?:affine\.trunk|query))\.([01])\.")
+
+
+def _current_key(key: str) -> str:
+    """A weight's name in this version: checkpoints written before the findings condition
+    named the visual code ``affine.trunk.0/1`` and ``query.0/1`` (now ``….visual.0/1``)."""
+    return _LEGACY_CONDITION.sub(r"\1.visual.\2.", key)
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -151,7 +181,9 @@ class MRGModel(nn.Module):
         self.customizer = build_customizer(
             config.customizer, self.encoder.embed_dim, llm_dim, init_std
         )
-        self.template = PromptTemplate.from_tokenizer(tokenizer, config.instruction)
+        self.template = PromptTemplate.from_tokenizer(
+            tokenizer, config.instruction, findings_words=config.findings_prompt == "words"
+        )
         for part in (self.encoder, self.projection, self.customizer):
             part.to(llm.device)  # the LLM may be quantized and placed already: move only our parts
 
@@ -209,21 +241,45 @@ class MRGModel(nn.Module):
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
         return self.llm.get_input_embeddings()(ids).unsqueeze(0).expand(batch, -1, -1)
 
-    def context(self, views: Views) -> Context:
-        """[prefix][P'(v)][visual tokens][suffix] as embeddings, with the attention mask."""
-        features = self.encoder(views.to(self.device))
-        prompt = self.customizer(features.global_)
-        visual = self.projection(features.tokens)
-        return self._assemble(prompt, visual, features.token_mask, features.global_)
+    def _condition(self, findings: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """The findings condition on this device, checked: ``[B, 15]`` where the config uses it."""
+        if not self.config.uses_findings:
+            return None
+        if findings is None:
+            raise ValueError(
+                "this model writes the report from findings: pass the findings vector y [B, 15]"
+            )
+        findings = torch.as_tensor(findings, dtype=torch.float32, device=self.device)
+        if findings.shape != (batch, len(FINDINGS14) + 1):
+            raise ValueError(
+                f"findings must be [{batch}, {len(FINDINGS14) + 1}], got {tuple(findings.shape)}"
+            )
+        return findings
 
-    def text_context(self, batch: int) -> Context:
-        """[prefix][P][suffix] with no image: the report-language stage's input.
+    def context(self, views: Views, findings: torch.Tensor | None = None) -> Context:
+        """[prefix][P'(v, y)][visual tokens]([findings words])[suffix] as embeddings, with the
+        attention mask. ``findings`` (y) is needed where the config conditions on it."""
+        features = self.encoder(views.to(self.device))
+        y = self._condition(findings, views.batch_size)
+        prompt = self.customizer(features.global_, y)
+        visual = self.projection(features.tokens)
+        return self._assemble(prompt, visual, features.token_mask, features.global_, y)
+
+    def text_context(self, batch: int, findings: torch.Tensor | None = None) -> Context:
+        """[prefix][P]([findings words])[suffix] with no image: the report-language stage's input.
 
         The visual tokens are absent rather than masked; since positions skip masked tokens
         (``positions_from_mask``), the two are the same computation, and absent is cheaper.
+        With the findings condition, P' = P(v = 0, y): the affine heads learn y's part here.
         """
-        prompt = CustomizedPrompt(self.customizer.plain_prompt().unsqueeze(0).expand(batch, -1, -1))
-        return self._assemble(prompt)
+        y = self._condition(findings, batch)
+        if self.config.customizer.uses_findings:
+            no_image = torch.zeros(batch, self.encoder.embed_dim, device=self.device)
+            prompt = self.customizer(no_image, y)
+        else:
+            plain = self.customizer.plain_prompt()
+            prompt = CustomizedPrompt(plain.unsqueeze(0).expand(batch, -1, -1))
+        return self._assemble(prompt, findings=y)
 
     def _assemble(
         self,
@@ -231,6 +287,7 @@ class MRGModel(nn.Module):
         visual: torch.Tensor | None = None,
         visual_mask: torch.Tensor | None = None,
         global_feature: torch.Tensor | None = None,
+        findings: torch.Tensor | None = None,
     ) -> Context:
         b, dtype = prompt.tokens.shape[0], self.llm_dtype
         ones = lambda n: torch.ones(b, n, dtype=torch.long, device=self.device)
@@ -239,9 +296,35 @@ class MRGModel(nn.Module):
         if visual is not None:
             parts.append(visual.to(dtype))
             masks.append(visual_mask.long())
-        parts.append(self.embed_ids(self.template.suffix_ids, b))
-        masks.append(ones(len(self.template.suffix_ids)))
-        return Context(torch.cat(parts, dim=1), torch.cat(masks, dim=1), prompt, global_feature)
+        if self.template.middle_ids is None:
+            parts.append(self.embed_ids(self.template.suffix_ids, b))
+            masks.append(ones(len(self.template.suffix_ids)))
+            embeds, mask = torch.cat(parts, dim=1), torch.cat(masks, dim=1)
+        else:
+            embeds, mask = self._with_words(torch.cat(parts, dim=1), torch.cat(masks, dim=1), findings)
+        return Context(embeds, mask, prompt, global_feature, findings)
+
+    def _with_words(
+        self, embeds: torch.Tensor, mask: torch.Tensor, findings: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append each row's [middle][findings words][suffix], left-padding the shorter rows."""
+        rows = []
+        for y in findings.tolist():
+            named = [f for f, value in zip(FINDINGS14, y) if value >= 0.5]
+            words = self.tokenizer(findings_words(named), add_special_tokens=False)["input_ids"]
+            rows.append(self.template.middle_ids + words + self.template.suffix_ids)
+        width = max(len(r) for r in rows)
+        tails, tail_masks = [], []
+        for row in rows:
+            pad = width - len(row)
+            tails.append(F.pad(self.embed_ids(row, 1)[0], (0, 0, pad, 0)))
+            tail_masks.append(F.pad(torch.ones(len(row), dtype=torch.long), (pad, 0)))
+        tail_mask = torch.stack(tail_masks).to(self.device)
+        # left padding of the whole row: move each row's tail padding to its front
+        full = torch.cat([embeds, torch.stack(tails).to(embeds.dtype)], dim=1)
+        full_mask = torch.cat([mask, tail_mask], dim=1)
+        order = torch.argsort(full_mask.ne(0).long(), dim=1, stable=True)  # padding first
+        return full.gather(1, order.unsqueeze(-1).expand_as(full)), full_mask.gather(1, order)
 
     def tokenize_reports(self, reports: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Report ids + EOS, right-padded: ``(ids [B, R], mask [B, R])``; truncated to max_report_tokens."""
@@ -251,6 +334,31 @@ class MRGModel(nn.Module):
             truncation=True,
             max_length=self.config.max_report_tokens,
         )["input_ids"]
+        return self._pad_reports(encoded)
+
+    def token_weights(
+        self, reports: list[str], emphasis: list[list[tuple[int, int]]], weight: float
+    ) -> torch.Tensor:
+        """``[B, R]`` loss weights aligned with ``tokenize_reports``: ``weight`` on tokens that
+        overlap a character span of ``emphasis`` (a report's sentences that name a finding),
+        1 elsewhere (EOS included)."""
+        offsets = self.tokenizer(
+            reports,
+            add_special_tokens=False,
+            truncation=True,
+            max_length=self.config.max_report_tokens,
+            return_offsets_mapping=True,
+        )["offset_mapping"]
+        width = max(len(o) for o in offsets) + 1
+        weights = torch.ones(len(reports), width)
+        for i, (row, spans) in enumerate(zip(offsets, emphasis)):
+            for j, (start, end) in enumerate(row):
+                if any(start < span_end and end > span_start for span_start, span_end in spans):
+                    weights[i, j] = weight
+        return weights.to(self.device)
+
+    def _pad_reports(self, encoded: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row + EOS, right-padded: ``(ids [B, R], mask [B, R])``."""
         rows = [ids + [self.template.eos_id] for ids in encoded]
         width = max(len(r) for r in rows)
         pad = (
@@ -271,18 +379,27 @@ class MRGModel(nn.Module):
         self,
         views: Views,
         reports: list[str],
+        findings: torch.Tensor | None = None,
     ) -> MRGOutput:
         """Teacher-forced LM loss over report tokens and EOS only."""
-        ctx = self.context(views)
+        ctx = self.context(views, findings)
         out = self.report_loss(ctx, reports)
         return MRGOutput(out.loss, out.logits, ctx.prompt, ctx.global_feature)
 
-    def language_loss(self, reports: list[str]) -> torch.Tensor:
+    def language_loss(
+        self,
+        reports: list[str],
+        findings: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The report-language stage's loss: report tokens after [prefix][P][suffix], no image."""
-        return self.report_loss(self.text_context(len(reports)), reports).loss
+        return self.report_loss(self.text_context(len(reports), findings), reports, weights).loss
 
-    def report_loss(self, ctx: Context, reports: list[str]):
-        """The LLM's output on [context][reports], labels on the report tokens and EOS only."""
+    def report_loss(self, ctx: Context, reports: list[str], weights: torch.Tensor | None = None):
+        """The LLM's output on [context][reports], labels on the report tokens and EOS only.
+
+        With ``weights`` (``[B, R]``, ``token_weights``) the loss is the weighted mean
+        Σ w_t CE_t / Σ w_t over those tokens (all ones: the plain mean)."""
         report_ids, report_mask = self.tokenize_reports(reports)
         context_labels = torch.full(
             ctx.attention_mask.shape, IGNORE_INDEX, dtype=torch.long, device=self.device
@@ -290,7 +407,16 @@ class MRGModel(nn.Module):
         labels = torch.cat(
             [context_labels, report_ids.masked_fill(report_mask == 0, IGNORE_INDEX)], dim=1
         )
-        return self.teacher_forced(ctx, report_ids, report_mask, labels)
+        if weights is None:
+            return self.teacher_forced(ctx, report_ids, report_mask, labels)
+        out = self.teacher_forced(ctx, report_ids, report_mask)
+        w = torch.cat([torch.zeros_like(context_labels, dtype=weights.dtype), weights], dim=1)
+        w = (w * (labels != IGNORE_INDEX))[:, 1:]
+        token_loss = F.cross_entropy(
+            out.logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        out.loss = (token_loss * w).sum() / w.sum()
+        return out
 
     def teacher_forced(
         self,
@@ -314,18 +440,25 @@ class MRGModel(nn.Module):
     @torch.inference_mode()
     def generate(
         self,
-        views: Views,
+        views: Views | None,
         decoding: Decoding = DEFAULT_DECODING,
+        findings: torch.Tensor | None = None,
     ) -> list[str]:
-        """Batched decoding with ``transformers`` ``generate`` (greedy, beam or sampling)."""
+        """Batched decoding with ``transformers`` ``generate`` (greedy, beam or sampling).
+
+        ``views=None`` writes from the findings alone, as the report-language stage trained
+        (no image, ``text_context``): what the language stage's fidelity is measured on."""
         decoding.validate()
-        ctx = self.context(views)
+        if views is None:
+            ctx = self.text_context(len(findings), findings)
+        else:
+            ctx = self.context(views, findings)
         kwargs = {
             "inputs_embeds": ctx.embeds,
             "attention_mask": ctx.attention_mask,
             "position_ids": positions_from_mask(ctx.attention_mask),
             "max_new_tokens": decoding.max_new_tokens,
-            "logits_processor": self.processors(decoding),
+            "logits_processor": self.processors(decoding, ctx.findings),
             "eos_token_id": self.template.eos_id,
             "pad_token_id": self.tokenizer.pad_token_id,
             "do_sample": decoding.strategy == "sample",
@@ -338,9 +471,24 @@ class MRGModel(nn.Module):
         out = self.llm.generate(**kwargs)
         return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
-    def processors(self, decoding: Decoding) -> LogitsProcessorList:
+    def leads(self, findings: torch.Tensor | None) -> list[list[int]] | None:
+        """Per study, the token ids of its findings' sentences (" Cardiomegaly. Pleural
+        effusion."), or None when the report does not lead with them."""
+        if findings is None:
+            return None
+        leads = []
+        for y in findings.tolist():
+            named = [f for f, value in zip(FINDINGS14, y) if value >= 0.5]
+            text = "".join(f" {spoken_name(f).capitalize()}." for f in named)
+            leads.append(self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else [])
+        return leads
+
+    def processors(
+        self, decoding: Decoding, findings: torch.Tensor | None = None
+    ) -> LogitsProcessorList:
         """Penalty and n-gram ban on the body, warpers, then the report structure (last, so
-        that a forced header wins over everything before it)."""
+        that a forced header wins over everything before it). With ``lead_with_findings``,
+        the findings y names are forced after the findings header."""
         structure = report_structure(self.tokenizer, self.template.eos_id)
         processors = LogitsProcessorList()
         if decoding.repetition_penalty != 1.0:
@@ -354,7 +502,8 @@ class MRGModel(nn.Module):
         if decoding.strategy == "sample":
             processors.append(TemperatureLogitsWarper(decoding.temperature))
             processors.append(TopPLogitsWarper(decoding.top_p))
-        processors.append(ReportStructureProcessor(structure, decoding.max_new_tokens))
+        leads = self.leads(findings) if decoding.lead_with_findings else None
+        processors.append(ReportStructureProcessor(structure, decoding.max_new_tokens, leads=leads))
         return processors
 
     @torch.inference_mode()
@@ -362,6 +511,7 @@ class MRGModel(nn.Module):
         self,
         views: Views,
         decoding: Decoding = DEFAULT_DECODING,
+        findings: torch.Tensor | None = None,
     ) -> Iterator[int]:
         """Yield token ids of one study one at a time (KV cache on); stops at EOS.
 
@@ -373,8 +523,8 @@ class MRGModel(nn.Module):
             raise ValueError("beam search is not streamable; use generate()")
         if views.batch_size != 1:
             raise ValueError("stream_ids decodes one study at a time")
-        ctx = self.context(views)
-        processors = self.processors(decoding)
+        ctx = self.context(views, findings)
+        processors = self.processors(decoding, ctx.findings)
         mask = ctx.attention_mask
         out = self.llm(
             inputs_embeds=ctx.embeds,
@@ -407,15 +557,17 @@ class MRGModel(nn.Module):
         self,
         views: Views,
         decoding: Decoding = DEFAULT_DECODING,
+        findings: torch.Tensor | None = None,
     ) -> Iterator[str]:
         """Yield text increments; their concatenation is the decoded report."""
-        yield from text_increments(self.tokenizer, self.stream_ids(views, decoding))
+        yield from text_increments(self.tokenizer, self.stream_ids(views, decoding, findings))
 
     @torch.inference_mode()
     def decoding_request(
         self,
         views: Views,
         decoding: Decoding = DEFAULT_DECODING,
+        findings: torch.Tensor | None = None,
     ) -> Request:
         """One study's context and processors, for the continuous batcher (``mrg.batching``)."""
         decoding.validate()
@@ -423,11 +575,11 @@ class MRGModel(nn.Module):
             raise ValueError("beam search is not streamable; use generate()")
         if views.batch_size != 1:
             raise ValueError("a decoding request holds one study")
-        ctx = self.context(views)
+        ctx = self.context(views, findings)
         return Request(
             ctx.embeds,
             ctx.attention_mask,
-            self.processors(decoding),
+            self.processors(decoding, ctx.findings),
             decoding.max_new_tokens,
             self.template.eos_id,
             sample=decoding.strategy == "sample",
@@ -484,7 +636,7 @@ class MRGModel(nn.Module):
         """Copy the trainable weights of ``directory/model.safetensors`` whose names start with
         ``prefix`` (e.g. ``"encoder."``: another mode's aligned encoder) in place; every key must match."""
         state = load_file(str(Path(directory) / WEIGHTS_NAME))
-        state = {k: v for k, v in state.items() if k.startswith(prefix)}
+        state = {_current_key(k): v for k, v in state.items() if k.startswith(prefix)}
         expected = {k for k in self.trainable_state_dict() if k.startswith(prefix)}
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         if missing or unexpected:

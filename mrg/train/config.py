@@ -68,6 +68,12 @@ class TrainConfig(ConfigBase):
     val_max_new_tokens: int = 60  # the token budget of those reports
     max_steps_per_epoch: int = 0  # optimizer steps per epoch; 0: no cap (tests and smoke runs)
     num_workers: int = 0  # DataLoader worker processes
+    # language stage of a findings-conditioned model: the share of each epoch's reports that
+    # name a finding (drawn with replacement); 0 keeps the corpus' own share (about 1 in 7)
+    language_abnormal_share: float = 0.0
+    # language stage: loss weight of the tokens of sentences that name a finding (1: plain
+    # mean); most tokens of even an abnormal report are normal boilerplate
+    language_finding_weight: float = 1.0
 
     def validate(self) -> TrainConfig:
         self.model.validate()
@@ -98,6 +104,8 @@ class TrainConfig(ConfigBase):
             "encoder_lr_scale": (self.encoder_lr_scale > 0, "> 0"),
             "max_steps_per_epoch": (self.max_steps_per_epoch >= 0, ">= 0 (0: no cap)"),
             "num_workers": (self.num_workers >= 0, ">= 0"),
+            "language_abnormal_share": (0 <= self.language_abnormal_share < 1, "in [0, 1)"),
+            "language_finding_weight": (self.language_finding_weight >= 1, ">= 1"),
         }
         for name, (ok, allowed) in checks.items():
             if not ok:

@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from mrg.evaluation.labeler import FINDINGS14, ReportLabeler
+from mrg.evaluation.labeler import ReportLabeler
+from mrg.data.reports import split_sentences
+from mrg.text.taxonomy import FINDINGS14, findings_vector
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,25 @@ class ReportLabels:
                     {"normal"}
                 )
         return [self.table[t] for t in texts]
+
+    def finding_spans(self, text: str) -> list[tuple[int, int]]:
+        """Character spans of the sentences of ``text`` that name a finding positively."""
+        spans, position = [], 0
+        for sentence in split_sentences(text):
+            start = text.find(sentence, position)
+            if start < 0:
+                continue
+            position = start + len(sentence)
+            labels = self.labeler.label14(sentence)
+            if any(labels[f] for f in FINDINGS14):
+                spans.append((start, position))
+        return spans
+
+    def vectors(self, texts: Sequence[str]) -> torch.Tensor:
+        """The findings condition y ``[B, 15]`` of each text (``findings_vector``)."""
+        return torch.tensor(
+            [findings_vector(labels - {"normal"}) for labels in self(texts)], dtype=torch.float32
+        )
 
 
 class ReportEmbeddingCache:

@@ -34,7 +34,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from timm.optim import param_groups_weight_decay
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -72,11 +72,23 @@ class TrainingModule(nn.Module):
         embeddings: ReportEmbeddingCache,
         joint_lambda: float,
         report_labels: ReportLabels | None = None,
+        finding_weight: float = 1.0,
     ):
+        """``finding_weight``: the language stage's loss weight on sentences naming a finding."""
         super().__init__()
+        self.finding_weight = finding_weight
         self.model, self.heads = model, heads
         self.embeddings, self.joint_lambda = embeddings, joint_lambda
         self.report_labels = report_labels
+        self.condition_labels = ReportLabels() if model.config.uses_findings else None
+        self.span_labels = ReportLabels()
+
+    def findings(self, reports: list[str]) -> torch.Tensor | None:
+        """The findings condition y of each report: its labeler labels (PromptMRG trains on the
+        true states too), or None for a model that is not conditioned on findings."""
+        if self.condition_labels is None:
+            return None
+        return self.condition_labels.vectors(reports)
 
     def similarity(self, reports: list[str]) -> torch.Tensor:
         """The report similarity S of the alignment targets (identity without labels)."""
@@ -86,7 +98,11 @@ class TrainingModule(nn.Module):
 
     def forward(self, batch: Batch | list[str], stage: str) -> dict[str, torch.Tensor]:
         if stage == "language":  # batch: report texts, no image
-            loss = self.model.language_loss(batch)
+            weights = None
+            if self.finding_weight != 1.0 and self.training:  # validation: plain nats/token
+                spans = [self.span_labels.finding_spans(t) for t in batch]
+                weights = self.model.token_weights(batch, spans, self.finding_weight)
+            loss = self.model.language_loss(batch, self.findings(batch), weights)
             return {"loss": loss, "lm_loss": loss.detach()}
         if stage == "align":
             features = self.model.encoder(batch.views.to(self.model.device))
@@ -100,7 +116,7 @@ class TrainingModule(nn.Module):
                 "logits": logits.detach(),
                 "similarity": similarity,
             }
-        out = self.model(batch.views, batch.reports)
+        out = self.model(batch.views, batch.reports, self.findings(batch.reports))
         if stage == "generate":
             return {"loss": out.loss, "lm_loss": out.loss.detach()}
         text = self.embeddings(batch.reports).to(self.model.device)
@@ -125,6 +141,17 @@ class TrainingModule(nn.Module):
         (alignment trains it at full rate). The language stage trains the plain prompt only.
         """
         customizer = self.model.customizer
+        if stage == "language" and self.model.config.customizer.uses_findings:
+            # the prompts and the heads' findings code; the visual code sees v = 0 here
+            prompts = {id(p) for p in customizer.prompt_parameters()}
+            rest = [
+                p for n, p in customizer.named_parameters()
+                if id(p) not in prompts and ".visual." not in f".{n}" and p.requires_grad
+            ]
+            return [
+                {"params": customizer.prompt_parameters(), "weight_decay": 0.0, "lr_scale": 1.0},
+                {"params": rest, "weight_decay": 0.0, "lr_scale": 1.0},
+            ]
         if stage == "language":
             return [
                 {"params": customizer.prompt_parameters(), "weight_decay": 0.0, "lr_scale": 1.0}
@@ -210,6 +237,7 @@ class Trainer:
             embeddings,
             config.joint_lambda,
             ReportLabels() if config.align_targets == "labels" else None,
+            config.language_finding_weight,
         )
         self.train_set = StudyDataset(train_records, config.on_missing)
         self.val_set = StudyDataset(val_records, config.on_missing)
@@ -236,13 +264,7 @@ class Trainer:
         language_loader = DataLoader(
             language_train,
             batch_size=config.batch_size,
-            sampler=LengthGroupedSampler(
-                config.batch_size,
-                lengths=[len(t.split()) for t in language_train],
-                generator=self.loader_generator,
-            )
-            if language_train
-            else None,
+            sampler=self._language_sampler(language_train) if language_train else None,
             collate_fn=list,
         )
         self.language_val = DataLoader(
@@ -283,6 +305,27 @@ class Trainer:
                 limit,
             )
         return kept
+
+    def _language_sampler(self, texts: list[str]):
+        """Similar lengths together (less padding); or, with ``language_abnormal_share``, reports
+        that name a finding drawn at that share, so a findings-conditioned prompt sees the
+        condition change often (about 1 in 7 OpenI reports names one)."""
+        share = self.config.language_abnormal_share
+        if not share:
+            lengths = [len(t.split()) for t in texts]
+            return LengthGroupedSampler(
+                self.config.batch_size, lengths=lengths, generator=self.loader_generator
+            )
+        abnormal = [labels != {"normal"} for labels in ReportLabels()(texts)]
+        n_abnormal = sum(abnormal)
+        if not 0 < n_abnormal < len(texts):
+            raise ConfigError("language_abnormal_share needs both normal and abnormal reports")
+        weights = [
+            share / n_abnormal if a else (1 - share) / (len(texts) - n_abnormal) for a in abnormal
+        ]
+        return WeightedRandomSampler(
+            weights, len(texts), replacement=True, generator=self.loader_generator
+        )
 
     def _tensorboard(self):
         try:
@@ -497,7 +540,8 @@ class Trainer:
             elif remaining > 0:
                 take = min(remaining, len(batch.reports))
                 decoding = Decoding(max_new_tokens=self.config.val_max_new_tokens)
-                hypotheses += module.model.generate(batch.views[:take], decoding)
+                findings = module.findings(batch.reports[:take])
+                hypotheses += module.model.generate(batch.views[:take], decoding, findings)
                 references += batch.reports[:take]
                 remaining -= take
         record = {"val_loss": float(np.mean(losses))}
