@@ -245,7 +245,7 @@ def _generate(args: argparse.Namespace) -> int:
         )
     update = None
     printed = ""
-    for update in service.stream(study, args.mode, decoding):
+    for update in service.stream(study, args.mode, decoding, findings=args.findings):
         if not args.json and update.text.startswith(printed):
             sys.stdout.write(update.text[len(printed) :])
             sys.stdout.flush()
@@ -263,14 +263,31 @@ def _generate(args: argparse.Namespace) -> int:
             "ttft_s": update.ttft_s,
             "tokens_per_s": update.tokens_per_s,
             "views": [v.image.meta.to_dict() | {"position": v.position} for v in study.views],
+            "findings_head": update.condition.as_dict() if update.condition else None,
         }
         print(json.dumps(payload, indent=2))
     else:
+        if update.condition is not None:
+            how = "set by hand" if update.condition.manual else "the findings head's"
+            named = ", ".join(update.condition.named) or "none"
+            console.print(f"\n[dim]written from findings ({how}): {named}[/dim]", end="")
         rate = f"{update.tokens_per_s:.1f} tokens/s" if update.tokens_per_s else ""
         console.print(
             f"\n[dim]{update.tokens} tokens, first after {update.ttft_s or 0:.2f} s {rate}[/dim]"
         )
     return 0
+
+
+def _findings_flag(text: str) -> list[str]:
+    """``--findings "Effusion, Cardiomegaly"`` (or ``none``) → ChestX-ray14 names."""
+    from mrg.text.taxonomy import finding_named
+
+    if text.strip().lower() in ("", "none", "normal"):
+        return []
+    try:
+        return [finding_named(name) for name in text.split(",")]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _generate_many(args: argparse.Namespace, service, decoding) -> int:
@@ -286,14 +303,21 @@ def _generate_many(args: argparse.Namespace, service, decoding) -> int:
     out = Path(args.out)
     jsonl = out if out.suffix == ".jsonl" else out.with_suffix(".jsonl")
     if decoding.strategy == "beam":  # not streamable: transformers' batched beam search
-        rows = generate_split(service.model(args.mode), records, jsonl, decoding, args.batch_size)
+        if args.findings is not None:
+            raise SystemExit("mrg generate: --findings works with greedy or sampled decoding")
+        rows = generate_split(
+            service.model(args.mode), records, jsonl, decoding, args.batch_size, service.findings_head
+        )
     else:  # the app's continuous batcher, args.batch_size studies at once
-        rows = stream_split(service, args.mode, records, jsonl, decoding, args.batch_size)
+        rows = stream_split(
+            service, args.mode, records, jsonl, decoding, args.batch_size, args.findings
+        )
     if out.suffix == ".csv":
         import csv
 
+        columns = list(dict.fromkeys(key for row in rows for key in row))
         with out.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["id", "reference", "generated"])
+            writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
             writer.writerows(rows)
     console.print(f"{len(rows)} studies → {out}")
@@ -438,6 +462,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", help="CSV or JSONL for folders and splits (rerun skips studies already written)"
     )
     generate.add_argument("--batch-size", type=int, default=8)
+    generate.add_argument(
+        "--findings",
+        type=_findings_flag,
+        default=None,
+        metavar="NAMES",
+        help="write the report as if the image showed these ChestX-ray14 findings "
+        '(comma-separated, e.g. "Effusion,Cardiomegaly"; "none" for a normal study) '
+        "instead of the findings head's",
+    )
     _add_decoding_flags(generate, DEFAULT_DECODING)
     generate.set_defaults(func=_generate)
 

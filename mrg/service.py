@@ -5,7 +5,13 @@ checkpoint folder (``prompt-wise/``, ``promptbook-wise/``, optionally ``static/`
 it. Greedy and sampled reports decode in one continuous batch (``mrg.batching``): a request
 that arrives while others decode joins them at the next step, whatever its mode; past the
 batch and the waiting room, a request is refused at once with ``ServiceBusy``. Encoding an
-image, beam search and Grad-CAM take one lock. Cancelling is closing the stream (or
+image, beam search and Grad-CAM take one lock.
+
+Where the checkpoints hold a findings head (``<checkpoints>/findings/``), every study is read
+by it first: its calibrated probabilities and the findings above their operating points
+(``StudyFindings``) are what a findings-conditioned model writes the report from. A reviewer
+may set the findings by hand instead (``stream(…, findings=[…])``, "write the report as if it
+showed effusion"). Cancelling is closing the stream (or
 ``should_stop`` returning True): the request leaves the batch at the next step.
 """
 
@@ -36,13 +42,46 @@ from mrg.data.sections import split_sections
 from mrg.data.study import Study, batch_tensors
 from mrg.evaluation.labeler import CHEXPERT14, LABEL_MAPS, POSITIVE, ReportLabeler
 from mrg.evaluation.metrics import nlg_scores
-from mrg.explain import Heatmap, explain
+from mrg.explain import Heatmap, explain, explain_finding
 from mrg.model import Decoding, MRGModel
 from mrg.model.llm import cpu_prefers_bf16, load_frozen_llm, quantization_in_effect
 from mrg.model.mrg_model import text_increments
+from mrg.model.findings import FINDINGS_CONFIG_NAME, FINDINGS_FOLDER, FindingsHead
 from mrg.model.views import Views
+from mrg.text.taxonomy import FINDINGS14, finding_named, findings_vector
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class StudyFindings:
+    """The findings head's reading of a study: calibrated probabilities, operating points,
+    and the findings the report is conditioned on (``named``; set by hand when ``manual``)."""
+
+    probabilities: dict[str, float]
+    thresholds: dict[str, float]
+    named: list[str]
+    manual: bool = False
+
+    def vector(self) -> torch.Tensor:
+        """The condition y ``[1, 15]``."""
+        return torch.tensor([findings_vector(self.named)], dtype=torch.float32)
+
+    def as_dict(self) -> dict:
+        """What ``mrg generate --json`` and the ``/report`` API return as ``findings_head``."""
+        return {
+            "named": self.named,
+            "manual": self.manual,
+            "probabilities": {f"p_{f}": p for f, p in self.probabilities.items()},
+            "operating_points": self.thresholds,
+        }
+
+    def ranked(self) -> list[tuple[str, float, float]]:
+        """(finding, probability, operating point), most probable first."""
+        return sorted(
+            ((f, self.probabilities[f], self.thresholds[f]) for f in self.probabilities),
+            key=lambda row: -row[1],
+        )
 
 
 @dataclass
@@ -57,6 +96,9 @@ class ReportUpdate:
     ttft_s: float | None = None
     tokens_per_s: float | None = None
     elapsed_s: float = 0.0
+    # the findings head's reading of the study (or the findings set by hand): what a
+    # findings-conditioned report was written from
+    condition: StudyFindings | None = None
 
 
 @dataclass
@@ -95,9 +137,11 @@ class ReportService:
         info: ServiceInfo,
         max_batch: int = 8,
         max_waiting: int = 8,
+        findings_head: FindingsHead | None = None,
     ):
         """``max_batch`` reports decode together; ``max_waiting`` more may wait for a place."""
         self.models, self.info = models, info
+        self.findings_head = findings_head
         self.lock = threading.Lock()
         self.labeler = ReportLabeler()
         llms = {id(m.llm): m.llm for m in models.values()}
@@ -128,7 +172,8 @@ class ReportService:
         if device == "cuda" and llm_config.quantization == "none":
             llm.to("cuda")
         models = load_models(found, llm, tokenizer, overrides)
-        return cls(models, describe(llm_config, llm, models, found))
+        head = load_findings_head(checkpoints, found)
+        return cls(models, describe(llm_config, llm, models, found), findings_head=head)
 
     def model(self, mode: str) -> MRGModel:
         if mode not in self.models:
@@ -140,6 +185,51 @@ class ReportService:
         model = self.model(mode)
         return batch_tensors([study], model.config.encoder.image_size, model.config.max_views)
 
+    # ------------------------------------------------------------------ findings
+
+    def read_findings(self, study: Study, manual: list[str] | None = None) -> StudyFindings | None:
+        """The head's probabilities for ``study``; the condition is the findings above their
+        operating points, or ``manual`` (ChestX-ray14 names; [] is a normal study) where given.
+        None without a head and without ``manual``."""
+        named = None if manual is None else [finding_named(f) for f in manual]
+        if self.findings_head is None:
+            if named is None:
+                return None
+            return StudyFindings({}, {}, named, manual=True)
+        head = self.findings_head
+        views = batch_tensors([study], head.config.image_size, self.info.views)
+        with self.lock:
+            probabilities, y = head.predict(views)
+        p, t = probabilities[0].tolist(), head.threshold.tolist()
+        found = [f for f, value in zip(FINDINGS14, y[0].tolist()) if value]
+        return StudyFindings(
+            dict(zip(FINDINGS14, p)),
+            dict(zip(FINDINGS14, t)),
+            found if named is None else named,
+            manual=named is not None,
+        )
+
+    def _condition(
+        self, model: MRGModel, study: Study, findings: list[str] | StudyFindings | None
+    ) -> tuple[StudyFindings | None, torch.Tensor | None]:
+        """(the head's reading or the findings set by hand, the condition y ``model`` takes):
+        y is None for a model that writes from the image alone."""
+        condition = (
+            findings if isinstance(findings, StudyFindings) else self.read_findings(study, findings)
+        )
+        if not model.config.uses_findings:
+            if condition is not None and condition.manual:
+                raise ValueError(
+                    f"the {model.mode} model writes from the image alone: it cannot be given findings"
+                )
+            return condition, None
+        if condition is None:
+            raise ValueError(
+                "this model writes reports from findings, but no findings head is loaded: "
+                "set the findings by hand"
+            )
+        return condition, condition.vector()
+
     # ------------------------------------------------------------------ generation
 
     def stream(
@@ -148,21 +238,26 @@ class ReportService:
         mode: str,
         decoding: Decoding = DEFAULT_DECODING,
         should_stop: Callable[[], bool] | None = None,
+        findings: list[str] | StudyFindings | None = None,
     ) -> Iterator[ReportUpdate]:
-        """Yield a ``ReportUpdate`` per decoded token (greedy/sampling) or once (beam)."""
+        """Yield a ``ReportUpdate`` per decoded token (greedy/sampling) or once (beam).
+
+        ``findings``: the findings to write from, set by hand (names; [] for none), or a
+        ``StudyFindings`` already read; by default the head's, for a conditioned model."""
         decoding.validate()
         model = self.model(mode)
         views = self.views(study, mode)
         start = time.perf_counter()
+        condition, y = self._condition(model, study, findings)
         if decoding.strategy == "beam":
             with self.lock:
-                text = model.generate(views, decoding)[0]
+                text = model.generate(views, decoding, y)[0]
             elapsed = time.perf_counter() - start
             tokens = len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
-            yield self._update(text, True, tokens, elapsed, start)
+            yield self._update(text, True, tokens, elapsed, start, condition)
             return
         with self.lock:
-            request = model.decoding_request(views, decoding)
+            request = model.decoding_request(views, decoding, y)
         ids = self.batchers[id(model.llm)].stream(request)
         text, tokens, first = "", 0, None
         try:
@@ -172,14 +267,19 @@ class ReportService:
                 tokens += 1
                 first = first if first is not None else time.perf_counter() - start
                 text += piece
-                yield self._update(text, False, tokens, first, start)
+                yield self._update(text, False, tokens, first, start, condition)
         finally:
             ids.close()  # leaves the batch at its next step
-        yield self._update(text, True, tokens, first, start)
+        yield self._update(text, True, tokens, first, start, condition)
 
     @staticmethod
     def _update(
-        text: str, finished: bool, tokens: int, ttft: float | None, start: float
+        text: str,
+        finished: bool,
+        tokens: int,
+        ttft: float | None,
+        start: float,
+        condition: StudyFindings | None = None,
     ) -> ReportUpdate:
         elapsed = time.perf_counter() - start
         sections = split_sections(text)
@@ -197,28 +297,51 @@ class ReportService:
             ttft_s=ttft,
             tokens_per_s=rate,
             elapsed_s=elapsed,
+            condition=condition,
         )
 
     def generate(
-        self, study: Study, mode: str, decoding: Decoding = DEFAULT_DECODING
+        self,
+        study: Study,
+        mode: str,
+        decoding: Decoding = DEFAULT_DECODING,
+        findings: list[str] | StudyFindings | None = None,
     ) -> ReportUpdate:
         """The final update of ``stream``."""
         update = ReportUpdate()
-        for update in self.stream(study, mode, decoding):
+        for update in self.stream(study, mode, decoding, findings=findings):
             pass
         return update
 
     # ------------------------------------------------------------------ explanation
 
     def explain(
-        self, study: Study, mode: str, report: str, sentence: str | None = None
+        self,
+        study: Study,
+        mode: str,
+        report: str,
+        sentence: str | None = None,
+        findings: list[str] | StudyFindings | None = None,
     ) -> list[Heatmap]:
-        """Grad-CAM per view for the whole report, or for one of its sentences."""
+        """Grad-CAM per view for the whole report, or for one of its sentences (scored under
+        the findings it was written from: ``findings`` as for ``stream``)."""
         model = self.model(mode)
         views = self.views(study, mode)
         span = _find_span(report, sentence) if sentence else None
+        _, y = self._condition(model, study, findings)
         with self.lock:
-            return explain(model, views, report, span, [v.position for v in study.views])
+            return explain(model, views, report, span, [v.position for v in study.views], y)
+
+    def explain_finding(self, study: Study, finding: str) -> list[Heatmap]:
+        """Grad-CAM per view of the findings head's logit for ``finding`` (CheXNet's picture)."""
+        if self.findings_head is None:
+            raise ValueError("no findings head is loaded")
+        head = self.findings_head
+        views = batch_tensors([study], head.config.image_size, self.info.views)
+        with self.lock:
+            return explain_finding(
+                head, views, finding_named(finding), [v.position for v in study.views]
+            )
 
     # ------------------------------------------------------------------ comparison
 
@@ -319,6 +442,18 @@ def load_models(
         ).eval()
         for mode, path in found.items()
     }
+
+
+def load_findings_head(
+    checkpoints: str | Path | None, found: dict[str, Path]
+) -> FindingsHead | None:
+    """The findings head beside the modes (``<checkpoints>/findings/``), or None."""
+    if not found:
+        return None
+    folder = next(iter(found.values())).parent / FINDINGS_FOLDER
+    if not (folder / FINDINGS_CONFIG_NAME).is_file():
+        return None
+    return FindingsHead.from_pretrained(folder)
 
 
 def describe(

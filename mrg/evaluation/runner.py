@@ -22,11 +22,21 @@ from mrg.data.datasets import Collate, StudyDataset, StudyRecord
 from mrg.evaluation.labeler import CHEXPERT14, ReportLabeler
 from mrg.evaluation.metrics import chexpert_positive, clinical_efficacy, nlg_scores
 from mrg.model import Decoding, MRGModel
+from mrg.model.findings import FindingsHead
+from mrg.text.taxonomy import FINDINGS14, findings_vector
 
 if TYPE_CHECKING:
     from mrg.service import ReportService
 
 GENERATIONS = "generations.jsonl"
+
+
+def finding_columns(probabilities: Sequence[float], condition: Sequence[float]) -> dict:
+    """``p_<Finding>`` per ChestX-ray14 finding, and ``condition``: the findings written from."""
+    named = [f for f, v in zip(FINDINGS14, condition) if v >= 0.5]
+    return {f"p_{f}": round(float(p), 4) for f, p in zip(FINDINGS14, probabilities)} | {
+        "condition": "|".join(named) or "normal"
+    }
 
 
 class Generations:
@@ -44,8 +54,11 @@ class Generations:
     def todo(self, records: Sequence[StudyRecord]) -> list[StudyRecord]:
         return [r for r in records if r.study_id not in self.done]
 
-    def add(self, handle, study_id: str, reference: str, generated: str) -> None:
-        row = {"id": study_id, "reference": reference, "generated": generated}
+    def add(
+        self, handle, study_id: str, reference: str, generated: str, extra: dict | None = None
+    ) -> None:
+        """Append one row; ``extra`` adds columns (the findings head's ``p_<Finding>``)."""
+        row = {"id": study_id, "reference": reference, "generated": generated, **(extra or {})}
         with self.lock:
             handle.write(json.dumps(row) + "\n")
             handle.flush()
@@ -62,9 +75,13 @@ def generate_split(
     out_file: Path,
     decoding: Decoding,
     batch_size: int = 8,
+    findings_head: FindingsHead | None = None,
 ) -> list[dict]:
     """Append rows for studies not in ``out_file`` yet, ``batch_size`` at a time through
-    ``transformers``' ``generate``; return all rows."""
+    ``transformers``' ``generate``; return all rows. A findings-conditioned model writes
+    from ``findings_head``'s decisions on each study."""
+    if model.config.uses_findings and findings_head is None:
+        raise ValueError("this model writes reports from findings: pass its findings head")
     generations = Generations(out_file)
     todo = generations.todo(records)
     dataset = StudyDataset(todo, on_missing="skip")
@@ -78,9 +95,13 @@ def generate_split(
             bar.update(min(batch_size, len(todo) - start))
             if batch is None:
                 continue
-            texts = model.generate(batch.views, decoding)
-            for study_id, reference, text in zip(batch.study_ids, batch.reports, texts):
-                generations.add(handle, study_id, reference, text)
+            y, extras = None, [{}] * len(batch.reports)
+            if findings_head is not None:
+                probabilities, y = findings_head.predict(batch.views)
+                extras = [finding_columns(p.tolist(), row.tolist()) for p, row in zip(probabilities, y)]
+            texts = model.generate(batch.views, decoding, y if model.config.uses_findings else None)
+            for study_id, reference, text, extra in zip(batch.study_ids, batch.reports, texts, extras):
+                generations.add(handle, study_id, reference, text, extra)
     return generations.rows(records)
 
 
@@ -91,10 +112,12 @@ def stream_split(
     out_file: Path,
     decoding: Decoding,
     concurrency: int = 8,
+    findings: list[str] | None = None,
 ) -> list[dict]:
     """``generate_split`` through the service's continuous batcher (``mrg.batching``), as the
     app serves its users: ``concurrency`` studies decode together, and the next one joins the
-    running batch as soon as one finishes (at most the batch's size: past it, requests wait)."""
+    running batch as soon as one finishes (at most the batch's size: past it, requests wait).
+    ``findings`` sets every study's findings by hand (what-if); rows carry ``p_<Finding>``."""
     batcher = service.batchers[id(service.model(mode).llm)]
     concurrency = max(1, min(concurrency, batcher.max_batch))
     generations = Generations(out_file)
@@ -108,8 +131,13 @@ def stream_split(
         def one(index: int) -> None:
             study = dataset[index]
             if study is not None:
-                text = service.generate(study, mode, decoding).text
-                generations.add(handle, todo[index].study_id, todo[index].report, text)
+                condition = service.read_findings(study, findings)
+                update = service.generate(study, mode, decoding, findings=condition)
+                extra = {}
+                if condition is not None:
+                    p = [condition.probabilities.get(f, float("nan")) for f in FINDINGS14]
+                    extra = finding_columns(p, findings_vector(condition.named))
+                generations.add(handle, todo[index].study_id, todo[index].report, update.text, extra)
             bar.update(1)
 
         with ThreadPoolExecutor(concurrency) as pool:

@@ -1,4 +1,4 @@
-"""Does generated text read like a radiology report? Four counts a reader notices at once.
+"""Does generated text read like a radiology report? Six counts a reader notices at once.
 
 * ``vocabulary_share``: the share of generated words (lower-case letter runs, headers
   excluded) that occur at least ``min_count`` times in the OpenI report corpus;
@@ -6,7 +6,12 @@
   report has no business inventing "a 45-year-old male");
 * ``malformed_headers``: reports that are not exactly ``FINDINGS: …⏎IMPRESSION: …``, each
   header once, spelled so, each section non-empty;
-* ``loops``: reports in which some word 3-gram occurs three times or more.
+* ``loops``: reports in which some word 3-gram occurs three times or more;
+* ``prior_comparisons``: reports that compare with a prior study ("unchanged", "interval",
+  "stable", "previous", "compared" …): no prior study is ever given, so the claim is invented;
+* ``contradictions``: reports that affirm and negate the same finding (the labeler finds a
+  positive and a negative mention of one ChestX-ray14 finding). Real OpenI reports do this
+  about 3 times in 100, mostly "no right effusion, small left effusion".
 
 Real reports are measured the same way as a reference (``corpus_counts`` of the same text).
 """
@@ -21,6 +26,7 @@ from pathlib import Path
 
 from mrg.data.reports import iter_openi_reports
 from mrg.data.sections import FINDINGS, IMPRESSION, format_report
+from mrg.evaluation.labeler import LABEL_MAPS, NEGATIVE, POSITIVE, ReportLabeler
 
 WORD = re.compile(r"[a-z]+")
 HEADER = re.compile(r"\b(findings|impression)\s*:", re.IGNORECASE)
@@ -28,6 +34,11 @@ DEMOGRAPHICS = re.compile(
     r"\b(\d+[- ]?(year|yr|month)s?[- ]?old|years? old|male|female|man|woman|men|women|boy|girl|"
     r"gentleman|lady|he|she|his|her|sex|gender|race|ethnicity|caucasian|african[- ]american|"
     r"hispanic|asian)\b",
+    re.IGNORECASE,
+)
+PRIOR_COMPARISON = re.compile(
+    r"\b(unchanged|interval\w*|prior|stable|stably|previous\w*|compared?|comparison|"
+    r"again (?:seen|noted|demonstrated)|no change|redemonstrat\w*|persist\w*|since)\b",
     re.IGNORECASE,
 )
 WELL_FORMED = re.compile(rf"{FINDINGS} \S[^\n]*\n{IMPRESSION} \S[^\n]*")
@@ -57,6 +68,18 @@ def has_loop(text: str, n: int = 3, times: int = 3) -> bool:
     return any(count >= times for count in grams.values())
 
 
+def contradicted(text: str, labeler: ReportLabeler) -> list[str]:
+    """The ChestX-ray14 findings ``text`` both affirms and negates (``labeler.mentions``)."""
+    status: dict[str, set[str]] = {}
+    for mention in labeler.mentions(text):
+        status.setdefault(mention.concept, set()).add(mention.status)
+    return [
+        finding
+        for finding, concepts in LABEL_MAPS["chestxray14"].items()
+        if any({POSITIVE, NEGATIVE} <= status.get(c, set()) for c in concepts)
+    ]
+
+
 @dataclass
 class TextQuality:
     reports: int
@@ -64,12 +87,17 @@ class TextQuality:
     demographics: int
     malformed_headers: int
     loops: int
+    prior_comparisons: int = 0
+    contradictions: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def text_quality(texts: Sequence[str], counts: Counter, min_count: int = 5) -> TextQuality:
+def text_quality(
+    texts: Sequence[str], counts: Counter, min_count: int = 5, labeler: ReportLabeler | None = None
+) -> TextQuality:
+    """The six counts over ``texts`` (contradictions need the ``labeler``; 0 without it)."""
     generated = [w for text in texts for w in words(text)]
     known = sum(counts[w] >= min_count for w in generated)
     return TextQuality(
@@ -78,19 +106,22 @@ def text_quality(texts: Sequence[str], counts: Counter, min_count: int = 5) -> T
         demographics=sum(bool(DEMOGRAPHICS.search(t)) for t in texts),
         malformed_headers=sum(not well_formed(t) for t in texts),
         loops=sum(has_loop(t) for t in texts),
+        prior_comparisons=sum(bool(PRIOR_COMPARISON.search(t)) for t in texts),
+        contradictions=sum(bool(contradicted(t, labeler)) for t in texts) if labeler else 0,
     )
 
 
 def quality_table(rows: dict[str, TextQuality]) -> str:
     """Markdown: one row per source of text."""
     lines = [
-        "| text | reports | words seen ≥ 5× in OpenI | demographics | malformed headers | 3-gram loops |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| text | reports | words seen ≥ 5× in OpenI | demographics | malformed headers | "
+        "3-gram loops | prior-study claims | affirm and negate |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, q in rows.items():
         lines.append(
             f"| {name} | {q.reports} | {q.vocabulary_share:.3f} | {q.demographics} | "
-            f"{q.malformed_headers} | {q.loops} |"
+            f"{q.malformed_headers} | {q.loops} | {q.prior_comparisons} | {q.contradictions} |"
         )
     return "\n".join(lines) + "\n"
 
