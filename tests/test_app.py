@@ -18,6 +18,7 @@ from mrg.service import ReportService, ServiceInfo
 from mrg.ui import COMPARE_BOTH, WHOLE_REPORT, DemoApp, DemoState, banner, default_examples
 from mrg.ui.comparison import COMPARED
 from mrg.ui.explanation import EXPLAINED
+from mrg.ui.findings import FINDING_SHOWN, NO_HEAD, READ, consistency
 from mrg.ui.generation import GENERATED
 from mrg.ui.review import REVIEW_COLUMNS, SAVED
 from mrg.ui.viewer import FILE_WINDOW, LOADED
@@ -33,6 +34,36 @@ def demo(tiny_llm, tokenizer, tmp_path):
         models[mode] = MRGModel(tiny_model_config(mode), tiny_llm, tokenizer).eval()
     service = ReportService(models, ServiceInfo("tiny", "cpu", list(models), {}, trained=False))
     return DemoApp(service, ReviewStore(tmp_path / "reviews.sqlite"), default_examples())
+
+
+@pytest.fixture(scope="module")
+def findings_head():
+    """ImageNet weights, a random classifier; Cardiomegaly always above its operating point,
+    every other finding never."""
+    from mrg.model.findings import FindingsHead
+    from mrg.text.taxonomy import FINDINGS14
+
+    torch.manual_seed(0)
+    head = FindingsHead().eval()
+    head.threshold.fill_(1.01)
+    head.threshold[FINDINGS14.index("Cardiomegaly")] = 0.0
+    return head
+
+
+@pytest.fixture
+def head_demo(demo, findings_head):
+    """The demo with a findings head loaded beside its (unconditioned) modes."""
+    demo.service.findings_head = findings_head
+    return demo
+
+
+def conditioned_demo(demo, tiny_llm, tokenizer) -> DemoApp:
+    """The demo whose prompt-wise model writes from the findings (their words in the prompt)."""
+    config = tiny_model_config("prompt-wise")
+    config.findings_prompt = "words"
+    torch.manual_seed(0)
+    demo.service.models["prompt-wise"] = MRGModel(config, tiny_llm, tokenizer).eval()
+    return demo
 
 
 def named(outputs, names) -> dict:
@@ -143,6 +174,199 @@ def test_grad_cam_is_an_overlay_on_the_viewer_image(demo):
     assert shown["lateral_view"] is None and "Grad-CAM" in shown["explain_status"]
     faint = demo.render(state, *explain, True, 0.1)[0][0]
     assert not np.array_equal(faint, overlay)
+
+
+# ----------------------------------------------------------------------------- findings panel
+
+
+def loaded_with_findings(demo) -> tuple[DemoState, dict]:
+    """A study loaded, then its findings read (what the page does after every load)."""
+    state = load(demo.load_upload, DemoState(), DICOM, None)["state"]
+    return state, named(demo.read_study(state), READ)
+
+
+def test_the_findings_panel_shows_the_heads_reading_once_a_study_is_loaded(head_demo):
+    state, read = loaded_with_findings(head_demo)
+    panel = read["findings_head"]
+    assert panel["visible"] is True and len(panel["value"]) == 14
+    rows = list(panel["value"].items())
+    assert [p for _, p in rows] == sorted((p for _, p in rows), reverse=True)  # most probable first
+    assert all(0 < p < 1 for _, p in rows)
+    # each row names its operating point; ✓ only where p reaches it
+    assert "Cardiomegaly · op 0% ✓" in panel["value"]
+    others = [label for label in panel["value"] if not label.startswith("Cardiomegaly")]
+    assert len(others) == 13 and all(label.endswith(" · op 101%") for label in others)
+    assert "Pleural thickening · op 101%" in panel["value"]
+    assert "**Cardiomegaly**" in read["findings_note"] and "Grad-CAM" in read["findings_note"]
+    # the what-if starts from the head's reading, unticked
+    assert read["manual_findings"] is False and read["manual_choice"]["value"] == ["Cardiomegaly"]
+    assert state.reading.named == ["Cardiomegaly"] and state.reading_key == state.case_key
+    # the same study again (e.g. a load that failed): nothing is read again
+    again = named(head_demo.read_study(state), READ)
+    assert all(again[name] == {"__type__": "update"} for name in READ if name != "state")
+
+
+def test_the_findings_panel_says_when_no_head_is_loaded(demo):
+    _, read = loaded_with_findings(demo)
+    assert read["findings_head"]["visible"] is False and read["findings_note"] == NO_HEAD
+    assert "No findings head is loaded" in NO_HEAD
+    before = named(demo.read_study(DemoState()), READ)
+    assert "Load a study" in before["findings_note"]
+
+
+def test_clicking_a_finding_puts_its_grad_cam_on_the_viewer(head_demo):
+    state, read = loaded_with_findings(head_demo)
+    label = next(iter(read["findings_head"]["value"]))
+    click = gr.SelectData(None, {"index": 0, "value": label, "selected": True})
+    shown = named(
+        head_demo.select_finding(state, FILE_WINDOW, 0, 1, False, 0.5, click), FINDING_SHOWN
+    )
+    overlay, image = shown["frontal_view"]  # the overlay first, as for the report's Grad-CAM
+    assert overlay.shape == (1024, 964, 3) and image.shape == (1024, 964)
+    assert not np.array_equal(overlay[..., 0], image)
+    assert (
+        shown["show_cam"] is True and "Grad-CAM of the findings head's" in shown["explain_status"]
+    )
+    assert label.split(" · ")[0] in shown["explain_status"] and "op " in shown["explain_status"]
+    # another finding, another picture
+    effusion = named(
+        head_demo.show_finding(state, "Effusion · op 101%", FILE_WINDOW, 0, 1, False, 0.5),
+        FINDING_SHOWN,
+    )
+    assert not np.array_equal(effusion["frontal_view"][0], overlay)
+    # the report's Grad-CAM still works after it
+    run_generate(head_demo, state)
+    explain = (FILE_WINDOW, 0, 1, False)
+    report = named(head_demo.explain(state, True, WHOLE_REPORT, *explain, 0.5), EXPLAINED)
+    assert "whole of Report A" in report["explain_status"]
+    assert not np.array_equal(report["frontal_view"][0], effusion["frontal_view"][0])
+
+
+def test_clicking_a_finding_without_a_head_is_a_message(demo):
+    state, _ = loaded_with_findings(demo)
+    shown = named(
+        demo.show_finding(state, "Effusion", FILE_WINDOW, 0, 1, False, 0.5), FINDING_SHOWN
+    )
+    assert (
+        "Cannot explain" in shown["explain_status"]
+        and "no findings head" in shown["explain_status"]
+    )
+    assert shown["show_cam"] == {"__type__": "update"} and state.heatmaps == []
+
+
+def test_what_if_writes_the_report_from_the_findings_set_by_hand(
+    head_demo, tiny_llm, tokenizer, monkeypatch
+):
+    app = conditioned_demo(head_demo, tiny_llm, tokenizer)
+    state, _ = loaded_with_findings(app)
+    asked = []
+    stream = app.service.stream
+
+    def spy(*args, findings=None, **kwargs):
+        asked.append(findings)
+        return stream(*args, findings=findings, **kwargs)
+
+    monkeypatch.setattr(app.service, "stream", spy)
+    updates = app.generate(
+        state,
+        "prompt-wise",
+        "greedy",
+        8,
+        1.2,
+        0.7,
+        0.9,
+        False,
+        "s",
+        True,
+        ["Effusion", "Pleural thickening"],
+    )
+    final = named(list(updates)[-1], GENERATED)
+    assert asked == [["Effusion", "Pleural_Thickening"]]
+    assert "written from findings set by hand: Effusion and Pleural thickening" in final["header_a"]
+    condition = state.conditions["prompt-wise"]
+    assert condition.manual and condition.named == ["Effusion", "Pleural_Thickening"]
+    assert "first token" in final["stats"]
+    # none ticked: a normal study
+    final = run_generate_with(app, state, True, [])
+    assert asked[-1] == [] and "set by hand: none (a normal study)" in final["header_a"]
+    # not ticked: the head's reading of the study, already read when it was loaded
+    final = run_generate_with(app, state, False, ["Effusion"])
+    assert (
+        asked[-1] is state.reading
+        and "the findings head's reading: Cardiomegaly" in final["header_a"]
+    )
+    # the report's Grad-CAM scores it under the findings it was written from
+    run_generate_with(app, state, True, ["Effusion"])
+    explain = (FILE_WINDOW, 0, 1, False)
+    shown = named(app.explain(state, True, WHOLE_REPORT, *explain, 0.5), EXPLAINED)
+    assert "Grad-CAM of the whole of Report A" in shown["explain_status"]
+
+
+def run_generate_with(demo, state, manual: bool, chosen: list[str], mode="prompt-wise") -> dict:
+    updates = demo.generate(state, mode, "greedy", 8, 1.2, 0.7, 0.9, False, "s", manual, chosen)
+    return named(list(updates)[-1], GENERATED)
+
+
+def test_a_model_that_takes_no_findings_says_so_when_they_are_set_by_hand(head_demo):
+    state, _ = loaded_with_findings(head_demo)
+    final = run_generate_with(head_demo, state, True, ["Effusion"])
+    assert (
+        "Cannot generate prompt-wise" in final["stats"]
+        and "cannot be given findings" in final["stats"]
+    )
+    assert "failed" not in final["stats"]
+    final = run_generate_with(head_demo, state, True, ["Effusion"], COMPARE_BOTH)
+    assert "cannot be given findings" in final["stats"]
+    # blinded, the message names the slot, never the mode
+    updates = head_demo.generate(
+        state, "prompt-wise", "greedy", 8, 1.2, 0.7, 0.9, True, "s", True, ["Mass"]
+    )
+    final = named(list(updates)[-1], GENERATED)
+    assert "cannot be given findings" in final["stats"] and "prompt" not in final["stats"]
+    # not set by hand: the model writes from the image; the header claims no findings
+    final = run_generate_with(head_demo, state, False, [])
+    assert final["header_a"] == "**prompt-wise**" and "first token" in final["stats"]
+
+
+def test_the_panel_says_whether_the_report_names_the_findings_it_was_written_from(head_demo):
+    from mrg.service import StudyFindings
+
+    said = consistency(["Effusion"], ["Cardiomegaly"], manual=False)
+    assert said == (
+        "⚠️ **Report and findings disagree:** The report names Effusion, which the findings "
+        "head does not find above its operating point; the head finds Cardiomegaly, which the "
+        "report does not name."
+    )
+    assert "Report and findings agree" in consistency(["Cardiomegaly"], ["Cardiomegaly"], False)
+    assert "neither names a finding" in consistency([], [], False)
+    hand = consistency(["Mass", "Nodule"], ["Pleural_Thickening"], manual=True)
+    assert "Mass and Nodule, which were not set by hand" in hand
+    assert "Pleural thickening was set by hand, but the report does not name it" in hand
+
+    state, _ = loaded_with_findings(head_demo)
+    run_generate(head_demo, state)  # an untrained model: whatever it writes, the panel says
+    assert "Report and findings" in head_demo.check_findings(state)
+    reading = StudyFindings({}, {}, ["Cardiomegaly"])
+    state.conditions["prompt-wise"] = reading
+    state.generated["prompt-wise"] = "FINDINGS: Small left pleural effusion. IMPRESSION: Effusion."
+    message = head_demo.check_findings(state)
+    assert "The report names Effusion" in message and "the head finds Cardiomegaly" in message
+    state.generated["prompt-wise"] = "FINDINGS: The heart is enlarged. IMPRESSION: Cardiomegaly."
+    assert "Report and findings agree" in head_demo.check_findings(state)
+    state.conditions["prompt-wise"] = None  # no head: nothing to check against
+    assert head_demo.check_findings(state) == ""
+
+
+def test_the_report_api_returns_the_heads_reading(head_demo):
+    report = head_demo.report(DICOM, None, "prompt-wise")
+    keys = {"findings", "impression", "text", "mode", "checkpoint", "tokens", "views"}
+    assert keys < set(report) and report["mode"] == "prompt-wise"
+    reading = report["findings_head"]
+    assert reading["named"] == ["Cardiomegaly"] and reading["manual"] is False
+    assert len(reading["probabilities"]) == 14 and "p_Effusion" in reading["probabilities"]
+    assert reading["operating_points"]["Cardiomegaly"] == 0.0
+    head_demo.service.findings_head = None
+    assert head_demo.report(DICOM, None, "prompt-wise")["findings_head"] is None
 
 
 def test_compare_with_pasted_reference(demo):
@@ -327,6 +551,7 @@ def test_stateless_report_api(app_server, tmp_path):
     assert report["mode"] == "promptbook-wise" and report["checkpoint"].endswith("promptbook-wise")
     assert report["findings"] and report["impression"] and report["views"] == ["frontal"]
     assert report["text"].startswith("FINDINGS:") and "\nIMPRESSION:" in report["text"]
+    assert report["findings_head"] is None  # no findings head beside the tiny checkpoints
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(500))
     with pytest.raises(AppError, match="Could not load the study.*damaged"):

@@ -1,5 +1,6 @@
 """The reading room in headless Chromium (Playwright) at 1440×900: the reading row, upload,
-window/level, Grad-CAM, blinded A/B review, the keyboard-driven queue and the summary.
+window/level, Grad-CAM, the findings panel, blinded A/B review, the keyboard-driven queue and
+the summary.
 
 Needs Debian's chromium (`apt-get install -y chromium`); `.ci/run` installs it and sets
 MRG_REQUIRE_BROWSER=1 so a missing browser fails there instead of skipping. Screenshots are
@@ -64,7 +65,14 @@ def browser():
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoints, tmp_path_factory):
-    """The app over the tiny checkpoints, with a folder of three radiographs as its queue."""
+    """The app over the tiny checkpoints and a findings head beside them (ImageNet weights, a
+    random classifier), with a folder of three radiographs as its queue."""
+    import torch
+
+    from mrg.model.findings import FindingsHead
+
+    torch.manual_seed(0)
+    FindingsHead().save_pretrained(tiny_checkpoints / "ckpt" / "findings")
     root = tmp_path_factory.mktemp("reading-room")
     cases = root / "cases"
     cases.mkdir()
@@ -107,7 +115,8 @@ def test_upload_alone_loads_and_the_reading_row_fits_the_screen(browser, server)
     generate(page)
     assert page.locator("#findings textarea").input_value().strip()
     assert page.evaluate("window.scrollY") == 0
-    for part in ("#frontal-view", "#findings", "#impression", "#compare-metrics"):
+    page.locator("#findings-check", has_text="Report and findings").wait_for(timeout=60_000)
+    for part in ("#frontal-view", "#findings", "#impression", "#compare-metrics", "#findings-head"):
         assert within_viewport(page, part), part
     page.screenshot(path=str(ARTIFACTS / "reading-row-1440x900.png"))
 
@@ -123,6 +132,29 @@ def test_upload_alone_loads_and_the_reading_row_fits_the_screen(browser, server)
     assert before > 0
     reviews = ReviewStore(server.data / "reviews.sqlite").reviews("row")
     assert [(r.reviewer, r.verdict) for r in reviews] == [("Dr Browser", "minor error")]
+
+
+def test_the_findings_panel_reads_the_study_and_a_click_shows_that_findings_grad_cam(
+    browser, server
+):
+    page = open_page(browser, server, "findings")
+    page.locator("#frontal-upload input[type=file]").set_input_files(DICOM)
+    page.get_by_text("Study loaded from upload").wait_for(timeout=60_000)
+    rows = page.locator("#findings-head .confidence-set")
+    rows.first.wait_for(timeout=60_000)  # read after the study is shown
+    assert rows.count() == 14
+    assert all(" · op " in text for text in rows.all_inner_texts())
+    page.evaluate("window.scrollTo(0, 0)")  # filling the review session scrolled down to it
+    assert within_viewport(page, "#findings-head")
+    page.get_by_text("p ≥ op (operating point)").wait_for()
+    page.wait_for_function(f"({SHOWN_MEAN})() !== null", timeout=30_000)
+    plain = page.evaluate(SHOWN_MEAN)
+    chosen = rows.nth(1).inner_text().split(" · ")[0]
+    rows.nth(1).click()
+    page.get_by_text(f"Grad-CAM of the findings head's {chosen}").wait_for(timeout=120_000)
+    page.wait_for_function(f"![null, {plain}].includes(({SHOWN_MEAN})())", timeout=30_000)
+    assert page.locator("#show-cam input").is_checked()
+    page.screenshot(path=str(ARTIFACTS / "findings-panel-1440x900.png"))
 
 
 def test_window_level_changes_the_shown_pixels_of_a_16_bit_dicom(browser, server):

@@ -1,9 +1,9 @@
-"""The page: one reading row (viewer | report | reference), the review below it.
+"""The page: one reading row (viewer | findings head | report | reference), the review below it.
 
-``DemoApp`` mixes the panels' handlers (``viewer``, ``generation``, ``explanation``,
-``comparison``, ``review``); each panel builds its own components into one dict ``c``
-(name → component) and wires its own events, so a handler is found in the file where its
-panel is built. Handlers return plain values (or yield them, for streaming) so they can be
+``DemoApp`` mixes the panels' handlers (``viewer``, ``findings``, ``generation``,
+``explanation``, ``comparison``, ``review``); each panel builds its own components into one
+dict ``c`` (name → component) and wires its own events, so a handler is found in the file
+where its panel is built. Handlers return plain values (or yield them, for streaming) so they can be
 tested without a browser; every user-facing failure becomes a message in the page.
 """
 
@@ -28,6 +28,7 @@ from mrg.ui.common import (
 )
 from mrg.ui.comparison import ComparisonPanel
 from mrg.ui.explanation import ExplanationPanel
+from mrg.ui.findings import FindingsPanel
 from mrg.ui.generation import GenerationPanel
 from mrg.ui.review import ReviewPanel
 from mrg.ui.viewer import LOADED, ViewerPanel
@@ -47,10 +48,20 @@ CSS = """
 #compare-table table {width: 100%}
 #compare-table th, #compare-table td {overflow-wrap: break-word; padding: 3px 5px}
 mark.agree-matched, mark.agree-missed, mark.agree-hallucinated {padding: 0 1px; color: inherit}
+#findings-head {padding: 6px 8px !important}
+#findings-head .confidence-set {margin-bottom: 2px; font-family: inherit; font-size: 0.8em;
+  cursor: pointer}
+#findings-head .bar {margin-bottom: 1px}
+#findings-head .text {line-height: 1.25}
+#findings-head .line {display: none}
+#manual-choice label {padding: 1px 6px !important; font-size: 0.8em}
+#findings-note p, #findings-check p {margin: 2px 0; font-size: 0.86em}
 """
 
 
-class DemoApp(ViewerPanel, GenerationPanel, ExplanationPanel, ComparisonPanel, ReviewPanel):
+class DemoApp(
+    ViewerPanel, FindingsPanel, GenerationPanel, ExplanationPanel, ComparisonPanel, ReviewPanel
+):
     """The demo's handlers; ``build`` lays them out as Gradio Blocks.
 
     ``service`` may still be loading (``mrg.loading.Loading``): the page is built from
@@ -117,11 +128,13 @@ class DemoApp(ViewerPanel, GenerationPanel, ExplanationPanel, ComparisonPanel, R
             until_loaded = gr.Timer(1.0, active=not self.loading.ready())
             self._build_study_row(c)
             with gr.Row(elem_id="reading-row"):
-                with gr.Column(scale=6, min_width=420):
+                with gr.Column(scale=11, min_width=420):
                     self._build_viewer(c)
-                with gr.Column(scale=4, min_width=320):
+                with gr.Column(scale=4, min_width=220):
+                    self._build_findings(c)
+                with gr.Column(scale=7, min_width=290):
                     self._build_generation(c, modes)
-                with gr.Column(scale=4, min_width=320):
+                with gr.Column(scale=7, min_width=290):
                     self._build_comparison(c)
             self._build_queue(c)
             self._build_review(c)
@@ -132,11 +145,12 @@ class DemoApp(ViewerPanel, GenerationPanel, ExplanationPanel, ComparisonPanel, R
                 self.banner_now, [c["blinded"]], [c["banner"], until_loaded], api_name=False
             )
             loaded = [c[name] for name in LOADED]
-            self._wire_viewer(c)
+            loads = self._wire_viewer(c)
             generation = self._wire_generation(c)
             self._wire_explanation(c, generation)
             self._wire_comparison(c, generation)
-            self._wire_review(c, loaded, generation)
+            loads += self._wire_review(c, loaded, generation)
+            self._wire_findings(c, loads, generation)
             c["blinded"].change(
                 self.set_blinded,
                 [c["blinded"], c["session"]],

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from mrg.data.datasets import StudyRecord
     from mrg.data.study import Study
     from mrg.review import Blinding
-    from mrg.service import ServiceInfo
+    from mrg.service import ServiceInfo, StudyFindings
 
 log = logging.getLogger("mrg.ui")
 COMPARE_BOTH = "compare both"
@@ -76,11 +76,17 @@ class DemoState:
     ``shown``: the modes whose reports fill Report A and Report B, in that order (one or
     two); ``blinding`` is set where a blinded session chose that order. ``generated``: the
     text each mode wrote for ``study``. ``position``: where the review queue stands.
+    ``reading``: the findings head's reading of ``study`` (``StudyFindings``; None without a
+    head), read for ``reading_key``; ``conditions``: per mode, the findings its report was
+    written from (the head's reading, or findings set by hand).
     """
 
     study: Study | None = None
     case_key: str = ""
     generated: dict[str, str] = field(default_factory=dict)
+    reading: StudyFindings | None = None
+    reading_key: str = ""
+    conditions: dict[str, StudyFindings | None] = field(default_factory=dict)
     shown: list[str] = field(default_factory=list)
     blinding: Blinding | None = None
     heatmaps: list = field(default_factory=list)

@@ -1,5 +1,7 @@
 """The explanation panel's handler: Grad-CAM of Report A, or of one of its sentences, shown
-on the viewer's own images (the viewer's "Grad-CAM overlay" toggle and opacity)."""
+on the viewer's own images (the viewer's "Grad-CAM overlay" toggle and opacity). A report is
+scored under the findings it was written from. The findings panel puts the Grad-CAM of one
+finding of the findings head on the same overlay (``mrg.ui.findings``)."""
 
 from __future__ import annotations
 
@@ -48,7 +50,9 @@ class ExplanationPanel:
             return shown("**Generate a report first**, then turn on the Grad-CAM overlay.")
         chosen = None if sentence in (None, "", WHOLE_REPORT) else sentence
         try:
-            state.heatmaps = self.service.explain(state.study, mode, report, chosen)
+            state.heatmaps = self.service.explain(
+                state.study, mode, report, chosen, findings=state.conditions.get(mode)
+            )
         except ValueError as err:
             state.heatmaps = []
             return shown(f"**Cannot explain:** {err}")

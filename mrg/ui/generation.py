@@ -46,6 +46,8 @@ GENERATE_INPUTS = (
     "top_p",
     "blinded",
     "session",
+    "manual_findings",
+    "manual_choice",
 )
 
 
@@ -80,8 +82,13 @@ class GenerationPanel:
         top_p: float,
         blinded: bool = False,
         session: str = "default",
+        manual: bool = False,
+        chosen: list[str] | None = None,
     ):
-        """Stream the ``GENERATED`` outputs while Report A, then Report B, is written."""
+        """Stream the ``GENERATED`` outputs while Report A, then Report B, is written.
+
+        ``manual``: write from the findings ``chosen`` by hand (display names; none ticked is
+        a normal study) instead of the findings head's reading (what-if)."""
         if state.study is None:
             yield self._message(state, "**Load a study first.**")
             return
@@ -93,22 +100,23 @@ class GenerationPanel:
                 temperature=float(temperature),
                 top_p=float(top_p),
             ).validate()
+            findings = self.findings_to_write_from(state, manual, chosen)
             modes, headers = self._shown_modes(state, mode, blinded, session)
         except ValueError as err:
             yield self._message(state, f"**Cannot generate:** {err}")
             return
-        state.shown, state.generated, state.heatmaps = modes, {}, []
+        state.shown, state.generated, state.heatmaps, state.conditions = modes, {}, [], {}
         boxes = ["", "", "", ""]
         two = gr.update(visible=len(modes) > 1)
-        header_b = f"**{headers[1]}**" if len(modes) > 1 else ""
+        titles = [f"**{header}**" for header in headers]
         stats = []
 
         def out(status, sentence=None):
             return (
-                f"**{headers[0]}**",
+                titles[0],
                 boxes[0],
                 boxes[1],
-                header_b,
+                titles[1] if len(modes) > 1 else "",
                 boxes[2],
                 boxes[3],
                 two,
@@ -120,9 +128,17 @@ class GenerationPanel:
         for slot, current in enumerate(modes):
             update = None
             try:
-                for update in self.service.stream(state.study, current, decoding):
+                stream = self.service.stream(state.study, current, decoding, findings=findings)
+                for update in stream:
+                    titles[slot] = f"**{headers[slot]}**" + self.written_from(
+                        current, update.condition
+                    )
                     boxes[2 * slot], boxes[2 * slot + 1] = update.findings, update.impression
                     yield out(f"Generating {headers[slot]}… {update.tokens} tokens")
+            except ValueError as err:  # e.g. findings set by hand for a model that takes none
+                said = str(err).replace(current, headers[slot])  # a blinded page names no mode
+                yield out(f"**Cannot generate {headers[slot]}:** {said}")
+                return
             except Exception as err:  # noqa: BLE001 — a model failure must not take the app down
                 from mrg.batching import ServiceBusy
 
@@ -135,6 +151,7 @@ class GenerationPanel:
                 )
                 return
             state.generated[current] = update.text if update else ""
+            state.conditions[current] = update.condition if update else None
             if update is not None:
                 rate = f"{update.tokens_per_s:.1f} tokens/s" if update.tokens_per_s else "—"
                 ttft = f"{update.ttft_s:.2f} s" if update.ttft_s is not None else "—"
@@ -182,6 +199,7 @@ class GenerationPanel:
             "checkpoint": self.service.info.checkpoints.get(mode, "untrained"),
             "tokens": update.tokens,
             "views": [v.position for v in study.views],
+            "findings_head": update.condition.as_dict() if update.condition else None,
         }
 
     # ------------------------------------------------------------------ layout
@@ -191,7 +209,7 @@ class GenerationPanel:
             c["mode"] = gr.Radio(
                 modes, value=modes[0], label="Prompt customization", elem_id="mode", scale=3
             )
-            with gr.Column(scale=1, min_width=120):
+            with gr.Column(scale=1, min_width=100):
                 c["generate"] = gr.Button("Generate report", variant="primary", elem_id="generate")
                 c["stop"] = gr.Button("Stop", variant="stop", size="sm")
         c["header_a"] = gr.Markdown(elem_id="header-a")

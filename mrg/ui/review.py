@@ -367,20 +367,25 @@ class ReviewPanel:
                 label="Export", interactive=False, elem_id="export-file", height=80
             )
 
-    def _wire_review(self, c: dict, loaded: list, generation) -> None:
+    def _wire_review(self, c: dict, loaded: list, generation) -> list:
+        """Returns the events that load a case, for what follows a study's loading."""
         queue_outputs = [*loaded, c["progress"], c["case"]]
-        for button, step in (
-            (c["previous_case"], "previous"),
-            (c["next_case"], "next"),
-            (c["next_unreviewed"], "unreviewed"),
-        ):
+        loads = [
             button.click(
                 lambda state, session, step=step: self.go(state, session, step),
                 [c["state"], c["session"]],
                 queue_outputs,
                 api_name=f"queue_{step}",
             )
-        c["case"].input(self.load_case, [c["state"], c["case"]], loaded, api_name="load_case")
+            for button, step in (
+                (c["previous_case"], "previous"),
+                (c["next_case"], "next"),
+                (c["next_unreviewed"], "unreviewed"),
+            )
+        ]
+        loads.append(
+            c["case"].input(self.load_case, [c["state"], c["case"]], loaded, api_name="load_case")
+        )
         c["save"].click(
             self.save_review,
             [c[name] for name in SAVE_INPUTS],
@@ -415,6 +420,7 @@ class ReviewPanel:
             [c["export_file"]],
             api_name="export_json",
         )
+        return loads
 
     @staticmethod
     def _review_layout(state: DemoState):

@@ -86,6 +86,7 @@ class ViewerPanel:
     def _loaded(self, state: DemoState, study: Study, key: str, reference: str, message: str):
         state.study, state.case_key, state.generated, state.heatmaps = study, key, {}, []
         state.shown, state.blinding = [], None
+        state.reading, state.reading_key, state.conditions = None, "", {}
         first = study.views[0].image
         if first.values is not None:
             low, high = float(first.values.min()), float(first.values.max())
@@ -283,12 +284,21 @@ class ViewerPanel:
             )
         with gr.Row():
             c["preset"] = gr.Dropdown(
-                PRESETS, value=FILE_WINDOW, label="Window preset", elem_id="window-preset", scale=2
+                PRESETS,
+                value=FILE_WINDOW,
+                label="Window preset",
+                elem_id="window-preset",
+                scale=1,
+                min_width=135,
             )
-            c["center"] = gr.Slider(0, 1, value=0.5, label="Level (center)", elem_id="level")
-            c["width"] = gr.Slider(2, 4, value=2, label="Window (width)", elem_id="window")
+            c["center"] = gr.Slider(
+                0, 1, value=0.5, label="Level (center)", elem_id="level", min_width=110
+            )
+            c["width"] = gr.Slider(
+                2, 4, value=2, label="Window (width)", elem_id="window", min_width=110
+            )
             c["invert"] = gr.Checkbox(
-                label="Invert", value=False, elem_id="invert", scale=1, min_width=90
+                label="Invert", value=False, elem_id="invert", scale=1, min_width=80
             )
         with gr.Row():
             c["show_cam"] = gr.Checkbox(
@@ -302,24 +312,27 @@ class ViewerPanel:
         with gr.Accordion("Image details", open=False):
             c["meta"] = gr.Markdown(elem_id="meta")
 
-    def _wire_viewer(self, c: dict) -> None:
+    def _wire_viewer(self, c: dict) -> list:
+        """Returns the loading events, for what follows a study's loading (its findings)."""
         loaded = [c[name] for name in LOADED]
         views = [c["frontal_view"], c["lateral_view"]]
-        c["frontal_file"].upload(
-            self.load_upload,
-            [c["state"], c["frontal_file"], c["lateral_file"]],
-            loaded,
-            api_name="load_upload",
-        )
-        c["lateral_file"].upload(
-            self.load_upload,
-            [c["state"], c["frontal_file"], c["lateral_file"]],
-            loaded,
-            api_name=False,
-        )
-        c["example"].change(
-            self.load_example, [c["state"], c["example"]], loaded, api_name="load_example"
-        )
+        loads = [
+            c["frontal_file"].upload(
+                self.load_upload,
+                [c["state"], c["frontal_file"], c["lateral_file"]],
+                loaded,
+                api_name="load_upload",
+            ),
+            c["lateral_file"].upload(
+                self.load_upload,
+                [c["state"], c["frontal_file"], c["lateral_file"]],
+                loaded,
+                api_name=False,
+            ),
+            c["example"].change(
+                self.load_example, [c["state"], c["example"]], loaded, api_name="load_example"
+            ),
+        ]
         c["preset"].input(
             self.choose_preset,
             [c[name] for name in VIEWER_INPUTS],
@@ -336,3 +349,4 @@ class ViewerPanel:
         shown = [c[name] for name in VIEWER_INPUTS]
         c["invert"].change(self.render, shown, views, api_name=False)
         c["opacity"].release(self.render, shown, views, api_name=False)
+        return loads
