@@ -18,6 +18,8 @@ from typing import Any
 from mrg.environment import setting
 
 CUSTOMIZER_MODES = ("static", "prompt-wise", "promptbook-wise")
+CONDITIONINGS = ("visual", "visual+findings")  # what the customizers' affine heads see
+FINDINGS_PROMPTS = ("none", "words")  # how the findings enter the instruction
 CUSTOMIZED_MODES = CUSTOMIZER_MODES[1:]  # the two instance-level customizations (MRG-LLM's)
 CONFIG_NAME = "mrg_config.json"  # a checkpoint folder's model config (beside model.safetensors)
 DEFAULT_CHECKPOINTS = Path(__file__).resolve().parents[1] / "assets" / "checkpoints"
@@ -138,8 +140,21 @@ class CustomizerConfig:
     top_k: int = 0  # 0: dense softmax over the whole book
     hidden_dim: int = 256  # width of the MLPs that give the affine parameters and the query
     temperature: float = 1.0  # softmax temperature over the book's keys
+    # "visual": γ(v), β(v) as in MRG-LLM; "visual+findings": γ(v, y), β(v, y) with y the
+    # 15-entry findings vector (14 ChestX-ray14 probabilities and "normal")
+    conditioning: str = "visual"
+
+    @property
+    def uses_findings(self) -> bool:
+        return self.conditioning == "visual+findings"
 
     def validate(self) -> None:
+        if self.conditioning not in CONDITIONINGS:
+            raise ConfigError(
+                f"customizer.conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}"
+            )
+        if self.mode == "static" and self.uses_findings:
+            raise ConfigError("customizer.conditioning: the static prompt has no affine heads to condition")
         if self.mode not in CUSTOMIZER_MODES:
             raise ConfigError(
                 f"customizer.mode must be one of {CUSTOMIZER_MODES}, got {self.mode!r}"
@@ -166,6 +181,13 @@ class ModelConfig(ConfigBase):
     instruction: str = DEFAULT_INSTRUCTION  # the system message of the chat template
     max_report_tokens: int = 100  # target length in training (longer reports are left out)
     max_views: int = 2  # 1: frontal only; 2: frontal and lateral
+    # "words": the findings y names above its operating points are written into the user
+    # turn after the image ("Findings: Cardiomegaly, Effusion."), PromptMRG's way in
+    findings_prompt: str = "none"
+
+    @property
+    def uses_findings(self) -> bool:
+        return self.customizer.uses_findings or self.findings_prompt != "none"
 
     def validate(self) -> ModelConfig:
         self.llm.validate()
@@ -175,6 +197,10 @@ class ModelConfig(ConfigBase):
             raise ConfigError(f"max_report_tokens must be >= 1, got {self.max_report_tokens}")
         if self.max_views not in (1, 2):
             raise ConfigError(f"max_views must be 1 or 2, got {self.max_views}")
+        if self.findings_prompt not in FINDINGS_PROMPTS:
+            raise ConfigError(
+                f"findings_prompt must be one of {FINDINGS_PROMPTS}, got {self.findings_prompt!r}"
+            )
         return self
 
 
@@ -211,6 +237,9 @@ class Decoding:
     no_repeat_ngram_size: int = 3  # 0: off; a token n-gram is never written twice
     temperature: float = 0.7
     top_p: float = 0.9
+    # a findings-conditioned report begins with its findings' sentences ("Cardiomegaly."),
+    # forced, and the LLM continues them
+    lead_with_findings: bool = False
 
     def validate(self) -> Decoding:
         if self.strategy not in ("greedy", "beam", "sample"):
@@ -261,11 +290,25 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "demo-checkpoints": {
         "model": {
             "encoder": {"freeze_stem": True},  # as demo-cpu
-            "customizer": {"prompt_length": 32},  # room for the language stage to steer 135M
+            "customizer": {
+                "prompt_length": 32,  # room for the language stage to steer 135M
+                # the report is written from the findings head's findings (scripts/
+                # build_findings_head.py): an image-only prompt wrote a normal report for
+                # every image; the affine heads see y beside v (static: words only)
+                "conditioning": "visual+findings",
+            },
+            # the findings as words in the user turn too: the frozen LLM follows words
+            # (measured: label fidelity of the language stage, assets/MODEL_CARD.md)
+            "findings_prompt": "words",
             "max_views": 1,  # NIH ChestX-ray14 has frontal images only
         },
         "train": {
-            "language": {"epochs": 2, "lr": 3e-3},  # a soft prompt takes a large lr
+            # a soft prompt takes a large lr; one pass of max_steps_per_epoch batches, half
+            # of whose reports name a finding, with the findings in view from the first step
+            "language": {"epochs": 1, "lr": 3e-3},
+            "max_steps_per_epoch": 200,  # caps the language pass (image epochs are shorter)
+            "language_abnormal_share": 0.5,
+            "language_finding_weight": 3.0,  # sentences naming a finding weigh 3x
             "align": {"epochs": 3, "lr": 5e-4},
             "generate": {"epochs": 1, "lr": 1e-3},
             "encoder_lr_scale": 0.1,  # generation must not overwrite what alignment learned
@@ -332,4 +375,6 @@ def model_preset(name: str, mode: str | None = None) -> ModelConfig:
     config = ModelConfig.from_dict(merged(ModelConfig().to_dict(), preset(name)["model"]))
     if mode is not None:
         config.customizer.mode = mode
+    if config.customizer.mode == "static":  # no affine heads: findings reach it as words only
+        config.customizer.conditioning = "visual"
     return config.validate()
