@@ -40,15 +40,15 @@ from mrg.config import (
 from mrg.data.reports import split_sentences
 from mrg.data.sections import split_sections
 from mrg.data.study import Study, batch_tensors
-from mrg.evaluation.labeler import CHEXPERT14, LABEL_MAPS, POSITIVE, ReportLabeler
+from mrg.evaluation.labeler import LABEL_MAPS, POSITIVE, ReportLabeler
 from mrg.evaluation.metrics import nlg_scores
 from mrg.explain import Heatmap, explain, explain_finding
 from mrg.model import Decoding, MRGModel
+from mrg.model.findings import FINDINGS_CONFIG_NAME, FINDINGS_FOLDER, FindingsHead
 from mrg.model.llm import cpu_prefers_bf16, load_frozen_llm, quantization_in_effect
 from mrg.model.mrg_model import text_increments
-from mrg.model.findings import FINDINGS_CONFIG_NAME, FINDINGS_FOLDER, FindingsHead
 from mrg.model.views import Views
-from mrg.text.taxonomy import FINDINGS14, finding_named, findings_vector
+from mrg.text.taxonomy import CHEXPERT14, FINDINGS14, finding_named, findings_vector
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,12 @@ The recipe is the ``demo-checkpoints`` preset; this script orchestrates it (resu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -35,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np
 from safetensors.torch import load_file
 
-from mrg.config import DEFAULT_DECODING
+from mrg.config import CONFIG_NAME, DEFAULT_DECODING, ModelConfig
 from mrg.data.datasets import load_annotation
 from mrg.data.language import HeldOut, report_corpus
 from mrg.data.pairs import build_pairs
@@ -47,11 +49,15 @@ from mrg.evaluation.demo_card import (
     ceiling_table,
     ceiling_verdict,
     common_report_shift,
+    constant_findings_baselines,
     dependence_table,
+    fidelity_table,
     findings_ceiling,
     floor_verdict,
+    head_table,
     image_dependence,
     language_losses,
+    listed_findings_report,
     markdown,
     model_card,
     naming_a_finding,
@@ -61,18 +67,22 @@ from mrg.evaluation.demo_card import (
     training_seconds,
     verdict,
 )
+from mrg.evaluation.fidelity import fidelity_sample, language_fidelity
 from mrg.evaluation.labeler import ReportLabeler
 from mrg.evaluation.runner import generate_split
 from mrg.evaluation.text_quality import corpus_counts, quality_table, text_quality
 from mrg.model import MRGModel
+from mrg.model.findings import FINDINGS_CONFIG_NAME, FINDINGS_FOLDER, FindingsHead
 from mrg.model.llm import load_frozen_llm
 from mrg.model.mrg_model import WEIGHTS_NAME
+from mrg.text.taxonomy import FINDINGS14
 from mrg.train.config import StageConfig, train_preset
 from mrg.train.trainer import Trainer
 
 log = logging.getLogger("build_demo_checkpoints")
 SHARED = Path(setting("MRG_SHARED_DATA"))
 REPORTS = SHARED / "iu_xray" / "NLMCXR_reports.tgz"
+WORDS_ONLY = dataclasses.replace(DEFAULT_DECODING, lead_with_findings=False)
 
 
 def generations_of(checkpoint: Path, rows_file: Path) -> Path:
@@ -84,6 +94,22 @@ def generations_of(checkpoint: Path, rows_file: Path) -> Path:
         rows_file.unlink(missing_ok=True)
         stamp.write_text(digest)
     return rows_file
+
+
+def generate_split_listing(head: FindingsHead, records) -> list[dict]:
+    """Each study's report as the list of the findings the head names (no LLM)."""
+    from mrg.data.datasets import Collate, StudyDataset
+
+    dataset, collate, rows = StudyDataset(records), Collate(head.config.image_size, 1), []
+    for start in range(0, len(records), 16):
+        batch = collate([dataset[i] for i in range(start, min(start + 16, len(records)))])
+        _, y = head.predict(batch.views)
+        for study_id, reference, row in zip(batch.study_ids, batch.reports, y.tolist()):
+            named = [f for f, v in zip(FINDINGS14, row) if v]
+            rows.append(
+                {"id": study_id, "reference": reference, "generated": listed_findings_report(named)}
+            )
+    return rows
 
 
 def demo_config(mode: str, annotation: Path, images: Path, output_dir: Path):
@@ -100,7 +126,7 @@ def demo_config(mode: str, annotation: Path, images: Path, output_dir: Path):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--modes", nargs="+", default=["prompt-wise", "promptbook-wise", "static"])
+    parser.add_argument("--modes", nargs="+", default=["prompt-wise", "promptbook-wise"])
     parser.add_argument(
         "--ship",
         nargs="+",
@@ -143,6 +169,22 @@ def main() -> None:
         corpus.redacted,
     )
 
+    head_dir = Path(args.assets) / FINDINGS_FOLDER
+    if not (head_dir / FINDINGS_CONFIG_NAME).is_file():
+        raise SystemExit(
+            f"no findings head in {head_dir}: run scripts/build_findings_head.py first"
+        )
+    head = FindingsHead.from_pretrained(head_dir)
+    # The paper's image-only form as shipped before the findings head: kept to be measured
+    # beside the findings-conditioned models (copied once, before they are overwritten).
+    previous = out / "v-only"
+    for mode in args.ship:
+        source = Path(args.assets) / mode
+        is_previous = (source / CONFIG_NAME).is_file() and not ModelConfig.load(
+            source / CONFIG_NAME
+        ).uses_findings
+        if is_previous and not (previous / mode).is_dir():
+            shutil.copytree(source, previous / mode)
     llm, tokenizer = load_frozen_llm(train_preset("demo-checkpoints").model.llm)
     # The language and alignment stages train the plain prompt and the encoder, neither of
     # which depends on the mode: run them once and start every mode from the result.
@@ -154,6 +196,25 @@ def main() -> None:
         model = MRGModel(config.model, llm, tokenizer)
         Trainer(config, model, train, val, resume=True, language=corpus).fit()
     shared_weights = load_file(str(shared / "last" / "model.safetensors"))
+    # Label fidelity of the language stage: the prompt writing from the true findings of
+    # OpenI reports it never saw (its validation texts and the held-out references), with no
+    # image (the words way, without and with the lead; other ways: scripts/fidelity_ways.py).
+    fidelity = {}
+    for way, decoding in (("words", WORDS_ONLY), ("words, leading with them", DEFAULT_DECODING)):
+        fidelity_file = shared / f"fidelity-{way.split(',')[0]}{'-lead' if ',' in way else ''}.json"
+        if not fidelity_file.is_file():
+            model = MRGModel(
+                demo_config("static", annotation, images, shared).model, llm, tokenizer
+            )
+            model.customizer.set_plain_prompt(shared_weights["customizer.prompt"])
+            sample = fidelity_sample(corpus.val + corpus.held_out_texts)
+            scores, rows = language_fidelity(model, sample, decoding)
+            fidelity_file.write_text(json.dumps({"scores": scores, "rows": rows}, indent=1) + "\n")
+        fidelity[way] = json.loads(fidelity_file.read_text())["scores"]
+    other_ways = Path(args.assets).parent / "fidelity_ways.json"  # scripts/fidelity_ways.py
+    if other_ways.is_file():
+        fidelity.update(json.loads(other_ways.read_text()))
+    log.info("language fidelity: %s", fidelity)
     results, timings, generations, dependence = {}, {}, {}, {}
     labeler = ReportLabeler()
     recipe = train_preset("demo-checkpoints")  # what the card states; each mode runs one stage
@@ -170,10 +231,10 @@ def main() -> None:
         timings[mode] = training_seconds(read_log(out / mode / "log.jsonl"))
         best = MRGModel.from_pretrained(out / mode / "best", llm=llm, tokenizer=tokenizer).eval()
         cache = generations_of(out / mode / "best", out / mode / "test_generations.jsonl")
-        rows = generate_split(best, test, cache, DEFAULT_DECODING)
+        rows = generate_split(best, test, cache, DEFAULT_DECODING, findings_head=head)
         results[mode] = score(rows, image_labels, labeler)
         generations[mode] = rows
-        blank = blank_image_report(best, DEFAULT_DECODING)
+        blank = blank_image_report(best, DEFAULT_DECODING, head)
         blank_rows = [dict(r, generated=blank) for r in rows]
         dependence[mode] = {
             **image_dependence(rows),
@@ -184,20 +245,46 @@ def main() -> None:
         log.info("%s: %s %s", mode, results[mode], dependence[mode])
         if mode in args.ship:
             best.save_pretrained(Path(args.assets) / mode, dtype=torch.float16)
+    for mode in args.ship:  # the paper's v-only form, as shipped before
+        if (previous / mode / CONFIG_NAME).is_file():
+            name = f"{mode}, v only (previous)"
+            model = MRGModel.from_pretrained(previous / mode, llm=llm, tokenizer=tokenizer).eval()
+            rows = generate_split(model, test, out / "v-only" / f"{mode}.jsonl", DEFAULT_DECODING)
+            results[name], generations[name] = score(rows, image_labels, labeler), rows
+            dependence[name] = {
+                **image_dependence(rows),
+                "naming_a_finding": naming_a_finding(rows, labeler),
+                "blank_report": blank_image_report(model, DEFAULT_DECODING),
+            }
+            dependence[name]["blank_CE_micro_F1"] = score(
+                [dict(r, generated=dependence[name]["blank_report"]) for r in rows],
+                image_labels,
+                labeler,
+            )["CE_micro_F1"]
+    # The head's own reading, its findings listed (no LLM): what a faithful report scores.
+    head_rows = generate_split_listing(head, test)
+    results["findings head, listed (no LLM)"] = score(head_rows, image_labels, labeler)
     align_log = [r for r in read_log(shared / "log.jsonl") if r.get("stage") == "align"]
     align_seconds = training_seconds(align_log)
     test_rows = [{"id": r.study_id, "reference": r.report} for r in test]
     for name, rows in baselines([r.report for r in train], test_rows).items():
         results[name] = score(rows, image_labels, labeler)
+    for name, rows in constant_findings_baselines([r.labels for r in train], test_rows).items():
+        results[name] = score(rows, image_labels, labeler)
     shared_log = read_log(shared / "log.jsonl")
     counts = corpus_counts(REPORTS)
-    quality = {"real reports (test references)": text_quality([r.report for r in test], counts)}
+    quality = {
+        "real reports (test references)": text_quality(
+            [r.report for r in test], counts, labeler=labeler
+        )
+    }
     quality.update(
         {
-            mode: text_quality([r["generated"] for r in rows], counts)
+            mode: text_quality([r["generated"] for r in rows], counts, labeler=labeler)
             for mode, rows in generations.items()
         }
     )
+    head_metrics = json.loads((Path(args.assets).parent / "findings_metrics.json").read_text())
     measured = {
         "results": results,
         "text_quality": {name: q.as_dict() for name, q in quality.items()},
@@ -205,6 +292,16 @@ def main() -> None:
         "language": language_losses(shared_log),
         "align_seconds": align_seconds,
         "generate_seconds": timings,
+        "fidelity": fidelity,
+        "abnormal_test_share": float(np.mean([bool(r.labels) for r in test])),
+        "test_images": [r.image_paths[0].name for r in test],
+        "checkpoints": {
+            mode: hashlib.sha256((Path(args.assets) / mode / WEIGHTS_NAME).read_bytes()).hexdigest()
+            for mode in args.ship
+        },
+        "findings_head": hashlib.sha256(
+            (head_dir / "findings.safetensors").read_bytes()
+        ).hexdigest(),
     }
     # The card's numbers, kept beside it so that a test can check the card against them.
     for path in (out / "metrics.json", Path(args.assets).parent / "demo_metrics.json"):
@@ -224,7 +321,18 @@ def main() -> None:
             args="".join(f" {a}" for a in sys.argv[1:] if a != "--skip-train"),
             prompt_length=recipe.model.customizer.prompt_length,
             language_reports=len(corpus.train),
-            language=recipe.language.epochs,
+            language_steps=recipe.max_steps_per_epoch,
+            finding_weight=recipe.language_finding_weight,
+            fidelity_table=fidelity_table(fidelity),
+            head_table=head_table(head_metrics),
+            head_chosen=head_metrics["chosen"],
+            head_epochs=head_metrics["epochs"],
+            head_candidates="; ".join(
+                f"{name} {max(run['val_auroc_by_epoch']):.3f}"
+                for name, run in head_metrics["candidates"].items()
+            ),
+            head_named_share=head_metrics["test"]["named_share"],
+            abnormal_test_share=head_metrics["test"]["abnormal_share"],
             language_lr=recipe.language.lr,
             language_held_out=corpus.held_out,
             language_redacted=corpus.redacted,
@@ -252,7 +360,6 @@ def main() -> None:
             **pair_statistics([r.report for r in train], [r.report for r in test]),
             ceiling_table=ceiling_table(ceiling),
             ceiling_verdict=ceiling_verdict(ceiling, results),
-            findings_per_report=float(np.mean([len(r.labels) for r in train])),
             **common_report_shift(train, test, labeler),
         )
     )

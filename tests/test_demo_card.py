@@ -23,9 +23,12 @@ from mrg.evaluation.demo_card import (
     ceiling_table,
     ceiling_verdict,
     common_report_shift,
+    constant_findings_baselines,
+    fidelity_table,
     floor_verdict,
     image_dependence,
     language_losses,
+    listed_findings_report,
     markdown,
     model_card,
     naming_a_finding,
@@ -35,7 +38,8 @@ from mrg.evaluation.demo_card import (
     training_seconds,
     verdict,
 )
-from mrg.evaluation.labeler import FINDINGS14, ReportLabeler
+from mrg.evaluation.labeler import ReportLabeler
+from mrg.text.taxonomy import FINDINGS14
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_demo_checkpoints.py"
 CARDIOMEGALY = "The heart is enlarged. Cardiomegaly is present in this chest radiograph today."
@@ -423,3 +427,55 @@ def test_cached_generations_never_outlive_their_checkpoint(tmp_path):
     (best / "model.safetensors").write_bytes(b"epoch 3")  # retrained
     build.generations_of(best, rows)
     assert not rows.exists()
+
+
+def test_constant_findings_baselines_name_the_most_frequent_findings(labeler):
+    train = [["Effusion"], ["Effusion", "Mass"], ["Mass"], ["Effusion"], []]
+    rows = [{"id": "a", "reference": "r"}]
+    found = constant_findings_baselines(train, rows, ks=(1, 2))
+    (top1,) = [v for k, v in found.items() if "top 1" in k]
+    (top2,) = [v for k, v in found.items() if "top 2" in k]
+    assert [f for f, v in labeler.label14(top1[0]["generated"]).items() if v] == ["Effusion"]
+    assert {f for f, v in labeler.label14(top2[0]["generated"]).items() if v} == {
+        "Effusion",
+        "Mass",
+    }
+    assert listed_findings_report([]).startswith("FINDINGS: No acute findings.")
+
+
+def test_fidelity_table_has_a_row_per_way_and_a_column_per_finding_given():
+    scores = {
+        "words": {
+            "reports": 3,
+            "given_positives": 2,
+            "written_positives": 2,
+            "micro_f1": 1.0,
+            "macro_f1": 1.0,
+            "per_finding": {"Mass": 1.0},
+        },
+        "affine": {
+            "reports": 3,
+            "given_positives": 2,
+            "written_positives": 0,
+            "micro_f1": 0.0,
+            "macro_f1": 0.0,
+            "per_finding": {"Edema": 0.0},
+        },
+    }
+    table = fidelity_table(scores)
+    assert "| words | 3 | 2 | 2 | 1.000 | 1.000 | – | 1.00 |" in table
+    assert "| affine | 3 | 2 | 0 | 0.000 | 0.000 | 0.00 | – |" in table
+
+
+def test_text_floors_count_prior_study_claims_and_contradictions(labeler):
+    from collections import Counter
+
+    from mrg.evaluation.text_quality import text_quality
+
+    texts = [
+        "FINDINGS: No pleural effusion. Small pleural effusion.\nIMPRESSION: Effusion.",
+        "FINDINGS: Heart size is stable.\nIMPRESSION: Unchanged from prior.",
+        "FINDINGS: The lungs are clear.\nIMPRESSION: No acute disease.",
+    ]
+    quality = text_quality(texts, Counter(), labeler=labeler)
+    assert quality.contradictions == 1 and quality.prior_comparisons == 1

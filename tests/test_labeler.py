@@ -4,13 +4,12 @@ import pytest
 from conftest import shared_path
 
 from mrg.evaluation.labeler import (
-    CHEXPERT14,
-    FINDINGS14,
     NEGATIVE,
     POSITIVE,
     UNCERTAIN,
     ReportLabeler,
 )
+from mrg.text.taxonomy import CHEXPERT14, FINDINGS14
 
 labeler = ReportLabeler()
 

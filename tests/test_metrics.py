@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from mrg.evaluation.labeler import CHEXPERT5
 from mrg.evaluation.metrics import clinical_efficacy, java_available, label_agreement, nlg_scores
+from mrg.text.taxonomy import CHEXPERT5
 
 REPORTS = [
     "The heart is normal in size. The lungs are clear. No pleural effusion or pneumothorax.",

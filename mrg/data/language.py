@@ -67,21 +67,24 @@ class ReportCorpus:
     val: list[str]
     held_out: int  # reports left out because a held-out study uses them
     redacted: int = 0  # reports left out for their redactions
+    held_out_texts: list[str] = field(default_factory=list)  # those reports (no redactions)
 
 
 def report_corpus(source: str | Path, held_out: HeldOut, val_ratio: float = 0.05) -> ReportCorpus:
     """OpenI reports with FINDINGS and IMPRESSION not in ``held_out``, split train / val by id."""
-    train, val, left_out, redacted = [], [], 0, 0
+    train, val, left_out, redacted, held_texts = [], [], 0, 0, []
     for report in iter_openi_reports(source):
         if not (report.findings and report.impression):
             continue
+        text = format_report(report.findings, report.impression)
         if report in held_out:
             left_out += 1
+            if REDACTED not in text:
+                held_texts.append(text)
             continue
-        text = format_report(report.findings, report.impression)
         if REDACTED in text:
             redacted += 1
             continue
         split = split_of(f"openi-language-{report.report_id}", (1 - val_ratio, val_ratio, 0.0))
         (val if split == "val" else train).append(text)
-    return ReportCorpus(train, val, left_out, redacted)
+    return ReportCorpus(train, val, left_out, redacted, held_texts)

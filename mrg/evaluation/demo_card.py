@@ -16,11 +16,13 @@ import numpy as np
 import torch
 
 from mrg.data.datasets import Collate, StudyDataset, StudyRecord
-from mrg.evaluation.labeler import FINDINGS14, ReportLabeler
+from mrg.data.sections import format_report
+from mrg.evaluation.labeler import ReportLabeler
 from mrg.evaluation.metrics import label_agreement, nlg_scores
 from mrg.evaluation.probe import constant_micro_f1, probe_micro_f1
 from mrg.model.encoder import VisualEncoder
 from mrg.model.views import Views
+from mrg.text.taxonomy import FINDINGS14, spoken_name
 from mrg.train.config import train_preset
 from mrg.train.losses import ReportLabels
 
@@ -71,6 +73,29 @@ def baselines(
             dict(r, generated=rng.choice(train_reports)) for r in test_rows
         ],
     }
+
+
+def listed_findings_report(findings: list[str]) -> str:
+    """A report that only lists ``findings`` (the image-free baselines and the head's own
+    reading are written so): ``FINDINGS: Cardiomegaly. Pleural effusion.⏎IMPRESSION: …``."""
+    text = " ".join(f"{spoken_name(f).capitalize()}." for f in findings) or "No acute findings."
+    return format_report(text, text)
+
+
+def constant_findings_baselines(
+    train_labels: list[list[str]], test_rows: list[dict], ks: tuple[int, ...] = (1, 2, 3)
+) -> dict[str, list[dict]]:
+    """For each k, every test image gets a report naming the k findings most frequent in
+    training: what a reader scores without looking at the image."""
+    frequency = Counter(f for labels in train_labels for f in labels)
+    out = {}
+    for k in ks:
+        top = [f for f, _ in frequency.most_common(k)]
+        text = listed_findings_report(top)
+        out[f"baseline: constant, top {k} ({', '.join(top)})"] = [
+            dict(r, generated=text) for r in test_rows
+        ]
+    return out
 
 
 CARD_METRICS = (
@@ -301,13 +326,64 @@ def image_dependence(rows: list[dict], seed: int = 0) -> dict:
 
 
 @torch.inference_mode()
-def blank_image_report(model, decoding) -> str:
-    """The report written for a blank (black) frontal image."""
+def blank_image_report(model, decoding, findings_head=None) -> str:
+    """The report written for a blank (black) frontal image (from the head's findings on it,
+    for a findings-conditioned model)."""
     size, views = model.config.encoder.image_size, model.config.max_views
     mask = torch.zeros(1, views, dtype=torch.bool)
     mask[0, 0] = True
     blank = Views(torch.zeros(1, views, 1, size, size), torch.arange(views).unsqueeze(0), mask)
-    return model.generate(blank, decoding)[0]
+    y = findings_head.predict(blank)[1] if model.config.uses_findings else None
+    return model.generate(blank, decoding, y)[0]
+
+
+def head_table(metrics: dict) -> str:
+    """Markdown: test AUROC per finding with its 95 % interval, head beside the stem probe."""
+    test = metrics["test"]
+    lines = [
+        "| finding | test positives | findings head AUROC (95 % CI) | frozen-stem probe AUROC (95 % CI) | operating point |",
+        "|---|---:|---:|---:|---:|",
+    ]
+
+    def cell(kind: str, finding: str) -> str:
+        value = test[f"{kind}_auroc"][finding]
+        interval = test[f"{kind}_interval"].get(finding)
+        if value is None:
+            return "n/a"
+        return f"{value:.3f}" + (f" ({interval[0]:.2f}–{interval[1]:.2f})" if interval else "")
+
+    for index, finding in enumerate(FINDINGS14):
+        lines.append(
+            f"| {finding} | {test['positives'][finding]} | {cell('head', finding)} | "
+            f"{cell('probe', finding)} | {test['threshold'][index]:.2f} |"
+        )
+    mean_head, mean_probe = test["head_interval"]["mean"], test["probe_interval"]["mean"]
+    lines.append(
+        f"| **mean over the {len(test['counted'])} findings with ≥ 5 test positives** | | "
+        f"**{test['head_mean_auroc']:.3f}** ({mean_head[0]:.2f}–{mean_head[1]:.2f}) | "
+        f"{test['probe_mean_auroc']:.3f} ({mean_probe[0]:.2f}–{mean_probe[1]:.2f}) | |"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def fidelity_table(fidelity: dict[str, dict]) -> str:
+    """Markdown: label fidelity of each way in (micro, macro, per finding given)."""
+    findings = sorted({f for scores in fidelity.values() for f in scores["per_finding"]})
+    lines = [
+        "| way in | reports | findings given | written | micro-F1 | macro-F1 | "
+        + " | ".join(findings)
+        + " |",
+        "|---|---:|---:|---:|---:|---:|" + "---:|" * len(findings),
+    ]
+    for way, scores in fidelity.items():
+        per = scores["per_finding"]
+        lines.append(
+            f"| {way} | {scores['reports']} | {scores['given_positives']} | "
+            f"{scores['written_positives']} | {scores['micro_f1']:.3f} | {scores['macro_f1']:.3f} | "
+            + " | ".join(f"{per[f]:.2f}" if f in per else "–" for f in findings)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def dependence_table(dependence: dict[str, dict], results: dict[str, dict]) -> str:

@@ -39,7 +39,7 @@ def fidelity_scores(given: np.ndarray, written: np.ndarray) -> dict:
         "micro_f1": float(f1_score(given.ravel(), written.ravel(), zero_division=0.0)),
         "macro_f1": float(np.mean(list(per.values()))) if per else 0.0,
         "per_finding": per,
-        "reports": int(len(given)),
+        "reports": len(given),
         "given_positives": int(given.sum()),
         "written_positives": int(written.sum()),
     }
@@ -80,11 +80,17 @@ def language_fidelity(
 
 
 def fidelity_sample(
-    texts: Sequence[str], labeler: ReportLabeler | None = None, normals: int = 30
+    texts: Sequence[str],
+    labeler: ReportLabeler | None = None,
+    abnormals: int = 100,
+    normals: int = 30,
+    max_words: int = 60,
 ) -> list[str]:
-    """Held-out report texts to measure fidelity on: every one that names a finding, then the
-    first ``normals`` that name none (in their order: reproducible)."""
+    """Held-out report texts to measure fidelity on: the first ``abnormals`` that name a
+    finding, then the first ``normals`` that name none (in their order: reproducible), each
+    of at most ``max_words`` words (inside the decoding budget)."""
+    texts = [t for t in texts if len(t.split()) <= max_words]
     labels = label_matrix(texts, labeler or ReportLabeler())
-    abnormal = [t for t, row in zip(texts, labels) if row.any()]
+    abnormal = [t for t, row in zip(texts, labels) if row.any()][:abnormals]
     normal = [t for t, row in zip(texts, labels) if not row.any()][:normals]
     return abnormal + normal

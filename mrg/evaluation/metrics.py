@@ -19,7 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from mrg.data.reports import clean_report_iu_xray
-from mrg.evaluation.labeler import CHEXPERT5, CHEXPERT14, ReportLabeler
+from mrg.evaluation.labeler import ReportLabeler
+from mrg.text.taxonomy import CHEXPERT5, CHEXPERT14
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 from tqdm.auto import tqdm
 
 from mrg.data.datasets import Collate, StudyDataset, StudyRecord
-from mrg.evaluation.labeler import CHEXPERT14, ReportLabeler
+from mrg.evaluation.labeler import ReportLabeler
 from mrg.evaluation.metrics import chexpert_positive, clinical_efficacy, nlg_scores
 from mrg.model import Decoding, MRGModel
 from mrg.model.findings import FindingsHead
-from mrg.text.taxonomy import FINDINGS14, findings_vector
+from mrg.text.taxonomy import CHEXPERT14, FINDINGS14, findings_vector
 
 if TYPE_CHECKING:
     from mrg.service import ReportService
@@ -98,9 +98,13 @@ def generate_split(
             y, extras = None, [{}] * len(batch.reports)
             if findings_head is not None:
                 probabilities, y = findings_head.predict(batch.views)
-                extras = [finding_columns(p.tolist(), row.tolist()) for p, row in zip(probabilities, y)]
+                extras = [
+                    finding_columns(p.tolist(), row.tolist()) for p, row in zip(probabilities, y)
+                ]
             texts = model.generate(batch.views, decoding, y if model.config.uses_findings else None)
-            for study_id, reference, text, extra in zip(batch.study_ids, batch.reports, texts, extras):
+            for study_id, reference, text, extra in zip(
+                batch.study_ids, batch.reports, texts, extras
+            ):
                 generations.add(handle, study_id, reference, text, extra)
     return generations.rows(records)
 
@@ -137,7 +141,9 @@ def stream_split(
                 if condition is not None:
                     p = [condition.probabilities.get(f, float("nan")) for f in FINDINGS14]
                     extra = finding_columns(p, findings_vector(condition.named))
-                generations.add(handle, todo[index].study_id, todo[index].report, update.text, extra)
+                generations.add(
+                    handle, todo[index].study_id, todo[index].report, update.text, extra
+                )
             bar.update(1)
 
         with ThreadPoolExecutor(concurrency) as pool:
