@@ -306,7 +306,12 @@ def _generate_many(args: argparse.Namespace, service, decoding) -> int:
         if args.findings is not None:
             raise SystemExit("mrg generate: --findings works with greedy or sampled decoding")
         rows = generate_split(
-            service.model(args.mode), records, jsonl, decoding, args.batch_size, service.findings_head
+            service.model(args.mode),
+            records,
+            jsonl,
+            decoding,
+            args.batch_size,
+            service.findings_head,
         )
     else:  # the app's continuous batcher, args.batch_size studies at once
         rows = stream_split(
@@ -347,8 +352,13 @@ def _evaluate(args: argparse.Namespace) -> int:
             else Path(checkpoint).parent.name
         )
         directory = Path(args.out) / name
+        head = _findings_head(args.findings_head, checkpoint)
+        if model.config.uses_findings and head is None:
+            raise SystemExit(
+                f"mrg evaluate: {checkpoint} writes from findings; pass --findings-head DIR"
+            )
         rows = generate_split(
-            model, records, directory / "generations.jsonl", decoding, args.batch_size
+            model, records, directory / "generations.jsonl", decoding, args.batch_size, head
         )
         metrics, cases = score_rows(rows, meteor=not args.no_meteor)
         metrics.update(checkpoint=str(checkpoint), mode=model.mode, split=args.split)
@@ -358,6 +368,20 @@ def _evaluate(args: argparse.Namespace) -> int:
     (Path(args.out) / "comparison.md").write_text(table)
     console.print(table)
     return 0
+
+
+def _findings_head(folder: str | None, checkpoint: str):
+    """The findings head of ``folder``, else the one beside ``checkpoint`` (``../findings``;
+    for ``runs/x/best`` the shipped one), else None."""
+    from mrg.config import DEFAULT_CHECKPOINTS
+    from mrg.model.findings import FINDINGS_CONFIG_NAME, FINDINGS_FOLDER, FindingsHead
+
+    candidates = [Path(folder)] if folder else []
+    candidates += [Path(checkpoint).parent / FINDINGS_FOLDER, DEFAULT_CHECKPOINTS / FINDINGS_FOLDER]
+    for candidate in candidates:
+        if (candidate / FINDINGS_CONFIG_NAME).is_file():
+            return FindingsHead.from_pretrained(candidate)
+    return None
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -485,6 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--images", required=True)
     evaluate.add_argument("--split", default="test")
     evaluate.add_argument("--out", default="runs/eval")
+    evaluate.add_argument(
+        "--findings-head",
+        help="the findings head a findings-conditioned checkpoint writes from "
+        "(default: findings/ beside the checkpoint, else the shipped one)",
+    )
     evaluate.add_argument("--limit", type=int, default=0, help="only the first N studies")
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--no-meteor", action="store_true")

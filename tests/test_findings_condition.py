@@ -24,7 +24,9 @@ def y_of(*named: list[str]) -> torch.Tensor:
 
 
 def test_findings_words_read_as_a_radiologist_writes():
-    assert findings_words(["Effusion", "Cardiomegaly"]) == "Findings: cardiomegaly, pleural effusion."
+    assert (
+        findings_words(["Effusion", "Cardiomegaly"]) == "Findings: cardiomegaly, pleural effusion."
+    )
     assert findings_words([]) == "Findings: none."
     assert findings_vector([])[-1] == 1.0 and sum(findings_vector(["Mass"])) == 1.0
     with pytest.raises(ValueError, match="unknown findings"):
@@ -39,7 +41,9 @@ def test_words_follow_the_image_and_rows_are_left_padded(tiny_llm, tokenizer):
     assert lengths[0] > lengths[1]  # more words for two findings than for "none"
     assert ctx.attention_mask[1, 0] == 0 and ctx.attention_mask[0].all()  # padding on the left
     # the words sit between the image and the assistant turn, as the tokenizer writes them
-    words = tokenizer(findings_words(["Cardiomegaly", "Effusion"]), add_special_tokens=False)["input_ids"]
+    words = tokenizer(findings_words(["Cardiomegaly", "Effusion"]), add_special_tokens=False)[
+        "input_ids"
+    ]
     tail = len(model.template.suffix_ids)
     embedded = tiny_llm.get_input_embeddings()(torch.tensor(words))
     assert torch.allclose(ctx.embeds[0, -tail - len(words) : -tail], embedded)
@@ -98,3 +102,15 @@ def test_a_report_can_lead_with_its_findings(tiny_llm, tokenizer):
     assert texts[1].startswith("FINDINGS:") and "IMPRESSION:" in texts[1]
     streamed = "".join(model.stream(random_batch()[:1], decoding, y[:1]))
     assert streamed.startswith("FINDINGS: Cardiomegaly. Pleural effusion.")
+
+
+def test_image_stages_can_leave_the_prompt_as_the_language_stage_wrote_it(tiny_llm, tokenizer):
+    from mrg.train.trainer import TrainingModule
+
+    model = conditioned(tiny_llm, tokenizer, mode="promptbook-wise")
+    names = {id(p): n for n, p in model.named_parameters()}
+    kept = TrainingModule(model, torch.nn.Identity(), None, 0.0, freeze_prompt=True)
+    trained = {names.get(id(p)) for p in kept.stage_parameters("generate")}
+    assert "customizer.book" not in trained and "customizer.affine.to_gamma.weight" in trained
+    free = TrainingModule(model, torch.nn.Identity(), None, 0.0)
+    assert "customizer.book" in {names.get(id(p)) for p in free.stage_parameters("generate")}

@@ -74,6 +74,9 @@ class TrainConfig(ConfigBase):
     # language stage: loss weight of the tokens of sentences that name a finding (1: plain
     # mean); most tokens of even an abnormal report are normal boilerplate
     language_finding_weight: float = 1.0
+    # the image stages leave the prompts (P, the book) as the language stage wrote them: the
+    # prompt keeps the style of reports, the condition and the image change the content
+    freeze_prompt_after_language: bool = False
 
     def validate(self) -> TrainConfig:
         self.model.validate()

@@ -94,7 +94,9 @@ def asymmetric_loss(
     return -(positive + negative).sum(dim=1).mean()
 
 
-def weighted_bce(logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor) -> torch.Tensor:
+def weighted_bce(
+    logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor
+) -> torch.Tensor:
     """BCE with positives weighted by the training negatives/positives ratio of their finding."""
     return F.binary_cross_entropy_with_logits(logits, targets, pos_weight=pos_weight)
 
@@ -103,7 +105,9 @@ def as_views(pixels: torch.Tensor, transform) -> Views:
     """uint8 ``[N, 1, S, S]`` → ``Views`` of one frontal view each, through ``transform``."""
     images = torch.stack([transform(p.float() / 255.0).clamp(0, 1) for p in pixels])
     n = len(images)
-    return Views(images.unsqueeze(1), torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1, dtype=torch.bool))
+    return Views(
+        images.unsqueeze(1), torch.zeros(n, 1, dtype=torch.long), torch.ones(n, 1, dtype=torch.bool)
+    )
 
 
 @torch.no_grad()
@@ -111,7 +115,10 @@ def head_logits(head: FindingsHead, data: LabelledImages, batch_size: int = 32) 
     head.eval()
     transform = eval_transform(head.config.image_size)
     return torch.cat(
-        [head(as_views(data.pixels[i : i + batch_size], transform)) for i in range(0, len(data), batch_size)]
+        [
+            head(as_views(data.pixels[i : i + batch_size], transform))
+            for i in range(0, len(data), batch_size)
+        ]
     )
 
 
@@ -120,13 +127,18 @@ def auroc_per_finding(labels: np.ndarray, scores: np.ndarray) -> dict[str, float
     out = {}
     for c, finding in enumerate(FINDINGS14):
         column = labels[:, c]
-        out[finding] = float(roc_auc_score(column, scores[:, c])) if 0 < column.sum() < len(column) else None
+        out[finding] = (
+            float(roc_auc_score(column, scores[:, c])) if 0 < column.sum() < len(column) else None
+        )
     return out
 
 
-def mean_auroc(labels: np.ndarray, scores: np.ndarray, min_positives: int = MIN_TEST_POSITIVES) -> float:
+def mean_auroc(
+    labels: np.ndarray, scores: np.ndarray, min_positives: int = MIN_TEST_POSITIVES
+) -> float:
     values = [
-        a for c, a in enumerate(auroc_per_finding(labels, scores).values())
+        a
+        for c, a in enumerate(auroc_per_finding(labels, scores).values())
         if a is not None and labels[:, c].sum() >= min_positives
     ]
     return float(np.mean(values)) if values else float("nan")
@@ -152,7 +164,8 @@ def bootstrap_auroc(
             samples["mean"].append(float(np.mean(means)))
     return {
         k: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5)))
-        for k, v in samples.items() if len(v) >= n // 2
+        for k, v in samples.items()
+        if len(v) >= n // 2
     }
 
 
@@ -276,9 +289,13 @@ def stem_probe_scores(splits: dict[str, LabelledImages]) -> np.ndarray:
     def pooled(data: LabelledImages) -> np.ndarray:
         views = as_views(data.pixels, transform)
         x = (views.images[:, 0].expand(-1, 3, -1, -1) - 0.5) / 0.5
-        return torch.cat([stem(x[i : i + 32])[-1].mean(dim=(2, 3)) for i in range(0, len(x), 32)]).numpy()
+        return torch.cat(
+            [stem(x[i : i + 32])[-1].mean(dim=(2, 3)) for i in range(0, len(x), 32)]
+        ).numpy()
 
-    return probe_scores(pooled(splits["train"]), splits["train"].labels.numpy(), pooled(splits["test"]))
+    return probe_scores(
+        pooled(splits["train"]), splits["train"].labels.numpy(), pooled(splits["test"])
+    )
 
 
 def test_report(head: FindingsHead, splits: dict[str, LabelledImages], seed: int = 0) -> dict:

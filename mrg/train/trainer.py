@@ -73,10 +73,12 @@ class TrainingModule(nn.Module):
         joint_lambda: float,
         report_labels: ReportLabels | None = None,
         finding_weight: float = 1.0,
+        freeze_prompt: bool = False,
     ):
-        """``finding_weight``: the language stage's loss weight on sentences naming a finding."""
+        """``finding_weight``: the language stage's loss weight on sentences naming a finding;
+        ``freeze_prompt``: the image stages do not train the prompts."""
         super().__init__()
-        self.finding_weight = finding_weight
+        self.finding_weight, self.freeze_prompt = finding_weight, freeze_prompt
         self.model, self.heads = model, heads
         self.embeddings, self.joint_lambda = embeddings, joint_lambda
         self.report_labels = report_labels
@@ -145,7 +147,8 @@ class TrainingModule(nn.Module):
             # the prompts and the heads' findings code; the visual code sees v = 0 here
             prompts = {id(p) for p in customizer.prompt_parameters()}
             rest = [
-                p for n, p in customizer.named_parameters()
+                p
+                for n, p in customizer.named_parameters()
                 if id(p) not in prompts and ".visual." not in f".{n}" and p.requires_grad
             ]
             return [
@@ -163,11 +166,13 @@ class TrainingModule(nn.Module):
         }[stage]
         scale = 1.0 if stage == "align" else encoder_lr_scale
         parts = [(self.model.encoder, scale)] + [(part, 1.0) for part in others]
+        frozen = {id(p) for p in customizer.prompt_parameters()} if self.freeze_prompt else set()
         groups = []
         for part, lr_scale in parts:
             skip = part.no_weight_decay() if hasattr(part, "no_weight_decay") else ()
             for group in param_groups_weight_decay(part, weight_decay, no_weight_decay_list=skip):
-                groups.append({**group, "lr_scale": lr_scale})
+                params = [p for p in group["params"] if id(p) not in frozen]
+                groups.append({**group, "params": params, "lr_scale": lr_scale})
         return groups
 
 
@@ -238,6 +243,7 @@ class Trainer:
             config.joint_lambda,
             ReportLabels() if config.align_targets == "labels" else None,
             config.language_finding_weight,
+            config.freeze_prompt_after_language,
         )
         self.train_set = StudyDataset(train_records, config.on_missing)
         self.val_set = StudyDataset(val_records, config.on_missing)
