@@ -58,7 +58,11 @@ def main() -> None:
             head.save_pretrained(folder)
             record.write_text(json.dumps(run.__dict__, indent=1) + "\n")
         runs[candidate] = json.loads(record.read_text())
-        log.info("%s: validation mean AUROC by epoch %s", candidate, runs[candidate]["val_auroc_by_epoch"])
+        log.info(
+            "%s: validation mean AUROC by epoch %s",
+            candidate,
+            runs[candidate]["val_auroc_by_epoch"],
+        )
     chosen = max(runs, key=lambda c: max(runs[c]["val_auroc_by_epoch"]))
     head = FindingsHead.from_pretrained(out / chosen.replace(":", "_"))
     calibrate(head, splits["val"], splits["train"].labels.mean(0).numpy())
@@ -68,7 +72,10 @@ def main() -> None:
     head.save_pretrained(target)
     metrics = {
         "chosen": chosen,
-        "candidates": {c: {"val_auroc_by_epoch": r["val_auroc_by_epoch"], "best_epoch": r["best_epoch"]} for c, r in runs.items()},
+        "candidates": {
+            c: {"val_auroc_by_epoch": r["val_auroc_by_epoch"], "best_epoch": r["best_epoch"]}
+            for c, r in runs.items()
+        },
         "epochs": args.epochs,
         "lr": args.lr,
         "test": report,

@@ -123,7 +123,9 @@ def test_findings_reach_the_prompt_once_trained(mode):
 def test_visual_conditioning_ignores_findings_and_static_refuses_them():
     customizer = make("prompt-wise")
     visual = torch.randn(2, VISUAL)
-    assert torch.equal(customizer(visual).tokens, customizer(visual, torch.rand(2, FINDINGS)).tokens)
+    assert torch.equal(
+        customizer(visual).tokens, customizer(visual, torch.rand(2, FINDINGS)).tokens
+    )
     with pytest.raises(ConfigError, match="static"):
         make("static", conditioning="visual+findings")
     with pytest.raises(ConfigError, match="conditioning"):

@@ -65,8 +65,18 @@ def test_the_demo_checkpoints_preset_reproduces_the_shipped_configs():
 
 def test_the_model_card_reports_every_mode_both_baselines_and_the_ceiling():
     card = (DEFAULT_CHECKPOINTS.parent / "MODEL_CARD.md").read_text()
-    for row in (*SHIPPED, "static", "baseline: most common report", "baseline: random"):
+    rows = (
+        *SHIPPED,
+        *(f"{mode}, v only (previous)" for mode in SHIPPED),
+        "findings head, listed (no LLM)",
+        "baseline: constant, top 1",
+        "baseline: constant, top 3",
+        "baseline: most common report",
+        "baseline: random",
+    )
+    for row in rows:
         assert f"| {row}" in card, row
+    assert "| static" not in card  # not shipped, so not measured on the card
     assert "linear probe on the frozen stem" in card
     assert "not for diagnosis" in card.lower() and "CC BY-NC-ND 4.0" in card
     assert "{" not in card  # every template field was filled
@@ -87,6 +97,68 @@ def test_the_model_card_tables_come_from_the_measured_run():
         f"{language['language_before']:.2f} → {language['language_after']:.2f} nats/token" in card
     )
     assert language["language_after"] < language["language_before"]
+    from mrg.evaluation.demo_card import fidelity_table, head_table
+
+    assert fidelity_table(measured["fidelity"]) in card
+    head = json.loads((DEFAULT_CHECKPOINTS.parent / "findings_metrics.json").read_text())
+    assert head_table(head) in card
+
+
+def test_the_metrics_name_the_checkpoints_they_scored():
+    import hashlib
+
+    measured = json.loads((DEFAULT_CHECKPOINTS.parent / "demo_metrics.json").read_text())
+    for mode in SHIPPED:
+        weights = (DEFAULT_CHECKPOINTS / mode / WEIGHTS_NAME).read_bytes()
+        assert measured["checkpoints"][mode] == hashlib.sha256(weights).hexdigest(), mode
+    head = (DEFAULT_CHECKPOINTS / "findings" / "findings.safetensors").read_bytes()
+    assert measured["findings_head"] == hashlib.sha256(head).hexdigest()
+
+
+def test_the_findings_head_beats_the_frozen_stem_probe_on_its_split():
+    metrics = json.loads((DEFAULT_CHECKPOINTS.parent / "findings_metrics.json").read_text())
+    test = metrics["test"]
+    assert test["head_mean_auroc"] > test["probe_mean_auroc"]
+    # the split is the demo pairs' patient split: no test image was trained on
+    labels = {
+        r["image"]: r["patient"] for r in read_nih_labels(shared_path("nih_cxr14", "labels.csv"))
+    }
+    assert all(patient_split(labels[i]) == "test" for i in metrics["splits"]["test"])
+    assert not set(metrics["splits"]["train"]) & set(metrics["splits"]["test"])
+
+
+@pytest.mark.slow
+def test_setting_the_findings_by_hand_changes_the_reports_labels(service, test_images):
+    """The what-if on the shipped checkpoints: told "effusion", a normal image's report
+    names an effusion; told nothing, it names none."""
+    normal = study_from_sources(test_images[0])
+    for mode in SHIPPED:
+        told = service.generate(normal, mode, findings=["Effusion"])
+        nothing = service.generate(normal, mode, findings=[])
+        assert service.labeler.label14(told.text)["Effusion"], (mode, told.text)
+        assert service.labeler.label14(nothing.text)["normal"], (mode, nothing.text)
+        assert told.condition.manual and told.condition.named == ["Effusion"]
+
+
+@pytest.mark.slow
+def test_generate_writes_a_probability_column_per_finding(tmp_path, test_images):
+    import csv
+
+    from mrg.cli import main
+    from mrg.text.taxonomy import FINDINGS14
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in test_images[:2]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    out = tmp_path / "reports.csv"
+    assert main(["generate", str(folder), "--out", str(out), "--max-new-tokens", "40"]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 2
+    for row in rows:
+        probabilities = [float(row[f"p_{f}"]) for f in FINDINGS14]
+        assert all(0.0 <= p <= 1.0 for p in probabilities) and len(set(probabilities)) > 1
+        assert row["condition"]
 
 
 def test_the_default_service_loads_the_trained_modes(service):

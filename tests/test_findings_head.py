@@ -87,7 +87,9 @@ def test_a_study_takes_the_mean_of_its_present_views_and_survives_a_round_trip(t
     assert torch.allclose(masked, front, atol=1e-5) and not torch.allclose(both, front)
     loaded = FindingsHead.from_pretrained(head.save_pretrained(tmp_path / "findings"))
     assert torch.equal(loaded.temperature, head.temperature)
-    assert torch.allclose(loaded(Views(images, torch.tensor([[0, 1]]), torch.ones(1, 2, dtype=torch.bool))), both)
+    assert torch.allclose(
+        loaded(Views(images, torch.tensor([[0, 1]]), torch.ones(1, 2, dtype=torch.bool))), both
+    )
 
 
 def test_auroc_is_averaged_over_findings_with_enough_positives_with_intervals():

@@ -25,8 +25,7 @@ import re
 from dataclasses import dataclass
 
 from mrg.data.reports import split_sentences
-from mrg.text.taxonomy import CHEXPERT5, CHEXPERT14, FINDINGS14
-
+from mrg.text.taxonomy import FINDINGS14
 
 POSITIVE, NEGATIVE, UNCERTAIN = "positive", "negative", "uncertain"
 

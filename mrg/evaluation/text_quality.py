@@ -114,8 +114,10 @@ def text_quality(
 def quality_table(rows: dict[str, TextQuality]) -> str:
     """Markdown: one row per source of text."""
     lines = [
-        "| text | reports | words seen ≥ 5× in OpenI | demographics | malformed headers | "
-        "3-gram loops | prior-study claims | affirm and negate |",
+        (
+            "| text | reports | words seen ≥ 5× in OpenI | demographics | malformed headers | "
+            "3-gram loops | prior-study claims | affirm and negate |"
+        ),
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, q in rows.items():

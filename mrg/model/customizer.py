@@ -173,9 +173,7 @@ class PromptBook(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"book", "keys"}
 
-    def selection(
-        self, visual: torch.Tensor, findings: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def selection(self, visual: torch.Tensor, findings: torch.Tensor | None = None) -> torch.Tensor:
         """w(c) ``[B, K]``: rows sum to one; with top-k, all but k entries are exactly zero."""
         query = self.query(visual, findings)
         logits = query @ self.keys.t() / (self.temperature * math.sqrt(self.keys.shape[1]))

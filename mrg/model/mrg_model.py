@@ -86,11 +86,13 @@ class PromptTemplate:
     def from_tokenizer(
         cls, tokenizer: PreTrainedTokenizerBase, instruction: str, findings_words: bool = False
     ) -> PromptTemplate:
-        user = f"{IMAGE_PLACEHOLDER}\n{FINDINGS_PLACEHOLDER}" if findings_words else IMAGE_PLACEHOLDER
+        user = (
+            f"{IMAGE_PLACEHOLDER}\n{FINDINGS_PLACEHOLDER}" if findings_words else IMAGE_PLACEHOLDER
+        )
         if tokenizer.chat_template:
             before, after = _render_chat(tokenizer, instruction, user).split(IMAGE_PLACEHOLDER)
         else:
-            before, after = f"{instruction}\n", f"\n{user[len(IMAGE_PLACEHOLDER):]}\nReport:"
+            before, after = f"{instruction}\n", f"\n{user[len(IMAGE_PLACEHOLDER) :]}\nReport:"
         middle = None
         encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
         if findings_words:
@@ -301,7 +303,9 @@ class MRGModel(nn.Module):
             masks.append(ones(len(self.template.suffix_ids)))
             embeds, mask = torch.cat(parts, dim=1), torch.cat(masks, dim=1)
         else:
-            embeds, mask = self._with_words(torch.cat(parts, dim=1), torch.cat(masks, dim=1), findings)
+            embeds, mask = self._with_words(
+                torch.cat(parts, dim=1), torch.cat(masks, dim=1), findings
+            )
         return Context(embeds, mask, prompt, global_feature, findings)
 
     def _with_words(
@@ -413,7 +417,10 @@ class MRGModel(nn.Module):
         w = torch.cat([torch.zeros_like(context_labels, dtype=weights.dtype), weights], dim=1)
         w = (w * (labels != IGNORE_INDEX))[:, 1:]
         token_loss = F.cross_entropy(
-            out.logits[:, :-1].float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none"
+            out.logits[:, :-1].float().transpose(1, 2),
+            labels[:, 1:],
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
         )
         out.loss = (token_loss * w).sum() / w.sum()
         return out
@@ -480,7 +487,9 @@ class MRGModel(nn.Module):
         for y in findings.tolist():
             named = [f for f, value in zip(FINDINGS14, y) if value >= 0.5]
             text = "".join(f" {spoken_name(f).capitalize()}." for f in named)
-            leads.append(self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else [])
+            leads.append(
+                self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+            )
         return leads
 
     def processors(
