@@ -211,3 +211,17 @@ def test_app_streams_findings_and_impression_with_the_shipped_checkpoints(tmp_pa
         assert findings_b.strip() and impression_b.strip(), "promptbook-wise lacks a section"
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_generate_findings_flag_and_json_on_the_shipped_checkpoints(test_images, capsys):
+    from mrg.cli import main
+    from mrg.evaluation.labeler import ReportLabeler
+
+    argv = ["generate", str(test_images[0]), "--json", "--findings", "Effusion"]
+    assert main([*argv, "--max-new-tokens", "60"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    head = payload["findings_head"]
+    assert head["named"] == ["Effusion"] and head["manual"]
+    assert len(head["probabilities"]) == 14 and "p_Pleural_Thickening" in head["probabilities"]
+    assert ReportLabeler().label14(payload["text"])["Effusion"]
