@@ -48,7 +48,13 @@ from mrg.model.findings import FINDINGS_CONFIG_NAME, FINDINGS_FOLDER, FindingsHe
 from mrg.model.llm import cpu_prefers_bf16, load_frozen_llm, quantization_in_effect
 from mrg.model.mrg_model import text_increments
 from mrg.model.views import Views
-from mrg.text.taxonomy import CHEXPERT14, FINDINGS14, finding_named, findings_vector
+from mrg.text.taxonomy import (
+    CHEXPERT14,
+    FINDINGS14,
+    finding_named,
+    findings_vector,
+    named_findings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +207,7 @@ class ReportService:
         with self.lock:
             probabilities, y = head.predict(views)
         p, t = probabilities[0].tolist(), head.threshold.tolist()
-        found = [f for f, value in zip(FINDINGS14, y[0].tolist()) if value]
+        found = named_findings(y[0].tolist())
         return StudyFindings(
             dict(zip(FINDINGS14, p)),
             dict(zip(FINDINGS14, t)),

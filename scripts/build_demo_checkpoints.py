@@ -75,7 +75,6 @@ from mrg.model import MRGModel
 from mrg.model.findings import FINDINGS_CONFIG_NAME, FINDINGS_FOLDER, FindingsHead
 from mrg.model.llm import load_frozen_llm
 from mrg.model.mrg_model import WEIGHTS_NAME
-from mrg.text.taxonomy import FINDINGS14
 from mrg.train.config import StageConfig, train_preset
 from mrg.train.trainer import Trainer
 
@@ -96,20 +95,9 @@ def generations_of(checkpoint: Path, rows_file: Path) -> Path:
     return rows_file
 
 
-def generate_split_listing(head: FindingsHead, records) -> list[dict]:
-    """Each study's report as the list of the findings the head names (no LLM)."""
-    from mrg.data.datasets import Collate, StudyDataset
-
-    dataset, collate, rows = StudyDataset(records), Collate(head.config.image_size, 1), []
-    for start in range(0, len(records), 16):
-        batch = collate([dataset[i] for i in range(start, min(start + 16, len(records)))])
-        _, y = head.predict(batch.views)
-        for study_id, reference, row in zip(batch.study_ids, batch.reports, y.tolist()):
-            named = [f for f, v in zip(FINDINGS14, row) if v]
-            rows.append(
-                {"id": study_id, "reference": reference, "generated": listed_findings_report(named)}
-            )
-    return rows
+def named(condition: str) -> list[str]:
+    """The findings of a generation row's ``condition`` column (``"normal"``: none)."""
+    return [] if condition == "normal" else condition.split("|")
 
 
 def demo_config(mode: str, annotation: Path, images: Path, output_dir: Path):
@@ -262,7 +250,11 @@ def main() -> None:
                 labeler,
             )["CE_micro_F1"]
     # The head's own reading, its findings listed (no LLM): what a faithful report scores.
-    head_rows = generate_split_listing(head, test)
+    # Every mode's rows record the findings the head named (``condition``): no second pass.
+    head_rows = [
+        dict(r, generated=listed_findings_report(named(r["condition"])))
+        for r in generations[args.modes[0]]
+    ]
     results["findings head, listed (no LLM)"] = score(head_rows, image_labels, labeler)
     align_log = [r for r in read_log(shared / "log.jsonl") if r.get("stage") == "align"]
     align_seconds = training_seconds(align_log)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from mrg.environment import setting
 from mrg.model.findings import FindingsHead, FindingsHeadConfig
-from mrg.train.findings import calibrate, nih_splits, test_report, train_findings_head
+from mrg.train.findings import nih_splits, test_report, train_findings_head
 
 log = logging.getLogger("build_findings_head")
 DEFAULT_CANDIDATES = ["last_stages:asl", "last_stages:weighted-bce", "all:asl", "classifier:asl"]
@@ -64,8 +64,7 @@ def main() -> None:
             runs[candidate]["val_auroc_by_epoch"],
         )
     chosen = max(runs, key=lambda c: max(runs[c]["val_auroc_by_epoch"]))
-    head = FindingsHead.from_pretrained(out / chosen.replace(":", "_"))
-    calibrate(head, splits["val"], splits["train"].labels.mean(0).numpy())
+    head = FindingsHead.from_pretrained(out / chosen.replace(":", "_"))  # calibrated in training
     report = test_report(head, splits)
     target = Path(args.assets) / "checkpoints" / "findings"
     shutil.rmtree(target, ignore_errors=True)

@@ -22,7 +22,7 @@ from mrg.evaluation.metrics import label_agreement, nlg_scores
 from mrg.evaluation.probe import constant_micro_f1, probe_micro_f1
 from mrg.model.encoder import VisualEncoder
 from mrg.model.views import Views
-from mrg.text.taxonomy import FINDINGS14, spoken_name
+from mrg.text.taxonomy import FINDINGS14, findings_sentences
 from mrg.train.config import train_preset
 from mrg.train.losses import ReportLabels
 
@@ -78,7 +78,7 @@ def baselines(
 def listed_findings_report(findings: list[str]) -> str:
     """A report that only lists ``findings`` (the image-free baselines and the head's own
     reading are written so): ``FINDINGS: Cardiomegaly. Pleural effusion.⏎IMPRESSION: …``."""
-    text = " ".join(f"{spoken_name(f).capitalize()}." for f in findings) or "No acute findings."
+    text = findings_sentences(findings) or "No acute findings."
     return format_report(text, text)
 
 

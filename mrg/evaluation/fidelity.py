@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from mrg.config import DEFAULT_DECODING, Decoding
 from mrg.evaluation.labeler import ReportLabeler
-from mrg.text.taxonomy import FINDINGS14, findings_vector
+from mrg.text.taxonomy import FINDINGS14, findings_vector, named_findings
 
 
 def label_matrix(texts: Sequence[str], labeler: ReportLabeler) -> np.ndarray:
@@ -62,7 +62,7 @@ def language_fidelity(
     for start in tqdm(range(0, len(texts), batch_size), desc="fidelity"):
         rows = given[start : start + batch_size]
         y = torch.tensor(
-            [findings_vector([f for f, v in zip(FINDINGS14, row) if v]) for row in rows],
+            [findings_vector(named_findings(row)) for row in rows],
             dtype=torch.float32,
         )
         generated += model.generate(None, decoding, y)
@@ -70,9 +70,9 @@ def language_fidelity(
     rows = [
         {
             "reference": t,
-            "given": [f for f, v in zip(FINDINGS14, g) if v],
+            "given": named_findings(g),
             "generated": text,
-            "written": [f for f, v in zip(FINDINGS14, w) if v],
+            "written": named_findings(w),
         }
         for t, g, text, w in zip(texts, given, generated, written)
     ]

@@ -23,7 +23,7 @@ from mrg.evaluation.labeler import ReportLabeler
 from mrg.evaluation.metrics import chexpert_positive, clinical_efficacy, nlg_scores
 from mrg.model import Decoding, MRGModel
 from mrg.model.findings import FindingsHead
-from mrg.text.taxonomy import CHEXPERT14, FINDINGS14, findings_vector
+from mrg.text.taxonomy import CHEXPERT14, FINDINGS14, named_findings
 
 if TYPE_CHECKING:
     from mrg.service import ReportService
@@ -31,9 +31,8 @@ if TYPE_CHECKING:
 GENERATIONS = "generations.jsonl"
 
 
-def finding_columns(probabilities: Sequence[float], condition: Sequence[float]) -> dict:
+def finding_columns(probabilities: Sequence[float], named: Sequence[str]) -> dict:
     """``p_<Finding>`` per ChestX-ray14 finding, and ``condition``: the findings written from."""
-    named = [f for f, v in zip(FINDINGS14, condition) if v >= 0.5]
     return {f"p_{f}": round(float(p), 4) for f, p in zip(FINDINGS14, probabilities)} | {
         "condition": "|".join(named) or "normal"
     }
@@ -99,7 +98,8 @@ def generate_split(
             if findings_head is not None:
                 probabilities, y = findings_head.predict(batch.views)
                 extras = [
-                    finding_columns(p.tolist(), row.tolist()) for p, row in zip(probabilities, y)
+                    finding_columns(p.tolist(), named_findings(row.tolist()))
+                    for p, row in zip(probabilities, y)
                 ]
             texts = model.generate(batch.views, decoding, y if model.config.uses_findings else None)
             for study_id, reference, text, extra in zip(
@@ -140,7 +140,7 @@ def stream_split(
                 extra = {}
                 if condition is not None:
                     p = [condition.probabilities.get(f, float("nan")) for f in FINDINGS14]
-                    extra = finding_columns(p, findings_vector(condition.named))
+                    extra = finding_columns(p, condition.named)
                 generations.add(
                     handle, todo[index].study_id, todo[index].report, update.text, extra
                 )

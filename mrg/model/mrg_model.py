@@ -48,7 +48,12 @@ from mrg.model.decoding import OnBody, ReportStructureProcessor, report_structur
 from mrg.model.encoder import VisualEncoder
 from mrg.model.llm import load_frozen_llm
 from mrg.model.views import Views
-from mrg.text.taxonomy import FINDINGS14, findings_words, spoken_name
+from mrg.text.taxonomy import (
+    FINDINGS14,
+    findings_sentences,
+    findings_words,
+    named_findings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -314,8 +319,9 @@ class MRGModel(nn.Module):
         """Append each row's [middle][findings words][suffix], left-padding the shorter rows."""
         rows = []
         for y in findings.tolist():
-            named = [f for f, value in zip(FINDINGS14, y) if value >= 0.5]
-            words = self.tokenizer(findings_words(named), add_special_tokens=False)["input_ids"]
+            words = self.tokenizer(findings_words(named_findings(y)), add_special_tokens=False)[
+                "input_ids"
+            ]
             rows.append(self.template.middle_ids + words + self.template.suffix_ids)
         width = max(len(r) for r in rows)
         tails, tail_masks = [], []
@@ -485,10 +491,9 @@ class MRGModel(nn.Module):
             return None
         leads = []
         for y in findings.tolist():
-            named = [f for f, value in zip(FINDINGS14, y) if value >= 0.5]
-            text = "".join(f" {spoken_name(f).capitalize()}." for f in named)
+            text = findings_sentences(named_findings(y))
             leads.append(
-                self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+                self.tokenizer(f" {text}", add_special_tokens=False)["input_ids"] if text else []
             )
         return leads
 

@@ -83,3 +83,14 @@ def findings_words(named: Iterable[str]) -> str:
     effusion.`` or ``Findings: none.``"""
     names = [spoken_name(f) for f in FINDINGS14 if f in set(named)]
     return f"Findings: {', '.join(names) if names else 'none'}."
+
+
+def named_findings(vector: Iterable[float]) -> list[str]:
+    """The ChestX-ray14 findings a findings vector (or its first 14 entries) names: entries ≥ 0.5."""
+    return [f for f, value in zip(FINDINGS14, vector) if value >= 0.5]
+
+
+def findings_sentences(named: Iterable[str]) -> str:
+    """The findings as the sentences a report begins with: ``Cardiomegaly. Pleural effusion.``
+    ("" for none)."""
+    return " ".join(f"{spoken_name(f).capitalize()}." for f in FINDINGS14 if f in set(named))
