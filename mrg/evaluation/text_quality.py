@@ -27,35 +27,24 @@ from pathlib import Path
 from mrg.data.reports import iter_openi_reports
 from mrg.data.sections import FINDINGS, IMPRESSION, format_report
 from mrg.evaluation.labeler import LABEL_MAPS, NEGATIVE, POSITIVE, ReportLabeler
+from mrg.text.vocabulary import HEADER, PRIOR_COMPARISON, word_counts, words
 
-WORD = re.compile(r"[a-z]+")
-HEADER = re.compile(r"\b(findings|impression)\s*:", re.IGNORECASE)
 DEMOGRAPHICS = re.compile(
     r"\b(\d+[- ]?(year|yr|month)s?[- ]?old|years? old|male|female|man|woman|men|women|boy|girl|"
     r"gentleman|lady|he|she|his|her|sex|gender|race|ethnicity|caucasian|african[- ]american|"
     r"hispanic|asian)\b",
     re.IGNORECASE,
 )
-PRIOR_COMPARISON = re.compile(
-    r"\b(unchanged|interval\w*|prior|stable|stably|previous\w*|compared?|comparison|"
-    r"again (?:seen|noted|demonstrated)|no change|redemonstrat\w*|persist\w*|since)\b",
-    re.IGNORECASE,
-)
 WELL_FORMED = re.compile(rf"{FINDINGS} \S[^\n]*\n{IMPRESSION} \S[^\n]*")
-
-
-def words(text: str) -> list[str]:
-    """Lower-case words of ``text`` without the section headers."""
-    return WORD.findall(HEADER.sub(" ", text).lower())
 
 
 def corpus_counts(reports_source: str | Path) -> Counter:
     """Word counts over every OpenI report with FINDINGS and IMPRESSION."""
-    counts: Counter = Counter()
-    for report in iter_openi_reports(reports_source):
-        if report.findings and report.impression:
-            counts.update(words(format_report(report.findings, report.impression)))
-    return counts
+    return word_counts(
+        format_report(report.findings, report.impression)
+        for report in iter_openi_reports(reports_source)
+        if report.findings and report.impression
+    )
 
 
 def well_formed(text: str) -> bool:

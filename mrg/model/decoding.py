@@ -3,7 +3,8 @@
 An answer is ``FINDINGS: …⏎IMPRESSION: …`` and nothing else:
 
 * the first tokens are forced to ``FINDINGS:``, and the first token after a header starts
-  with a space, as in every training target;
+  with a space, as in every training target; a findings-conditioned report's findings
+  sentences (``leads``) are forced after ``FINDINGS:`` and make its impression;
 * in the findings, a newline or EOS never appears as such: their probability is the
   probability of closing the findings, and it moves to the forced ``⏎IMPRESSION:`` header
   (which is also forced once only ``reserve`` tokens of the budget are left); a section
@@ -13,7 +14,9 @@ An answer is ``FINDINGS: …⏎IMPRESSION: …`` and nothing else:
 * no section writes a header of its own: ``:`` is banned right after "findings" or
   "impression";
 * the repetition penalty and the n-gram ban see the body only (``OnBody``), so the headers
-  are never penalised ("ImpressION:") and never make body tokens look repeated.
+  are never penalised ("ImpressION:") and never make body tokens look repeated;
+* with a report vocabulary (``mrg.text.vocabulary``), no word outside it is begun or ended
+  (``ClosedVocabulary``): no misspelt and no chatbot words.
 
 Every processor reads its state from each row's generated ids and keeps none, so the same
 list serves greedy, sampling and beam search, in ``generate`` and in the streaming loop.
@@ -28,8 +31,12 @@ import torch
 from transformers import LogitsProcessor, PreTrainedTokenizerBase
 
 from mrg.data.sections import FINDINGS, format_report
+from mrg.text.vocabulary import HEADER_WORDS
 
 _HEADER_WORD_AT_END = re.compile(r"(findings|impression)\s*$", re.IGNORECASE)
+_LETTER_RUNS = re.compile(r"[A-Za-z]+|[^A-Za-z]+")
+_OPEN_WORD = re.compile(r"[A-Za-z]*$")
+_CAPITAL_AFTER_SMALL = re.compile(r"[a-z][A-Z]")
 
 
 class ReportStructure:
@@ -47,6 +54,9 @@ class ReportStructure:
             raise ValueError("the tokenizer merges the findings' last token with the newline")
         self.impression = whole[len(before) :]
         pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        special = set(tokenizer.all_special_ids) | {eos_id}
+        # what each token adds to the text; a special token ends a word
+        self.pieces = ["\n" if i in special else p for i, p in enumerate(pieces)]
         self.newline_ids = torch.tensor(
             [i for i, p in enumerate(pieces) if "\n" in p or "\r" in p], dtype=torch.long
         )
@@ -90,9 +100,10 @@ class ReportStructureProcessor(LogitsProcessor):
     """Forces the headers and decides where each section ends (see the module docstring).
 
     ``leads`` (one list of token ids per study; rows ``i·r … i·r + r − 1`` of a batch with
-    ``r`` rows per study, as beam search lays them out) are forced right after ``FINDINGS:``:
-    the findings' sentences a findings-conditioned report begins with, so that the LLM only
-    continues them."""
+    ``r`` rows per study, as beam search lays them out) are forced right after ``FINDINGS:``,
+    where the LLM continues them, and make the whole impression: the impression of a report
+    that names findings is their sentences (the LLM's own impressions after them were measured
+    to call them "unremarkable"). A report that names none is written freely."""
 
     def __init__(
         self,
@@ -104,11 +115,11 @@ class ReportStructureProcessor(LogitsProcessor):
         self.structure, self.max_new_tokens, self.reserve = structure, max_new_tokens, reserve
         self.leads = leads
 
-    def _opening(self, row: int, rows: int) -> list[int]:
-        """The forced opening of ``row``: the findings header and its lead, if any."""
+    def _lead(self, row: int, rows: int) -> list[int]:
+        """The findings' sentences of ``row`` ([] where there are none)."""
         if not self.leads:
-            return self.structure.findings
-        return self.structure.findings + self.leads[row // max(1, rows // len(self.leads))]
+            return []
+        return self.leads[row // max(1, rows // len(self.leads))]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         s = self.structure
@@ -116,26 +127,30 @@ class ReportStructureProcessor(LogitsProcessor):
         newline = s.newline_ids.to(scores.device)
         for row, row_ids in enumerate(input_ids.tolist()):
             out, n = scores[row], len(row_ids)
-            findings = self._opening(row, len(input_ids))
+            lead = self._lead(row, len(input_ids))
+            findings = s.findings + lead
             if n < len(findings):
                 _force(out, findings[n])
                 continue
             start = s.impression_start(row_ids)
-            if start is not None and n - start < len(header):
-                _force(out, header[n - start])
+            if start is not None and n - start < len(header + lead):
+                _force(out, (header + lead)[n - start])
+                continue
+            if start is not None and lead:  # the impression of named findings is their sentences
+                _force(out, s.eos_id)
                 continue
             if s.ends_with_header_word(row_ids):
                 out[s.colon_ids.to(scores.device)] = float("-inf")
             closing = torch.cat([newline, newline.new_tensor([s.eos_id])])
             close = torch.logsumexp(out[closing], dim=0)
             out[closing] = float("-inf")
-            written = n - len(findings) if start is None else n - start - len(header)
+            written = n - len(findings) if start is None else n - start - len(header + lead)
             if not written:  # a section's first word: spaced, and the section cannot close yet
                 out[s.not_spaced.to(scores.device)] = float("-inf")
                 continue
             if start is None:  # findings: closing them opens the impression
                 reserve = min(self.reserve, self.max_new_tokens // 4)
-                if self.max_new_tokens - n <= len(header) + reserve:
+                if self.max_new_tokens - n <= len(header + lead) + reserve:
                     _force(out, header[0])
                 else:
                     out[header[0]] = close
@@ -155,4 +170,83 @@ class OnBody(LogitsProcessor):
             body = torch.tensor([self.structure.body_ids(row_ids)], device=input_ids.device)
             if body.shape[1]:
                 scores[row : row + 1] = self.processor(body, scores[row : row + 1])
+        return scores
+
+
+@lru_cache(maxsize=64)
+def allowed_words(
+    vocabulary: frozenset[str], stated: frozenset[str] = frozenset()
+) -> tuple[frozenset[str], frozenset[str]]:
+    """(words, their prefixes) of ``vocabulary`` less the words beginning with ``stated``."""
+    words = frozenset(w for w in vocabulary if not w.startswith(tuple(stated) or "\0"))
+    return words, frozenset(w[:i] for w in words for i in range(1, len(w) + 1))
+
+
+class ClosedVocabulary(LogitsProcessor):
+    """Masks every token that would begin or end a word outside ``vocabulary``.
+
+    Of each row's ``top_k`` most likely tokens, those are kept whose text, appended to the
+    word being written, leaves every finished word in ``vocabulary`` and the open one a prefix
+    of a word in it; all other tokens get −∞. Punctuation is free; digits are never written
+    (nothing here measures a size or knows a date), nor a capital after a small letter within
+    a word ("volumE"). Where none of the ``top_k`` fits, the ``wider_k`` most likely are tried
+    (the n-gram ban may have removed the likely ending of a word); a row where none of those
+    fits is left as it is (a forced lead or header, then, still wins).
+
+    ``stated`` (one set per study, rows laid out as ``ReportStructureProcessor``'s leads) are
+    the words that name the findings a report opens with ("cardiomegaly", "effusion"): no word
+    beginning with one is written after them, so that the continuation cannot negate a finding
+    the report has just named ("Cardiomegaly. No acute cardiomegaly.")."""
+
+    def __init__(
+        self,
+        structure: ReportStructure,
+        vocabulary: frozenset[str],
+        stated: list[frozenset[str]] | None = None,
+        top_k: int = 64,
+        wider_k: int = 1024,
+    ):
+        self.structure, self.stated = structure, stated
+        self.top_k, self.wider_k = top_k, wider_k
+        self.vocabulary = frozenset(vocabulary) | HEADER_WORDS
+
+    def fits(self, open_word: str, piece: str, stated: frozenset[str] = frozenset()) -> bool:
+        """Whether ``piece`` may follow the letters ``open_word`` of the current word."""
+        if any(c.isdigit() for c in piece):
+            return False
+        words, prefixes = allowed_words(self.vocabulary, stated)
+        runs = _LETTER_RUNS.findall(open_word + piece)
+        for i, run in enumerate(runs):
+            if not run[0].isascii() or not run[0].isalpha():
+                continue
+            if _CAPITAL_AFTER_SMALL.search(run):
+                return False
+            if i == len(runs) - 1:
+                return run.lower() in prefixes
+            if run.lower() not in words:
+                return False
+        return True
+
+    def _stated(self, row: int, rows: int) -> frozenset[str]:
+        if not self.stated:
+            return frozenset()
+        return self.stated[row // max(1, rows // len(self.stated))]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        pieces = self.structure.pieces
+        for row, row_ids in enumerate(input_ids.tolist()):
+            stated = self._stated(row, len(input_ids))
+            tail = "".join(pieces[i] for i in row_ids[-16:])
+            open_word = _OPEN_WORD.search(tail).group()
+            keep = []
+            for k in (self.top_k, self.wider_k):  # wider: the likely ending may be banned
+                top = scores[row].topk(min(k, scores.shape[1]))
+                alive = top.indices[torch.isfinite(top.values)].tolist()
+                keep = [t for t in alive if self.fits(open_word, pieces[t], stated)]
+                if keep:
+                    break
+            if keep:
+                kept = scores[row, keep].clone()
+                scores[row].fill_(float("-inf"))
+                scores[row, keep] = kept
         return scores

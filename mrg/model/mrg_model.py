@@ -44,7 +44,12 @@ from mrg.batching import Request
 from mrg.config import CONFIG_NAME, DEFAULT_DECODING, ConfigError, Decoding, ModelConfig
 from mrg.hub import base_model_id, hub_model_card, push_to_hub, resolve_checkpoint
 from mrg.model.customizer import CustomizedPrompt, build_customizer
-from mrg.model.decoding import OnBody, ReportStructureProcessor, report_structure
+from mrg.model.decoding import (
+    ClosedVocabulary,
+    OnBody,
+    ReportStructureProcessor,
+    report_structure,
+)
 from mrg.model.encoder import VisualEncoder
 from mrg.model.llm import load_frozen_llm
 from mrg.model.views import Views
@@ -53,7 +58,9 @@ from mrg.text.taxonomy import (
     findings_sentences,
     findings_words,
     named_findings,
+    naming_words,
 )
+from mrg.text.vocabulary import VOCABULARY_NAME, read_vocabulary, write_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +70,7 @@ FINDINGS_PLACEHOLDER = "<findings>"
 IGNORE_INDEX = -100
 
 
-def _render_chat(tokenizer: PreTrainedTokenizerBase, instruction: str, user: str) -> str:
+def render_chat(tokenizer: PreTrainedTokenizerBase, instruction: str, user: str) -> str:
     """The chat prompt with the instruction as system message (replacing any default system
     prompt), or inside the user turn where the template has no system role."""
     system = [
@@ -95,7 +102,7 @@ class PromptTemplate:
             f"{IMAGE_PLACEHOLDER}\n{FINDINGS_PLACEHOLDER}" if findings_words else IMAGE_PLACEHOLDER
         )
         if tokenizer.chat_template:
-            before, after = _render_chat(tokenizer, instruction, user).split(IMAGE_PLACEHOLDER)
+            before, after = render_chat(tokenizer, instruction, user).split(IMAGE_PLACEHOLDER)
         else:
             before, after = f"{instruction}\n", f"\n{user[len(IMAGE_PLACEHOLDER) :]}\nReport:"
         middle = None
@@ -191,6 +198,9 @@ class MRGModel(nn.Module):
         self.template = PromptTemplate.from_tokenizer(
             tokenizer, config.instruction, findings_words=config.findings_prompt == "words"
         )
+        # the words a report may use (``mrg.text.vocabulary``): set in training, saved beside
+        # the weights; None: any word
+        self.report_vocabulary: frozenset[str] | None = None
         for part in (self.encoder, self.projection, self.customizer):
             part.to(llm.device)  # the LLM may be quantized and placed already: move only our parts
 
@@ -466,6 +476,13 @@ class MRGModel(nn.Module):
             ctx = self.text_context(len(findings), findings)
         else:
             ctx = self.context(views, findings)
+        return self.generate_from(ctx, decoding)
+
+    @torch.inference_mode()
+    def generate_from(self, ctx: Context, decoding: Decoding = DEFAULT_DECODING) -> list[str]:
+        """The frozen LLM's reports after the context ``ctx`` (``generate``'s second half; also
+        how a baseline with a context of its own writes through the same processors)."""
+        decoding.validate()
         kwargs = {
             "inputs_embeds": ctx.embeds,
             "attention_mask": ctx.attention_mask,
@@ -484,14 +501,12 @@ class MRGModel(nn.Module):
         out = self.llm.generate(**kwargs)
         return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
-    def leads(self, findings: torch.Tensor | None) -> list[list[int]] | None:
-        """Per study, the token ids of its findings' sentences (" Cardiomegaly. Pleural
-        effusion."), or None when the report does not lead with them."""
-        if findings is None:
-            return None
+    def leads(self, named: list[list[str]]) -> list[list[int]]:
+        """Per study, the token ids of its named findings' sentences (" Cardiomegaly. Pleural
+        effusion."; none where it names none)."""
         leads = []
-        for y in findings.tolist():
-            text = findings_sentences(named_findings(y))
+        for findings in named:
+            text = findings_sentences(findings)
             leads.append(
                 self.tokenizer(f" {text}", add_special_tokens=False)["input_ids"] if text else []
             )
@@ -502,7 +517,9 @@ class MRGModel(nn.Module):
     ) -> LogitsProcessorList:
         """Penalty and n-gram ban on the body, warpers, then the report structure (last, so
         that a forced header wins over everything before it). With ``lead_with_findings``,
-        the findings y names are forced after the findings header."""
+        the sentences of the findings y names are forced after the findings header and make
+        the impression; with ``closed_vocabulary``, only words of ``report_vocabulary`` are
+        written, and after such a lead no word that names one of its findings again."""
         structure = report_structure(self.tokenizer, self.template.eos_id)
         processors = LogitsProcessorList()
         if decoding.repetition_penalty != 1.0:
@@ -516,7 +533,11 @@ class MRGModel(nn.Module):
         if decoding.strategy == "sample":
             processors.append(TemperatureLogitsWarper(decoding.temperature))
             processors.append(TopPLogitsWarper(decoding.top_p))
-        leads = self.leads(findings) if decoding.lead_with_findings else None
+        named = [named_findings(y) for y in findings.tolist()] if findings is not None else None
+        leads = self.leads(named) if decoding.lead_with_findings and named is not None else None
+        if decoding.closed_vocabulary and self.report_vocabulary:
+            stated = [naming_words(n) for n in named] if leads else None
+            processors.append(ClosedVocabulary(structure, self.report_vocabulary, stated))
         processors.append(ReportStructureProcessor(structure, decoding.max_new_tokens, leads=leads))
         return processors
 
@@ -602,7 +623,8 @@ class MRGModel(nn.Module):
     # ----------------------------------------------------------------- persistence
 
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
-        """Write ``mrg_config.json`` and the trainable weights (``model.safetensors``) only."""
+        """Write ``mrg_config.json``, the trainable weights (``model.safetensors``) and the
+        report vocabulary (``report_vocabulary.txt``) where the model has one."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         weights = {
@@ -613,6 +635,8 @@ class MRGModel(nn.Module):
             weights, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "mode": self.mode}
         )
         (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        if self.report_vocabulary:
+            write_vocabulary(directory / VOCABULARY_NAME, self.report_vocabulary)
         return directory
 
     def push_to_hub(self, repo_id: str, card: str = "", private: bool = False) -> str:
@@ -644,6 +668,8 @@ class MRGModel(nn.Module):
             llm, tokenizer = load_frozen_llm(config.llm)
         model = cls(config, llm, tokenizer)
         model.load_trainable(directory)
+        if (directory / VOCABULARY_NAME).is_file():
+            model.report_vocabulary = read_vocabulary(directory / VOCABULARY_NAME)
         return model
 
     def load_trainable(self, directory: str | Path, prefix: str = "") -> None:

@@ -70,7 +70,8 @@ def findings_vector(positive: Iterable[str]) -> list[float]:
     return values + [0.0 if chosen else 1.0]
 
 
-SPOKEN = {"Effusion": "pleural effusion"}  # where the label is not what a report says
+# where the label is not what a report says (OpenI's 3,955 reports never write "infiltration")
+SPOKEN = {"Effusion": "pleural effusion", "Infiltration": "infiltrate"}
 
 
 def spoken_name(finding: str) -> str:
@@ -94,3 +95,9 @@ def findings_sentences(named: Iterable[str]) -> str:
     """The findings as the sentences a report begins with: ``Cardiomegaly. Pleural effusion.``
     ("" for none)."""
     return " ".join(f"{spoken_name(f).capitalize()}." for f in FINDINGS14 if f in set(named))
+
+
+def naming_words(named: Iterable[str]) -> frozenset[str]:
+    """The word that names each finding in its sentence: ``Cardiomegaly`` → ``cardiomegaly``,
+    ``Effusion`` → ``effusion``, ``Pleural_Thickening`` → ``thickening``."""
+    return frozenset(spoken_name(f).split()[-1] for f in named)

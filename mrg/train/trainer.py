@@ -43,6 +43,7 @@ from mrg.config import ConfigError
 from mrg.data.datasets import Batch, Collate, StudyDataset, StudyRecord
 from mrg.data.language import ReportCorpus
 from mrg.model import Decoding, MRGModel
+from mrg.text.vocabulary import report_vocabulary
 from mrg.train.config import TrainConfig
 from mrg.train.losses import (
     ContrastiveHeads,
@@ -225,6 +226,10 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
         self.model = model
+        # the words the model may write: those its training reports use (mrg.text.vocabulary)
+        model.report_vocabulary = report_vocabulary(
+            [r.report for r in train_records] + list(language.train if language else [])
+        )
         if config.gradient_checkpointing:
             model.enable_llm_checkpointing()
         heads = ContrastiveHeads(
