@@ -69,6 +69,8 @@ def test_the_model_card_reports_every_mode_both_baselines_and_the_ceiling():
         *SHIPPED,
         *(f"{mode}, v only (previous)" for mode in SHIPPED),
         "findings head, listed (no LLM)",
+        "composed, no training (probe → sentences → frozen LLM)",
+        f"{SHIPPED[0]}, open vocabulary",
         "baseline: constant, top 1",
         "baseline: constant, top 3",
         "baseline: most common report",

@@ -233,27 +233,29 @@ def alignment_retrieval(records: list[dict]) -> dict[str, str]:
 def verdict(results: dict[str, dict]) -> str:
     """Say plainly whether each customized mode beats both trivial baselines on CE micro-F1."""
     best = best_baseline(results)
-    static = results.get("static", {}).get("CE_micro_F1")
+    others = {
+        name: results[name]["CE_micro_F1"] for name in ("static", COMPOSED) if name in results
+    }
     lines = []
     for name, metrics in results.items():
-        if name.startswith("baseline") or name == "static":
+        if name.startswith("baseline") or name in others:
             continue
-        beats = metrics["CE_micro_F1"] > best
-        if static is None:
-            versus_static = ""
-        else:
-            f1 = metrics["CE_micro_F1"]
-            side = "above" if f1 > static else "equal to" if f1 == static else "below"
-            versus_static = f"; {side} static ({static:.3f})"
+        f1 = metrics["CE_micro_F1"]
+        beats = f1 > best
+        versus = "".join(
+            f"; {'above' if f1 > x else 'equal to' if f1 == x else 'below'} {other} ({x:.3f})"
+            for other, x in others.items()
+        )
         lines.append(
-            f"- {name}: CE micro-F1 {metrics['CE_micro_F1']:.3f} "
+            f"- {name}: CE micro-F1 {f1:.3f} "
             f"{'beats' if beats else 'does NOT beat'} the best trivial baseline ({best:.3f})"
-            f"{versus_static}."
+            f"{versus}."
         )
     return "\n".join(lines)
 
 
 RANDOM_REPORT = "baseline: random training report"
+COMPOSED = "composed, no training (probe → sentences → frozen LLM)"
 
 
 def floor_verdict(results: dict[str, dict]) -> str:
@@ -262,7 +264,7 @@ def floor_verdict(results: dict[str, dict]) -> str:
     random_report, static = results[RANDOM_REPORT], results.get("static")
     lines = []
     for name, m in results.items():
-        if name.startswith("baseline") or name == "static":
+        if name.startswith("baseline") or name in ("static", COMPOSED):
             continue
         checks = [
             (

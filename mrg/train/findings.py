@@ -279,10 +279,12 @@ def calibrate(head: FindingsHead, val: LabelledImages, train_rate: np.ndarray) -
 
 
 @torch.no_grad()
-def stem_probe_scores(splits: dict[str, LabelledImages]) -> np.ndarray:
+def stem_probe_scores(
+    splits: dict[str, LabelledImages], scored: tuple[str, ...] = ("test",)
+) -> dict[str, np.ndarray]:
     """The baseline the head must beat: a logistic-regression probe (``probe_scores``) on the
     report encoder's frozen EfficientNet-Lite0 stem (pooled stride-16 features), trained on
-    the training split; test-split probabilities ``[N, 14]``."""
+    the training split; per split of ``scored``, its probabilities ``[N, 14]``."""
     stem = build_effnet_stem().eval()
     transform = eval_transform(224)
 
@@ -293,9 +295,14 @@ def stem_probe_scores(splits: dict[str, LabelledImages]) -> np.ndarray:
             [stem(x[i : i + 32])[-1].mean(dim=(2, 3)) for i in range(0, len(x), 32)]
         ).numpy()
 
-    return probe_scores(
-        pooled(splits["train"]), splits["train"].labels.numpy(), pooled(splits["test"])
+    features = {name: pooled(splits[name]) for name in scored}
+    rows = np.cumsum([0] + [len(f) for f in features.values()])
+    scores = probe_scores(
+        pooled(splits["train"]),
+        splits["train"].labels.numpy(),
+        np.concatenate(list(features.values())),
     )
+    return {name: scores[rows[i] : rows[i + 1]] for i, name in enumerate(features)}
 
 
 def test_report(head: FindingsHead, splits: dict[str, LabelledImages], seed: int = 0) -> dict:
@@ -306,7 +313,7 @@ def test_report(head: FindingsHead, splits: dict[str, LabelledImages], seed: int
     logits = head_logits(head, test)
     probabilities = head.probabilities(logits)
     decisions = head.decide(probabilities)[:, :-1].numpy()
-    probe = stem_probe_scores(splits)
+    probe = stem_probe_scores(splits)["test"]
     positives = {f: int(n) for f, n in zip(FINDINGS14, labels.sum(0))}
     return {
         "images": len(test),
