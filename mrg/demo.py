@@ -76,6 +76,11 @@ def build_demo(args: argparse.Namespace):
             dtype=args.dtype,
         )
 
+    def import_heavy_modules():
+        """What requests import before the models are in: only the loading thread does."""
+        import mrg.data.study
+        import mrg.service  # noqa: F401
+
     store = ReviewStore(Path(args.data_dir) / "reviews.sqlite")
     dataset = None
     if args.dataset_annotation:
@@ -93,7 +98,7 @@ def build_demo(args: argparse.Namespace):
     )
     limits = ImageLimits(max_file_bytes=args.max_upload_mb * 1024 * 1024)
     app = DemoApp(
-        Loading(load_service),
+        Loading(load_service, imports=import_heavy_modules),
         store,
         default_examples(shared),
         dataset,

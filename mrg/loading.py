@@ -10,14 +10,19 @@ T = TypeVar("T")
 
 
 class Loading(Generic[T]):
-    """``build()`` runs in a daemon thread from ``start()``; ``get()`` waits for its value.
+    """``imports()`` then ``build()`` run in a daemon thread from ``start()``; ``get()`` waits
+    for the value, ``imported()`` for the imports only.
 
+    Two threads importing transformers at once can fail ("ImportError" from a partly
+    initialised module): a request that needs the heavy modules before the value (reading an
+    upload) waits for ``imported()``, so this thread is the only one importing them.
     A failure is kept and raised again by every ``get()``, so each request that needed the
     value reports it rather than hanging.
     """
 
-    def __init__(self, build: Callable[[], T]):
-        self._build = build
+    def __init__(self, build: Callable[[], T], imports: Callable[[], None] | None = None):
+        self._build, self._imports = build, imports
+        self._imported = threading.Event()
         self._done = threading.Event()
         self._value: T | None = None
         self.error: BaseException | None = None
@@ -37,11 +42,20 @@ class Loading(Generic[T]):
 
     def _run(self) -> None:
         try:
+            if self._imports is not None:
+                self._imports()
+            self._imported.set()
             self._value = self._build()
         except BaseException as err:  # noqa: BLE001 — re-raised by get()
             self.error = err
         finally:
+            self._imported.set()
             self._done.set()
+
+    def imported(self) -> None:
+        """Wait until the heavy modules are imported (or the loading has failed)."""
+        self.start()
+        self._imported.wait()
 
     def ready(self) -> bool:
         """Whether the build has finished (with a value or an error)."""

@@ -541,6 +541,37 @@ def test_end_to_end_with_gradio_client(app_server, tmp_path):
 
 
 @pytest.mark.slow
+def test_requests_at_start_up_wait_for_the_models_and_never_race_their_imports(
+    tiny_checkpoints, tmp_path
+):
+    """/report and the upload handler, called at once as soon as the page answers, from
+    three fresh processes: every call succeeds (the loader alone imports torch & co.)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client, handle_file
+
+    for start in range(3):
+        server = AppProcess(tiny_checkpoints / "ckpt", tmp_path / f"data{start}")
+        try:
+            client = Client(server.url, verbose=False)
+            calls = {
+                "report": (handle_file(DICOM), None, "prompt-wise", "/report"),
+                "upload": (handle_file(DICOM), None, "/load_upload"),
+            }
+            with ThreadPoolExecutor(2) as pool:
+                futures = {
+                    name: pool.submit(client.predict, *args[:-1], api_name=args[-1])
+                    for name, args in calls.items()
+                }
+                results = {name: f.result(timeout=180) for name, f in futures.items()}
+            assert results["report"]["text"].startswith("FINDINGS:")
+            status = named(results["upload"], LOADED[1:])["load_status"]
+            assert "Could not load" not in status
+        finally:
+            server.stop()
+
+
+@pytest.mark.slow
 def test_stateless_report_api(app_server, tmp_path):
     """One call, no session: an image in, both sections out; bad input is a clear error."""
     from gradio_client import Client, handle_file

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import json
 import logging
 import shutil
 import time
@@ -105,10 +106,21 @@ def smollm2_gguf() -> Path:
         return smollm2_gguf_from_hub()
 
 
+def drop_gguf_state(config_file: Path) -> None:
+    """Remove the GGUF ``quantization_config`` a de-quantised copy's config inherits: the
+    weights are plain float32, and the stale entry makes ``from_pretrained`` refuse any
+    bitsandbytes config ("The model is quantized with GgufConfig…")."""
+    config = json.loads(config_file.read_text())
+    if config.pop("quantization_config", None) is not None:
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        log.info("removed the stale GGUF quantization_config from %s", config_file)
+
+
 def smollm2_local_dir(cache_dir: str | Path | None = None) -> Path:
     """The cached safetensors copy of SmolLM2, converting the GGUF on first use."""
     target = Path(cache_dir or default_cache_dir()) / SMOLLM2_CACHE_NAME
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        drop_gguf_state(target / "config.json")  # a copy written by an earlier version
         return target
     gguf = smollm2_gguf()
     log.info("Converting %s to safetensors in %s (once; ~20 s)", gguf.name, target)
@@ -123,6 +135,7 @@ def smollm2_local_dir(cache_dir: str | Path | None = None) -> Path:
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     plain.save_pretrained(tmp)
+    drop_gguf_state(tmp / "config.json")
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(target, ignore_errors=True)  # a partial copy from an interrupted run
     tmp.replace(target)

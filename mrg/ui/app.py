@@ -56,6 +56,8 @@ mark.agree-matched, mark.agree-missed, mark.agree-hallucinated {padding: 0 1px; 
 #findings-head .line {display: none}
 #manual-choice label {padding: 1px 6px !important; font-size: 0.8em}
 #findings-note p, #findings-check p {margin: 2px 0; font-size: 0.86em}
+#level .min_value, #level .max_value, #window .min_value, #window .max_value {flex: none;
+  white-space: nowrap}
 """
 
 

@@ -78,6 +78,7 @@ class ViewerPanel:
 
     def _study_from(self, sources: list[Path | bytes], key: str) -> Study:
         """Frontal (and lateral) from the first two sources; DICOM view positions win over the order."""
+        self.loading.imported()  # never import torch & co. beside the loading thread
         from mrg.data.study import study_from_sources
 
         lateral = sources[1] if len(sources) > 1 else None
