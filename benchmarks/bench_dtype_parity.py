@@ -28,9 +28,9 @@ from mrg.data.datasets import load_annotation
 from mrg.data.pairs import build_pairs
 from mrg.environment import setting
 from mrg.evaluation.demo_card import score
-from mrg.evaluation.labeler import ReportLabeler
 from mrg.evaluation.runner import generate_split
 from mrg.service import ReportService
+from mrg.text.labeler import ReportLabeler
 
 SHARED = Path(setting("MRG_SHARED_DATA"))
 DTYPES = ("float32", "bfloat16")

@@ -26,13 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mrg.config import CUSTOMIZER_MODES
 from mrg.data.datasets import Batch
 from mrg.data.study import batch_tensors, study_from_sources, train_transform
+from mrg.data.views import Views
 from mrg.environment import setting
 from mrg.model import MRGModel
 from mrg.model.llm import load_frozen_llm
-from mrg.model.views import Views
 from mrg.train.config import train_preset
 from mrg.train.losses import ContrastiveHeads, ReportEmbeddingCache
-from mrg.train.trainer import STAGES, TrainingModule
+from mrg.train.stages import STAGES, TrainingModule
 
 SHARED = Path(setting("MRG_SHARED_DATA"))
 REPORT = (

@@ -13,10 +13,10 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from mrg.data.reports import iter_openi_reports
-from mrg.data.sections import format_report
 from mrg.environment import setting
 from mrg.evaluation.text_quality import has_loop
 from mrg.model.llm import smollm2_local_dir
+from mrg.text.sections import format_report
 
 SHARED = Path(setting("MRG_SHARED_DATA"))
 

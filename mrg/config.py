@@ -25,16 +25,6 @@ CONFIG_NAME = "mrg_config.json"  # a checkpoint folder's model config (beside mo
 DEFAULT_CHECKPOINTS = Path(__file__).resolve().parents[1] / "assets" / "checkpoints"
 
 
-def checkpoint_modes(checkpoints: str | Path | None = None) -> dict[str, Path]:
-    """The modes a checkpoint folder or Hub repo id holds (``<root>/<mode>/mrg_config.json``),
-    read without loading a model. ``checkpoints`` defaults to ``$MRG_CHECKPOINTS``, else the
-    shipped ones. A repo id is downloaded to (or found in) the Hub cache (``mrg.hub``)."""
-    from mrg.hub import resolve_checkpoint
-
-    root = resolve_checkpoint(checkpoints or setting("MRG_CHECKPOINTS") or DEFAULT_CHECKPOINTS)
-    return {m: root / m for m in CUSTOMIZER_MODES if (root / m / CONFIG_NAME).is_file()}
-
-
 QUANTIZATIONS = ("none", "nf4", "int8")
 DTYPES = ("float32", "bfloat16", "float16")
 SMOLLM2 = "smollm2"

@@ -56,7 +56,8 @@ def build_demo(args: argparse.Namespace):
     Only Gradio is imported before the page is served: torch, transformers and the
     checkpoints load in a thread (``mrg.loading``), and the banner says so until they are in.
     """
-    from mrg.config import CUSTOMIZED_MODES, checkpoint_modes
+    from mrg.config import CUSTOMIZED_MODES
+    from mrg.hub import checkpoint_modes
     from mrg.imaging import ImageLimits
     from mrg.loading import Loading
     from mrg.review import ReviewStore

@@ -23,9 +23,9 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
+from mrg.data.views import Views
 from mrg.model.findings import FindingsHead
 from mrg.model.mrg_model import MRGModel
-from mrg.model.views import Views
 from mrg.text.taxonomy import FINDINGS14
 
 

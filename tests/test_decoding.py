@@ -6,9 +6,9 @@ from conftest import random_batch
 from transformers import RepetitionPenaltyLogitsProcessor
 
 from mrg.config import Decoding
-from mrg.data.sections import split_sections
 from mrg.evaluation.text_quality import has_loop, well_formed
 from mrg.model.decoding import OnBody, ReportStructureProcessor, report_structure
+from mrg.text.sections import split_sections
 
 
 @pytest.fixture

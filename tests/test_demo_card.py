@@ -13,22 +13,20 @@ from pathlib import Path
 import pytest
 
 from mrg.data.datasets import StudyRecord
+from mrg.evaluation.baselines import baselines, constant_findings_baselines, listed_findings_report
 from mrg.evaluation.demo_card import (
     CARD_METRICS,
     MODEL_CARD_TEMPLATE,
     alignment_retrieval,
-    baselines,
     best_baseline,
     blank_image_report,
     ceiling_table,
     ceiling_verdict,
     common_report_shift,
-    constant_findings_baselines,
     fidelity_table,
     floor_verdict,
     image_dependence,
     language_losses,
-    listed_findings_report,
     markdown,
     model_card,
     naming_a_finding,
@@ -38,7 +36,7 @@ from mrg.evaluation.demo_card import (
     training_seconds,
     verdict,
 )
-from mrg.evaluation.labeler import ReportLabeler
+from mrg.text.labeler import ReportLabeler
 from mrg.text.taxonomy import FINDINGS14
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_model_card.py"

@@ -218,7 +218,7 @@ def test_app_streams_findings_and_impression_with_the_shipped_checkpoints(tmp_pa
 @pytest.mark.slow
 def test_generate_findings_flag_and_json_on_the_shipped_checkpoints(test_images, capsys):
     from mrg.cli import main
-    from mrg.evaluation.labeler import ReportLabeler
+    from mrg.text.labeler import ReportLabeler
 
     argv = ["generate", str(test_images[0]), "--json", "--findings", "Effusion"]
     assert main([*argv, "--max-new-tokens", "60"]) == 0

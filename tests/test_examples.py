@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO, AppProcess
 from PIL import Image
 
-from mrg.evaluation.labeler import ReportLabeler
+from mrg.text.labeler import ReportLabeler
 from mrg.text.taxonomy import FINDINGS14
 from mrg.ui import SHIPPED_EXAMPLES, default_examples, shipped_examples
 

@@ -81,7 +81,7 @@ def test_weighted_loss_with_unit_weights_is_the_plain_loss(tiny_llm, tokenizer):
 
 
 def test_language_stage_trains_the_findings_code_not_the_visual_one(tiny_llm, tokenizer):
-    from mrg.train.trainer import TrainingModule
+    from mrg.train.stages import TrainingModule
 
     model = conditioned(tiny_llm, tokenizer, words=False)
     module = TrainingModule(model, torch.nn.Identity(), None, 0.0)
@@ -105,7 +105,7 @@ def test_a_report_can_lead_with_its_findings(tiny_llm, tokenizer):
 
 
 def test_image_stages_can_leave_the_prompt_as_the_language_stage_wrote_it(tiny_llm, tokenizer):
-    from mrg.train.trainer import TrainingModule
+    from mrg.train.stages import TrainingModule
 
     model = conditioned(tiny_llm, tokenizer, mode="promptbook-wise")
     names = {id(p): n for n, p in model.named_parameters()}

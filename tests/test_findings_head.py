@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from mrg.data.views import Views
 from mrg.model.findings import FindingsHead, FindingsHeadConfig
-from mrg.model.views import Views
 from mrg.text.taxonomy import FINDINGS14
 from mrg.train.findings import (
     asymmetric_loss,

@@ -10,8 +10,9 @@ from pydicom.data import get_testdata_file
 from safetensors.torch import load_file
 
 from mrg.cli import main
-from mrg.config import ConfigError, LLMConfig, checkpoint_modes
+from mrg.config import ConfigError, LLMConfig
 from mrg.data.study import study_from_sources
+from mrg.hub import checkpoint_modes
 from mrg.loading import Loading
 from mrg.model import Decoding, MRGModel
 from mrg.model.llm import (

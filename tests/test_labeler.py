@@ -3,7 +3,7 @@
 import pytest
 from conftest import shared_path
 
-from mrg.evaluation.labeler import (
+from mrg.text.labeler import (
     NEGATIVE,
     POSITIVE,
     UNCERTAIN,

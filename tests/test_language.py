@@ -7,8 +7,9 @@ from conftest import shared_path
 
 from mrg.data.datasets import StudyRecord, load_annotation
 from mrg.data.language import HeldOut, normalise, report_corpus
-from mrg.data.reports import REDACTED, iter_openi_reports
-from mrg.data.sections import format_report
+from mrg.data.reports import iter_openi_reports
+from mrg.text.cleaning import REDACTED
+from mrg.text.sections import format_report
 
 
 def record(study_id, split, report="", report_id=""):

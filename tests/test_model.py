@@ -7,7 +7,8 @@ import torch
 from conftest import random_batch, tiny_model_config
 
 from mrg.model import Decoding, MRGModel
-from mrg.model.mrg_model import CONFIG_NAME, IGNORE_INDEX, WEIGHTS_NAME, positions_from_mask
+from mrg.model.mrg_model import CONFIG_NAME, IGNORE_INDEX, WEIGHTS_NAME
+from mrg.model.prompting import positions_from_mask
 
 REPORTS = [
     "FINDINGS: The heart is normal. IMPRESSION: No acute disease.",

@@ -8,7 +8,7 @@ import pytest
 from conftest import shared_path
 
 from mrg.data.pairs import build_pairs, concise, label_reports, nearest_sets
-from mrg.evaluation.labeler import ReportLabeler
+from mrg.text.labeler import ReportLabeler
 from mrg.text.taxonomy import FINDINGS14
 
 

@@ -16,12 +16,11 @@ from mrg.data.datasets import (
     prepare_openi,
     split_of,
 )
-from mrg.data.reports import (
+from mrg.data.reports import iter_openi_reports, parse_openi_xml
+from mrg.text.cleaning import (
     clean_report_iu_xray,
     clean_report_mimic_cxr,
     display_form,
-    iter_openi_reports,
-    parse_openi_xml,
     split_sentences,
 )
 

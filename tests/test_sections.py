@@ -1,4 +1,4 @@
-from mrg.data.sections import Sections, format_report, split_sections
+from mrg.text.sections import Sections, format_report, split_sections
 
 
 def test_format_and_split_round_trip():

@@ -165,9 +165,9 @@ def test_load_on_a_cpu_with_gpu_options_says_what_is_in_effect(tiny_llm, tokeniz
 def test_auto_dtype_follows_the_cpu_and_an_explicit_dtype_wins(
     tiny_llm, tokenizer, tmp_path, monkeypatch, bf16_faster
 ):
-    import mrg.service
+    import mrg.service.models
 
-    monkeypatch.setattr(mrg.service, "cpu_prefers_bf16", lambda: bf16_faster)
+    monkeypatch.setattr(mrg.service.models, "cpu_prefers_bf16", lambda: bf16_faster)
     checkpoints = save_tiny_checkpoints(tmp_path, tiny_llm, tokenizer)
     auto = ReportService.load(checkpoints, device="cpu")
     expected = "bfloat16" if bf16_faster else "float32"

@@ -1,1 +1,1 @@
-"""Report text, sections, datasets and dataset preparation."""
+"""Data: studies and their views, datasets, OpenI reports, label-matched pairs, the language corpus."""

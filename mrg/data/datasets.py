@@ -18,10 +18,10 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from mrg.data.reports import iter_openi_reports
-from mrg.data.sections import format_report
 from mrg.data.study import Study, View, batch_tensors, eval_transform, train_transform
+from mrg.data.views import Views
 from mrg.imaging import ImageError, load_image
-from mrg.model.views import Views
+from mrg.text.sections import format_report
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mrg.data.datasets import StudyRecord, split_of
-from mrg.data.reports import REDACTED, iter_openi_reports
-from mrg.data.sections import format_report
+from mrg.data.reports import iter_openi_reports
+from mrg.text.cleaning import REDACTED
+from mrg.text.sections import format_report
 
 _OPENI_ID = re.compile(r"^(CXR\d+)_")
 

@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mrg.data.datasets import split_of, write_annotation
-from mrg.data.reports import REDACTED, iter_openi_reports
-from mrg.data.sections import format_report
-from mrg.evaluation.labeler import ReportLabeler
+from mrg.data.reports import iter_openi_reports
+from mrg.text.cleaning import REDACTED
+from mrg.text.labeler import ReportLabeler
+from mrg.text.sections import format_report
 from mrg.text.taxonomy import FINDINGS14
 
 NIH_TO_LABELER = {

@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 from torchvision.transforms import v2
 
+from mrg.data.views import VIEW_IDS, Views
 from mrg.imaging import DEFAULT_LIMITS, ImageLimits, LoadedImage, load_image
-from mrg.model.encoder import VIEW_IDS
-from mrg.model.views import Views
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Scoring what the model writes: metrics, baselines, fidelity, text quality, the card facts."""

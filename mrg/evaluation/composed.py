@@ -20,10 +20,11 @@ from sklearn.metrics import f1_score
 from tqdm.auto import tqdm
 
 from mrg.config import Decoding
-from mrg.evaluation.labeler import ReportLabeler
 from mrg.evaluation.text_quality import PRIOR_COMPARISON
 from mrg.model.customizer import CustomizedPrompt
-from mrg.model.mrg_model import Context, MRGModel, render_chat
+from mrg.model.mrg_model import MRGModel
+from mrg.model.prompting import Context, render_chat
+from mrg.text.labeler import ReportLabeler
 from mrg.text.taxonomy import FINDINGS14, findings_sentences
 from mrg.text.vocabulary import HEADER
 

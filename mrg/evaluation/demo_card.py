@@ -1,8 +1,8 @@
-"""Scoring, baselines and the measured facts of the demo checkpoints' model card: clinical
-efficacy and BLEU-4/CIDEr of generated reports, the trivial baselines, the findings ceiling of
-the frozen stem, pair and alignment statistics, and ``assets/MODEL_CARD.template.md`` filled in.
+"""Scoring and the measured facts of the demo checkpoints' model card: clinical efficacy and
+BLEU-4/CIDEr of generated reports, verdicts against the baselines (``mrg.evaluation.baselines``),
+pair and alignment statistics, the card's tables, and ``assets/MODEL_CARD.template.md`` filled in.
 
-``scripts/build_demo_checkpoints.py`` trains and evaluates; this module says what was measured.
+``scripts/build_model_card.py`` measures the shipped files; this module says what was measured.
 """
 
 from __future__ import annotations
@@ -12,19 +12,13 @@ import random
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from mrg.data.datasets import Collate, StudyDataset, StudyRecord
-from mrg.data.sections import format_report
-from mrg.evaluation.labeler import ReportLabeler
+from mrg.data.datasets import StudyRecord
+from mrg.data.views import Views
 from mrg.evaluation.metrics import label_agreement, nlg_scores
-from mrg.evaluation.probe import constant_micro_f1, probe_micro_f1
-from mrg.model.encoder import VisualEncoder
-from mrg.model.views import Views
-from mrg.text.taxonomy import FINDINGS14, findings_sentences
-from mrg.train.config import train_preset
-from mrg.train.losses import ReportLabels
+from mrg.text.labeler import ReportLabeler
+from mrg.text.taxonomy import FINDINGS14
 
 MODEL_CARD_TEMPLATE = Path(__file__).resolve().parents[2] / "assets" / "MODEL_CARD.template.md"
 
@@ -62,42 +56,6 @@ def training_seconds(records: list[dict]) -> float:
     return sum(r.get("epoch_seconds", 0.0) for r in records)
 
 
-def baselines(
-    train_reports: list[str], test_rows: list[dict], seed: int = 0
-) -> dict[str, list[dict]]:
-    common = Counter(train_reports).most_common(1)[0][0]
-    rng = random.Random(seed)
-    return {
-        "baseline: most common report": [dict(r, generated=common) for r in test_rows],
-        "baseline: random training report": [
-            dict(r, generated=rng.choice(train_reports)) for r in test_rows
-        ],
-    }
-
-
-def listed_findings_report(findings: list[str]) -> str:
-    """A report that only lists ``findings`` (the image-free baselines and the head's own
-    reading are written so): ``FINDINGS: Cardiomegaly. Pleural effusion.⏎IMPRESSION: …``."""
-    text = findings_sentences(findings) or "No acute findings."
-    return format_report(text, text)
-
-
-def constant_findings_baselines(
-    train_labels: list[list[str]], test_rows: list[dict], ks: tuple[int, ...] = (1, 2, 3)
-) -> dict[str, list[dict]]:
-    """For each k, every test image gets a report naming the k findings most frequent in
-    training: what a reader scores without looking at the image."""
-    frequency = Counter(f for labels in train_labels for f in labels)
-    out = {}
-    for k in ks:
-        top = [f for f, _ in frequency.most_common(k)]
-        text = listed_findings_report(top)
-        out[f"baseline: constant, top {k} ({', '.join(top)})"] = [
-            dict(r, generated=text) for r in test_rows
-        ]
-    return out
-
-
 CARD_METRICS = (
     "CE_micro_P",
     "CE_micro_R",
@@ -119,40 +77,13 @@ def markdown(results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-@torch.inference_mode()
-def stem_features(
-    records: list[StudyRecord], image_size: int = 224
-) -> tuple[np.ndarray, np.ndarray]:
-    """One row per image: the frozen EfficientNet-Lite0 stem's pooled features (the encoder's
-    input, eval transform) and the image's NIH labels as a 0/1 vector over FINDINGS14."""
-    unique = list({r.image_paths[0]: r for r in records}.values())
-    encoder = VisualEncoder(train_preset("demo-checkpoints").model.encoder).eval()
-    collate, dataset = Collate(image_size, 1), StudyDataset(unique)
-    features = []
-    for start in range(0, len(unique), 16):
-        batch = collate([dataset[i] for i in range(start, min(start + 16, len(unique)))])
-        stem_map = encoder.stem(encoder.normalise(batch.views.images[:, 0]))
-        features.append(stem_map.mean(dim=(2, 3)))
-    labels = [[int(f in r.labels) for f in FINDINGS14] for r in unique]
-    return torch.cat(features).numpy(), np.array(labels)
-
-
-def findings_ceiling(train: list[StudyRecord], test: list[StudyRecord]) -> dict:
-    """Micro-F1 of naming k findings per test image: linear probe on the stem vs a constant."""
-    train_x, train_y = stem_features(train)
-    test_x, test_y = stem_features(test)
-    return {
-        "probe": probe_micro_f1(train_x, train_y, test_x, test_y),
-        "constant": constant_micro_f1(train_y, test_y),
-    }
-
-
 def common_report_shift(
     train: list[StudyRecord], test: list[StudyRecord], labeler: ReportLabeler
 ) -> dict:
     """The findings of the most common training report and their share of train / test images."""
     report = Counter(r.report for r in train).most_common(1)[0][0]
-    labels = ReportLabels(labeler)([report])[0] - {"normal"}
+    found = labeler.label14(report)
+    labels = {f for f in FINDINGS14 if found[f]}
 
     def share(records):
         images = {r.image_paths[0]: set(r.labels) for r in records}

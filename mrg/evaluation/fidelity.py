@@ -18,7 +18,7 @@ from sklearn.metrics import f1_score
 from tqdm.auto import tqdm
 
 from mrg.config import DEFAULT_DECODING, Decoding
-from mrg.evaluation.labeler import ReportLabeler
+from mrg.text.labeler import ReportLabeler
 from mrg.text.taxonomy import FINDINGS14, findings_vector, named_findings
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mrg.data.reports import iter_openi_reports
-from mrg.evaluation.labeler import ReportLabeler
+from mrg.text.labeler import ReportLabeler
 from mrg.text.taxonomy import FINDINGS14
 
 SCORED = tuple(label for label in FINDINGS14 if label != "Hernia")

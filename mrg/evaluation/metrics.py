@@ -18,8 +18,8 @@ import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from mrg.data.reports import clean_report_iu_xray
-from mrg.evaluation.labeler import ReportLabeler
+from mrg.text.cleaning import clean_report_iu_xray
+from mrg.text.labeler import ReportLabeler
 from mrg.text.taxonomy import CHEXPERT5, CHEXPERT14
 
 log = logging.getLogger(__name__)

@@ -12,21 +12,16 @@ import csv
 import json
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
 from mrg.data.datasets import Collate, StudyDataset, StudyRecord
-from mrg.evaluation.labeler import ReportLabeler
 from mrg.evaluation.metrics import chexpert_positive, clinical_efficacy, nlg_scores
 from mrg.model import Decoding, MRGModel
 from mrg.model.findings import FindingsHead
+from mrg.text.labeler import ReportLabeler
 from mrg.text.taxonomy import CHEXPERT14, FINDINGS14, named_findings
-
-if TYPE_CHECKING:
-    from mrg.service import ReportService
 
 GENERATIONS = "generations.jsonl"
 
@@ -106,48 +101,6 @@ def generate_split(
                 batch.study_ids, batch.reports, texts, extras
             ):
                 generations.add(handle, study_id, reference, text, extra)
-    return generations.rows(records)
-
-
-def stream_split(
-    service: ReportService,
-    mode: str,
-    records: Sequence[StudyRecord],
-    out_file: Path,
-    decoding: Decoding,
-    concurrency: int = 8,
-    findings: list[str] | None = None,
-) -> list[dict]:
-    """``generate_split`` through the service's continuous batcher (``mrg.batching``), as the
-    app serves its users: ``concurrency`` studies decode together, and the next one joins the
-    running batch as soon as one finishes (at most the batch's size: past it, requests wait).
-    ``findings`` sets every study's findings by hand (what-if); rows carry ``p_<Finding>``."""
-    batcher = service.batchers[id(service.model(mode).llm)]
-    concurrency = max(1, min(concurrency, batcher.max_batch))
-    generations = Generations(out_file)
-    todo = generations.todo(records)
-    dataset = StudyDataset(todo, on_missing="skip")
-    with (
-        generations.path.open("a") as handle,
-        tqdm(total=len(todo), desc=f"generating ({mode})") as bar,
-    ):
-
-        def one(index: int) -> None:
-            study = dataset[index]
-            if study is not None:
-                condition = service.read_findings(study, findings)
-                update = service.generate(study, mode, decoding, findings=condition)
-                extra = {}
-                if condition is not None:
-                    p = [condition.probabilities.get(f, float("nan")) for f in FINDINGS14]
-                    extra = finding_columns(p, condition.named)
-                generations.add(
-                    handle, todo[index].study_id, todo[index].report, update.text, extra
-                )
-            bar.update(1)
-
-        with ThreadPoolExecutor(concurrency) as pool:
-            list(pool.map(one, range(len(todo))))
     return generations.rows(records)
 
 

@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mrg.data.reports import iter_openi_reports
-from mrg.data.sections import FINDINGS, IMPRESSION, format_report
-from mrg.evaluation.labeler import LABEL_MAPS, NEGATIVE, POSITIVE, ReportLabeler
+from mrg.text.labeler import LABEL_MAPS, NEGATIVE, POSITIVE, ReportLabeler
+from mrg.text.sections import FINDINGS, IMPRESSION, format_report
 from mrg.text.vocabulary import HEADER, PRIOR_COMPARISON, word_counts, words
 
 DEMOGRAPHICS = re.compile(

@@ -1,5 +1,6 @@
 """Encoder, prompt customizers, frozen-LLM loading and the MRG model."""
 
-from mrg.model.mrg_model import Decoding, MRGModel
+from mrg.config import Decoding
+from mrg.model.mrg_model import MRGModel
 
 __all__ = ["Decoding", "MRGModel"]

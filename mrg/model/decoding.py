@@ -30,7 +30,7 @@ from functools import lru_cache
 import torch
 from transformers import LogitsProcessor, PreTrainedTokenizerBase
 
-from mrg.data.sections import FINDINGS, format_report
+from mrg.text.sections import FINDINGS, format_report
 from mrg.text.vocabulary import HEADER_WORDS
 
 _HEADER_WORD_AT_END = re.compile(r"(findings|impression)\s*$", re.IGNORECASE)

@@ -1,6 +1,6 @@
 """The trainable visual encoder: a timm ViT over each view, tokens pooled to a small grid.
 
-Input: ``Views`` (``mrg.model.views``): greyscale ``images [B, V, 1, H, W]`` in [0, 1] with
+Input: ``Views`` (``mrg.data.views``): greyscale ``images [B, V, 1, H, W]`` in [0, 1] with
 ``ids [B, V]`` (0 frontal, 1 lateral, 2 unknown) and ``mask [B, V]`` (False for a missing view).
 
 Output (``VisualFeatures``):
@@ -27,9 +27,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from mrg.config import HYBRID_ENCODER, EncoderConfig
-from mrg.model.views import Views
+from mrg.data.views import VIEW_IDS, Views
 
-VIEW_IDS = {"frontal": 0, "lateral": 1, "unknown": 2}
 STEM_OUT_INDEX = 3  # tf_efficientnet_lite0 feature level at stride 16 (112 channels)
 
 

@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mrg.config import ConfigBase, ConfigError
+from mrg.data.views import Views
 from mrg.model.encoder import efficientnet_lite0_state_dict
-from mrg.model.views import Views
 from mrg.text.taxonomy import FINDINGS14
 
 FINDINGS_FOLDER = "findings"  # beside the modes in a checkpoint folder

@@ -14,8 +14,10 @@ differ in length are left-padded. Labels are −100 everywhere except the report
 ``cumsum(attention_mask) − 1``, the rule ``generate`` uses, so a missing view (masked out)
 is skipped identically in training and decoding.
 
-Tensors are born in ``encode``/``context`` and die in the LLM call; the LLM never receives
-gradients (all its parameters are frozen) but passes them back to the trainable parts.
+Tensors are born in ``context`` (``mrg.model.prompting.ContextAssembly``) and die in the LLM
+call: here for the loss (``forward``), in ``mrg.model.generation.ReportGeneration`` for
+decoding. The LLM never receives gradients (all its parameters are frozen) but passes them
+back to the trainable parts. This file holds the parts, the loss and persistence.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import json
 import logging
 import re
 import tempfile
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,106 +33,22 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.generation.logits_process import (
-    NoRepeatNGramLogitsProcessor,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mrg.batching import Request
-from mrg.config import CONFIG_NAME, DEFAULT_DECODING, ConfigError, Decoding, ModelConfig
+from mrg.config import CONFIG_NAME, ConfigError, ModelConfig
+from mrg.data.views import Views
 from mrg.hub import base_model_id, hub_model_card, push_to_hub, resolve_checkpoint
 from mrg.model.customizer import CustomizedPrompt, build_customizer
-from mrg.model.decoding import (
-    ClosedVocabulary,
-    OnBody,
-    ReportStructureProcessor,
-    report_structure,
-)
 from mrg.model.encoder import VisualEncoder
+from mrg.model.generation import ReportGeneration
 from mrg.model.llm import load_frozen_llm
-from mrg.model.views import Views
-from mrg.text.taxonomy import (
-    FINDINGS14,
-    findings_sentences,
-    findings_words,
-    named_findings,
-    naming_words,
-)
+from mrg.model.prompting import Context, ContextAssembly, PromptTemplate, positions_from_mask
 from mrg.text.vocabulary import VOCABULARY_NAME, read_vocabulary, write_vocabulary
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "model.safetensors"
-IMAGE_PLACEHOLDER = "<image>"
-FINDINGS_PLACEHOLDER = "<findings>"
 IGNORE_INDEX = -100
-
-
-def render_chat(tokenizer: PreTrainedTokenizerBase, instruction: str, user: str) -> str:
-    """The chat prompt with the instruction as system message (replacing any default system
-    prompt), or inside the user turn where the template has no system role."""
-    system = [
-        {"role": "system", "content": instruction},
-        {"role": "user", "content": user},
-    ]
-    try:
-        return tokenizer.apply_chat_template(system, add_generation_prompt=True, tokenize=False)
-    except Exception:  # noqa: BLE001 — templates without a system role raise their own error types
-        user_only = [{"role": "user", "content": f"{instruction}\n{user}"}]
-        return tokenizer.apply_chat_template(user_only, add_generation_prompt=True, tokenize=False)
-
-
-@dataclass
-class PromptTemplate:
-    """Token ids around the image: ``prefix`` before P', ``suffix`` after the visual tokens;
-    with findings words, ``middle`` + the words' ids come between the two."""
-
-    prefix_ids: list[int]
-    suffix_ids: list[int]
-    eos_id: int
-    middle_ids: list[int] | None = None  # None: no findings words
-
-    @classmethod
-    def from_tokenizer(
-        cls, tokenizer: PreTrainedTokenizerBase, instruction: str, findings_words: bool = False
-    ) -> PromptTemplate:
-        user = (
-            f"{IMAGE_PLACEHOLDER}\n{FINDINGS_PLACEHOLDER}" if findings_words else IMAGE_PLACEHOLDER
-        )
-        if tokenizer.chat_template:
-            before, after = render_chat(tokenizer, instruction, user).split(IMAGE_PLACEHOLDER)
-        else:
-            before, after = f"{instruction}\n", f"\n{user[len(IMAGE_PLACEHOLDER) :]}\nReport:"
-        middle = None
-        encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
-        if findings_words:
-            between, after = after.split(FINDINGS_PLACEHOLDER)
-            middle = encode(between)
-        prefix = encode(before)
-        if tokenizer.bos_token_id is not None and not tokenizer.chat_template:
-            prefix = [tokenizer.bos_token_id] + prefix
-        eos = (
-            tokenizer.convert_tokens_to_ids("<|im_end|>")
-            if "<|im_end|>" in tokenizer.get_vocab()
-            else None
-        )
-        return cls(
-            prefix, encode(after), eos if eos is not None else tokenizer.eos_token_id, middle
-        )
-
-
-@dataclass
-class Context:
-    """The model's input before the report: embeddings, mask, positions, and the prompt used."""
-
-    embeds: torch.Tensor  # [B, T, D]
-    attention_mask: torch.Tensor  # [B, T]
-    prompt: CustomizedPrompt
-    global_feature: torch.Tensor | None  # [B, d_v], the customizer's input v (None: no image)
-    findings: torch.Tensor | None = None  # [B, 15], the condition y (None: not conditioned)
 
 
 @dataclass
@@ -140,22 +57,6 @@ class MRGOutput:
     logits: torch.Tensor
     prompt: CustomizedPrompt
     global_feature: torch.Tensor
-
-
-def text_increments(tokenizer: PreTrainedTokenizerBase, ids: Iterable[int]) -> Iterator[str]:
-    """Text increments of a stream of token ids; their concatenation is the decoded text.
-
-    An increment is held back while the text ends in an incomplete multi-byte character."""
-    seen: list[int] = []
-    shown = ""
-    for token in ids:
-        seen.append(token)
-        text = tokenizer.decode(seen, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            continue
-        if len(text) > len(shown):
-            yield text[len(shown) :]
-            shown = text
 
 
 _LEGACY_CONDITION = re.compile(r"^(customizer\.(?:affine\.trunk|query))\.([01])\.")
@@ -167,12 +68,7 @@ def _current_key(key: str) -> str:
     return _LEGACY_CONDITION.sub(r"\1.visual.\2.", key)
 
 
-def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """``cumsum(mask) − 1`` with masked positions at 0: the rule ``generate`` applies."""
-    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-
-
-class MRGModel(nn.Module):
+class MRGModel(ContextAssembly, ReportGeneration, nn.Module):
     """Frozen LLM + trainable (encoder, projection, customizer)."""
 
     def __init__(
@@ -252,99 +148,7 @@ class MRGModel(nn.Module):
         counts["llm_frozen"] = sum(p.numel() for p in self.llm.parameters())
         return counts
 
-    # ----------------------------------------------------------------- inputs
-
-    def embed_ids(self, ids: list[int] | torch.Tensor, batch: int) -> torch.Tensor:
-        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device)
-        return self.llm.get_input_embeddings()(ids).unsqueeze(0).expand(batch, -1, -1)
-
-    def _condition(self, findings: torch.Tensor | None, batch: int) -> torch.Tensor | None:
-        """The findings condition on this device, checked: ``[B, 15]`` where the config uses it."""
-        if not self.config.uses_findings:
-            return None
-        if findings is None:
-            raise ValueError(
-                "this model writes the report from findings: pass the findings vector y [B, 15]"
-            )
-        findings = torch.as_tensor(findings, dtype=torch.float32, device=self.device)
-        if findings.shape != (batch, len(FINDINGS14) + 1):
-            raise ValueError(
-                f"findings must be [{batch}, {len(FINDINGS14) + 1}], got {tuple(findings.shape)}"
-            )
-        return findings
-
-    def context(self, views: Views, findings: torch.Tensor | None = None) -> Context:
-        """[prefix][P'(v, y)][visual tokens]([findings words])[suffix] as embeddings, with the
-        attention mask. ``findings`` (y) is needed where the config conditions on it."""
-        features = self.encoder(views.to(self.device))
-        y = self._condition(findings, views.batch_size)
-        prompt = self.customizer(features.global_, y)
-        visual = self.projection(features.tokens)
-        return self._assemble(prompt, visual, features.token_mask, features.global_, y)
-
-    def text_context(self, batch: int, findings: torch.Tensor | None = None) -> Context:
-        """[prefix][P]([findings words])[suffix] with no image: the report-language stage's input.
-
-        The visual tokens are absent rather than masked; since positions skip masked tokens
-        (``positions_from_mask``), the two are the same computation, and absent is cheaper.
-        With the findings condition, P' = P(v = 0, y): the affine heads learn y's part here.
-        """
-        y = self._condition(findings, batch)
-        if self.config.customizer.uses_findings:
-            no_image = torch.zeros(batch, self.encoder.embed_dim, device=self.device)
-            prompt = self.customizer(no_image, y)
-        else:
-            plain = self.customizer.plain_prompt()
-            prompt = CustomizedPrompt(plain.unsqueeze(0).expand(batch, -1, -1))
-        return self._assemble(prompt, findings=y)
-
-    def _assemble(
-        self,
-        prompt: CustomizedPrompt,
-        visual: torch.Tensor | None = None,
-        visual_mask: torch.Tensor | None = None,
-        global_feature: torch.Tensor | None = None,
-        findings: torch.Tensor | None = None,
-    ) -> Context:
-        b, dtype = prompt.tokens.shape[0], self.llm_dtype
-        ones = lambda n: torch.ones(b, n, dtype=torch.long, device=self.device)
-        parts = [self.embed_ids(self.template.prefix_ids, b), prompt.tokens.to(dtype)]
-        masks = [ones(len(self.template.prefix_ids)), ones(prompt.tokens.shape[1])]
-        if visual is not None:
-            parts.append(visual.to(dtype))
-            masks.append(visual_mask.long())
-        if self.template.middle_ids is None:
-            parts.append(self.embed_ids(self.template.suffix_ids, b))
-            masks.append(ones(len(self.template.suffix_ids)))
-            embeds, mask = torch.cat(parts, dim=1), torch.cat(masks, dim=1)
-        else:
-            embeds, mask = self._with_words(
-                torch.cat(parts, dim=1), torch.cat(masks, dim=1), findings
-            )
-        return Context(embeds, mask, prompt, global_feature, findings)
-
-    def _with_words(
-        self, embeds: torch.Tensor, mask: torch.Tensor, findings: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append each row's [middle][findings words][suffix], left-padding the shorter rows."""
-        rows = []
-        for y in findings.tolist():
-            words = self.tokenizer(findings_words(named_findings(y)), add_special_tokens=False)[
-                "input_ids"
-            ]
-            rows.append(self.template.middle_ids + words + self.template.suffix_ids)
-        width = max(len(r) for r in rows)
-        tails, tail_masks = [], []
-        for row in rows:
-            pad = width - len(row)
-            tails.append(F.pad(self.embed_ids(row, 1)[0], (0, 0, pad, 0)))
-            tail_masks.append(F.pad(torch.ones(len(row), dtype=torch.long), (pad, 0)))
-        tail_mask = torch.stack(tail_masks).to(self.device)
-        # left padding of the whole row: move each row's tail padding to its front
-        full = torch.cat([embeds, torch.stack(tails).to(embeds.dtype)], dim=1)
-        full_mask = torch.cat([mask, tail_mask], dim=1)
-        order = torch.argsort(full_mask.ne(0).long(), dim=1, stable=True)  # padding first
-        return full.gather(1, order.unsqueeze(-1).expand_as(full)), full_mask.gather(1, order)
+    # ----------------------------------------------------------------- report targets
 
     def tokenize_reports(self, reports: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Report ids + EOS, right-padded: ``(ids [B, R], mask [B, R])``; truncated to max_report_tokens."""
@@ -456,168 +260,6 @@ class MRGModel(nn.Module):
             attention_mask=mask,
             position_ids=positions_from_mask(mask),
             labels=labels,
-        )
-
-    # ----------------------------------------------------------------- decoding
-
-    @torch.inference_mode()
-    def generate(
-        self,
-        views: Views | None,
-        decoding: Decoding = DEFAULT_DECODING,
-        findings: torch.Tensor | None = None,
-    ) -> list[str]:
-        """Batched decoding with ``transformers`` ``generate`` (greedy, beam or sampling).
-
-        ``views=None`` writes from the findings alone, as the report-language stage trained
-        (no image, ``text_context``): what the language stage's fidelity is measured on."""
-        decoding.validate()
-        if views is None:
-            ctx = self.text_context(len(findings), findings)
-        else:
-            ctx = self.context(views, findings)
-        return self.generate_from(ctx, decoding)
-
-    @torch.inference_mode()
-    def generate_from(self, ctx: Context, decoding: Decoding = DEFAULT_DECODING) -> list[str]:
-        """The frozen LLM's reports after the context ``ctx`` (``generate``'s second half; also
-        how a baseline with a context of its own writes through the same processors)."""
-        decoding.validate()
-        kwargs = {
-            "inputs_embeds": ctx.embeds,
-            "attention_mask": ctx.attention_mask,
-            "position_ids": positions_from_mask(ctx.attention_mask),
-            "max_new_tokens": decoding.max_new_tokens,
-            "logits_processor": self.processors(decoding, ctx.findings),
-            "eos_token_id": self.template.eos_id,
-            "pad_token_id": self.tokenizer.pad_token_id,
-            "do_sample": decoding.strategy == "sample",
-            "num_beams": decoding.num_beams if decoding.strategy == "beam" else 1,
-        }
-        if decoding.strategy == "sample":  # the warpers are in ``processors``: no-ops here
-            kwargs.update(temperature=1.0, top_p=1.0, top_k=0)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        out = self.llm.generate(**kwargs)
-        return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
-
-    def leads(self, named: list[list[str]]) -> list[list[int]]:
-        """Per study, the token ids of its named findings' sentences (" Cardiomegaly. Pleural
-        effusion."; none where it names none)."""
-        leads = []
-        for findings in named:
-            text = findings_sentences(findings)
-            leads.append(
-                self.tokenizer(f" {text}", add_special_tokens=False)["input_ids"] if text else []
-            )
-        return leads
-
-    def processors(
-        self, decoding: Decoding, findings: torch.Tensor | None = None
-    ) -> LogitsProcessorList:
-        """Penalty and n-gram ban on the body, warpers, then the report structure (last, so
-        that a forced header wins over everything before it). With ``lead_with_findings``,
-        the sentences of the findings y names are forced after the findings header and make
-        the impression; with ``closed_vocabulary``, only words of ``report_vocabulary`` are
-        written, and after such a lead no word that names one of its findings again."""
-        structure = report_structure(self.tokenizer, self.template.eos_id)
-        processors = LogitsProcessorList()
-        if decoding.repetition_penalty != 1.0:
-            processors.append(
-                OnBody(RepetitionPenaltyLogitsProcessor(decoding.repetition_penalty), structure)
-            )
-        if decoding.no_repeat_ngram_size:
-            processors.append(
-                OnBody(NoRepeatNGramLogitsProcessor(decoding.no_repeat_ngram_size), structure)
-            )
-        if decoding.strategy == "sample":
-            processors.append(TemperatureLogitsWarper(decoding.temperature))
-            processors.append(TopPLogitsWarper(decoding.top_p))
-        named = [named_findings(y) for y in findings.tolist()] if findings is not None else None
-        leads = self.leads(named) if decoding.lead_with_findings and named is not None else None
-        if decoding.closed_vocabulary and self.report_vocabulary:
-            stated = [naming_words(n) for n in named] if leads else None
-            processors.append(ClosedVocabulary(structure, self.report_vocabulary, stated))
-        processors.append(ReportStructureProcessor(structure, decoding.max_new_tokens, leads=leads))
-        return processors
-
-    @torch.inference_mode()
-    def stream_ids(
-        self,
-        views: Views,
-        decoding: Decoding = DEFAULT_DECODING,
-        findings: torch.Tensor | None = None,
-    ) -> Iterator[int]:
-        """Yield token ids of one study one at a time (KV cache on); stops at EOS.
-
-        Closing the generator stops the computation at once: that is how a cancelled
-        request frees the model.
-        """
-        decoding.validate()
-        if decoding.strategy == "beam":
-            raise ValueError("beam search is not streamable; use generate()")
-        if views.batch_size != 1:
-            raise ValueError("stream_ids decodes one study at a time")
-        ctx = self.context(views, findings)
-        processors = self.processors(decoding, ctx.findings)
-        mask = ctx.attention_mask
-        out = self.llm(
-            inputs_embeds=ctx.embeds,
-            attention_mask=mask,
-            position_ids=positions_from_mask(mask),
-            use_cache=True,
-        )
-        generated = torch.empty((1, 0), dtype=torch.long, device=self.device)
-        for _ in range(decoding.max_new_tokens):
-            scores = processors(generated, out.logits[:, -1].float())
-            if decoding.strategy == "sample":
-                next_id = torch.multinomial(scores.softmax(-1), 1)
-            else:
-                next_id = scores.argmax(-1, keepdim=True)
-            if int(next_id) == self.template.eos_id:
-                return
-            yield int(next_id)
-            generated = torch.cat([generated, next_id], dim=1)
-            mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
-            position = positions_from_mask(mask)[:, -1:]
-            out = self.llm(
-                input_ids=next_id,
-                attention_mask=mask,
-                position_ids=position,
-                past_key_values=out.past_key_values,
-                use_cache=True,
-            )
-
-    def stream(
-        self,
-        views: Views,
-        decoding: Decoding = DEFAULT_DECODING,
-        findings: torch.Tensor | None = None,
-    ) -> Iterator[str]:
-        """Yield text increments; their concatenation is the decoded report."""
-        yield from text_increments(self.tokenizer, self.stream_ids(views, decoding, findings))
-
-    @torch.inference_mode()
-    def decoding_request(
-        self,
-        views: Views,
-        decoding: Decoding = DEFAULT_DECODING,
-        findings: torch.Tensor | None = None,
-    ) -> Request:
-        """One study's context and processors, for the continuous batcher (``mrg.batching``)."""
-        decoding.validate()
-        if decoding.strategy == "beam":
-            raise ValueError("beam search is not streamable; use generate()")
-        if views.batch_size != 1:
-            raise ValueError("a decoding request holds one study")
-        ctx = self.context(views, findings)
-        return Request(
-            ctx.embeds,
-            ctx.attention_mask,
-            self.processors(decoding, ctx.findings),
-            decoding.max_new_tokens,
-            self.template.eos_id,
-            sample=decoding.strategy == "sample",
         )
 
     # ----------------------------------------------------------------- persistence

@@ -30,10 +30,10 @@ from tqdm.auto import tqdm
 
 from mrg.data.pairs import patient_split, read_nih_labels
 from mrg.data.study import eval_transform, train_transform
+from mrg.data.views import Views
 from mrg.evaluation.probe import probe_scores
 from mrg.model.encoder import build_effnet_stem
 from mrg.model.findings import FindingsHead, FindingsHeadConfig
-from mrg.model.views import Views
 from mrg.text.taxonomy import FINDINGS14
 
 log = logging.getLogger(__name__)

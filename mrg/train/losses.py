@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from mrg.data.reports import split_sentences
-from mrg.evaluation.labeler import ReportLabeler
+from mrg.text.cleaning import split_sentences
+from mrg.text.labeler import ReportLabeler
 from mrg.text.taxonomy import FINDINGS14, findings_vector
 
 log = logging.getLogger(__name__)

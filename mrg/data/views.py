@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+VIEW_IDS = {"frontal": 0, "lateral": 1, "unknown": 2}  # a view's position → its id
+
 
 @dataclass(frozen=True)
 class Views:

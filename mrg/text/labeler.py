@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from mrg.data.reports import split_sentences
+from mrg.text.cleaning import split_sentences
 from mrg.text.taxonomy import FINDINGS14
 
 POSITIVE, NEGATIVE, UNCERTAIN = "positive", "negative", "uncertain"

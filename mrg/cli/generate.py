@@ -1,0 +1,178 @@
+"""``mrg generate``: one study streamed to the terminal, or a folder or split to a file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tqdm.auto import tqdm
+
+from mrg.cli.common import console, decoding_of
+
+if TYPE_CHECKING:
+    from mrg.data.datasets import StudyRecord
+    from mrg.model import Decoding
+    from mrg.service import ReportService
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    """One study streamed to the terminal, or a folder / annotation split written to a file."""
+    import json
+
+    from mrg.data.study import study_from_sources
+    from mrg.imaging import ImageError
+    from mrg.service import ReportService
+
+    service = ReportService.load(
+        args.checkpoints, device=args.device, quantization=args.quantization, dtype=args.dtype
+    )
+    decoding = decoding_of(args)
+    if args.annotation or (args.inputs and Path(args.inputs[0]).is_dir()):
+        return generate_many(args, service, decoding)
+    if not args.inputs:
+        raise SystemExit(
+            "mrg generate: give an image (and optionally a lateral), a folder, or --annotation"
+        )
+    try:
+        study = study_from_sources(args.inputs[0], args.inputs[1] if len(args.inputs) > 1 else None)
+    except ImageError as err:
+        console.print(f"[red]cannot use this image:[/red] {err}")
+        return 1
+    if not service.info.trained:
+        console.print(
+            "[yellow]no trained checkpoint found: the report is from untrained weights[/yellow]"
+        )
+    update = None
+    printed = ""
+    for update in service.stream(study, args.mode, decoding, findings=args.findings):
+        if not args.json and update.text.startswith(printed):
+            sys.stdout.write(update.text[len(printed) :])
+            sys.stdout.flush()
+            printed = update.text
+    if args.json:
+        payload = {
+            "mode": args.mode,
+            "device": service.info.device,
+            "quantization": service.info.quantization,
+            "dtype": service.info.dtype,
+            "findings": update.findings,
+            "impression": update.impression,
+            "text": update.text,
+            "tokens": update.tokens,
+            "ttft_s": update.ttft_s,
+            "tokens_per_s": update.tokens_per_s,
+            "views": [v.image.meta.to_dict() | {"position": v.position} for v in study.views],
+            "findings_head": update.condition.as_dict() if update.condition else None,
+        }
+        print(json.dumps(payload, indent=2))
+    else:
+        if update.condition is not None:
+            how = "set by hand" if update.condition.manual else "the findings head's"
+            named = ", ".join(update.condition.named) or "none"
+            console.print(f"\n[dim]written from findings ({how}): {named}[/dim]", end="")
+        rate = f"{update.tokens_per_s:.1f} tokens/s" if update.tokens_per_s else ""
+        console.print(
+            f"\n[dim]{update.tokens} tokens, first after {update.ttft_s or 0:.2f} s {rate}[/dim]"
+        )
+    return 0
+
+
+def findings_flag(text: str) -> list[str]:
+    """``--findings "Effusion, Cardiomegaly"`` (or ``none``) → ChestX-ray14 names."""
+    from mrg.text.taxonomy import finding_named
+
+    if text.strip().lower() in ("", "none", "normal"):
+        return []
+    try:
+        return [finding_named(name) for name in text.split(",")]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def generate_many(args: argparse.Namespace, service, decoding) -> int:
+    from mrg.data.datasets import folder_records, load_annotation
+    from mrg.evaluation.runner import generate_split
+
+    if not args.out:
+        raise SystemExit("mrg generate: --out is required for a folder or an annotation split")
+    if args.annotation:
+        records = load_annotation(args.annotation, args.images, split=args.split)
+    else:
+        records = folder_records(args.inputs[0])
+    out = Path(args.out)
+    jsonl = out if out.suffix == ".jsonl" else out.with_suffix(".jsonl")
+    if decoding.strategy == "beam":  # not streamable: transformers' batched beam search
+        if args.findings is not None:
+            raise SystemExit("mrg generate: --findings works with greedy or sampled decoding")
+        rows = generate_split(
+            service.model(args.mode),
+            records,
+            jsonl,
+            decoding,
+            args.batch_size,
+            service.findings_head,
+        )
+    else:  # the app's continuous batcher, args.batch_size studies at once
+        rows = stream_split(
+            service, args.mode, records, jsonl, decoding, args.batch_size, args.findings
+        )
+    if out.suffix == ".csv":
+        import csv
+
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        with out.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+    console.print(f"{len(rows)} studies → {out}")
+    return 0
+
+
+def stream_split(
+    service: ReportService,
+    mode: str,
+    records: Sequence[StudyRecord],
+    out_file: Path,
+    decoding: Decoding,
+    concurrency: int = 8,
+    findings: list[str] | None = None,
+) -> list[dict]:
+    """``generate_split`` through the service's continuous batcher (``mrg.batching``), as the
+    app serves its users: ``concurrency`` studies decode together, and the next one joins the
+    running batch as soon as one finishes (at most the batch's size: past it, requests wait).
+    ``findings`` sets every study's findings by hand (what-if); rows carry ``p_<Finding>``."""
+    from mrg.data.datasets import StudyDataset
+    from mrg.evaluation.runner import Generations, finding_columns
+    from mrg.text.taxonomy import FINDINGS14
+
+    batcher = service.batchers[id(service.model(mode).llm)]
+    concurrency = max(1, min(concurrency, batcher.max_batch))
+    generations = Generations(out_file)
+    todo = generations.todo(records)
+    dataset = StudyDataset(todo, on_missing="skip")
+    with (
+        generations.path.open("a") as handle,
+        tqdm(total=len(todo), desc=f"generating ({mode})") as bar,
+    ):
+
+        def one(index: int) -> None:
+            study = dataset[index]
+            if study is not None:
+                condition = service.read_findings(study, findings)
+                update = service.generate(study, mode, decoding, findings=condition)
+                extra = {}
+                if condition is not None:
+                    p = [condition.probabilities.get(f, float("nan")) for f in FINDINGS14]
+                    extra = finding_columns(p, condition.named)
+                generations.add(
+                    handle, todo[index].study_id, todo[index].report, update.text, extra
+                )
+            bar.update(1)
+
+        with ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(one, range(len(todo))))
+    return generations.rows(records)

@@ -1,0 +1,191 @@
+"""Decoding for ``MRGModel``: batched ``generate``, token streaming, the batcher's requests.
+
+``ReportGeneration`` is mixed into ``MRGModel``; it reads the model's ``context``, ``llm``,
+``tokenizer``, ``template`` and ``report_vocabulary``. The logits processors (report
+structure, findings lead, closed vocabulary, penalties) are built per request by
+``processors``; every decoding path uses the same list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from transformers import LogitsProcessorList
+from transformers.generation.logits_process import (
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from mrg.batching import Request
+from mrg.config import DEFAULT_DECODING, Decoding
+from mrg.data.views import Views
+from mrg.model.decoding import ClosedVocabulary, OnBody, ReportStructureProcessor, report_structure
+from mrg.model.prompting import Context, positions_from_mask, text_increments
+from mrg.text.taxonomy import findings_sentences, named_findings, naming_words
+
+
+class ReportGeneration:
+    """The decoding half of ``MRGModel`` (see the module docstring)."""
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        views: Views | None,
+        decoding: Decoding = DEFAULT_DECODING,
+        findings: torch.Tensor | None = None,
+    ) -> list[str]:
+        """Batched decoding with ``transformers`` ``generate`` (greedy, beam or sampling).
+
+        ``views=None`` writes from the findings alone, as the report-language stage trained
+        (no image, ``text_context``): what the language stage's fidelity is measured on."""
+        decoding.validate()
+        if views is None:
+            ctx = self.text_context(len(findings), findings)
+        else:
+            ctx = self.context(views, findings)
+        return self.generate_from(ctx, decoding)
+
+    @torch.inference_mode()
+    def generate_from(self, ctx: Context, decoding: Decoding = DEFAULT_DECODING) -> list[str]:
+        """The frozen LLM's reports after the context ``ctx`` (``generate``'s second half; also
+        how a baseline with a context of its own writes through the same processors)."""
+        decoding.validate()
+        kwargs = {
+            "inputs_embeds": ctx.embeds,
+            "attention_mask": ctx.attention_mask,
+            "position_ids": positions_from_mask(ctx.attention_mask),
+            "max_new_tokens": decoding.max_new_tokens,
+            "logits_processor": self.processors(decoding, ctx.findings),
+            "eos_token_id": self.template.eos_id,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "do_sample": decoding.strategy == "sample",
+            "num_beams": decoding.num_beams if decoding.strategy == "beam" else 1,
+        }
+        if decoding.strategy == "sample":  # the warpers are in ``processors``: no-ops here
+            kwargs.update(temperature=1.0, top_p=1.0, top_k=0)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        out = self.llm.generate(**kwargs)
+        return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def leads(self, named: list[list[str]]) -> list[list[int]]:
+        """Per study, the token ids of its named findings' sentences (" Cardiomegaly. Pleural
+        effusion."; none where it names none)."""
+        leads = []
+        for findings in named:
+            text = findings_sentences(findings)
+            leads.append(
+                self.tokenizer(f" {text}", add_special_tokens=False)["input_ids"] if text else []
+            )
+        return leads
+
+    def processors(
+        self, decoding: Decoding, findings: torch.Tensor | None = None
+    ) -> LogitsProcessorList:
+        """Penalty and n-gram ban on the body, warpers, then the report structure (last, so
+        that a forced header wins over everything before it). With ``lead_with_findings``,
+        the sentences of the findings y names are forced after the findings header and make
+        the impression; with ``closed_vocabulary``, only words of ``report_vocabulary`` are
+        written, and after such a lead no word that names one of its findings again."""
+        structure = report_structure(self.tokenizer, self.template.eos_id)
+        processors = LogitsProcessorList()
+        if decoding.repetition_penalty != 1.0:
+            processors.append(
+                OnBody(RepetitionPenaltyLogitsProcessor(decoding.repetition_penalty), structure)
+            )
+        if decoding.no_repeat_ngram_size:
+            processors.append(
+                OnBody(NoRepeatNGramLogitsProcessor(decoding.no_repeat_ngram_size), structure)
+            )
+        if decoding.strategy == "sample":
+            processors.append(TemperatureLogitsWarper(decoding.temperature))
+            processors.append(TopPLogitsWarper(decoding.top_p))
+        named = [named_findings(y) for y in findings.tolist()] if findings is not None else None
+        leads = self.leads(named) if decoding.lead_with_findings and named is not None else None
+        if decoding.closed_vocabulary and self.report_vocabulary:
+            stated = [naming_words(n) for n in named] if leads else None
+            processors.append(ClosedVocabulary(structure, self.report_vocabulary, stated))
+        processors.append(ReportStructureProcessor(structure, decoding.max_new_tokens, leads=leads))
+        return processors
+
+    @torch.inference_mode()
+    def stream_ids(
+        self,
+        views: Views,
+        decoding: Decoding = DEFAULT_DECODING,
+        findings: torch.Tensor | None = None,
+    ) -> Iterator[int]:
+        """Yield token ids of one study one at a time (KV cache on); stops at EOS.
+
+        Closing the generator stops the computation at once: that is how a cancelled
+        request frees the model.
+        """
+        decoding.validate()
+        if decoding.strategy == "beam":
+            raise ValueError("beam search is not streamable; use generate()")
+        if views.batch_size != 1:
+            raise ValueError("stream_ids decodes one study at a time")
+        ctx = self.context(views, findings)
+        processors = self.processors(decoding, ctx.findings)
+        mask = ctx.attention_mask
+        out = self.llm(
+            inputs_embeds=ctx.embeds,
+            attention_mask=mask,
+            position_ids=positions_from_mask(mask),
+            use_cache=True,
+        )
+        generated = torch.empty((1, 0), dtype=torch.long, device=self.device)
+        for _ in range(decoding.max_new_tokens):
+            scores = processors(generated, out.logits[:, -1].float())
+            if decoding.strategy == "sample":
+                next_id = torch.multinomial(scores.softmax(-1), 1)
+            else:
+                next_id = scores.argmax(-1, keepdim=True)
+            if int(next_id) == self.template.eos_id:
+                return
+            yield int(next_id)
+            generated = torch.cat([generated, next_id], dim=1)
+            mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+            position = positions_from_mask(mask)[:, -1:]
+            out = self.llm(
+                input_ids=next_id,
+                attention_mask=mask,
+                position_ids=position,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
+
+    def stream(
+        self,
+        views: Views,
+        decoding: Decoding = DEFAULT_DECODING,
+        findings: torch.Tensor | None = None,
+    ) -> Iterator[str]:
+        """Yield text increments; their concatenation is the decoded report."""
+        yield from text_increments(self.tokenizer, self.stream_ids(views, decoding, findings))
+
+    @torch.inference_mode()
+    def decoding_request(
+        self,
+        views: Views,
+        decoding: Decoding = DEFAULT_DECODING,
+        findings: torch.Tensor | None = None,
+    ) -> Request:
+        """One study's context and processors, for the continuous batcher (``mrg.batching``)."""
+        decoding.validate()
+        if decoding.strategy == "beam":
+            raise ValueError("beam search is not streamable; use generate()")
+        if views.batch_size != 1:
+            raise ValueError("a decoding request holds one study")
+        ctx = self.context(views, findings)
+        return Request(
+            ctx.embeds,
+            ctx.attention_mask,
+            self.processors(decoding, ctx.findings),
+            decoding.max_new_tokens,
+            self.template.eos_id,
+            sample=decoding.strategy == "sample",
+        )

@@ -1,0 +1,123 @@
+"""What a ``ReportService`` loads, step by step: the device, the LLM, every checkpoint's model,
+the findings head, and what is in effect (``ServiceInfo``)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mrg.config import CONFIG_NAME, CUSTOMIZED_MODES, LLMConfig, ModelConfig, model_preset
+from mrg.model import MRGModel
+from mrg.model.findings import FINDINGS_CONFIG_NAME, FINDINGS_FOLDER, FindingsHead
+from mrg.model.llm import cpu_prefers_bf16, quantization_in_effect
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServiceInfo:
+    """What is loaded, for the banner: checkpoints, LLM, device, and whether weights are trained."""
+
+    llm: str
+    device: str
+    modes: list[str]
+    checkpoints: dict[str, str]
+    trained: bool
+    views: int = 2  # the most views every loaded model reads (1: frontal only)
+    quantization: str = "none"  # what bitsandbytes did to the LLM: "nf4", "int8" or "none"
+    dtype: str = "float32"  # the LLM's compute dtype
+
+
+def resolve_device(device: str | None) -> str:
+    """``device``, else CUDA when present; CUDA asked for where there is none falls back to the CPU."""
+    if device == "cuda" and not torch.cuda.is_available():
+        log.warning("device=cuda requested but no GPU is visible: running on the CPU")
+        return "cpu"
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_llm_config(
+    found: dict[str, Path],
+    device: str,
+    llm_source: str | None,
+    quantization: str | None,
+    dtype: str | None,
+) -> tuple[LLMConfig, dict[str, str]]:
+    """The LLM every mode shares (the first checkpoint's, else demo-cpu's) with the caller's
+    overrides, which are returned too: each checkpoint's config gets the same."""
+    if found:
+        llm_config = ModelConfig.load(next(iter(found.values())) / CONFIG_NAME).llm
+    else:
+        llm_config = model_preset("demo-cpu").llm
+    overrides = {}
+    if llm_source:
+        overrides["source"] = llm_source
+    if quantization:
+        overrides["quantization"] = quantization
+    if dtype in (None, "auto"):
+        unquantized = (overrides.get("quantization") or llm_config.quantization) == "none"
+        if device == "cpu" and unquantized and cpu_prefers_bf16():
+            overrides["dtype"] = "bfloat16"
+    else:
+        overrides["dtype"] = dtype
+    for key, value in overrides.items():
+        setattr(llm_config, key, value)
+    return llm_config, overrides
+
+
+def load_models(
+    found: dict[str, Path], llm, tokenizer, overrides: dict[str, str]
+) -> dict[str, MRGModel]:
+    """Every checkpoint's model on the one LLM; untrained demo-cpu models where there is none."""
+    if not found:
+        log.warning(
+            "no checkpoint found ($MRG_CHECKPOINTS, --checkpoints or assets/checkpoints): "
+            "using untrained demo models (reports will be meaningless)"
+        )
+        models = {}
+        for index, mode in enumerate(CUSTOMIZED_MODES):
+            torch.manual_seed(index)
+            models[mode] = MRGModel(model_preset("demo-cpu", mode), llm, tokenizer).eval()
+        return models
+    return {
+        mode: MRGModel.from_pretrained(
+            path,
+            llm=llm,
+            tokenizer=tokenizer,
+            config_overrides={"llm": overrides} if overrides else None,
+        ).eval()
+        for mode, path in found.items()
+    }
+
+
+def load_findings_head(
+    checkpoints: str | Path | None, found: dict[str, Path]
+) -> FindingsHead | None:
+    """The findings head beside the modes (``<checkpoints>/findings/``), or None."""
+    if not found:
+        return None
+    folder = next(iter(found.values())).parent / FINDINGS_FOLDER
+    if not (folder / FINDINGS_CONFIG_NAME).is_file():
+        return None
+    return FindingsHead.from_pretrained(folder)
+
+
+def describe(
+    llm_config: LLMConfig, llm, models: dict[str, MRGModel], found: dict[str, Path]
+) -> ServiceInfo:
+    """What is loaded and in effect, for the banner and ``mrg generate --json``."""
+    return ServiceInfo(
+        llm=llm_config.source
+        if llm_config.source != "smollm2"
+        else "SmolLM2-135M-Instruct (frozen)",
+        device=str(llm.device),
+        quantization=quantization_in_effect(llm),
+        dtype=str(llm.dtype).removeprefix("torch."),
+        modes=list(models),
+        checkpoints={m: str(p) for m, p in found.items()},
+        trained=bool(found),
+        views=min(m.config.max_views for m in models.values()),
+    )
