@@ -71,7 +71,7 @@ from mrg.evaluation.demo_card import (
 )
 from mrg.evaluation.fidelity import fidelity_sample, language_fidelity
 from mrg.evaluation.runner import generate_split
-from mrg.evaluation.text_quality import corpus_counts, quality_table, text_quality
+from mrg.evaluation.text_quality import TextQuality, corpus_counts, quality_table, text_quality
 from mrg.model import MRGModel
 from mrg.model.findings import FINDINGS_FOLDER, FindingsHead
 from mrg.model.llm import load_frozen_llm
@@ -250,6 +250,12 @@ def build_card(assets: Path, out: Path) -> dict:
         composed_file.write_text(json.dumps(composed_rows(model, plan, test), indent=1))
     rows = json.loads(composed_file.read_text())
     results[COMPOSED], generations[COMPOSED] = score(rows, image_labels, labeler), rows
+    # Generation trained on the head's findings instead of the reports' labels
+    # (scripts/condition_ways.py): its test scores, measured the same way.
+    condition_ways = assets / "condition_ways.json"
+    other_ways = json.loads(condition_ways.read_text()) if condition_ways.is_file() else {}
+    for name, way in other_ways.items():
+        results[name] = way["scores"]
     for mode in modes:  # the paper's v-only form, as shipped before the findings head
         previous = assets / V_ONLY / mode
         if (previous / CONFIG_NAME).is_file():
@@ -285,6 +291,7 @@ def build_card(assets: Path, out: Path) -> dict:
             for name, rows in generations.items()
         }
     )
+    quality.update({name: TextQuality(**way["text_quality"]) for name, way in other_ways.items()})
     shared_log = logs["shared"]
     align_log = [r for r in shared_log if r.get("stage") == "align"]
     timings = {mode: training_seconds(logs[mode]) for mode in modes}

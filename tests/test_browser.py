@@ -157,6 +157,25 @@ def test_the_findings_panel_reads_the_study_and_a_click_shows_that_findings_grad
     page.screenshot(path=str(ARTIFACTS / "findings-panel-1440x900.png"))
 
 
+# Each window/level bound's text lies inside every box that clips it, up to the slider block.
+BOUNDS_SHOWN = """() => ["#level", "#window"].flatMap(id => [".min_value", ".max_value"].map(cls => {
+  const el = document.querySelector(id + " " + cls);
+  const range = document.createRange();
+  range.selectNodeContents(el);
+  const text = range.getBoundingClientRect();
+  let shown = text.width > 0;
+  for (let box = el; box && shown; box = box.parentElement) {
+    const style = getComputedStyle(box);
+    if (style.overflow !== "visible" || style.overflowX !== "visible" || box.matches(id)) {
+      const r = box.getBoundingClientRect();
+      shown = text.left >= r.left - 1 && text.right <= r.right + 1;
+    }
+    if (box.matches(id)) break;
+  }
+  return {id, cls, text: el.textContent.trim(), shown};
+}))"""
+
+
 def test_window_level_changes_the_shown_pixels_of_a_16_bit_dicom(browser, server):
     page = open_page(browser, server, "window")
     page.locator("#frontal-upload input[type=file]").set_input_files(DICOM)
@@ -166,6 +185,8 @@ def test_window_level_changes_the_shown_pixels_of_a_16_bit_dicom(browser, server
         page.locator("#window input[type=number]"),
     )
     assert (level.input_value(), window.input_value()) == ("15000", "30000")  # the file's own
+    for bound in page.evaluate(BOUNDS_SHOWN):  # each slider's min and max read whole
+        assert bound["shown"] and bound["text"].replace(".", "").isdigit(), bound
     stored = page.evaluate(SHOWN_MEAN)
     page.locator("#window-preset input").click()
     page.get_by_role("option", name="bone").click()

@@ -99,6 +99,8 @@ def test_a_report_can_lead_with_its_findings(tiny_llm, tokenizer):
     y = y_of(["Cardiomegaly", "Effusion"], [])
     texts = model.generate(random_batch(), decoding, y)
     assert texts[0].startswith("FINDINGS: Cardiomegaly. Pleural effusion.")
+    # the impression of a report that names findings is their sentences, and nothing else
+    assert texts[0].endswith("\nIMPRESSION: Cardiomegaly. Pleural effusion.")
     assert texts[1].startswith("FINDINGS:") and "IMPRESSION:" in texts[1]
     streamed = "".join(model.stream(random_batch()[:1], decoding, y[:1]))
     assert streamed.startswith("FINDINGS: Cardiomegaly. Pleural effusion.")

@@ -248,8 +248,9 @@ def test_model_randomisation_sanity_check_with_smollm2(smollm2):
 
 def test_a_split_streamed_through_the_batcher_equals_decoding_alone(service, tmp_path):
     """``mrg generate`` over a folder: the app's continuous batcher, the same greedy reports."""
+    from mrg.cli.generate import stream_split
     from mrg.data.datasets import folder_records
-    from mrg.evaluation.runner import generate_split, stream_split
+    from mrg.evaluation.runner import generate_split
     from mrg.ui import SHIPPED_EXAMPLES
 
     records = folder_records(SHIPPED_EXAMPLES)[:4]

@@ -77,6 +77,10 @@ class TrainConfig(ConfigBase):
     # the image stages leave the prompts (P, the book) as the language stage wrote them: the
     # prompt keeps the style of reports, the condition and the image change the content
     freeze_prompt_after_language: bool = False
+    # a findings head folder: the image stages of a findings-conditioned model then train on
+    # its decisions (what it will act on at test time) instead of the paired report's labels
+    # (the labeler's, PromptMRG's true states)
+    findings_head: str = ""
 
     def validate(self) -> TrainConfig:
         self.model.validate()
@@ -117,6 +121,8 @@ class TrainConfig(ConfigBase):
             raise ConfigError(f"annotation: file not found: {self.annotation}")
         if self.language_reports and not Path(self.language_reports).exists():
             raise ConfigError(f"language_reports: not found: {self.language_reports}")
+        if self.findings_head and not Path(self.findings_head).is_dir():
+            raise ConfigError(f"findings_head: folder not found: {self.findings_head}")
         if self.image_root and not Path(self.image_root).is_dir():
             raise ConfigError(f"image_root: folder not found: {self.image_root}")
         return self

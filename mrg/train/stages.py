@@ -24,6 +24,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from mrg.config import ConfigError
 from mrg.data.datasets import Batch
 from mrg.model import Decoding, MRGModel
+from mrg.model.findings import FindingsHead
 from mrg.train.config import TrainConfig
 from mrg.train.losses import (
     ContrastiveHeads,
@@ -54,10 +55,13 @@ class TrainingModule(nn.Module):
         report_labels: ReportLabels | None = None,
         finding_weight: float = 1.0,
         freeze_prompt: bool = False,
+        findings_head: FindingsHead | None = None,
     ):
         """``finding_weight``: the language stage's loss weight on sentences naming a finding;
-        ``freeze_prompt``: the image stages do not train the prompts."""
+        ``freeze_prompt``: the image stages do not train the prompts; ``findings_head``
+        (frozen): the image stages' y are its decisions, not the reports' labels."""
         super().__init__()
+        self.findings_head = findings_head.eval().requires_grad_(False) if findings_head else None
         self.finding_weight, self.freeze_prompt = finding_weight, freeze_prompt
         self.model, self.heads = model, heads
         self.embeddings, self.joint_lambda = embeddings, joint_lambda
@@ -71,6 +75,14 @@ class TrainingModule(nn.Module):
         if self.condition_labels is None:
             return None
         return self.condition_labels.vectors(reports)
+
+    def image_findings(self, batch: Batch) -> torch.Tensor | None:
+        """The image stages' y: the findings head's decisions on the images where there is a
+        head, else the paired reports' labels (``findings``)."""
+        if self.condition_labels is None or self.findings_head is None:
+            return self.findings(batch.reports)
+        decisions = self.findings_head.predict(batch.views.to(self.model.device))[1]
+        return decisions.clone()  # out of inference mode: y enters the trained affine heads
 
     def similarity(self, reports: list[str]) -> torch.Tensor:
         """The report similarity S of the alignment targets (identity without labels)."""
@@ -98,7 +110,7 @@ class TrainingModule(nn.Module):
                 "logits": logits.detach(),
                 "similarity": similarity,
             }
-        out = self.model(batch.views, batch.reports, self.findings(batch.reports))
+        out = self.model(batch.views, batch.reports, self.image_findings(batch))
         if stage == "generate":
             return {"loss": out.loss, "lm_loss": out.loss.detach()}
         text = self.embeddings(batch.reports).to(self.model.device)
@@ -217,7 +229,8 @@ def validate(module: TrainingModule, stage: str, loader: DataLoader, config: Tra
         elif remaining > 0:
             take = min(remaining, len(batch.reports))
             decoding = Decoding(max_new_tokens=config.val_max_new_tokens)
-            findings = module.findings(batch.reports[:take])
+            findings = module.image_findings(batch)
+            findings = findings[:take] if findings is not None else None
             hypotheses += module.model.generate(batch.views[:take], decoding, findings)
             references += batch.reports[:take]
             remaining -= take

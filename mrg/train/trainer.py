@@ -40,6 +40,7 @@ from mrg.config import ConfigError
 from mrg.data.datasets import Collate, StudyDataset, StudyRecord
 from mrg.data.language import ReportCorpus
 from mrg.model import MRGModel
+from mrg.model.findings import FindingsHead
 from mrg.text.vocabulary import report_vocabulary
 from mrg.train.config import TrainConfig
 from mrg.train.losses import (
@@ -125,6 +126,7 @@ class Trainer:
             ReportLabels() if config.align_targets == "labels" else None,
             config.language_finding_weight,
             config.freeze_prompt_after_language,
+            FindingsHead.from_pretrained(config.findings_head) if config.findings_head else None,
         )
         self.train_set = StudyDataset(train_records, config.on_missing)
         self.val_set = StudyDataset(val_records, config.on_missing)
