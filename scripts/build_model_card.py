@@ -217,6 +217,9 @@ def build_card(assets: Path, out: Path) -> dict:
             )
             fidelity_file.write_text(json.dumps({"scores": scores, "rows": rows}, indent=1) + "\n")
         fidelity[way] = json.loads(fidelity_file.read_text())["scores"]
+    fidelity_ways = assets / "fidelity_ways.json"  # scripts/fidelity_ways.py
+    if fidelity_ways.is_file():
+        fidelity.update(json.loads(fidelity_ways.read_text()))
     log.info("language fidelity: %s", fidelity)
 
     results, generations, dependence = {}, {}, {}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import shared_path
+from conftest import DICOM
 
 from mrg.cli import main
 from mrg.model.llm import bitsandbytes_device, smollm2_local_dir
@@ -54,11 +54,10 @@ def test_generate_on_the_shipped_checkpoints_in_nf4_and_int8(
 ):
     monkeypatch.setenv("MRG_CACHE_DIR", str(clean_cache))
     torch.manual_seed(0)
-    dicom = shared_path("iu_xray", "images", "CXR2843_IM-1254-1001", "0.png")
     code = main(
         [
             "generate",
-            str(dicom),
+            DICOM,
             "--checkpoints",
             str(ROOT / "assets" / "checkpoints"),
             "--quantization",

@@ -58,6 +58,7 @@ mark.agree-matched, mark.agree-missed, mark.agree-hallucinated {padding: 0 1px; 
 #findings-note p, #findings-check p {margin: 2px 0; font-size: 0.86em}
 #level .min_value, #level .max_value, #window .min_value, #window .max_value {flex: none;
   white-space: nowrap}
+#level input[type=range], #window input[type=range] {min-width: 0; flex: 1 1 0}
 """
 
 

@@ -293,13 +293,13 @@ class ViewerPanel:
                 min_width=135,
             )
             c["center"] = gr.Slider(
-                0, 1, value=0.5, label="Level (center)", elem_id="level", min_width=110
+                0, 1, value=0.5, label="Level (center)", elem_id="level", min_width=110, scale=2
             )
             c["width"] = gr.Slider(
-                2, 4, value=2, label="Window (width)", elem_id="window", min_width=110
+                2, 4, value=2, label="Window (width)", elem_id="window", min_width=110, scale=2
             )
             c["invert"] = gr.Checkbox(
-                label="Invert", value=False, elem_id="invert", scale=1, min_width=80
+                label="Invert", value=False, elem_id="invert", scale=0, min_width=80
             )
         with gr.Row():
             c["show_cam"] = gr.Checkbox(
