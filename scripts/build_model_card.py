@@ -78,7 +78,7 @@ from mrg.model.llm import load_frozen_llm
 from mrg.model.mrg_model import WEIGHTS_NAME
 from mrg.text.labeler import ReportLabeler
 from mrg.text.taxonomy import FINDINGS14
-from mrg.text.vocabulary import VOCABULARY_NAME
+from mrg.text.vocabulary import VOCABULARY_NAME, read_vocabulary
 from mrg.train.config import train_preset
 from mrg.train.findings import nih_splits, stem_probe_scores
 
@@ -209,9 +209,7 @@ def build_card(assets: Path, out: Path) -> dict:
         if not fidelity_file.is_file():
             model = MRGModel(train_preset("demo-checkpoints", mode="static").model, llm, tokenizer)
             model.customizer.set_plain_prompt(prompt)
-            model.report_vocabulary = MRGModel.from_pretrained(
-                checkpoints / modes[0], llm=llm, tokenizer=tokenizer
-            ).report_vocabulary
+            model.report_vocabulary = read_vocabulary(checkpoints / modes[0] / VOCABULARY_NAME)
             scores, rows = language_fidelity(
                 model, fidelity_sample(corpus.val + corpus.held_out_texts), decoding
             )

@@ -91,6 +91,12 @@ def report_structure(tokenizer: PreTrainedTokenizerBase, eos_id: int) -> ReportS
     return ReportStructure(tokenizer, eos_id)
 
 
+def of_study(per_study: list, row: int, rows: int):
+    """The entry of ``per_study`` for batch ``row`` of ``rows``: each study has ``rows //
+    len(per_study)`` consecutive rows (one, or a beam's)."""
+    return per_study[row // max(1, rows // len(per_study))]
+
+
 def _force(scores: torch.Tensor, token: int) -> None:
     scores.fill_(float("-inf"))
     scores[token] = 0.0
@@ -119,7 +125,7 @@ class ReportStructureProcessor(LogitsProcessor):
         """The findings' sentences of ``row`` ([] where there are none)."""
         if not self.leads:
             return []
-        return self.leads[row // max(1, rows // len(self.leads))]
+        return of_study(self.leads, row, rows)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         s = self.structure
@@ -230,7 +236,7 @@ class ClosedVocabulary(LogitsProcessor):
     def _stated(self, row: int, rows: int) -> frozenset[str]:
         if not self.stated:
             return frozenset()
-        return self.stated[row // max(1, rows // len(self.stated))]
+        return of_study(self.stated, row, rows)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         pieces = self.structure.pieces
