@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 from transformers import DynamicCache, LogitsProcessorList, PreTrainedModel
 
 log = logging.getLogger(__name__)
@@ -141,12 +142,14 @@ class Batcher:
         request = ticket.request
         try:
             mask = request.attention_mask.long()
-            out = self.llm(
-                inputs_embeds=request.embeds,
-                attention_mask=mask,
-                position_ids=(mask.cumsum(-1) - 1).masked_fill(mask == 0, 0),
-                use_cache=True,
-            )
+            with record_function("mrg.prefill"):
+                out = self.llm(
+                    inputs_embeds=request.embeds,
+                    attention_mask=mask,
+                    position_ids=(mask.cumsum(-1) - 1).masked_fill(mask == 0, 0),
+                    use_cache=True,
+                    logits_to_keep=1,  # the next token's logits only, not every position's
+                )
         except Exception as err:
             log.exception("prefill failed")
             self._end(ticket, err)
@@ -162,7 +165,8 @@ class Batcher:
         request, ticket = row.ticket.request, row.ticket
         try:
             ids = torch.tensor([row.generated], dtype=torch.long, device=logits.device)
-            scores = request.processors(ids, logits.float())
+            with record_function("mrg.processors"):
+                scores = request.processors(ids, logits.float())
             if request.sample:
                 token = int(torch.multinomial(scores.softmax(-1), 1))
             else:
@@ -196,13 +200,14 @@ class Batcher:
         last = torch.tensor([[r.generated[-1]] for r in self.rows], device=self.mask.device)
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
         try:
-            out = self.llm(
-                input_ids=last,
-                attention_mask=self.mask,
-                position_ids=self.mask.sum(-1, keepdim=True) - 1,
-                past_key_values=self.cache,
-                use_cache=True,
-            )
+            with record_function("mrg.llm_step"):
+                out = self.llm(
+                    input_ids=last,
+                    attention_mask=self.mask,
+                    position_ids=self.mask.sum(-1, keepdim=True) - 1,
+                    past_key_values=self.cache,
+                    use_cache=True,
+                )
         except Exception as err:
             log.exception("decoding step failed")
             for row in self.rows:

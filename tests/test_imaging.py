@@ -302,7 +302,8 @@ def test_no_identifying_attribute_reaches_metadata_or_logs(tmp_path, caplog):
 def test_the_viewer_keeps_the_modality_values_not_the_display_copy():
     from pydicom.pixels import apply_modality_lut
 
-    from mrg.imaging import VALUES_SIDE, window
+    from mrg.imaging import VALUES_SIDE
+    from mrg.windowing import window
 
     path = get_testdata_file("RG1_UNCI.dcm")
     image = load_image(path)
@@ -321,7 +322,7 @@ def test_the_viewer_keeps_the_modality_values_not_the_display_copy():
 
 
 def test_a_16_bit_png_keeps_its_stored_values(tmp_path):
-    from mrg.imaging import preset_window
+    from mrg.windowing import preset_window
 
     values = np.linspace(0, 4000, 64 * 80, dtype=np.uint16).reshape(64, 80)
     path = tmp_path / "sixteen.png"

@@ -130,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
         '(comma-separated, e.g. "Effusion,Cardiomegaly"; "none" for a normal study) '
         "instead of the findings head's",
     )
+    generate.add_argument(
+        "--allow-any-modality",
+        action="store_true",
+        help="write a report even where the chest-radiograph gate refuses the image (CT, MR, "
+        "a photograph, a rotated film…); the report then carries the gate's warning",
+    )
     add_decoding_flags(generate, DEFAULT_DECODING)
     generate.set_defaults(func=generate_command)
 

@@ -25,7 +25,7 @@ def generate_command(args: argparse.Namespace) -> int:
 
     from mrg.data.study import study_from_sources
     from mrg.imaging import ImageError
-    from mrg.service import ReportService
+    from mrg.service import ReportService, StudyRefused
 
     service = ReportService.load(
         args.checkpoints, device=args.device, quantization=args.quantization, dtype=args.dtype
@@ -48,14 +48,31 @@ def generate_command(args: argparse.Namespace) -> int:
         )
     update = None
     printed = ""
-    for update in service.stream(study, args.mode, decoding, findings=args.findings):
-        if not args.json and update.text.startswith(printed):
-            sys.stdout.write(update.text[len(printed) :])
-            sys.stdout.flush()
-            printed = update.text
+    try:
+        screening = service.screen(study, args.allow_any_modality)
+        if screening.warning and not args.json:
+            console.print(f"[yellow]⚠ {screening.warning}[/yellow]")
+        for update in service.stream(
+            study, args.mode, decoding, findings=args.findings, allow_anyway=args.allow_any_modality
+        ):
+            if not args.json and update.text.startswith(printed):
+                sys.stdout.write(update.text[len(printed) :])
+                sys.stdout.flush()
+                printed = update.text
+    except StudyRefused as refused:
+        if args.json:
+            print(json.dumps(refusal_payload(args.mode, refused.screening), indent=2))
+        else:
+            console.print(
+                f"[red]no report:[/red] {refused} (--allow-any-modality writes one anyway)"
+            )
+        return 2
     if args.json:
         payload = {
             "mode": args.mode,
+            "refused": None,
+            "warning": update.screening.warning if update.screening else "",
+            "gate": update.screening.as_dict() if update.screening else None,
             "device": service.info.device,
             "quantization": service.info.quantization,
             "dtype": service.info.dtype,
@@ -79,6 +96,17 @@ def generate_command(args: argparse.Namespace) -> int:
             f"\n[dim]{update.tokens} tokens, first after {update.ttft_s or 0:.2f} s {rate}[/dim]"
         )
     return 0
+
+
+def refusal_payload(mode: str, screening) -> dict:
+    """``--json`` for a refused study: the reason's code and message, and the gate's scores."""
+    return {
+        "mode": mode,
+        "refused": screening.refused,
+        "message": screening.message,
+        "gate": screening.as_dict(),
+        "text": "",
+    }
 
 
 def findings_flag(text: str) -> list[str]:
@@ -118,7 +146,14 @@ def generate_many(args: argparse.Namespace, service, decoding) -> int:
         )
     else:  # the app's continuous batcher, args.batch_size studies at once
         rows = stream_split(
-            service, args.mode, records, jsonl, decoding, args.batch_size, args.findings
+            service,
+            args.mode,
+            records,
+            jsonl,
+            decoding,
+            args.batch_size,
+            args.findings,
+            args.allow_any_modality,
         )
     if out.suffix == ".csv":
         import csv
@@ -140,13 +175,16 @@ def stream_split(
     decoding: Decoding,
     concurrency: int = 8,
     findings: list[str] | None = None,
+    allow_anyway: bool = False,
 ) -> list[dict]:
     """``generate_split`` through the service's continuous batcher (``mrg.batching``), as the
     app serves its users: ``concurrency`` studies decode together, and the next one joins the
     running batch as soon as one finishes (at most the batch's size: past it, requests wait).
-    ``findings`` sets every study's findings by hand (what-if); rows carry ``p_<Finding>``."""
+    ``findings`` sets every study's findings by hand (what-if); rows carry ``p_<Finding>``.
+    A study the gate refuses gets an empty report and its reason in ``refused``."""
     from mrg.data.datasets import StudyDataset
     from mrg.evaluation.runner import Generations, finding_columns
+    from mrg.service import StudyRefused
     from mrg.text.taxonomy import FINDINGS14
 
     batcher = service.batchers[id(service.model(mode).llm)]
@@ -163,14 +201,17 @@ def stream_split(
             study = dataset[index]
             if study is not None:
                 condition = service.read_findings(study, findings)
-                update = service.generate(study, mode, decoding, findings=condition)
-                extra = {}
+                try:
+                    update = service.generate(
+                        study, mode, decoding, findings=condition, allow_anyway=allow_anyway
+                    )
+                    text, extra = update.text, {"refused": ""}
+                except StudyRefused as refused:
+                    text, extra = "", {"refused": refused.screening.refused}
                 if condition is not None:
                     p = [condition.probabilities.get(f, float("nan")) for f in FINDINGS14]
-                    extra = finding_columns(p, condition.named)
-                generations.add(
-                    handle, todo[index].study_id, todo[index].report, update.text, extra
-                )
+                    extra |= finding_columns(p, condition.named)
+                generations.add(handle, todo[index].study_id, todo[index].report, text, extra)
             bar.update(1)
 
         with ThreadPoolExecutor(concurrency) as pool:

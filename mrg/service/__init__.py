@@ -13,6 +13,10 @@ by it first: its calibrated probabilities and the findings above their operating
 may set the findings by hand instead (``stream(…, findings=[…])``, "write the report as if it
 showed effusion"). Cancelling is closing the stream (or
 ``should_stop`` returning True): the request leaves the batch at the next step.
+
+Before anything is written, the study passes the chest-radiograph gate (``mrg.model.gate``):
+a CT, an MR, a photograph or a rotated film is refused with ``StudyRefused``, unless the
+request allows any image anyway, and then the report carries the gate's warning.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,12 +39,21 @@ from mrg.explain import Heatmap, explain, explain_finding
 from mrg.hub import checkpoint_modes
 from mrg.model import Decoding, MRGModel
 from mrg.model.findings import FindingsHead
+from mrg.model.gate import ChestGate, Screening, screen
 from mrg.model.llm import load_frozen_llm
 from mrg.model.prompting import text_increments
+from mrg.service.answers import (
+    Comparison,
+    LabelRow,
+    ReportUpdate,
+    StudyFindings,
+    StudyRefused,
+)
 from mrg.service.models import (
     ServiceInfo,
     describe,
     load_findings_head,
+    load_gate,
     load_models,
     resolve_device,
     resolve_llm_config,
@@ -53,74 +65,10 @@ from mrg.text.taxonomy import (
     CHEXPERT14,
     FINDINGS14,
     finding_named,
-    findings_vector,
     named_findings,
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StudyFindings:
-    """The findings head's reading of a study: calibrated probabilities, operating points,
-    and the findings the report is conditioned on (``named``; set by hand when ``manual``)."""
-
-    probabilities: dict[str, float]
-    thresholds: dict[str, float]
-    named: list[str]
-    manual: bool = False
-
-    def vector(self) -> torch.Tensor:
-        """The condition y ``[1, 15]``."""
-        return torch.tensor([findings_vector(self.named)], dtype=torch.float32)
-
-    def as_dict(self) -> dict:
-        """What ``mrg generate --json`` and the ``/report`` API return as ``findings_head``."""
-        return {
-            "named": self.named,
-            "manual": self.manual,
-            "probabilities": {f"p_{f}": p for f, p in self.probabilities.items()},
-            "operating_points": self.thresholds,
-        }
-
-    def ranked(self) -> list[tuple[str, float, float]]:
-        """(finding, probability, operating point), most probable first."""
-        return sorted(
-            ((f, self.probabilities[f], self.thresholds[f]) for f in self.probabilities),
-            key=lambda row: -row[1],
-        )
-
-
-@dataclass
-class ReportUpdate:
-    """The report so far, split into sections, with timing."""
-
-    findings: str = ""
-    impression: str = ""
-    text: str = ""
-    finished: bool = False
-    tokens: int = 0
-    ttft_s: float | None = None
-    tokens_per_s: float | None = None
-    elapsed_s: float = 0.0
-    # the findings head's reading of the study (or the findings set by hand): what a
-    # findings-conditioned report was written from
-    condition: StudyFindings | None = None
-
-
-@dataclass
-class LabelRow:
-    observation: str
-    agreement: str  # matched | missed | hallucinated
-    reference_sentences: list[str] = field(default_factory=list)
-    generated_sentences: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Comparison:
-    metrics: dict[str, float]
-    notes: list[str]
-    rows: list[LabelRow]
 
 
 class ReportService:
@@ -131,10 +79,12 @@ class ReportService:
         max_batch: int = 8,
         max_waiting: int = 8,
         findings_head: FindingsHead | None = None,
+        gate: ChestGate | None = None,
     ):
-        """``max_batch`` reports decode together; ``max_waiting`` more may wait for a place."""
+        """``max_batch`` reports decode together; ``max_waiting`` more may wait for a place.
+        ``gate`` scores what the findings head reads; without both only its rules apply."""
         self.models, self.info = models, info
-        self.findings_head = findings_head
+        self.findings_head, self.gate = findings_head, gate
         self.lock = threading.Lock()
         self.labeler = ReportLabeler()
         llms = {id(m.llm): m.llm for m in models.values()}
@@ -165,8 +115,9 @@ class ReportService:
         if device == "cuda" and llm_config.quantization == "none":
             llm.to("cuda")
         models = load_models(found, llm, tokenizer, overrides)
-        head = load_findings_head(checkpoints, found)
-        return cls(models, describe(llm_config, llm, models, found), findings_head=head)
+        head, gate = load_findings_head(found), load_gate(found)
+        info = describe(llm_config, llm, models, found, gate)
+        return cls(models, info, findings_head=head, gate=gate)
 
     def model(self, mode: str) -> MRGModel:
         if mode not in self.models:
@@ -177,6 +128,21 @@ class ReportService:
         """``study`` as ``mode``'s model reads it (its image size and number of views)."""
         model = self.model(mode)
         return batch_tensors([study], model.config.encoder.image_size, model.config.max_views)
+
+    # ------------------------------------------------------------------ the gate
+
+    def screen(self, study: Study, allow_anyway: bool = False) -> Screening:
+        """The gate's verdict on every view of ``study`` (``mrg.model.gate.screen``)."""
+        head = self.findings_head
+        size = head.config.image_size if head is not None else 224
+        images = batch_tensors([study], size, len(study.views)).images[0]
+        features = None
+        if head is not None and self.gate is not None:
+            with self.lock, torch.inference_mode():
+                features = head.eval().features(images)
+        metas = [view.image.meta for view in study.views]
+        positions = [view.position for view in study.views]
+        return screen(metas, images, features, self.gate, allow_anyway, positions)
 
     # ------------------------------------------------------------------ findings
 
@@ -232,22 +198,27 @@ class ReportService:
         decoding: Decoding = DEFAULT_DECODING,
         should_stop: Callable[[], bool] | None = None,
         findings: list[str] | StudyFindings | None = None,
+        allow_anyway: bool = False,
     ) -> Iterator[ReportUpdate]:
         """Yield a ``ReportUpdate`` per decoded token (greedy/sampling) or once (beam).
 
         ``findings``: the findings to write from, set by hand (names; [] for none), or a
-        ``StudyFindings`` already read; by default the head's, for a conditioned model."""
+        ``StudyFindings`` already read; by default the head's, for a conditioned model.
+        Raises ``StudyRefused`` where the gate refuses the study and ``allow_anyway`` is off."""
         decoding.validate()
         model = self.model(mode)
-        views = self.views(study, mode)
         start = time.perf_counter()
+        screening = self.screen(study, allow_anyway)
+        if screening.refused:
+            raise StudyRefused(screening)
+        views = self.views(study, mode)
         condition, y = self._condition(model, study, findings)
         if decoding.strategy == "beam":
             with self.lock:
                 text = model.generate(views, decoding, y)[0]
             elapsed = time.perf_counter() - start
             tokens = len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
-            yield self._update(text, True, tokens, elapsed, start, condition)
+            yield self._update(text, True, tokens, elapsed, start, condition, screening)
             return
         with self.lock:
             request = model.decoding_request(views, decoding, y)
@@ -260,10 +231,10 @@ class ReportService:
                 tokens += 1
                 first = first if first is not None else time.perf_counter() - start
                 text += piece
-                yield self._update(text, False, tokens, first, start, condition)
+                yield self._update(text, False, tokens, first, start, condition, screening)
         finally:
             ids.close()  # leaves the batch at its next step
-        yield self._update(text, True, tokens, first, start, condition)
+        yield self._update(text, True, tokens, first, start, condition, screening)
 
     @staticmethod
     def _update(
@@ -273,6 +244,7 @@ class ReportService:
         ttft: float | None,
         start: float,
         condition: StudyFindings | None = None,
+        screening: Screening | None = None,
     ) -> ReportUpdate:
         elapsed = time.perf_counter() - start
         sections = split_sections(text)
@@ -291,6 +263,7 @@ class ReportService:
             tokens_per_s=rate,
             elapsed_s=elapsed,
             condition=condition,
+            screening=screening,
         )
 
     def generate(
@@ -299,10 +272,13 @@ class ReportService:
         mode: str,
         decoding: Decoding = DEFAULT_DECODING,
         findings: list[str] | StudyFindings | None = None,
+        allow_anyway: bool = False,
     ) -> ReportUpdate:
         """The final update of ``stream``."""
         update = ReportUpdate()
-        for update in self.stream(study, mode, decoding, findings=findings):
+        for update in self.stream(
+            study, mode, decoding, findings=findings, allow_anyway=allow_anyway
+        ):
             pass
         return update
 

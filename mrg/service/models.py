@@ -1,5 +1,5 @@
 """What a ``ReportService`` loads, step by step: the device, the LLM, every checkpoint's model,
-the findings head, and what is in effect (``ServiceInfo``)."""
+the findings head, the chest-radiograph gate, and what is in effect (``ServiceInfo``)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from mrg.config import CONFIG_NAME, CUSTOMIZED_MODES, LLMConfig, ModelConfig, model_preset
 from mrg.model import MRGModel
 from mrg.model.findings import FINDINGS_CONFIG_NAME, FINDINGS_FOLDER, FindingsHead
+from mrg.model.gate import GATE_CONFIG_NAME, GATE_FOLDER, ChestGate
 from mrg.model.llm import cpu_prefers_bf16, quantization_in_effect
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ class ServiceInfo:
     views: int = 2  # the most views every loaded model reads (1: frontal only)
     quantization: str = "none"  # what bitsandbytes did to the LLM: "nf4", "int8" or "none"
     dtype: str = "float32"  # the LLM's compute dtype
+    gate: dict | None = None  # the image gate's thresholds; None: only its rules apply
 
 
 def resolve_device(device: str | None) -> str:
@@ -93,9 +95,7 @@ def load_models(
     }
 
 
-def load_findings_head(
-    checkpoints: str | Path | None, found: dict[str, Path]
-) -> FindingsHead | None:
+def load_findings_head(found: dict[str, Path]) -> FindingsHead | None:
     """The findings head beside the modes (``<checkpoints>/findings/``), or None."""
     if not found:
         return None
@@ -105,8 +105,22 @@ def load_findings_head(
     return FindingsHead.from_pretrained(folder)
 
 
+def load_gate(found: dict[str, Path]) -> ChestGate | None:
+    """The chest-radiograph gate beside the modes (``<checkpoints>/gate/``), or None."""
+    if not found:
+        return None
+    folder = next(iter(found.values())).parent / GATE_FOLDER
+    if not (folder / GATE_CONFIG_NAME).is_file():
+        return None
+    return ChestGate.from_pretrained(folder)
+
+
 def describe(
-    llm_config: LLMConfig, llm, models: dict[str, MRGModel], found: dict[str, Path]
+    llm_config: LLMConfig,
+    llm,
+    models: dict[str, MRGModel],
+    found: dict[str, Path],
+    gate: ChestGate | None = None,
 ) -> ServiceInfo:
     """What is loaded and in effect, for the banner and ``mrg generate --json``."""
     return ServiceInfo(
@@ -120,4 +134,5 @@ def describe(
         checkpoints={m: str(p) for m, p in found.items()},
         trained=bool(found),
         views=min(m.config.max_views for m in models.values()),
+        gate=gate.config.to_dict() if gate is not None else None,
     )

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from mrg.data.datasets import StudyRecord
     from mrg.data.study import Study
+    from mrg.model.gate import Screening
     from mrg.review import Blinding
     from mrg.service import ServiceInfo, StudyFindings
 
@@ -78,7 +79,8 @@ class DemoState:
     text each mode wrote for ``study``. ``position``: where the review queue stands.
     ``reading``: the findings head's reading of ``study`` (``StudyFindings``; None without a
     head), read for ``reading_key``; ``conditions``: per mode, the findings its report was
-    written from (the head's reading, or findings set by hand).
+    written from (the head's reading, or findings set by hand). ``screening``: the
+    chest-radiograph gate's verdict on ``study`` (``mrg.model.gate.Screening``).
     """
 
     study: Study | None = None
@@ -87,6 +89,7 @@ class DemoState:
     reading: StudyFindings | None = None
     reading_key: str = ""
     conditions: dict[str, StudyFindings | None] = field(default_factory=dict)
+    screening: Screening | None = None
     shown: list[str] = field(default_factory=list)
     blinding: Blinding | None = None
     heatmaps: list = field(default_factory=list)

@@ -48,7 +48,9 @@ GENERATE_INPUTS = (
     "session",
     "manual_findings",
     "manual_choice",
+    "allow_any",
 )
+OVERRIDE = "Allow any image (research): write a report even where the gate refuses it"
 
 
 class GenerationPanel:
@@ -84,11 +86,15 @@ class GenerationPanel:
         session: str = "default",
         manual: bool = False,
         chosen: list[str] | None = None,
+        allow_any: bool = False,
     ):
         """Stream the ``GENERATED`` outputs while Report A, then Report B, is written.
 
         ``manual``: write from the findings ``chosen`` by hand (display names; none ticked is
-        a normal study) instead of the findings head's reading (what-if)."""
+        a normal study) instead of the findings head's reading (what-if). ``allow_any``:
+        write even where the chest-radiograph gate refuses the study (the header warns)."""
+        from mrg.service import StudyRefused
+
         if state.study is None:
             yield self._message(state, "**Load a study first.**")
             return
@@ -128,13 +134,24 @@ class GenerationPanel:
         for slot, current in enumerate(modes):
             update = None
             try:
-                stream = self.service.stream(state.study, current, decoding, findings=findings)
+                stream = self.service.stream(
+                    state.study, current, decoding, findings=findings, allow_anyway=allow_any
+                )
                 for update in stream:
                     titles[slot] = f"**{headers[slot]}**" + self.written_from(
                         current, update.condition
                     )
+                    if update.screening is not None and update.screening.warning:
+                        titles[slot] += f"  \n⚠️ **{update.screening.warning}**"
                     boxes[2 * slot], boxes[2 * slot + 1] = update.findings, update.impression
                     yield out(f"Generating {headers[slot]}… {update.tokens} tokens")
+            except StudyRefused as err:
+                state.screening = err.screening
+                yield out(
+                    f"⛔ **No report: {err}** To write one anyway (research), tick "
+                    f"*{OVERRIDE.split(':')[0]}* under Advanced decoding."
+                )
+                return
             except ValueError as err:  # e.g. findings set by hand for a model that takes none
                 said = str(err).replace(current, headers[slot])  # a blinded page names no mode
                 yield out(f"**Cannot generate {headers[slot]}:** {said}")
@@ -152,6 +169,7 @@ class GenerationPanel:
                 return
             state.generated[current] = update.text if update else ""
             state.conditions[current] = update.condition if update else None
+            state.screening = update.screening if update else state.screening
             if update is not None:
                 rate = f"{update.tokens_per_s:.1f} tokens/s" if update.tokens_per_s else "—"
                 ttft = f"{update.ttft_s:.2f} s" if update.ttft_s is not None else "—"
@@ -166,13 +184,22 @@ class GenerationPanel:
     # ------------------------------------------------------------------ stateless API
 
     @gpu
-    def report(self, frontal: str | None, lateral: str | None, mode: str | None) -> dict:
+    def report(
+        self,
+        frontal: str | None,
+        lateral: str | None,
+        mode: str | None,
+        allow_any_modality: bool = False,
+    ) -> dict:
         """One study in, its report out, with no session (``api_name="/report"``).
 
         Greedy decoding with the app's defaults. Unusable input raises ``gr.Error`` with the
-        message the page would show, which ``gradio_client`` raises as ``AppError``.
+        message the page would show, which ``gradio_client`` raises as ``AppError``. A study
+        the chest-radiograph gate refuses is answered, not raised: ``refused`` holds the
+        reason's code (None for a report), ``message`` what the page says, ``gate`` the scores.
         """
         from mrg.imaging import ImageError
+        from mrg.service import StudyRefused
 
         mode = mode or CUSTOMIZED_MODES[0]
         if mode not in self.modes:
@@ -181,7 +208,15 @@ class GenerationPanel:
             raise gr.Error("Give a frontal chest X-ray (PNG, JPEG or DICOM).")
         try:
             study = self._study_from(*self._read_uploads(frontal, lateral))
-            update = self.service.generate(study, mode)
+            update = self.service.generate(study, mode, allow_anyway=bool(allow_any_modality))
+        except StudyRefused as err:
+            return {
+                "refused": err.screening.refused,
+                "message": str(err),
+                "gate": err.screening.as_dict(),
+                "mode": mode,
+                "text": "",
+            }
         except ImageError as err:
             raise gr.Error(f"Could not load the study. {err}") from None
         except Exception as err:  # noqa: BLE001
@@ -192,6 +227,9 @@ class GenerationPanel:
             log_failure("the report API", err)
             raise gr.Error(UNEXPECTED) from None
         return {
+            "refused": None,
+            "warning": update.screening.warning if update.screening else "",
+            "gate": update.screening.as_dict() if update.screening else None,
             "findings": update.findings,
             "impression": update.impression,
             "text": update.text,
@@ -252,12 +290,14 @@ class GenerationPanel:
                 0.1, 1.5, value=0.7, step=0.05, label="Temperature (sampling)"
             )
             c["top_p"] = gr.Slider(0.1, 1.0, value=0.9, step=0.05, label="Top-p (sampling)")
+            c["allow_any"] = gr.Checkbox(False, label=OVERRIDE, elem_id="allow-any")
 
     def _build_report_api(self, c: dict) -> None:
         with gr.Column(visible=False):  # the stateless API's inputs and output, not shown
             c["api_frontal"] = gr.File(type="filepath")
             c["api_lateral"] = gr.File(type="filepath")
             c["api_mode"] = gr.Textbox()
+            c["api_allow"] = gr.Checkbox(False)
             c["api_report"] = gr.JSON()
             c["api_button"] = gr.Button()
 
@@ -265,7 +305,7 @@ class GenerationPanel:
         """Returns the generation event, for what follows it (comparison, Grad-CAM)."""
         c["api_button"].click(
             self.report,
-            [c["api_frontal"], c["api_lateral"], c["api_mode"]],
+            [c["api_frontal"], c["api_lateral"], c["api_mode"], c["api_allow"]],
             c["api_report"],
             api_name="report",
             concurrency_limit=REPORTS_AT_ONCE,

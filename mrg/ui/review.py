@@ -101,6 +101,7 @@ class ReviewPanel(ReviewSummary):
                         generated=text,
                         reference=reference or "",
                         checkpoint=self.service.info.checkpoints.get(mode, "untrained"),
+                        gate=state.screening.as_dict() if state.screening else {},
                     ).validate()
                 )
             if state.blinding and preference not in PREFERENCES:

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING
 import gradio as gr
 import numpy as np
 
-from mrg.imaging import WINDOW_PRESETS, ImageError, for_viewer, preset_window, window
+from mrg.imaging import ImageError, for_viewer
 from mrg.ui.common import UNEXPECTED, WHOLE_REPORT, DemoState, example_key, log_failure
+from mrg.windowing import WINDOW_PRESETS, preset_window, window
 
 if TYPE_CHECKING:
     from mrg.data.study import Study
