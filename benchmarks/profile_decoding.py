@@ -5,7 +5,7 @@
 
 Loads the service as ``python app.py`` does (shipped checkpoints, SmolLM2), generates one
 greedy report for a shipped example (warm-up), then profiles a second one. Printed: per token,
-the milliseconds of each group of operators (self CPU time: matrix products, attention,
+the milliseconds of each group of operators on every thread (the batcher decodes in its own) (self CPU time: matrix products, attention,
 casts and copies, the KV cache's concatenations, the logits processors, the rest of PyTorch)
 and the time no operator accounts for (Python: the model's modules, the batcher, the
 processors' own Python). Matrix products read every weight once per token, so their time
@@ -89,7 +89,8 @@ def main() -> None:
     decoding = Decoding(max_new_tokens=args.tokens)
     service.generate(study, "prompt-wise", decoding)  # warm-up
     start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    every_thread = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
+    with profile(activities=[ProfilerActivity.CPU], experimental_config=every_thread) as prof:
         update = service.generate(study, "prompt-wise", decoding)
     wall = time.perf_counter() - start
     tokens = update.tokens

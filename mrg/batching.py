@@ -12,6 +12,15 @@ promptbook-wise requests share the batch: they differ only in their context.
 
 The queue is bounded: past ``max_batch`` decoding and ``max_waiting`` waiting requests,
 ``submit`` raises ``ServiceBusy`` at once rather than making anyone wait without end.
+
+**One thread for all torch work.** PyTorch's CPU kernels run on an OpenMP team that belongs
+to the thread which calls them. Where two threads each have a team (a web server's handler
+that encoded an image, and the batcher that decodes), the teams oversubscribe the cores and
+GNU OpenMP stops spinning between the hundreds of small parallel regions of a decoding step:
+measured on 2 cores, a SmolLM2 step took 90–114 ms instead of 45–54 ms. So the service runs
+every torch computation on this thread (``call``: encoding a study, the findings head, the
+gate, beam search, Grad-CAM), between two decoding steps: 10.4 → 21.5 tokens/s for one
+report (``benchmarks/profile_decoding.py``).
 """
 
 from __future__ import annotations
@@ -20,8 +29,10 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +41,7 @@ from transformers import DynamicCache, LogitsProcessorList, PreTrainedModel
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 BUSY = "The service is busy with other reports right now. Please try again in a moment."
 
 
@@ -95,9 +107,11 @@ class Batcher:
         self.rows: list[_Row] = []
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # [B, T]: 0 on each row's left padding
+        self.calls: deque[tuple[Callable, Future]] = deque()  # torch work to run between steps
         self.wakeup = threading.Condition()
         self.largest_batch = 0  # the most rows decoded in one step so far (for benchmarks)
-        threading.Thread(target=self._run, name="mrg-batcher", daemon=True).start()
+        self.thread = threading.Thread(target=self._run, name="mrg-batcher", daemon=True)
+        self.thread.start()
 
     # ------------------------------------------------------------------ consumer side
 
@@ -112,6 +126,18 @@ class Batcher:
             self.wakeup.notify()
         return ticket
 
+    def call(self, fn: Callable[[], T]) -> T:
+        """``fn()`` run on the batcher's thread between two decoding steps (see the module
+        docstring); its result, or its exception raised here. Calls run one at a time, in
+        the order they came."""
+        if threading.current_thread() is self.thread:
+            return fn()
+        future: Future = Future()
+        with self.wakeup:
+            self.calls.append((fn, future))
+            self.wakeup.notify()
+        return future.result()
+
     def stream(self, request: Request) -> Iterator[int]:
         """Token ids of ``request``; closing the iterator cancels it."""
         ticket = self.submit(request)
@@ -125,11 +151,17 @@ class Batcher:
     def _run(self) -> None:
         while True:
             with self.wakeup:
-                while not self.waiting and not self.rows:
+                while not self.waiting and not self.rows and not self.calls:
                     self.wakeup.wait()
-                joining = []
+                calls, joining = list(self.calls), []
+                self.calls.clear()
                 while self.waiting and len(self.rows) + len(joining) < self.max_batch:
                     joining.append(self.waiting.popleft())
+            for fn, future in calls:
+                try:
+                    future.set_result(fn())
+                except BaseException as err:  # noqa: BLE001 — handed to the caller
+                    future.set_exception(err)
             with torch.inference_mode():
                 for ticket in joining:
                     self._join(ticket)

@@ -127,3 +127,24 @@ def test_a_failing_request_fails_alone(models, tiny_llm):
         list(tickets[1])
     assert [list(tickets[i]) for i in (0, 2)] == [expected[0], expected[2]]
     assert wait_idle(batcher)
+
+
+def test_calls_run_on_the_batcher_s_thread_between_steps_and_raise_their_errors(
+    models, tiny_llm
+):
+    """Every torch computation of a service goes through ``call``: on the decoding thread
+    (one OpenMP team), in order, while a report is decoding, errors handed back."""
+    batcher = Batcher(tiny_llm, max_batch=8)
+    model, study, _ = cases(models, 1)[0]
+    assert batcher.call(threading.current_thread) is batcher.thread
+    request = model.decoding_request(study, Decoding(max_new_tokens=40))
+    stream = batcher.stream(request)
+    first = next(stream)  # decoding has started
+    order = []
+    assert batcher.call(lambda: order.append(len(order)) or "done") == "done"
+    assert batcher.call(lambda: batcher.call(lambda: 7)) == 7  # a call from a call runs inline
+    with pytest.raises(ZeroDivisionError):
+        batcher.call(lambda: 1 / 0)
+    tokens = [first, *stream]
+    assert tokens == alone(model, study, Decoding(max_new_tokens=40)) and order == [0]
+    assert wait_idle(batcher) and not batcher.calls

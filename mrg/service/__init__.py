@@ -4,8 +4,9 @@
 checkpoint folder (``prompt-wise/``, ``promptbook-wise/``, optionally ``static/``) on top of
 it. Greedy and sampled reports decode in one continuous batch (``mrg.batching``): a request
 that arrives while others decode joins them at the next step, whatever its mode; past the
-batch and the waiting room, a request is refused at once with ``ServiceBusy``. Encoding an
-image, beam search and Grad-CAM take one lock.
+batch and the waiting room, a request is refused at once with ``ServiceBusy``. Every torch
+computation (encoding an image, the findings head, the gate, beam search, Grad-CAM) runs on
+the batcher's thread, one at a time, between two decoding steps (``on_torch_thread``).
 
 Where the checkpoints hold a findings head (``<checkpoints>/findings/``), every study is read
 by it first: its calibrated probabilities and the findings above their operating points
@@ -23,10 +24,11 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -69,6 +71,7 @@ from mrg.text.taxonomy import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class ReportService:
@@ -85,10 +88,15 @@ class ReportService:
         ``gate`` scores what the findings head reads; without both only its rules apply."""
         self.models, self.info = models, info
         self.findings_head, self.gate = findings_head, gate
-        self.lock = threading.Lock()
         self.labeler = ReportLabeler()
         llms = {id(m.llm): m.llm for m in models.values()}
         self.batchers = {key: Batcher(llm, max_batch, max_waiting) for key, llm in llms.items()}
+        self._torch_thread = next(iter(self.batchers.values()))
+
+    def on_torch_thread(self, fn: Callable[[], T]) -> T:
+        """``fn()`` run on the batcher's thread, where all of the service's torch work runs,
+        one computation at a time (``mrg.batching``: one OpenMP team, 2× faster decoding)."""
+        return self._torch_thread.call(fn)
 
     # ------------------------------------------------------------------ loading
 
@@ -107,7 +115,16 @@ class ReportService:
         a CPU whose bfloat16 matrix products are measurably faster (``cpu_prefers_bf16``); the trainable
         parts stay float32. Without any checkpoint, untrained demo-cpu models are built so
         the app still runs; ``info.trained`` is then False and the banner says so.
+
+        The loading runs in a thread of its own that ends with it, so that the OpenMP team
+        its torch work made ends too and the batcher's is the only one (``mrg.batching``).
         """
+        with ThreadPoolExecutor(1, thread_name_prefix="mrg-load") as pool:
+            loading = pool.submit(cls._load, checkpoints, llm_source, device, quantization, dtype)
+            return loading.result()
+
+    @classmethod
+    def _load(cls, checkpoints, llm_source, device, quantization, dtype) -> ReportService:
         found = checkpoint_modes(checkpoints)
         device = resolve_device(device)
         llm_config, overrides = resolve_llm_config(found, device, llm_source, quantization, dtype)
@@ -127,22 +144,27 @@ class ReportService:
     def views(self, study: Study, mode: str) -> Views:
         """``study`` as ``mode``'s model reads it (its image size and number of views)."""
         model = self.model(mode)
-        return batch_tensors([study], model.config.encoder.image_size, model.config.max_views)
+        size, views = model.config.encoder.image_size, model.config.max_views
+        return self.on_torch_thread(lambda: batch_tensors([study], size, views))
 
     # ------------------------------------------------------------------ the gate
 
     def screen(self, study: Study, allow_anyway: bool = False) -> Screening:
         """The gate's verdict on every view of ``study`` (``mrg.model.gate.screen``)."""
-        head = self.findings_head
+        head, gate = self.findings_head, self.gate
         size = head.config.image_size if head is not None else 224
-        images = batch_tensors([study], size, len(study.views)).images[0]
-        features = None
-        if head is not None and self.gate is not None:
-            with self.lock, torch.inference_mode():
-                features = head.eval().features(images)
         metas = [view.image.meta for view in study.views]
         positions = [view.position for view in study.views]
-        return screen(metas, images, features, self.gate, allow_anyway, positions)
+
+        def verdict() -> Screening:
+            images = batch_tensors([study], size, len(study.views)).images[0]
+            features = None
+            if head is not None and gate is not None:
+                with torch.inference_mode():
+                    features = head.eval().features(images)
+            return screen(metas, images, features, gate, allow_anyway, positions)
+
+        return self.on_torch_thread(verdict)
 
     # ------------------------------------------------------------------ findings
 
@@ -156,9 +178,9 @@ class ReportService:
                 return None
             return StudyFindings({}, {}, named, manual=True)
         head = self.findings_head
-        views = batch_tensors([study], head.config.image_size, self.info.views)
-        with self.lock:
-            probabilities, y = head.predict(views)
+        probabilities, y = self.on_torch_thread(
+            lambda: head.predict(batch_tensors([study], head.config.image_size, self.info.views))
+        )
         p, t = probabilities[0].tolist(), head.threshold.tolist()
         found = named_findings(y[0].tolist())
         return StudyFindings(
@@ -214,14 +236,12 @@ class ReportService:
         views = self.views(study, mode)
         condition, y = self._condition(model, study, findings)
         if decoding.strategy == "beam":
-            with self.lock:
-                text = model.generate(views, decoding, y)[0]
+            text = self.on_torch_thread(lambda: model.generate(views, decoding, y)[0])
             elapsed = time.perf_counter() - start
             tokens = len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
             yield self._update(text, True, tokens, elapsed, start, condition, screening)
             return
-        with self.lock:
-            request = model.decoding_request(views, decoding, y)
+        request = self.on_torch_thread(lambda: model.decoding_request(views, decoding, y))
         ids = self.batchers[id(model.llm)].stream(request)
         text, tokens, first = "", 0, None
         try:
@@ -298,19 +318,21 @@ class ReportService:
         views = self.views(study, mode)
         span = _find_span(report, sentence) if sentence else None
         _, y = self._condition(model, study, findings)
-        with self.lock:
-            return explain(model, views, report, span, [v.position for v in study.views], y)
+        positions = [v.position for v in study.views]
+        return self.on_torch_thread(lambda: explain(model, views, report, span, positions, y))
 
     def explain_finding(self, study: Study, finding: str) -> list[Heatmap]:
         """Grad-CAM per view of the findings head's logit for ``finding`` (CheXNet's picture)."""
         if self.findings_head is None:
             raise ValueError("no findings head is loaded")
-        head = self.findings_head
-        views = batch_tensors([study], head.config.image_size, self.info.views)
-        with self.lock:
-            return explain_finding(
-                head, views, finding_named(finding), [v.position for v in study.views]
-            )
+        head, named = self.findings_head, finding_named(finding)
+        positions = [v.position for v in study.views]
+
+        def heatmaps() -> list[Heatmap]:
+            views = batch_tensors([study], head.config.image_size, self.info.views)
+            return explain_finding(head, views, named, positions)
+
+        return self.on_torch_thread(heatmaps)
 
     # ------------------------------------------------------------------ comparison
 
