@@ -129,9 +129,7 @@ def test_a_failing_request_fails_alone(models, tiny_llm):
     assert wait_idle(batcher)
 
 
-def test_calls_run_on_the_batcher_s_thread_between_steps_and_raise_their_errors(
-    models, tiny_llm
-):
+def test_calls_run_on_the_batcher_s_thread_between_steps_and_raise_their_errors(models, tiny_llm):
     """Every torch computation of a service goes through ``call``: on the decoding thread
     (one OpenMP team), in order, while a report is decoding, errors handed back."""
     batcher = Batcher(tiny_llm, max_batch=8)

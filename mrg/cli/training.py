@@ -12,11 +12,13 @@ from mrg.config import ConfigError
 
 
 def info_command(args: argparse.Namespace) -> int:
-    """Trainable parameter counts for each customizer mode of a preset (the LLM loaded once)."""
+    """Trainable parameter counts for each customizer mode of a preset (the LLM loaded once),
+    and the dtype ``--dtype auto`` gives the LLM on this CPU, with the measurement behind it."""
     import torch
 
     from mrg.config import CUSTOMIZER_MODES, model_preset
     from mrg.model import MRGModel
+    from mrg.model.cpu_probe import cached_measurement, describe
     from mrg.model.llm import load_frozen_llm
 
     base = model_preset(args.preset)
@@ -39,6 +41,7 @@ def info_command(args: argparse.Namespace) -> int:
             ),
         )
     console.print(table)
+    console.print(describe(cached_measurement()))
     return 0
 
 

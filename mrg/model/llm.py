@@ -182,42 +182,6 @@ def bitsandbytes_device() -> str | None:
     return device
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_prefers_bf16(speedup: float = 1.3) -> bool:
-    """Whether this CPU runs the LLM faster in bfloat16 than in float32, by measurement.
-
-    Decoding a token multiplies one vector by each weight matrix, bound by memory traffic,
-    which bf16 halves; the context pass (prefill), Grad-CAM's backward and batched decoding
-    multiply matrices, which only CPUs with bf16 instructions (AVX-512 BF16, AMX) and a
-    PyTorch build that uses them do faster in bf16: elsewhere bf16 matrix products are
-    emulated, up to 8× slower (measured on an AVX2 build). So time a SmolLM2-sized layer both
-    ways, for one token and for 64, and choose bf16 only when both are ``speedup``× faster.
-    """
-    import time
-
-    def seconds(dtype: torch.dtype, rows: int) -> float:
-        generator = torch.Generator().manual_seed(0)
-        weights = [torch.randn(1536, 576, generator=generator).to(dtype) for _ in range(8)]
-        x = torch.randn(rows, 576, generator=generator).to(dtype)
-        for w in weights:  # warm-up
-            x @ w.T
-        best = float("inf")
-        for _ in range(5):
-            start = time.perf_counter()
-            for w in weights:
-                x @ w.T
-            best = min(best, time.perf_counter() - start)
-        return best
-
-    ratios = {
-        rows: seconds(torch.float32, rows) / seconds(torch.bfloat16, rows) for rows in (1, 64)
-    }
-    log.info(
-        "CPU bf16 speed-up over fp32: %.2f× for one token, %.2f× for 64", ratios[1], ratios[64]
-    )
-    return min(ratios.values()) >= speedup
-
-
 def quantization_config(config: LLMConfig):
     """A ``BitsAndBytesConfig`` for nf4/int8 where bitsandbytes runs, else ``None`` (logged)."""
     if config.quantization == "none":

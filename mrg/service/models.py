@@ -11,9 +11,10 @@ import torch
 
 from mrg.config import CONFIG_NAME, CUSTOMIZED_MODES, LLMConfig, ModelConfig, model_preset
 from mrg.model import MRGModel
+from mrg.model.cpu_probe import cpu_prefers_bf16
 from mrg.model.findings import FINDINGS_CONFIG_NAME, FINDINGS_FOLDER, FindingsHead
 from mrg.model.gate import GATE_CONFIG_NAME, GATE_FOLDER, ChestGate
-from mrg.model.llm import cpu_prefers_bf16, quantization_in_effect
+from mrg.model.llm import quantization_in_effect
 
 log = logging.getLogger(__name__)
 
