@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=("auto", *DTYPES),
         default="auto",
-        help="the LLM's dtype (auto: bfloat16 on a CPU with fast bf16 matrix products)",
+        help="the LLM's dtype (auto: bfloat16 where a report is measurably faster in it on this "
+        "CPU; measured once per machine, see mrg info)",
     )
     generate.add_argument("--json", action="store_true", help="print the final report as JSON")
     generate.add_argument("--annotation", help="annotation.json: generate for a whole split")

@@ -230,19 +230,26 @@ class ReportService:
         decoding.validate()
         model = self.model(mode)
         start = time.perf_counter()
-        screening = self.screen(study, allow_anyway)
-        if screening.refused:
-            raise StudyRefused(screening)
-        views = self.views(study, mode)
-        condition, y = self._condition(model, study, findings)
+
+        def prepare():
+            """The gate, the findings, and the beam's report or the decoding request: one
+            call on the torch thread, so that a request waits for one decoding step, not four."""
+            screening = self.screen(study, allow_anyway)
+            if screening.refused:
+                raise StudyRefused(screening)
+            views = self.views(study, mode)
+            condition, y = self._condition(model, study, findings)
+            if decoding.strategy == "beam":
+                return screening, condition, model.generate(views, decoding, y)[0]
+            return screening, condition, model.decoding_request(views, decoding, y)
+
+        screening, condition, prepared = self.on_torch_thread(prepare)
         if decoding.strategy == "beam":
-            text = self.on_torch_thread(lambda: model.generate(views, decoding, y)[0])
-            elapsed = time.perf_counter() - start
+            text, elapsed = prepared, time.perf_counter() - start
             tokens = len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
             yield self._update(text, True, tokens, elapsed, start, condition, screening)
             return
-        request = self.on_torch_thread(lambda: model.decoding_request(views, decoding, y))
-        ids = self.batchers[id(model.llm)].stream(request)
+        ids = self.batchers[id(model.llm)].stream(prepared)
         text, tokens, first = "", 0, None
         try:
             for piece in text_increments(model.tokenizer, ids):
