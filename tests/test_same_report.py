@@ -1,6 +1,6 @@
 """Same study, same report, whatever the load (issue: a report in two seconds): on the real
 SmolLM2 with the shipped checkpoints, greedy reports decoded in a batch of eight, of one study
-or of four, equal what each study gets alone, in every dtype ``--dtype auto`` can choose."""
+or of two, equal what each study gets alone, in every dtype ``--dtype auto`` can choose."""
 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -11,7 +11,7 @@ from mrg.config import Decoding
 from mrg.data.study import study_from_sources
 from mrg.service import ReportService
 
-EXAMPLES = sorted(Path("assets/examples").glob("*.png"))[:4]
+EXAMPLES = sorted(Path("assets/examples").glob("*.png"))[:2]
 
 
 @pytest.mark.slow
@@ -19,18 +19,18 @@ EXAMPLES = sorted(Path("assets/examples").glob("*.png"))[:4]
 def test_concurrent_identical_and_mixed_requests_get_the_lone_report(dtype):
     service = ReportService.load(dtype=dtype)
     assert service.info.dtype == dtype
-    decoding = Decoding(max_new_tokens=60)
+    decoding = Decoding(max_new_tokens=40)
     studies = [study_from_sources(p) for p in EXAMPLES]
     alone = [service.generate(s, "prompt-wise", decoding).text for s in studies]
-    assert len(set(alone)) > 1, "four different images should not all get one report"
+    assert alone[0] != alone[1], "two different images should not get one report"
 
     def report(i: int) -> str:
         return service.generate(studies[i], "prompt-wise", decoding).text
 
     with ThreadPoolExecutor(8) as pool:
         identical = list(pool.map(report, [0] * 8))
-        mixed = list(pool.map(report, [i % 4 for i in range(8)]))
+        mixed = list(pool.map(report, [i % 2 for i in range(8)]))
     batcher = next(iter(service.batchers.values()))
     assert batcher.largest_batch > 1, "the requests never shared a batch"
     assert identical == [alone[0]] * 8
-    assert mixed == [alone[i % 4] for i in range(8)]
+    assert mixed == [alone[i % 2] for i in range(8)]
