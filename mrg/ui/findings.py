@@ -128,7 +128,7 @@ class FindingsPanel:
             state.screening = self.service.screen(state.study)
             if state.screening.refused:  # no reading of what is not a chest radiograph
                 state.reading, state.reading_key = None, state.case_key
-                note = f"⛔ **Not a chest radiograph: not read.** {state.screening.message}"
+                note = f"**Not a chest radiograph: its findings are not shown.** {state.screening.message}"
                 return gr.update(visible=False, value=None), note, "", *keep[3:], state
             reading = self.service.read_findings(state.study)
         except Exception as err:  # noqa: BLE001

@@ -148,7 +148,7 @@ class GenerationPanel:
             except StudyRefused as err:
                 state.screening = err.screening
                 yield out(
-                    f"⛔ **No report: {err}** To write one anyway (research), tick "
+                    f"**No report: {err}** To write one anyway (research), tick "
                     f"*{OVERRIDE.split(':')[0]}* under Advanced decoding."
                 )
                 return
