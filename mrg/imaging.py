@@ -34,6 +34,14 @@ FRONTAL_POSITIONS = {"PA", "AP"}
 LATERAL_POSITIONS = {"LL", "RL", "LAT", "LATERAL", "RLD", "LLD"}
 
 
+def not_a_radiograph(modality: str) -> str:
+    """What a clinician reads about a DICOM file of a non-projection modality."""
+    return (
+        f"This is a {modality} image, not a chest radiograph; the model was trained on chest "
+        "X-rays only."
+    )
+
+
 class ImageError(ValueError):
     """The input cannot be used as a chest radiograph; ``str(err)`` is safe to show a user."""
 
@@ -266,9 +274,7 @@ def _load_dicom(data: bytes, limits: ImageLimits):
         transfer_syntax=_transfer_syntax_name(ds),
     )
     if modality not in GATED_MODALITIES:
-        meta.warnings.append(
-            f"This is a {modality} image, not a chest radiograph; the model was trained on chest X-rays only."
-        )
+        meta.warnings.append(not_a_radiograph(modality))
     elif modality not in RADIOGRAPH_MODALITIES:
         meta.warnings.append(
             f"Modality {modality} is not a radiograph (CR/DX); results may be meaningless."

@@ -30,11 +30,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from mrg.data.pairs import patient_split, read_nih_labels
-from mrg.data.study import Study, View, batch_tensors, study_from_sources
+from mrg.data.study import Study, View, study_from_sources
 from mrg.environment import setting
 from mrg.imaging import ImageError, LoadedImage, load_image
 from mrg.model.findings import FINDINGS_FOLDER, FindingsHead
-from mrg.model.gate import GATE_FOLDER, ChestGate, screen
+from mrg.model.gate import GATE_FOLDER, ChestGate, screen_study
 from mrg.train.gate import fit_gate, radiograph_tensors
 
 log = logging.getLogger("build_gate")
@@ -127,15 +127,10 @@ def verdicts(studies: list, head: FindingsHead, gate: ChestGate) -> list[str | N
     """The gate's refusal code (None: passed) for each study (a file, or a (frontal,
     lateral) pair), loaded and screened as the service does."""
     out = []
-    size = head.config.image_size
     for sources in tqdm(studies, desc="screening", leave=False):
         study = study_from_sources(*sources) if isinstance(sources, tuple) else None
         study = study or Study([View(load_image(sources), "frontal")])
-        images = batch_tensors([study], size, len(study.views)).images[0]
-        with torch.inference_mode():
-            features = head.features(images)
-        metas, positions = [v.image.meta for v in study.views], [v.position for v in study.views]
-        out.append(screen(metas, images, features, gate, positions=positions).refused)
+        out.append(screen_study(study, head, gate).refused)
     return out
 
 

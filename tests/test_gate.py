@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-import torch
 from conftest import DICOM, shared_path
 from PIL import Image
 from pydicom.data import get_testdata_file
@@ -23,7 +22,7 @@ from mrg.imaging import load_image
 from mrg.model import findings as findings_module
 from mrg.model import gate as gate_module
 from mrg.model.findings import FINDINGS_FOLDER, FindingsHead
-from mrg.model.gate import GATE_FOLDER, ChestGate, rule_refusal, screen
+from mrg.model.gate import GATE_FOLDER, ChestGate, rule_refusal, screen, screen_study
 from mrg.review import Review, ReviewStore
 from mrg.ui.generation import GENERATED
 from mrg.ui.viewer import LOADED
@@ -49,12 +48,7 @@ def gate() -> ChestGate:
 
 def verdict(source, head, gate, allow_anyway=False, lateral=None):
     """The shipped gate's verdict on one file (and a lateral), as the service screens it."""
-    study = study_from_sources(source, lateral)
-    images = batch_tensors([study], head.config.image_size, 2).images[0]
-    with torch.inference_mode():
-        features = head.eval().features(images)
-    metas, positions = [v.image.meta for v in study.views], [v.position for v in study.views]
-    return screen(metas, images, features, gate, allow_anyway, positions)
+    return screen_study(study_from_sources(source, lateral), head, gate, allow_anyway)
 
 
 def png_bytes(array: np.ndarray) -> bytes:

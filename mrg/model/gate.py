@@ -28,7 +28,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from mrg.config import ConfigBase
-from mrg.imaging import GATED_MODALITIES, ImageMeta
+from mrg.data.study import Study, batch_tensors
+from mrg.imaging import GATED_MODALITIES, ImageMeta, not_a_radiograph
+from mrg.model.findings import FindingsHead
 
 GATE_FOLDER = "gate"  # beside the modes and the findings head in a checkpoint folder
 GATE_CONFIG_NAME = "gate_config.json"
@@ -154,10 +156,7 @@ def rule_refusal(meta: ImageMeta) -> tuple[str, str] | None:
     """(code, message) where the file itself says it is no radiograph: its DICOM modality,
     or colour; else None."""
     if meta.format == "dicom" and meta.modality not in GATED_MODALITIES:
-        return "modality", (
-            f"This is a {meta.modality} image, not a chest radiograph; the model was trained on "
-            "chest X-rays only."
-        )
+        return "modality", not_a_radiograph(meta.modality)
     if meta.colour:
         return "colour", MESSAGES["colour"]
     return None
@@ -216,3 +215,23 @@ def screen(
 def _complete(view: dict) -> dict:
     """A view's scores with the ones no gate computed set to pass."""
     return {"distance": 0.0, "upright": 1.0, "orientation": ORIENTATIONS[0]} | view
+
+
+def screen_study(
+    study: Study,
+    head: FindingsHead | None,
+    gate: ChestGate | None,
+    allow_anyway: bool = False,
+) -> Screening:
+    """``screen`` of every view of ``study`` as the findings head reads it (224 px without a
+    head): the one path from a study to its verdict, for the service, the fit's measurements
+    and the tests."""
+    size = head.config.image_size if head is not None else 224
+    images = batch_tensors([study], size, len(study.views)).images[0]
+    features = None
+    if head is not None and gate is not None:
+        with torch.inference_mode():
+            features = head.eval().features(images)
+    metas = [view.image.meta for view in study.views]
+    positions = [view.position for view in study.views]
+    return screen(metas, images, features, gate, allow_anyway, positions)

@@ -41,7 +41,7 @@ from mrg.explain import Heatmap, explain, explain_finding
 from mrg.hub import checkpoint_modes
 from mrg.model import Decoding, MRGModel
 from mrg.model.findings import FindingsHead
-from mrg.model.gate import ChestGate, Screening, screen
+from mrg.model.gate import ChestGate, Screening, screen_study
 from mrg.model.llm import load_frozen_llm
 from mrg.model.prompting import text_increments
 from mrg.service.answers import (
@@ -151,20 +151,9 @@ class ReportService:
 
     def screen(self, study: Study, allow_anyway: bool = False) -> Screening:
         """The gate's verdict on every view of ``study`` (``mrg.model.gate.screen``)."""
-        head, gate = self.findings_head, self.gate
-        size = head.config.image_size if head is not None else 224
-        metas = [view.image.meta for view in study.views]
-        positions = [view.position for view in study.views]
-
-        def verdict() -> Screening:
-            images = batch_tensors([study], size, len(study.views)).images[0]
-            features = None
-            if head is not None and gate is not None:
-                with torch.inference_mode():
-                    features = head.eval().features(images)
-            return screen(metas, images, features, gate, allow_anyway, positions)
-
-        return self.on_torch_thread(verdict)
+        return self.on_torch_thread(
+            lambda: screen_study(study, self.findings_head, self.gate, allow_anyway)
+        )
 
     # ------------------------------------------------------------------ findings
 

@@ -96,24 +96,24 @@ def load_models(
     }
 
 
-def load_findings_head(found: dict[str, Path]) -> FindingsHead | None:
-    """The findings head beside the modes (``<checkpoints>/findings/``), or None."""
+def _beside_modes(found: dict[str, Path], folder: str, config_name: str) -> Path | None:
+    """``<checkpoints>/<folder>/`` where it holds ``config_name``, else None."""
     if not found:
         return None
-    folder = next(iter(found.values())).parent / FINDINGS_FOLDER
-    if not (folder / FINDINGS_CONFIG_NAME).is_file():
-        return None
-    return FindingsHead.from_pretrained(folder)
+    path = next(iter(found.values())).parent / folder
+    return path if (path / config_name).is_file() else None
+
+
+def load_findings_head(found: dict[str, Path]) -> FindingsHead | None:
+    """The findings head beside the modes (``<checkpoints>/findings/``), or None."""
+    folder = _beside_modes(found, FINDINGS_FOLDER, FINDINGS_CONFIG_NAME)
+    return FindingsHead.from_pretrained(folder) if folder else None
 
 
 def load_gate(found: dict[str, Path]) -> ChestGate | None:
     """The chest-radiograph gate beside the modes (``<checkpoints>/gate/``), or None."""
-    if not found:
-        return None
-    folder = next(iter(found.values())).parent / GATE_FOLDER
-    if not (folder / GATE_CONFIG_NAME).is_file():
-        return None
-    return ChestGate.from_pretrained(folder)
+    folder = _beside_modes(found, GATE_FOLDER, GATE_CONFIG_NAME)
+    return ChestGate.from_pretrained(folder) if folder else None
 
 
 def describe(
