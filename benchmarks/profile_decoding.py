@@ -1,6 +1,7 @@
 """Where a decoded token's time goes on the app's default path (torch.profiler).
 
-    python benchmarks/profile_decoding.py [--quantization none|int8-cpu|int4-cpu] [--dtype float32|bfloat16]
+    python benchmarks/profile_decoding.py [--quantization auto|none|int8-wo|int4-wo]
+                                          [--dtype auto|float32|bfloat16]
                                           [--tokens 60] [--threads 2]
 
 Loads the service as ``python app.py`` does (shipped checkpoints, SmolLM2), generates one
@@ -68,8 +69,8 @@ def group_of(name: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quantization", default=None)
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--quantization", default="auto")
+    parser.add_argument("--dtype", default="auto")
     parser.add_argument("--tokens", type=int, default=60)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()

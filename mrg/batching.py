@@ -6,7 +6,11 @@ LLM's decoding: a request that arrives while others decode is prefilled alone an
 running batch at the next step. The batch shares one KV cache, left-padded to its longest
 row; every step feeds each row the token it chose last, with position ids that count that
 row's real tokens only (``mask.sum − 1``, the rule ``positions_from_mask`` gives the prefill),
-so a row's tokens do not depend on who else is in the batch. A finished, cancelled or failed
+and attention that reads each row's own tokens only (``ROW_ATTENTION``: the row alone, in the
+very shapes it would have alone), so a row's tokens do not depend on who else is in the
+batch: the weights' products are per row already (checked for fp32 and for the weight-only
+kernels), while attention over a left-padded cache with a mask took another kernel path and
+changed a bf16 report in 8 of 8 concurrent requests. A finished, cancelled or failed
 row leaves at the next step and the cache's all-padding columns are dropped. Prompt-wise and
 promptbook-wise requests share the batch: they differ only in their context.
 
@@ -25,9 +29,11 @@ report (``benchmarks/profile_decoding.py``).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -37,12 +43,57 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 from torch.profiler import record_function
-from transformers import DynamicCache, LogitsProcessorList, PreTrainedModel
+from transformers import AttentionInterface, DynamicCache, LogitsProcessorList, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 BUSY = "The service is busy with other reports right now. Please try again in a moment."
+
+
+ROW_ATTENTION = "mrg_rows"
+
+
+def rows_attention(module, query, key, value, attention_mask, **kwargs):
+    """PyTorch's SDPA, except that a decoding step of a padded batch (one query per row, a
+    mask) attends row by row from that row's first real position, with the mask it would
+    have alone (None where it masks nothing, as transformers makes it for a lone row; a
+    context without its lateral view masks those slots), on contiguous keys and values, as a
+    lone row's cache is: the call the row makes when it decodes alone."""
+    if attention_mask is None or query.shape[2] != 1 or query.shape[0] == 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    keep = attention_mask[:, 0, -1]
+    keep = keep if keep.dtype == torch.bool else keep == 0  # a float mask adds 0 or −∞
+    rows = []
+    for b, start in enumerate(keep.int().argmax(dim=-1).tolist()):  # each row's left padding
+        own = attention_mask[b : b + 1, :, :, start:]
+        rows.append(
+            sdpa_attention_forward(
+                module,
+                query[b : b + 1],
+                key[b : b + 1, :, start:].contiguous(),
+                value[b : b + 1, :, start:].contiguous(),
+                None if bool(keep[b, start:].all()) else own,
+                **kwargs,
+            )[0]
+        )
+    return torch.cat(rows), None
+
+
+AttentionInterface.register(ROW_ATTENTION, rows_attention)
+AttentionMaskInterface.register(ROW_ATTENTION, sdpa_mask)
+
+_RUNNING: weakref.WeakSet = weakref.WeakSet()  # batchers to stop before the interpreter ends
+
+
+@atexit.register
+def _stop_all() -> None:
+    """Stop every batcher's thread at exit: a daemon thread killed inside a torch kernel
+    aborts the process ("terminate called without an active exception")."""
+    for batcher in list(_RUNNING):
+        batcher.close()
 
 
 class ServiceBusy(RuntimeError):
@@ -102,6 +153,9 @@ class Batcher:
         if max_batch < 1 or max_waiting < 0:
             raise ValueError("max_batch >= 1 and max_waiting >= 0 are required")
         self.llm, self.max_batch, self.max_waiting = llm, max_batch, max_waiting
+        config = getattr(llm, "config", None)
+        if getattr(config, "_attn_implementation", None) == "sdpa":  # not a GPU's flash kernels
+            llm.set_attn_implementation(ROW_ATTENTION)
         self.waiting: deque[Ticket] = deque()
         self.admitted = 0  # submitted and not ended: waiting, being prefilled or decoding
         self.rows: list[_Row] = []
@@ -110,8 +164,18 @@ class Batcher:
         self.calls: deque[tuple[Callable, Future]] = deque()  # torch work to run between steps
         self.wakeup = threading.Condition()
         self.largest_batch = 0  # the most rows decoded in one step so far (for benchmarks)
+        self.closed = False
         self.thread = threading.Thread(target=self._run, name="mrg-batcher", daemon=True)
         self.thread.start()
+        _RUNNING.add(self)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the thread after its current step (rows still decoding get no more tokens)."""
+        with self.wakeup:
+            self.closed = True
+            self.wakeup.notify_all()
+        if threading.current_thread() is not self.thread:
+            self.thread.join(timeout)
 
     # ------------------------------------------------------------------ consumer side
 
@@ -151,8 +215,10 @@ class Batcher:
     def _run(self) -> None:
         while True:
             with self.wakeup:
-                while not self.waiting and not self.rows and not self.calls:
+                while not self.waiting and not self.rows and not self.calls and not self.closed:
                     self.wakeup.wait()
+                if self.closed:
+                    return
                 calls, joining = list(self.calls), []
                 self.calls.clear()
                 while self.waiting and len(self.rows) + len(joining) < self.max_batch:

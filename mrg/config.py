@@ -25,7 +25,10 @@ CONFIG_NAME = "mrg_config.json"  # a checkpoint folder's model config (beside mo
 DEFAULT_CHECKPOINTS = Path(__file__).resolve().parents[1] / "assets" / "checkpoints"
 
 
-QUANTIZATIONS = ("none", "nf4", "int8")
+# nf4 / int8: bitsandbytes (GPU; its CPU backend runs, slowly). int8-wo / int4-wo: weight-only
+# layers on PyTorch's CPU kernels with bf16 activations (mrg.model.weight_only).
+QUANTIZATIONS = ("none", "nf4", "int8", "int8-wo", "int4-wo")
+WEIGHT_ONLY = ("int8-wo", "int4-wo")
 DTYPES = ("float32", "bfloat16", "float16")
 SMOLLM2 = "smollm2"
 HYBRID_ENCODER = "hybrid_vit_effnet_lite0"
@@ -73,7 +76,7 @@ class LLMConfig:
     """
 
     source: str = SMOLLM2  # "smollm2", a local model directory or a hub id
-    quantization: str = "none"  # none | nf4 | int8 (bitsandbytes, where it quantizes)
+    quantization: str = "none"  # none | nf4 | int8 (bitsandbytes) | int8-wo | int4-wo (CPU)
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16
     cache_dir: str | None = None  # the converted SmolLM2 copy (default: default_cache_dir())
 
@@ -86,6 +89,11 @@ class LLMConfig:
             )
         if self.dtype not in DTYPES:
             raise ConfigError(f"llm.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.quantization in WEIGHT_ONLY and self.dtype != "bfloat16":
+            raise ConfigError(
+                f"llm.quantization={self.quantization} multiplies bfloat16 activations: "
+                f"set llm.dtype to bfloat16 (or auto), not {self.dtype}"
+            )
 
 
 @dataclass

@@ -5,9 +5,11 @@ Configuration: command-line flags or environment variables (flags win).
     MRG_CHECKPOINTS          folder or Hub repo id with prompt-wise/ and promptbook-wise/  (default assets/checkpoints)
     MRG_LLM                  override the frozen LLM (local directory or hub id)
     MRG_DEVICE               cpu | cuda                                      (default: cuda when present)
-    MRG_QUANTIZATION         none | nf4 | int8 for the LLM (bitsandbytes; default: the checkpoint's)
-    MRG_DTYPE                auto | float32 | bfloat16 | float16 for the LLM  (default auto: bf16 on a
-                             CPU with fast bf16 matrix products, else the checkpoint's)
+    MRG_QUANTIZATION         auto | none | int8-wo | int4-wo | nf4 | int8 for the LLM  (default auto:
+                             on a CPU, whichever of fp32, bf16, int8-wo, int4-wo writes a report
+                             fastest, measured once per machine; elsewhere the checkpoint's)
+    MRG_DTYPE                auto | float32 | bfloat16 | float16 for the LLM  (default auto: what
+                             the quantization needs, else measured as above)
     MRG_DATA_DIR             where the review database lives                 (default ./mrg-data)
     MRG_DATASET_ANNOTATION   annotation.json for the dataset browser         (optional)
     MRG_DATASET_IMAGES       its image root; alone, a folder whose images are the cases
@@ -36,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--llm", default=setting("MRG_LLM"))
     parser.add_argument("--device", default=setting("MRG_DEVICE"))
     parser.add_argument(
-        "--quantization", default=setting("MRG_QUANTIZATION"), choices=QUANTIZATIONS
+        "--quantization", default=setting("MRG_QUANTIZATION"), choices=("auto", *QUANTIZATIONS)
     )
     parser.add_argument("--dtype", default=setting("MRG_DTYPE"), choices=("auto", *DTYPES))
     parser.add_argument("--data-dir", default=setting("MRG_DATA_DIR"))

@@ -18,7 +18,11 @@ VARIABLES: dict[str, tuple[str | None, tuple[str, ...], str]] = {
     "MRG_CHECKPOINTS": (None, (), "checkpoint folder or Hub repo id (default assets/checkpoints)"),
     "MRG_LLM": (None, (), "the frozen LLM: local directory or hub id (default: the checkpoints')"),
     "MRG_DEVICE": (None, (), "cpu | cuda (default: cuda when present)"),
-    "MRG_QUANTIZATION": (None, (), "none | nf4 | int8 (default: the checkpoint's)"),
+    "MRG_QUANTIZATION": (
+        "auto",
+        (),
+        "auto | none | int8-wo | int4-wo | nf4 | int8 (auto: measured on a CPU, else the checkpoint's)",
+    ),
     "MRG_DTYPE": ("auto", (), "auto | float32 | bfloat16 | float16: the LLM's compute dtype"),
     "MRG_DATA_DIR": ("mrg-data", (), "where the review database is written"),
     "MRG_DATASET_ANNOTATION": (None, (), "annotation.json of a dataset to browse in the app"),

@@ -1,5 +1,6 @@
-"""``--dtype auto``: the bf16 probe measures a report's worth of work once per machine, caches
-it, and says what it found in the log and in ``mrg info``."""
+"""``auto``: the CPU probe times a report's worth of work in every setting (fp32, bf16,
+int8-wo, int4-wo) once per machine, caches it, and says what it found in the log and in
+``mrg info``."""
 
 import json
 
@@ -8,35 +9,51 @@ import pytest
 from mrg.model import cpu_probe
 
 
-def fake(bf16: bool) -> dict:
-    report = {"float32": 1.0, "bfloat16": 0.5 if bf16 else 2.0}
+def fake(report_s: dict[str, float]) -> dict:
+    figures = {
+        s: {"step_ms": 10.0, "prefill_ms": 100.0, "report_s": t} for s, t in report_s.items()
+    }
     return {
-        "bf16": bf16,
-        "speedup": 1.0 / report["bfloat16"],
-        "figures": {
-            d: {"step_ms": 10.0, "prefill_ms": 100.0, "report_s": s} for d, s in report.items()
-        },
+        **cpu_probe.choose(figures),
+        "figures": figures,
         "measured": "2026-12-02T00:00:00+00:00",
     }
 
 
-def test_the_measurement_chooses_by_the_time_of_a_whole_report():
+def test_the_measurement_times_every_setting_and_takes_the_fastest_report():
     measurement = cpu_probe.measure()
-    f32, b16 = (measurement["figures"][d] for d in ("float32", "bfloat16"))
-    for figures in (f32, b16):
-        estimate = (
-            figures["prefill_ms"] / 1000 + cpu_probe.REPORT_TOKENS * figures["step_ms"] / 1000
-        )
-        assert figures["report_s"] == pytest.approx(estimate, rel=0.02)
-    assert measurement["speedup"] == pytest.approx(f32["report_s"] / b16["report_s"], abs=0.01)
-    assert measurement["bf16"] == (measurement["speedup"] >= cpu_probe.SPEEDUP)
+    figures = measurement["figures"]
+    assert set(figures) == set(cpu_probe.SETTINGS)
+    for setting in ("float32", "bfloat16"):  # plain matrix products run everywhere
+        f = figures[setting]
+        estimate = f["prefill_ms"] / 1000 + cpu_probe.REPORT_TOKENS * f["step_ms"] / 1000
+        assert f["report_s"] == pytest.approx(estimate, rel=0.02)
+    timed = {s: f["report_s"] for s, f in figures.items() if "report_s" in f}
+    best = min(timed, key=timed.get)
+    if timed["float32"] / timed[best] >= cpu_probe.SPEEDUP:
+        assert measurement["choice"] == best
+    else:
+        assert measurement["choice"] == "float32" and measurement["speedup"] == 1.0
+
+
+def test_the_choice_needs_a_clear_gain_and_respects_what_is_allowed():
+    assert fake({"float32": 1.0, "bfloat16": 0.95, "int8-wo": 0.9})["choice"] == "float32"
+    chosen = fake({"float32": 1.0, "bfloat16": 0.8, "int8-wo": 0.5, "int4-wo": 0.4})
+    assert (chosen["choice"], chosen["speedup"]) == ("int4-wo", 2.5)
+    figures = chosen["figures"]
+    assert cpu_probe.choose(figures, ("float32", "bfloat16"))["choice"] == "bfloat16"
+    figures["int4-wo"] = {"error": "no kernel"}  # a kernel this CPU lacks is never chosen
+    assert cpu_probe.choose(figures)["choice"] == "int8-wo"
 
 
 def test_it_is_measured_once_per_machine_and_again_on_another(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(cpu_probe, "measure", lambda: calls.append(1) or fake(True))
+    measured = fake({"float32": 1.0, "bfloat16": 0.5})
+    monkeypatch.setattr(cpu_probe, "measure", lambda: calls.append(1) or measured)
     first = cpu_probe.cached_measurement(cache_dir=tmp_path)
-    assert first["bf16"] and cpu_probe.cached_measurement(cache_dir=tmp_path) == first
+    assert (
+        first["choice"] == "bfloat16" and cpu_probe.cached_measurement(cache_dir=tmp_path) == first
+    )
     assert len(calls) == 1
     stored = json.loads((tmp_path / cpu_probe.CACHE_NAME).read_text())
     assert list(stored) == [cpu_probe.machine_key()]
@@ -52,13 +69,16 @@ def test_it_is_measured_once_per_machine_and_again_on_another(tmp_path, monkeypa
 
 
 def test_the_line_names_the_choice_and_the_figures():
-    line = cpu_probe.describe(fake(False))
-    assert line.startswith("LLM dtype on this CPU: float32")
-    assert "1.00 s in fp32, 2.00 s in bf16" in line and "×0.50" in line
+    measurement = fake({"float32": 1.0, "bfloat16": 2.0, "int4-wo": 0.5})
+    measurement["figures"]["int8-wo"] = {"error": "no kernel"}
+    line = cpu_probe.describe(measurement)
+    assert line.startswith("LLM on this CPU: int4-wo (×2.00 against fp32)")
+    assert "float32 1.00 s" in line and "bfloat16 2.00 s" in line and "int4-wo 0.50 s" in line
+    assert "int8-wo unavailable (no kernel)" in line
 
 
 @pytest.mark.slow
-def test_mrg_info_shows_the_parameters_and_the_dtype_auto_chooses(tmp_path, monkeypatch, capsys):
+def test_mrg_info_shows_the_parameters_and_the_setting_auto_chooses(tmp_path, monkeypatch, capsys):
     from mrg.cli import main
 
     monkeypatch.setattr(cpu_probe, "default_cache_dir", lambda: tmp_path)
@@ -66,4 +86,4 @@ def test_mrg_info_shows_the_parameters_and_the_dtype_auto_chooses(tmp_path, monk
     out = capsys.readouterr().out
     assert "prompt-wise" in out and "promptbook-wise" in out and "134,515,008" in out
     measured = json.loads((tmp_path / cpu_probe.CACHE_NAME).read_text())[cpu_probe.machine_key()]
-    assert f"LLM dtype on this CPU: {'bfloat16' if measured['bf16'] else 'float32'}" in out
+    assert f"LLM on this CPU: {measured['choice']}" in out

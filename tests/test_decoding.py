@@ -117,3 +117,30 @@ def test_a_short_budget_still_leaves_room_for_the_impression(structure):
     assert (
         out[0].argmax() == structure.impression[0] and torch.isinf(out[0]).sum() == out.shape[1] - 1
     )
+
+
+def test_the_llm_s_choices_are_skipped_only_where_every_token_is_forced(structure, tokenizer):
+    from transformers import LogitsProcessorList
+
+    from mrg.model.decoding import UnlessForced
+
+    lead = tokenizer(" Cardiomegaly.", add_special_tokens=False)["input_ids"]
+    shape = ReportStructureProcessor(structure, max_new_tokens=60, leads=[lead])
+    calls = []
+    spy = lambda ids, scores: calls.append(ids.shape[0]) or scores - 1.0
+    chain = LogitsProcessorList([UnlessForced(LogitsProcessorList([spy]), shape), shape])
+    scores = torch.randn(1, len(tokenizer))
+    in_lead = torch.tensor([structure.findings + lead[:1]])  # the lead's second token is forced
+    assert shape.forced(in_lead[0].tolist(), 0, 1) == lead[1]
+    forced = chain(in_lead, scores.clone())
+    assert calls == [] and int(forced.argmax()) == lead[1]
+    free = torch.tensor([structure.findings + lead + [1234]])  # the LLM chooses after the lead
+    assert shape.forced(free[0].tolist(), 0, 1) is None
+    chosen = chain(free, scores.clone())
+    assert calls == [1]
+    assert torch.equal(chosen, shape(free, scores.clone() - 1.0))  # what the whole chain gives
+    two = ReportStructureProcessor(structure, max_new_tokens=60, leads=[lead, []])
+    chain = LogitsProcessorList([UnlessForced(LogitsProcessorList([spy]), two), two])
+    both = torch.tensor([structure.findings + lead[:1], structure.findings + [1234]])
+    chain(both, torch.randn(2, len(tokenizer)))  # the second study has no lead: all rows run
+    assert calls == [1, 2]

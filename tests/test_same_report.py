@@ -1,6 +1,7 @@
 """Same study, same report, whatever the load (issue: a report in two seconds): on the real
 SmolLM2 with the shipped checkpoints, greedy reports decoded in a batch of eight, of one study
-or of two, equal what each study gets alone, in every dtype ``--dtype auto`` can choose."""
+or of two, equal what each study gets alone, in every setting ``auto`` can choose (fp32, bf16,
+and the weight-only int8 and int4 layers)."""
 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -9,16 +10,18 @@ import pytest
 
 from mrg.config import Decoding
 from mrg.data.study import study_from_sources
+from mrg.model.cpu_probe import AUTO_SETTINGS, SETTINGS
 from mrg.service import ReportService
 
 EXAMPLES = sorted(Path("assets/examples").glob("*.png"))[:2]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_concurrent_identical_and_mixed_requests_get_the_lone_report(dtype):
-    service = ReportService.load(dtype=dtype)
-    assert service.info.dtype == dtype
+@pytest.mark.parametrize("setting", AUTO_SETTINGS)
+def test_concurrent_identical_and_mixed_requests_get_the_lone_report(setting):
+    quantization, dtype = SETTINGS[setting]
+    service = ReportService.load(quantization=quantization, dtype=dtype)
+    assert (service.info.quantization, service.info.dtype) == (quantization, dtype)
     decoding = Decoding(max_new_tokens=40)
     studies = [study_from_sources(p) for p in EXAMPLES]
     alone = [service.generate(s, "prompt-wise", decoding).text for s in studies]

@@ -161,26 +161,6 @@ def test_load_on_a_cpu_with_gpu_options_says_what_is_in_effect(tiny_llm, tokeniz
     assert service.info.quantization == ("nf4" if bitsandbytes_device() else "none")
 
 
-@pytest.mark.parametrize("bf16_faster", [True, False])
-def test_auto_dtype_follows_the_cpu_and_an_explicit_dtype_wins(
-    tiny_llm, tokenizer, tmp_path, monkeypatch, bf16_faster
-):
-    import mrg.service.models
-
-    monkeypatch.setattr(mrg.service.models, "cpu_prefers_bf16", lambda: bf16_faster)
-    checkpoints = save_tiny_checkpoints(tmp_path, tiny_llm, tokenizer)
-    auto = ReportService.load(checkpoints, device="cpu")
-    expected = "bfloat16" if bf16_faster else "float32"
-    assert auto.info.dtype == expected and str(auto.models["prompt-wise"].llm.dtype).endswith(
-        expected
-    )
-    assert next(auto.models["prompt-wise"].encoder.parameters()).dtype == torch.float32
-    study = synthetic_study()
-    update = list(auto.stream(study, "prompt-wise", Decoding(max_new_tokens=6)))[-1]
-    assert update.text.startswith("FINDINGS:")
-    assert ReportService.load(checkpoints, device="cpu", dtype="float32").info.dtype == "float32"
-
-
 # ----------------------------------------------------------------------------- Grad-CAM
 
 

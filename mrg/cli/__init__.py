@@ -103,16 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     generate.add_argument(
         "--quantization",
-        choices=QUANTIZATIONS,
-        default=None,
-        help="load the LLM in 4-bit nf4 or int8 with bitsandbytes (GPU, or CPU where supported)",
+        choices=("auto", *QUANTIZATIONS),
+        default="auto",
+        help="the LLM's weights: int8-wo / int4-wo (weight-only, PyTorch's CPU kernels), nf4 / "
+        "int8 (bitsandbytes, GPU), none; auto: on a CPU the fastest setting measured once per "
+        "machine (see mrg info), elsewhere the checkpoint's",
     )
     generate.add_argument(
         "--dtype",
         choices=("auto", *DTYPES),
         default="auto",
-        help="the LLM's dtype (auto: bfloat16 where a report is measurably faster in it on this "
-        "CPU; measured once per machine, see mrg info)",
+        help="the LLM's dtype (auto: what the quantization needs, else bfloat16 where a report "
+        "is measurably faster in it on this CPU)",
     )
     generate.add_argument("--json", action="store_true", help="print the final report as JSON")
     generate.add_argument("--annotation", help="annotation.json: generate for a whole split")

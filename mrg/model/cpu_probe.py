@@ -1,17 +1,19 @@
-"""Is this CPU faster with the frozen LLM in bfloat16? Measured once per machine, then cached.
+"""How should the frozen LLM run on this CPU? Measured once per machine, then cached.
 
 A greedy report is one context pass (prefill, about 190 tokens: matrix × matrix) and about
-60 decoding steps (one row × every weight: bound by memory traffic, which bf16 halves). CPUs
-with bf16 instructions (AVX-512 BF16, AMX) and a PyTorch build that uses them multiply bf16
-matrices fast; elsewhere bf16 products are emulated and the context pass gets several times
-slower. So the probe times both on a SmolLM2-shaped stack of weights larger than any CPU
-cache (10 of its 30 layers: 180 MB in fp32, so that a step reads memory as the real one does;
-the earlier probe's 28 MB sat in the cache and measured compute instead), in both dtypes:
+60 decoding steps (one row × every weight: bound by memory traffic, so by the bytes per
+weight). Which setting wins depends on the CPU: bf16 matrix products are fast only with
+AVX-512 BF16 or AMX and a PyTorch that uses them; the weight-only int8/int4 kernels
+(``mrg.model.weight_only``) read 4–8× fewer bytes than fp32 but take bf16 activations. So
+the probe times each setting on a SmolLM2-shaped stack of weights larger than any CPU cache
+(10 of its 30 layers: 180 MB in fp32, so that a step reads memory as the real one does):
 
-    report(dtype) = prefill(190 rows) + 60 · step(1 row);   bf16 ⇔ report(fp32) / report(bf16) ≥ 1.15
+    report(setting) = prefill(190 rows) + 60 · step(1 row)
 
-The answer and its figures go to the log, to ``<cache>/cpu_dtype.json`` (keyed by CPU, flags,
-PyTorch version and threads, so a new machine or build measures again) and to ``mrg info``.
+and ``auto`` takes the fastest of ``AUTO_SETTINGS`` if it beats fp32 by ``SPEEDUP``, else
+fp32. The answer and its figures go to the log, to ``<cache>/cpu_llm.json`` (keyed by CPU,
+flags, PyTorch version and threads, so a new machine or build measures again) and to
+``mrg info``.
 """
 
 from __future__ import annotations
@@ -21,17 +23,19 @@ import json
 import logging
 import platform
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from mrg.config import default_cache_dir
+from mrg.model.weight_only import LAYERS as WEIGHT_ONLY_LAYERS
 
 log = logging.getLogger(__name__)
 
-CACHE_NAME = "cpu_dtype.json"
-SPEEDUP = 1.15  # bf16 must make a report at least this much faster
+CACHE_NAME = "cpu_llm.json"
+SPEEDUP = 1.15  # a setting must make a report at least this much faster than fp32
 PREFILL_ROWS, REPORT_TOKENS = 190, 60
 LAYER_SHAPES = [
     (576, 576),
@@ -43,7 +47,17 @@ LAYER_SHAPES = [
     (576, 1536),
 ]
 LAYERS = 10
-FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+# setting → (llm.quantization, llm.dtype)
+SETTINGS = {
+    "float32": ("none", "float32"),
+    "bfloat16": ("none", "bfloat16"),
+    "int8-wo": ("int8-wo", "bfloat16"),
+    "int4-wo": ("int4-wo", "bfloat16"),
+}
+# what auto may choose: the settings whose reports match fp32's within noise (README,
+# "Weight-only quantization": the parity table on the held-out images)
+AUTO_SETTINGS = ("float32", "bfloat16", "int8-wo", "int4-wo")
 
 
 def machine_key() -> str:
@@ -61,41 +75,66 @@ def machine_key() -> str:
     return f"{name} | {have} | torch {torch.__version__} | {torch.get_num_threads()} threads"
 
 
-def _seconds(weights: list[torch.Tensor], rows: int, repeats: int) -> float:
-    """Best time of ``repeats`` passes of ``rows`` rows through every weight."""
-    dtype = weights[0].dtype
-    inputs = {w.shape[1]: torch.randn(rows, w.shape[1], dtype=dtype) for w in weights}
+def _products(setting: str, weights: list[torch.Tensor]) -> tuple[list[Callable], torch.dtype]:
+    """One ``x ↦ x · Wᵀ`` per weight as ``setting`` computes it, and its activations' dtype."""
+    quantization, dtype = SETTINGS[setting]
+    if quantization == "none":
+        cast = [w.to(getattr(torch, dtype)) for w in weights]
+        return [lambda x, w=w: x @ w.T for w in cast], getattr(torch, dtype)
+    layers = [WEIGHT_ONLY_LAYERS[quantization](w) for w in weights]
+    return [layer.product for layer in layers], torch.bfloat16
+
+
+def _seconds(products: list[Callable], widths: list[int], dtype, rows: int, repeats: int) -> float:
+    """Best time of ``repeats`` passes of ``rows`` rows through every product."""
+    inputs = {k: torch.randn(rows, k).to(dtype) for k in set(widths)}
     best = float("inf")
     for _ in range(repeats + 1):  # the first pass warms up
         start = time.perf_counter()
-        for w in weights:
-            inputs[w.shape[1]] @ w.T
+        for product, k in zip(products, widths):
+            product(inputs[k])
         best = min(best, time.perf_counter() - start)
     return best
 
 
 def measure() -> dict:
-    """The figures behind the choice (seconds per report, per step, per prefill, each dtype)."""
+    """Seconds per step, prefill and report for every setting, and the one ``auto`` takes."""
     generator = torch.Generator().manual_seed(0)
     fp32 = [torch.randn(*s, generator=generator) for _ in range(LAYERS) for s in LAYER_SHAPES]
+    widths = [w.shape[1] for w in fp32]
     figures = {}
-    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        weights = [w.to(dtype) for w in fp32]
-        with torch.inference_mode():
-            step, prefill = _seconds(weights, 1, 5), _seconds(weights, PREFILL_ROWS, 2)
-        figures[name] = {
+    for setting in SETTINGS:
+        try:
+            products, dtype = _products(setting, fp32)
+            with torch.inference_mode():
+                step = _seconds(products, widths, dtype, 1, 5)
+                prefill = _seconds(products, widths, dtype, PREFILL_ROWS, 2)
+        except RuntimeError as err:  # a kernel this build or CPU lacks
+            figures[setting] = {"error": str(err).splitlines()[0][:200]}
+            continue
+        figures[setting] = {
             "step_ms": round(1000 * step, 2),
             "prefill_ms": round(1000 * prefill, 1),
             "report_s": round(prefill + REPORT_TOKENS * step, 3),
         }
-        del weights
-    speedup = figures["float32"]["report_s"] / figures["bfloat16"]["report_s"]
+        del products
     return {
-        "bf16": speedup >= SPEEDUP,
-        "speedup": round(speedup, 2),
+        **choose(figures),
         "figures": figures,
         "measured": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def choose(figures: dict[str, dict], allowed: tuple[str, ...] = AUTO_SETTINGS) -> dict:
+    """The fastest of ``allowed`` if it beats fp32 by ``SPEEDUP``, else fp32."""
+    reference = figures["float32"]["report_s"]
+    timed = {s: figures[s]["report_s"] for s in allowed if "report_s" in figures.get(s, {})}
+    timed.setdefault("float32", reference)
+    best = min(timed, key=timed.get)
+    speedup = reference / timed[best]
+    if speedup < SPEEDUP:
+        best, speedup = "float32", 1.0
+    return {"choice": best, "speedup": round(speedup, 2)}
 
 
 def cached_measurement(
@@ -111,30 +150,36 @@ def cached_measurement(
         stored = {}
     if key in stored or not measure_if_missing:
         return stored.get(key)
+    log.info("timing the LLM's settings on this CPU (once per machine, a few seconds)")
     stored[key] = measure()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(stored, indent=2) + "\n")
     except OSError:
-        log.warning("could not cache the CPU dtype measurement at %s", path)
+        log.warning("could not cache the CPU measurement at %s", path)
     return stored[key]
 
 
 def describe(measurement: dict) -> str:
     """One line for the log and ``mrg info``."""
-    f32, b16 = measurement["figures"]["float32"], measurement["figures"]["bfloat16"]
+    figures = measurement["figures"]
+    timed = "; ".join(
+        f"{s} {f['report_s']:.2f} s (step {f['step_ms']} ms, prefill {f['prefill_ms']} ms)"
+        if "report_s" in f
+        else f"{s} unavailable ({f['error']})"
+        for s, f in figures.items()
+    )
     return (
-        f"LLM dtype on this CPU: {'bfloat16' if measurement['bf16'] else 'float32'} "
-        f"(a report estimated at {f32['report_s']:.2f} s in fp32, {b16['report_s']:.2f} s in bf16: "
-        f"×{measurement['speedup']:.2f}; step {f32['step_ms']} / {b16['step_ms']} ms, "
-        f"{PREFILL_ROWS}-token prefill {f32['prefill_ms']} / {b16['prefill_ms']} ms; "
-        f"measured {measurement['measured']})"
+        f"LLM on this CPU: {measurement['choice']} (×{measurement['speedup']:.2f} against fp32). "
+        f"A report estimated at {timed}; {PREFILL_ROWS}-token prefill + {REPORT_TOKENS} steps; "
+        f"measured {measurement['measured']}"
     )
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_prefers_bf16() -> bool:
-    """Whether ``--dtype auto`` puts the frozen LLM in bfloat16 on this CPU (see the module)."""
+@functools.lru_cache(maxsize=4)
+def cpu_setting(allowed: tuple[str, ...] = AUTO_SETTINGS) -> tuple[str, str]:
+    """``(quantization, dtype)`` that ``auto`` gives the frozen LLM on this CPU, choosing among
+    ``allowed`` (``("float32", "bfloat16")`` for ``--dtype auto`` with no quantization)."""
     measurement = cached_measurement()
     log.info(describe(measurement))
-    return bool(measurement["bf16"])
+    return SETTINGS[choose(measurement["figures"], allowed)["choice"]]

@@ -22,7 +22,13 @@ from transformers.generation.logits_process import (
 from mrg.batching import Request
 from mrg.config import DEFAULT_DECODING, Decoding
 from mrg.data.views import Views
-from mrg.model.decoding import ClosedVocabulary, OnBody, ReportStructureProcessor, report_structure
+from mrg.model.decoding import (
+    ClosedVocabulary,
+    OnBody,
+    ReportStructureProcessor,
+    UnlessForced,
+    report_structure,
+)
 from mrg.model.prompting import Context, positions_from_mask, text_increments
 from mrg.text.taxonomy import findings_sentences, named_findings, naming_words
 
@@ -91,25 +97,25 @@ class ReportGeneration:
         the impression; with ``closed_vocabulary``, only words of ``report_vocabulary`` are
         written, and after such a lead no word that names one of its findings again."""
         structure = report_structure(self.tokenizer, self.template.eos_id)
-        processors = LogitsProcessorList()
+        named = [named_findings(y) for y in findings.tolist()] if findings is not None else None
+        leads = self.leads(named) if decoding.lead_with_findings and named is not None else None
+        choosing = LogitsProcessorList()  # the LLM's own choices: skipped where all are forced
         if decoding.repetition_penalty != 1.0:
-            processors.append(
+            choosing.append(
                 OnBody(RepetitionPenaltyLogitsProcessor(decoding.repetition_penalty), structure)
             )
         if decoding.no_repeat_ngram_size:
-            processors.append(
+            choosing.append(
                 OnBody(NoRepeatNGramLogitsProcessor(decoding.no_repeat_ngram_size), structure)
             )
         if decoding.strategy == "sample":
-            processors.append(TemperatureLogitsWarper(decoding.temperature))
-            processors.append(TopPLogitsWarper(decoding.top_p))
-        named = [named_findings(y) for y in findings.tolist()] if findings is not None else None
-        leads = self.leads(named) if decoding.lead_with_findings and named is not None else None
+            choosing.append(TemperatureLogitsWarper(decoding.temperature))
+            choosing.append(TopPLogitsWarper(decoding.top_p))
         if decoding.closed_vocabulary and self.report_vocabulary:
             stated = [naming_words(n) for n in named] if leads else None
-            processors.append(ClosedVocabulary(structure, self.report_vocabulary, stated))
-        processors.append(ReportStructureProcessor(structure, decoding.max_new_tokens, leads=leads))
-        return processors
+            choosing.append(ClosedVocabulary(structure, self.report_vocabulary, stated))
+        shape = ReportStructureProcessor(structure, decoding.max_new_tokens, leads=leads)
+        return LogitsProcessorList([UnlessForced(choosing, shape), shape])
 
     @torch.inference_mode()
     def stream_ids(

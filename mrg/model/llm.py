@@ -13,7 +13,8 @@ Three sources, one function (``load_frozen_llm``):
 * a hub id (GPU hosts with network access; never used by tests or the offline default).
 
 The returned model is frozen: every parameter has ``requires_grad=False`` and it is in
-eval mode. ``nf4``/``int8`` use bitsandbytes on the device it quantizes on here (CUDA when
+eval mode. ``int8-wo``/``int4-wo`` load in float32 and replace every linear layer by a
+weight-only one on PyTorch's CPU kernels (``mrg.model.weight_only``). ``nf4``/``int8`` use bitsandbytes on the device it quantizes on here (CUDA when
 present, else the CPU: bitsandbytes ≥ 0.48 has a CPU backend); where it quantizes nowhere
 they fall back to the configured float dtype with a log line, never a crash. The model's
 ``is_loaded_in_4bit``/``is_loaded_in_8bit`` say what is actually in effect.
@@ -21,6 +22,7 @@ they fall back to the configured float dtype with a log line, never a crash. The
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import importlib.metadata
@@ -38,7 +40,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from mrg.config import SMOLLM2, LLMConfig, default_cache_dir
+from mrg.config import SMOLLM2, WEIGHT_ONLY, LLMConfig, default_cache_dir
+from mrg.model.weight_only import quantize_weight_only, weight_only_in_effect
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +187,7 @@ def bitsandbytes_device() -> str | None:
 
 def quantization_config(config: LLMConfig):
     """A ``BitsAndBytesConfig`` for nf4/int8 where bitsandbytes runs, else ``None`` (logged)."""
-    if config.quantization == "none":
+    if config.quantization in ("none", *WEIGHT_ONLY):
         return None
     if bitsandbytes_device() is None:
         log.warning(
@@ -209,10 +212,23 @@ def quantization_config(config: LLMConfig):
 
 
 def quantization_in_effect(llm: PreTrainedModel) -> str:
-    """``"nf4"``, ``"int8"`` or ``"none"``: what bitsandbytes actually did, not what was asked."""
+    """``"nf4"``, ``"int8"``, ``"int8-wo"``, ``"int4-wo"`` or ``"none"``: what was actually
+    done to the weights, not what was asked."""
+    if weight_only_in_effect(llm):
+        return weight_only_in_effect(llm)
     if getattr(llm, "is_loaded_in_4bit", False):
         return "nf4"
     return "int8" if getattr(llm, "is_loaded_in_8bit", False) else "none"
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's ``malloc_trim``): the float32
+    weights a quantized model was made from stay resident otherwise (measured: 1157 → 936
+    MiB after loading SmolLM2 in int4-wo). Elsewhere nothing happens."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -228,12 +244,16 @@ def load_frozen_llm(config: LLMConfig) -> tuple[PreTrainedModel, PreTrainedToken
     config.validate()
     path = resolve_llm_path(config)
     quant = quantization_config(config)
-    kwargs = {"dtype": getattr(torch, config.dtype)}
+    weight_only = config.quantization in WEIGHT_ONLY
+    kwargs = {"dtype": torch.float32 if weight_only else getattr(torch, config.dtype)}
     if quant is not None:
         device = torch.cuda.current_device() if bitsandbytes_device() == "cuda" else "cpu"
         kwargs.update(quantization_config=quant, device_map={"": device})
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if weight_only:
+        quantize_weight_only(model, config.quantization)
+        release_freed_memory()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return freeze(model), tokenizer

@@ -111,9 +111,10 @@ class ReportService:
     ) -> ReportService:
         """Load every mode found under ``checkpoints`` (default ``$MRG_CHECKPOINTS`` or assets/checkpoints).
 
-        ``dtype`` is the frozen LLM's: ``"auto"`` (or None) keeps the checkpoint's, except on
-        a CPU whose bfloat16 matrix products are measurably faster (``cpu_prefers_bf16``); the trainable
-        parts stay float32. Without any checkpoint, untrained demo-cpu models are built so
+        ``quantization`` and ``dtype`` are the frozen LLM's: ``"auto"`` (or None) on a CPU
+        takes the setting measured fastest there (``mrg.model.cpu_probe``: fp32, bf16, or the
+        weight-only int8/int4 layers), elsewhere the checkpoint's; an explicit dtype keeps the
+        checkpoint's quantization. The trainable parts stay float32. Without any checkpoint, untrained demo-cpu models are built so
         the app still runs; ``info.trained`` is then False and the banner says so.
 
         The loading runs in a thread of its own that ends with it, so that the OpenMP team

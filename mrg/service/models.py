@@ -9,9 +9,17 @@ from pathlib import Path
 
 import torch
 
-from mrg.config import CONFIG_NAME, CUSTOMIZED_MODES, LLMConfig, ModelConfig, model_preset
+from mrg.config import (
+    CONFIG_NAME,
+    CUSTOMIZED_MODES,
+    WEIGHT_ONLY,
+    ConfigError,
+    LLMConfig,
+    ModelConfig,
+    model_preset,
+)
 from mrg.model import MRGModel
-from mrg.model.cpu_probe import cpu_prefers_bf16
+from mrg.model.cpu_probe import AUTO_SETTINGS, cpu_setting
 from mrg.model.findings import FINDINGS_CONFIG_NAME, FINDINGS_FOLDER, FindingsHead
 from mrg.model.gate import GATE_CONFIG_NAME, GATE_FOLDER, ChestGate
 from mrg.model.llm import quantization_in_effect
@@ -29,7 +37,9 @@ class ServiceInfo:
     checkpoints: dict[str, str]
     trained: bool
     views: int = 2  # the most views every loaded model reads (1: frontal only)
-    quantization: str = "none"  # what bitsandbytes did to the LLM: "nf4", "int8" or "none"
+    quantization: str = (
+        "none"  # what was done to the LLM's weights: nf4, int8, int8-wo, int4-wo, none
+    )
     dtype: str = "float32"  # the LLM's compute dtype
     gate: dict | None = None  # the image gate's thresholds; None: only its rules apply
 
@@ -58,14 +68,19 @@ def resolve_llm_config(
     overrides = {}
     if llm_source:
         overrides["source"] = llm_source
-    if quantization:
+    if quantization not in (None, "auto"):
         overrides["quantization"] = quantization
-    if dtype in (None, "auto"):
-        unquantized = (overrides.get("quantization") or llm_config.quantization) == "none"
-        if device == "cpu" and unquantized and cpu_prefers_bf16():
-            overrides["dtype"] = "bfloat16"
-    else:
+    if dtype not in (None, "auto"):
         overrides["dtype"] = dtype
+    quant = overrides.get("quantization", llm_config.quantization)
+    if quant in WEIGHT_ONLY:
+        if device != "cpu":
+            raise ConfigError(f"quantization {quant} runs on the CPU only (nf4 or int8 on a GPU)")
+        overrides.setdefault("dtype", "bfloat16")  # the weight-only kernels' activations
+    elif device == "cpu" and quant == "none" and "dtype" not in overrides:
+        # measured on this CPU; an explicit quantization leaves only the dtype to choose
+        allowed = AUTO_SETTINGS if quantization in (None, "auto") else ("float32", "bfloat16")
+        overrides["quantization"], overrides["dtype"] = cpu_setting(allowed)
     for key, value in overrides.items():
         setattr(llm_config, key, value)
     return llm_config, overrides
