@@ -1,14 +1,15 @@
 """Service speed and memory in every setting of the frozen LLM on this CPU: one user, eight.
 
     python benchmarks/bench_service.py [--settings auto float32 bfloat16 int8-wo int4-wo]
-                                       [--tokens 60] [--repeats 3] [--users 8]
+                                       [--study IMAGE] [--tokens 120] [--repeats 3] [--users 8]
 
 Each setting is measured in a fresh process (so that resident memory is its own): the service
 loads as the app does (shipped checkpoints) and reads a real study (IU X-ray CXR2843 from
-../shared/data, else the pydicom-data chest CR). Greedy decoding with the app's defaults, at
-most ``--tokens`` new tokens. Per setting and mode it prints the median time to first token,
-tokens/s and whole report (from the study to the last token: gate, findings head, encoder,
-context pass, decoding), Grad-CAM of the report, the resident memory after loading, and
+../shared/data, else the pydicom-data chest CR; or ``--study``). Greedy decoding with the
+app's defaults (at most ``--tokens`` new tokens: the app's 120). Per setting and mode it
+prints the median time to first token, tokens/s and whole report (from the study to the last token: gate, findings head, encoder,
+context pass, decoding), Grad-CAM of the report, the resident memory after loading and
+after the first report (the float weights are mapped from disk and read in by it), and
 ``--users`` concurrent requests through the batcher: their aggregate tokens/s, its ratio to
 one user's, and whether every one got the lone report. ``auto`` is what the app loads by
 default (``mrg.model.cpu_probe``). The CPU and its flags head the table.
@@ -41,7 +42,10 @@ from mrg.service import ReportService
 SHARED = Path(setting("MRG_SHARED_DATA"))
 
 
-def load_study():
+def load_study(path: str | None = None):
+    """``path`` (an image), else IU X-ray CXR2843 (frontal + lateral), else a pydicom chest CR."""
+    if path:
+        return study_from_sources(Path(path)), Path(path).name
     root = SHARED / "iu_xray" / "images" / "CXR2843_IM-1254-1001"
     if root.exists():
         return study_from_sources(root / "1.png", root / "0.png"), "IU X-ray CXR2843"
@@ -58,17 +62,19 @@ def resident_mib() -> float:
     return float("nan")
 
 
-def measure_one(name: str, tokens: int, repeats: int, users: int) -> dict:
+def measure_one(name: str, tokens: int, repeats: int, users: int, path: str | None) -> dict:
     """The figures of one setting, in this process."""
     quantization, dtype = SETTINGS.get(name, ("auto", "auto"))
     start = time.perf_counter()
     service = ReportService.load(quantization=quantization, dtype=dtype)
-    loaded = {"load_s": time.perf_counter() - start, "rss_mib": resident_mib()}
-    study, label = load_study()
+    loaded = {"load_s": time.perf_counter() - start, "rss_loaded_mib": resident_mib()}
+    study, label = load_study(path)
     decoding = dataclasses.replace(DEFAULT_DECODING, max_new_tokens=tokens)
     modes = {}
     for mode in service.models:
         service.generate(study, mode, decoding)  # warm-up
+        # safetensors maps the float weights: they become resident as a report reads them
+        loaded.setdefault("rss_mib", resident_mib())
         runs = [service.generate(study, mode, decoding) for _ in range(repeats)]
         cam = []
         for _ in range(repeats):
@@ -106,26 +112,29 @@ def measure_one(name: str, tokens: int, repeats: int, users: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", nargs="+", default=["auto", *SETTINGS])
-    parser.add_argument("--tokens", type=int, default=60)
+    parser.add_argument("--tokens", type=int, default=DEFAULT_DECODING.max_new_tokens)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--users", type=int, default=8)
+    parser.add_argument("--study", help="an image to report on (default: IU X-ray CXR2843)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # measure this setting, print JSON
     args = parser.parse_args()
     torch.set_num_threads(int(setting("MRG_NUM_THREADS")))
     if args.one:
-        print(json.dumps(measure_one(args.one, args.tokens, args.repeats, args.users)))
+        figures = measure_one(args.one, args.tokens, args.repeats, args.users, args.study)
+        print(json.dumps(figures))
         return
     results = {}
     for name in args.settings:
         command = [sys.executable, __file__, "--one", name, "--tokens", str(args.tokens)]
         command += ["--repeats", str(args.repeats), "--users", str(args.users)]
+        command += ["--study", args.study] if args.study else []
         done = subprocess.run(command, capture_output=True, text=True, check=True)
         results[name] = json.loads(done.stdout.strip().splitlines()[-1])
     first = next(iter(results.values()))
     table = Table(
         title=f"Service on {machine_key()}; {first['study']}; at most {args.tokens} tokens"
     )
-    columns = ["setting", "mode", "RSS MiB", "TTFT s", "tokens/s", "tokens", "report s"]
+    columns = ["setting", "mode", "RSS MiB: loaded → a report", "TTFT s", "tokens/s", "tokens", "report s"]
     columns += ["Grad-CAM s", f"{args.users} users tokens/s", "× one", "= lone"]
     for column in columns:
         table.add_column(column, justify="left" if column in ("setting", "mode") else "right")
@@ -134,7 +143,7 @@ def main() -> None:
             table.add_row(
                 f"{name} ({result['setting']})" if name == "auto" else name,
                 mode,
-                f"{result['rss_mib']:.0f}",
+                f"{result['rss_loaded_mib']:.0f} → {result['rss_mib']:.0f}",
                 f"{r['ttft_s']:.2f}",
                 f"{r['tokens_per_s']:.1f}",
                 str(r["tokens"]),
