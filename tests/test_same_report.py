@@ -22,7 +22,7 @@ def test_concurrent_identical_and_mixed_requests_get_the_lone_report(setting):
     quantization, dtype = SETTINGS[setting]
     service = ReportService.load(quantization=quantization, dtype=dtype)
     assert (service.info.quantization, service.info.dtype) == (quantization, dtype)
-    decoding = Decoding(max_new_tokens=40)
+    decoding = Decoding(max_new_tokens=32)
     studies = [study_from_sources(p) for p in EXAMPLES]
     alone = [service.generate(s, "prompt-wise", decoding).text for s in studies]
     assert alone[0] != alone[1], "two different images should not get one report"
