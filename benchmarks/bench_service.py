@@ -134,7 +134,15 @@ def main() -> None:
     table = Table(
         title=f"Service on {machine_key()}; {first['study']}; at most {args.tokens} tokens"
     )
-    columns = ["setting", "mode", "RSS MiB: loaded → a report", "TTFT s", "tokens/s", "tokens", "report s"]
+    columns = [
+        "setting",
+        "mode",
+        "RSS MiB: loaded → a report",
+        "TTFT s",
+        "tokens/s",
+        "tokens",
+        "report s",
+    ]
     columns += ["Grad-CAM s", f"{args.users} users tokens/s", "× one", "= lone"]
     for column in columns:
         table.add_column(column, justify="left" if column in ("setting", "mode") else "right")

@@ -68,14 +68,14 @@ def rows_attention(module, query, key, value, attention_mask, **kwargs):
     keep = keep if keep.dtype == torch.bool else keep == 0  # a float mask adds 0 or −∞
     rows = []
     for b, start in enumerate(keep.int().argmax(dim=-1).tolist()):  # each row's left padding
-        own = attention_mask[b : b + 1, :, :, start:]
+        alone = None if bool(keep[b, start:].all()) else attention_mask[b : b + 1, :, :, start:]
         rows.append(
             sdpa_attention_forward(
                 module,
                 query[b : b + 1],
                 key[b : b + 1, :, start:].contiguous(),
                 value[b : b + 1, :, start:].contiguous(),
-                None if bool(keep[b, start:].all()) else own,
+                alone,
                 **kwargs,
             )[0]
         )

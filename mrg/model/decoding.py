@@ -280,8 +280,6 @@ class ClosedVocabulary(LogitsProcessor):
             for k in (self.top_k, self.wider_k):  # wider: the likely ending may be banned
                 top = scores[row].topk(min(k, scores.shape[1]))
                 alive = top.indices[torch.isfinite(top.values)].tolist()
-                if len(alive) <= 1:  # forced (a header, a lead): it wins whether it fits or not
-                    break
                 keep = [t for t in alive if self.fits(open_word, pieces[t], stated)]
                 if keep:
                     break

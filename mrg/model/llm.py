@@ -14,8 +14,8 @@ Three sources, one function (``load_frozen_llm``):
 
 The returned model is frozen: every parameter has ``requires_grad=False`` and it is in
 eval mode. ``int8-wo``/``int4-wo`` load in float32 and replace every linear layer by a
-weight-only one on PyTorch's CPU kernels (``mrg.model.weight_only``). ``nf4``/``int8`` use bitsandbytes on the device it quantizes on here (CUDA when
-present, else the CPU: bitsandbytes ≥ 0.48 has a CPU backend); where it quantizes nowhere
+weight-only one on PyTorch's CPU kernels (``mrg.model.weight_only``). ``nf4``/``int8`` use
+bitsandbytes on the device it quantizes on here (CUDA when present, else the CPU: bitsandbytes ≥ 0.48 has a CPU backend); where it quantizes nowhere
 they fall back to the configured float dtype with a log line, never a crash. The model's
 ``is_loaded_in_4bit``/``is_loaded_in_8bit`` say what is actually in effect.
 """
@@ -214,11 +214,11 @@ def quantization_config(config: LLMConfig):
 def quantization_in_effect(llm: PreTrainedModel) -> str:
     """``"nf4"``, ``"int8"``, ``"int8-wo"``, ``"int4-wo"`` or ``"none"``: what was actually
     done to the weights, not what was asked."""
-    if weight_only_in_effect(llm):
-        return weight_only_in_effect(llm)
     if getattr(llm, "is_loaded_in_4bit", False):
         return "nf4"
-    return "int8" if getattr(llm, "is_loaded_in_8bit", False) else "none"
+    if getattr(llm, "is_loaded_in_8bit", False):
+        return "int8"
+    return weight_only_in_effect(llm) or "none"
 
 
 def release_freed_memory() -> None:

@@ -114,8 +114,9 @@ class ReportService:
         ``quantization`` and ``dtype`` are the frozen LLM's: ``"auto"`` (or None) on a CPU
         takes the setting measured fastest there (``mrg.model.cpu_probe``: fp32, bf16, or the
         weight-only int8/int4 layers), elsewhere the checkpoint's; an explicit dtype keeps the
-        checkpoint's quantization. The trainable parts stay float32. Without any checkpoint, untrained demo-cpu models are built so
-        the app still runs; ``info.trained`` is then False and the banner says so.
+        checkpoint's quantization. The trainable parts stay float32. Without any checkpoint,
+        untrained demo-cpu models are built so the app still runs; ``info.trained`` is then
+        False and the banner says so.
 
         The loading runs in a thread of its own that ends with it, so that the OpenMP team
         its torch work made ends too and the batcher's is the only one (``mrg.batching``).

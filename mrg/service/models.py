@@ -37,9 +37,7 @@ class ServiceInfo:
     checkpoints: dict[str, str]
     trained: bool
     views: int = 2  # the most views every loaded model reads (1: frontal only)
-    quantization: str = (
-        "none"  # what was done to the LLM's weights: nf4, int8, int8-wo, int4-wo, none
-    )
+    quantization: str = "none"  # done to the LLM's weights: nf4, int8, int8-wo, int4-wo
     dtype: str = "float32"  # the LLM's compute dtype
     gate: dict | None = None  # the image gate's thresholds; None: only its rules apply
 
