@@ -329,6 +329,7 @@ def test_a_model_that_takes_no_findings_says_so_when_they_are_set_by_hand(head_d
 
 
 def test_the_panel_says_whether_the_report_names_the_findings_it_was_written_from(head_demo):
+    from mrg.model.gate import Screening
     from mrg.service import StudyFindings
 
     said = consistency(["Effusion"], ["Cardiomegaly"], manual=False)
@@ -353,6 +354,12 @@ def test_the_panel_says_whether_the_report_names_the_findings_it_was_written_fro
     assert "The report names Effusion" in message and "the head finds Cardiomegaly" in message
     state.generated["prompt-wise"] = "FINDINGS: The heart is enlarged. IMPRESSION: Cardiomegaly."
     assert "Report and findings agree" in head_demo.check_findings(state)
+    # written despite the gate: the panel showed no reading, and the line says why
+    state.screening = Screening(message="This is a CT image, not a chest radiograph.")
+    state.screening.allowed_anyway = True
+    said = head_demo.check_findings(state)
+    assert said.startswith("Written despite the gate") and "Report and findings agree" in said
+    state.screening = None
     state.conditions["prompt-wise"] = None  # no head: nothing to check against
     assert head_demo.check_findings(state) == ""
 

@@ -12,7 +12,9 @@ head's (``ReportService.stream(…, findings=[…])``); a model that writes from
 says it cannot. A new study starts from the head's reading again.
 
 Consistency: once a report is finished, the ChestX-ray14 findings the labeler reads in it are
-compared with the findings it was written from (the head's reading, or those set by hand).
+compared with the findings it was written from (the head's reading, or those set by hand); for
+a report written despite the gate, the line first says that reading is of an image the head
+was not made for (the panel shows none for a refused study).
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ NO_HEAD = (
     "no probabilities to show. Findings can still be set by hand for a model that takes them."
 )
 REACHED = "✓"
+# the panel shows no reading of a refused study; a report written anyway still had findings
+DESPITE_GATE = (
+    "Written despite the gate: the findings head read an image it was not made for, and its "
+    "reading (in the report's header) is not shown above."
+)
 
 
 def finding_label(finding: str, probability: float, operating_point: float) -> str:
@@ -230,6 +237,8 @@ class FindingsPanel:
             said = self.service.labeler.label14(text)
             in_report = [f for f in FINDINGS14 if said.get(f)]
             line = consistency(in_report, condition.named, condition.manual)
+            if state.screening is not None and state.screening.allowed_anyway:
+                line = f"{DESPITE_GATE} {line}"
             if len(state.shown) > 1:
                 line = f"{SLOTS[slot] if state.blinding else mode}: {line}"
             lines.append(line)
