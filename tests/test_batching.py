@@ -6,8 +6,9 @@ import pytest
 import torch
 from conftest import random_batch, tiny_model_config, wait_idle
 
-from mrg.batching import BUSY, Batcher, ServiceBusy
+from mrg.batching import BUSY, Batcher, GrowingLayer, ServiceBusy, prefill
 from mrg.model import Decoding, MRGModel
+from mrg.model.prompting import positions_from_mask
 
 
 @pytest.fixture
@@ -53,6 +54,41 @@ def test_batched_greedy_tokens_equal_decoding_alone_for_mixed_lengths_and_modes(
     assert batcher.largest_batch >= 2 and wait_idle(batcher)
 
 
+def test_a_growing_layer_holds_what_concatenation_would_and_never_writes_into_its_inputs():
+    layer, shared = GrowingLayer(), torch.randn(2, 3, 5, 4)
+    kept = shared.clone()
+    keys, _ = layer.update(shared, shared)
+    expected = shared
+    for step in range(GrowingLayer.ROOM + 3):  # past the first buffer's room
+        new = torch.randn(2, 3, 1, 4)
+        expected = torch.cat([expected, new], dim=-2)
+        keys, values = layer.update(new, new)
+        assert torch.equal(keys, expected) and torch.equal(values, expected)
+    layer.keys, layer.values = keys[[1]], values[[1]]  # a row leaves (the batcher's drop)
+    new = torch.randn(1, 3, 1, 4)
+    keys, _ = layer.update(new, new)
+    assert torch.equal(keys, torch.cat([expected[[1]], new], dim=-2))
+    assert torch.equal(shared, kept)  # the shared prefix is copied, not written into
+
+
+@torch.inference_mode()
+def test_a_prefill_after_the_shared_prefix_is_a_pass_over_the_whole_context(models, tiny_llm):
+    model = models["promptbook-wise"]
+    study = studies(2)[1]  # no lateral view: masked slots after the prefix
+    request = model.decoding_request(study, Decoding())
+    assert request.prefix[0][0].shape[2] == len(model.template.prefix_ids)
+    assert model.shared_prefix() is request.prefix  # made once, shared by every request
+    ctx = model.context(study)
+    mask = ctx.attention_mask
+    whole = tiny_llm(
+        inputs_embeds=ctx.embeds, attention_mask=mask, position_ids=positions_from_mask(mask)
+    )
+    after = prefill(tiny_llm, request)
+    assert torch.allclose(after.logits[:, -1], whole.logits[:, -1], atol=1e-5)
+    for ours, theirs in zip(after.past_key_values.layers, whole.past_key_values.layers):
+        assert torch.allclose(ours.keys, theirs.keys, atol=1e-5)
+
+
 def test_a_request_joins_a_running_batch_and_its_tokens_do_not_change(models, tiny_llm):
     runs = cases(models, n=4)
     expected = [alone(*run) for run in runs]
@@ -86,7 +122,7 @@ class Gate(torch.nn.Module):
 
     def __init__(self, llm):
         super().__init__()
-        self.llm, self.open = llm, threading.Event()
+        self.llm, self.open, self.config = llm, threading.Event(), llm.config
 
     def forward(self, **kwargs):
         self.open.wait(timeout=30)

@@ -85,6 +85,10 @@ def test_a_study_takes_the_mean_of_its_present_views_and_survives_a_round_trip(t
     front = head(Views(images[:, :1], torch.tensor([[0]]), torch.tensor([[True]])))
     masked = head(Views(images, torch.tensor([[0, 1]]), torch.tensor([[True, False]])))
     assert torch.allclose(masked, front, atol=1e-5) and not torch.allclose(both, front)
+    # from the views' pooled features (the pass the gate made): the same reading
+    probabilities, y = head.predict_pooled(head.features(images[0]))
+    assert torch.allclose(probabilities, head.probabilities(both), atol=1e-6)
+    assert torch.equal(y, head.decide(head.probabilities(both)))
     loaded = FindingsHead.from_pretrained(head.save_pretrained(tmp_path / "findings"))
     assert torch.equal(loaded.temperature, head.temperature)
     assert torch.allclose(

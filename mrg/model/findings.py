@@ -118,6 +118,14 @@ class FindingsHead(nn.Module):
         self.train(was_training)
         return probabilities, self.decide(probabilities)
 
+    @torch.inference_mode()
+    def predict_pooled(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``predict`` of one study from its views' pooled features ``[V, C]`` (``features``,
+        in eval mode): the mean of the views' logits, as ``forward`` takes it."""
+        logits = self.classifier(features).mean(0, keepdim=True)
+        probabilities = self.probabilities(logits)
+        return probabilities, self.decide(probabilities)
+
     @property
     def target_layer(self) -> nn.Module:
         """What per-finding Grad-CAM hooks: the last convolution before pooling."""

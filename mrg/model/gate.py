@@ -217,21 +217,33 @@ def _complete(view: dict) -> dict:
     return {"distance": 0.0, "upright": 1.0, "orientation": ORIENTATIONS[0]} | view
 
 
+def read_study(
+    study: Study,
+    head: FindingsHead | None,
+    gate: ChestGate | None,
+    allow_anyway: bool = False,
+) -> tuple[Screening, torch.Tensor | None]:
+    """(``screen`` of every view of ``study`` as the findings head reads it (224 px without a
+    head), the head's pooled features ``[V, C]`` of those views (None without a head)): one
+    pass of the head serves the gate and the findings (``FindingsHead.predict_pooled``)."""
+    size = head.config.image_size if head is not None else 224
+    images = batch_tensors([study], size, len(study.views)).images[0]
+    features = None
+    if head is not None:
+        with torch.inference_mode():
+            features = head.eval().features(images)
+    metas = [view.image.meta for view in study.views]
+    positions = [view.position for view in study.views]
+    screening = screen(metas, images, features, gate, allow_anyway, positions)
+    return screening, features
+
+
 def screen_study(
     study: Study,
     head: FindingsHead | None,
     gate: ChestGate | None,
     allow_anyway: bool = False,
 ) -> Screening:
-    """``screen`` of every view of ``study`` as the findings head reads it (224 px without a
-    head): the one path from a study to its verdict, for the service, the fit's measurements
-    and the tests."""
-    size = head.config.image_size if head is not None else 224
-    images = batch_tensors([study], size, len(study.views)).images[0]
-    features = None
-    if head is not None and gate is not None:
-        with torch.inference_mode():
-            features = head.eval().features(images)
-    metas = [view.image.meta for view in study.views]
-    positions = [view.position for view in study.views]
-    return screen(metas, images, features, gate, allow_anyway, positions)
+    """The verdict of ``read_study``: the one path from a study to its verdict, for the
+    service, the fit's measurements and the tests."""
+    return read_study(study, head, gate, allow_anyway)[0]

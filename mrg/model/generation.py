@@ -19,7 +19,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from mrg.batching import Request
+from mrg.batching import Request, prefill
 from mrg.config import DEFAULT_DECODING, Decoding
 from mrg.data.views import Views
 from mrg.model.decoding import (
@@ -124,28 +124,21 @@ class ReportGeneration:
         decoding: Decoding = DEFAULT_DECODING,
         findings: torch.Tensor | None = None,
     ) -> Iterator[int]:
-        """Yield token ids of one study one at a time (KV cache on); stops at EOS.
+        """Yield token ids of one study one at a time (KV cache on); stops at EOS. The
+        batcher's computation for a request alone: its prefill (``mrg.batching.prefill``),
+        then a step per token.
 
         Closing the generator stops the computation at once: that is how a cancelled
         request frees the model.
         """
-        decoding.validate()
-        if decoding.strategy == "beam":
-            raise ValueError("beam search is not streamable; use generate()")
         if views.batch_size != 1:
             raise ValueError("stream_ids decodes one study at a time")
-        ctx = self.context(views, findings)
-        processors = self.processors(decoding, ctx.findings)
-        mask = ctx.attention_mask
-        out = self.llm(
-            inputs_embeds=ctx.embeds,
-            attention_mask=mask,
-            position_ids=positions_from_mask(mask),
-            use_cache=True,
-        )
+        request = self.decoding_request(views, decoding, findings)
+        out = prefill(self.llm, request)
+        mask = request.attention_mask
         generated = torch.empty((1, 0), dtype=torch.long, device=self.device)
         for _ in range(decoding.max_new_tokens):
-            scores = processors(generated, out.logits[:, -1].float())
+            scores = request.processors(generated, out.logits[:, -1].float())
             if decoding.strategy == "sample":
                 next_id = torch.multinomial(scores.softmax(-1), 1)
             else:
@@ -187,11 +180,33 @@ class ReportGeneration:
         if views.batch_size != 1:
             raise ValueError("a decoding request holds one study")
         ctx = self.context(views, findings)
+        shared = len(self.template.prefix_ids)  # one row: no left padding before the prefix
         return Request(
-            ctx.embeds,
+            ctx.embeds[:, shared:],
             ctx.attention_mask,
             self.processors(decoding, ctx.findings),
             decoding.max_new_tokens,
             self.template.eos_id,
             sample=decoding.strategy == "sample",
+            prefix=self.shared_prefix(),
         )
+
+    @torch.inference_mode()
+    def shared_prefix(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """The frozen LLM's keys and values of the template's prefix (the chat's system turn,
+        the same for every study), per layer: computed once per device and dtype, so that a
+        request's prefill starts after it (``mrg.batching.prefill``)."""
+        key = (self.device, self.llm_dtype, tuple(self.template.prefix_ids))
+        if not self.template.prefix_ids:
+            return ()
+        if getattr(self, "_shared_prefix", (None,))[0] != key:
+            n = len(self.template.prefix_ids)
+            out = self.llm(
+                inputs_embeds=self.embed_ids(self.template.prefix_ids, 1),
+                position_ids=torch.arange(n, device=self.device).unsqueeze(0),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            layers = out.past_key_values.layers
+            self._shared_prefix = (key, tuple((layer.keys, layer.values) for layer in layers))
+        return self._shared_prefix[1]

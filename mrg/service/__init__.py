@@ -41,7 +41,7 @@ from mrg.explain import Heatmap, explain, explain_finding
 from mrg.hub import checkpoint_modes
 from mrg.model import Decoding, MRGModel
 from mrg.model.findings import FindingsHead
-from mrg.model.gate import ChestGate, Screening, screen_study
+from mrg.model.gate import ChestGate, Screening, read_study, screen_study
 from mrg.model.llm import load_frozen_llm
 from mrg.model.prompting import text_increments
 from mrg.service.answers import (
@@ -159,19 +159,37 @@ class ReportService:
 
     # ------------------------------------------------------------------ findings
 
+    def screen_and_read(
+        self, study: Study, allow_anyway: bool = False, manual: list[str] | None = None
+    ) -> tuple[Screening, StudyFindings | None]:
+        """(``screen``, ``read_findings``) from one pass of the findings head; no findings
+        for a study the gate refuses."""
+
+        def both() -> tuple[Screening, StudyFindings | None]:
+            screening, features = read_study(study, self.findings_head, self.gate, allow_anyway)
+            if screening.refused:
+                return screening, None
+            return screening, self._reading(features, manual)
+
+        return self.on_torch_thread(both)
+
     def read_findings(self, study: Study, manual: list[str] | None = None) -> StudyFindings | None:
         """The head's probabilities for ``study``; the condition is the findings above their
         operating points, or ``manual`` (ChestX-ray14 names; [] is a normal study) where given.
         None without a head and without ``manual``."""
+        return self.screen_and_read(study, allow_anyway=True, manual=manual)[1]
+
+    def _reading(
+        self, features: torch.Tensor | None, manual: list[str] | None
+    ) -> StudyFindings | None:
+        """``read_findings``'s answer from the head's pooled features of a study's views."""
         named = None if manual is None else [finding_named(f) for f in manual]
         if self.findings_head is None:
             if named is None:
                 return None
             return StudyFindings({}, {}, named, manual=True)
         head = self.findings_head
-        probabilities, y = self.on_torch_thread(
-            lambda: head.predict(batch_tensors([study], head.config.image_size, self.info.views))
-        )
+        probabilities, y = head.predict_pooled(features)
         p, t = probabilities[0].tolist(), head.threshold.tolist()
         found = named_findings(y[0].tolist())
         return StudyFindings(
@@ -182,13 +200,10 @@ class ReportService:
         )
 
     def _condition(
-        self, model: MRGModel, study: Study, findings: list[str] | StudyFindings | None
+        self, model: MRGModel, condition: StudyFindings | None
     ) -> tuple[StudyFindings | None, torch.Tensor | None]:
-        """(the head's reading or the findings set by hand, the condition y ``model`` takes):
-        y is None for a model that writes from the image alone."""
-        condition = (
-            findings if isinstance(findings, StudyFindings) else self.read_findings(study, findings)
-        )
+        """(``condition``: the head's reading or the findings set by hand, the condition y
+        ``model`` takes from it): y is None for a model that writes from the image alone."""
         if not model.config.uses_findings:
             if condition is not None and condition.manual:
                 raise ValueError(
@@ -225,11 +240,14 @@ class ReportService:
         def prepare():
             """The gate, the findings, and the beam's report or the decoding request: one
             call on the torch thread, so that a request waits for one decoding step, not four."""
-            screening = self.screen(study, allow_anyway)
+            if isinstance(findings, StudyFindings):  # read already (the app's panel)
+                screening, reading = self.screen(study, allow_anyway), findings
+            else:
+                screening, reading = self.screen_and_read(study, allow_anyway, findings)
             if screening.refused:
                 raise StudyRefused(screening)
             views = self.views(study, mode)
-            condition, y = self._condition(model, study, findings)
+            condition, y = self._condition(model, reading)
             if decoding.strategy == "beam":
                 return screening, condition, model.generate(views, decoding, y)[0]
             return screening, condition, model.decoding_request(views, decoding, y)
@@ -315,7 +333,8 @@ class ReportService:
         model = self.model(mode)
         views = self.views(study, mode)
         span = _find_span(report, sentence) if sentence else None
-        _, y = self._condition(model, study, findings)
+        reading = findings if isinstance(findings, StudyFindings) else None
+        _, y = self._condition(model, reading or self.read_findings(study, findings))
         positions = [v.position for v in study.views]
         return self.on_torch_thread(lambda: explain(model, views, report, span, positions, y))
 

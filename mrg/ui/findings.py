@@ -132,12 +132,11 @@ class FindingsPanel:
         if state.reading_key == state.case_key:  # e.g. a load that failed: the same study
             return *keep, state
         try:
-            state.screening = self.service.screen(state.study)
+            state.screening, reading = self.service.screen_and_read(state.study)
             if state.screening.refused:  # no reading of what is not a chest radiograph
                 state.reading, state.reading_key = None, state.case_key
                 note = f"**Not a chest radiograph: its findings are not shown.** {state.screening.message}"
                 return gr.update(visible=False, value=None), note, "", *keep[3:], state
-            reading = self.service.read_findings(state.study)
         except Exception as err:  # noqa: BLE001
             log_failure("reading the findings", err)
             note = f"**Cannot read the findings.** {UNEXPECTED}"
