@@ -148,6 +148,26 @@ class Request:
     eos_id: int
     sample: bool = False
     prefix: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
+    forced: Callable[[list[int]], int | None] | None = None  # see ``forced_run``
+
+
+def forced_run(request: Request, generated: list[int]) -> tuple[list[int], bool]:
+    """(the tokens ``request.forced`` imposes after ``generated``, one after another, until
+    the LLM would choose; whether they end the report: its end token or its budget). Forced
+    tokens do not depend on the LLM's logits, so none is decoded: the opening (``FINDINGS:``
+    and the findings' sentences) is read with the context, and a report whose rest is forced
+    (the impression of named findings, then the end) is finished without another step."""
+    run: list[int] = []
+    if request.forced is None:
+        return run, False
+    while len(generated) + len(run) < request.max_new_tokens:
+        token = request.forced(generated + run)
+        if token is None:
+            return run, False
+        if token == request.eos_id:
+            return run, True
+        run.append(token)
+    return run, True
 
 
 class GrowingLayer(DynamicLayer):
@@ -197,21 +217,28 @@ def growing_cache(llm: PreTrainedModel, prefix=()) -> DynamicCache:
     return cache
 
 
-def prefill(llm: PreTrainedModel, request: Request, logits_to_keep: int = 1):
-    """The LLM's pass over ``request``'s context, after its shared prefix's keys and values
-    where it has them: the output with the cache of the whole context and the last
-    ``logits_to_keep`` positions' logits."""
+def prefill(llm: PreTrainedModel, request: Request, opening: list[int] = ()):
+    """The LLM's pass over ``request``'s context and then the tokens ``opening`` (the report's
+    forced first tokens, ``forced_run``), after the shared prefix's keys and values where the
+    request has them: the output (the cache of all of it, the last position's logits) and the
+    attention mask of all of it."""
     mask = request.attention_mask.long()
+    embeds = request.embeds
+    if opening:
+        ids = torch.tensor([list(opening)], device=embeds.device)
+        embeds = torch.cat([embeds, llm.get_input_embeddings()(ids).to(embeds.dtype)], dim=1)
+        mask = torch.cat([mask, mask.new_ones(1, len(opening))], dim=1)
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # positions_from_mask
     done = request.prefix[0][0].shape[2] if request.prefix else 0
-    return llm(
-        inputs_embeds=request.embeds,
+    out = llm(
+        inputs_embeds=embeds,
         attention_mask=mask,
         position_ids=positions[:, done:],
         past_key_values=growing_cache(llm, request.prefix),
         use_cache=True,
-        logits_to_keep=logits_to_keep,
+        logits_to_keep=1,
     )
+    return out, mask
 
 
 @dataclass
@@ -358,19 +385,35 @@ class Batcher:
 
     def _join(self, ticket: Ticket) -> None:
         """Prefill ``ticket`` alone, choose its first token, and append it to the batch."""
-        request = ticket.request
+        request, row = ticket.request, _Row(ticket)
         try:
+            opening, ends = forced_run(request, [])
+            if not self._hand_out(row, opening, ends):
+                return
             with record_function("mrg.prefill"):
-                out = prefill(self.llm, request)  # the next token's logits only
+                out, mask = prefill(self.llm, request, opening)
         except Exception as err:
             log.exception("prefill failed")
             self._end(ticket, err)
             return
-        row = _Row(ticket)
         if not self._choose(row, out.logits[:, -1]):
             return
-        self._append(out.past_key_values, request.attention_mask.long())
+        self._append(out.past_key_values, mask)
         self.rows.append(row)
+
+    def _hand_out(self, row: _Row, tokens: list[int], ends: bool) -> bool:
+        """Give ``row`` ``tokens``; False where it has ended: cancelled (then without them),
+        or ``ends``."""
+        if row.ticket.cancelled.is_set():
+            self._end(row.ticket)
+            return False
+        row.generated.extend(tokens)
+        for token in tokens:
+            row.ticket.put(token)
+        if ends:
+            self._end(row.ticket)
+            return False
+        return True
 
     def _choose(self, row: _Row, logits: torch.Tensor) -> bool:
         """Pick ``row``'s next token and hand it out; False when the row has ended."""
@@ -383,19 +426,16 @@ class Batcher:
                 token = int(torch.multinomial(scores.softmax(-1), 1))
             else:
                 token = int(scores.argmax(-1))
+            if token == request.eos_id:
+                self._end(ticket)
+                return False
+            rest, ends = forced_run(request, [*row.generated, token])
         except Exception as err:
             log.exception("choosing a token failed")
             self._end(ticket, err)
             return False
-        if token == request.eos_id or ticket.cancelled.is_set():
-            self._end(ticket)
-            return False
-        row.generated.append(token)
-        ticket.put(token)
-        if len(row.generated) >= request.max_new_tokens:
-            self._end(ticket)
-            return False
-        return True
+        budget = len(row.generated) + 1 >= request.max_new_tokens
+        return self._hand_out(row, [token, *(rest if ends else [])], ends or budget)
 
     def _end(self, ticket: Ticket, last: object = _DONE) -> None:
         """Hand ``ticket`` its last item (the end, or the error) once, and free its place."""

@@ -6,7 +6,15 @@ import pytest
 import torch
 from conftest import random_batch, tiny_model_config, wait_idle
 
-from mrg.batching import BUSY, Batcher, GrowingLayer, ServiceBusy, prefill
+from mrg.batching import (
+    BUSY,
+    Batcher,
+    GrowingLayer,
+    Request,
+    ServiceBusy,
+    forced_run,
+    prefill,
+)
 from mrg.model import Decoding, MRGModel
 from mrg.model.prompting import positions_from_mask
 
@@ -54,6 +62,17 @@ def test_batched_greedy_tokens_equal_decoding_alone_for_mixed_lengths_and_modes(
     assert batcher.largest_batch >= 2 and wait_idle(batcher)
 
 
+def test_forced_tokens_run_until_the_llm_chooses_or_the_report_ends():
+    request = Request(torch.zeros(1, 1, 4), torch.ones(1, 1), None, max_new_tokens=6, eos_id=9)
+    assert forced_run(request, [3]) == ([], False)  # nothing forced: the LLM chooses
+    request.forced = lambda ids: {0: 1, 1: 2}.get(len(ids))
+    assert forced_run(request, []) == ([1, 2], False)  # the opening, then the LLM
+    request.forced = lambda ids: [1, 2, 9][len(ids)]
+    assert forced_run(request, []) == ([1, 2], True)  # the rest is forced, to its end
+    request.forced = lambda ids: 5
+    assert forced_run(request, [7, 7]) == ([5] * 4, True)  # until the budget
+
+
 def test_a_growing_layer_holds_what_concatenation_would_and_never_writes_into_its_inputs():
     layer, shared = GrowingLayer(), torch.randn(2, 3, 5, 4)
     kept = shared.clone()
@@ -83,10 +102,27 @@ def test_a_prefill_after_the_shared_prefix_is_a_pass_over_the_whole_context(mode
     whole = tiny_llm(
         inputs_embeds=ctx.embeds, attention_mask=mask, position_ids=positions_from_mask(mask)
     )
-    after = prefill(tiny_llm, request)
+    after, after_mask = prefill(tiny_llm, request)
+    assert torch.equal(after_mask, mask)
     assert torch.allclose(after.logits[:, -1], whole.logits[:, -1], atol=1e-5)
     for ours, theirs in zip(after.past_key_values.layers, whole.past_key_values.layers):
         assert torch.allclose(ours.keys, theirs.keys, atol=1e-5)
+    # the forced opening read with the context: as if its tokens were decoded one by one
+    opening, ends = forced_run(request, [])
+    assert opening and not ends  # FINDINGS: is forced; the LLM writes after it
+    assert [request.forced(opening[:i]) for i in range(len(opening))] == opening
+    read, read_mask = prefill(tiny_llm, request, opening)
+    assert read_mask.shape[1] == mask.shape[1] + len(opening)
+    out = whole
+    for token in opening:
+        mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+        out = tiny_llm(
+            input_ids=torch.tensor([[token]]),
+            attention_mask=mask,
+            position_ids=positions_from_mask(mask)[:, -1:],
+            past_key_values=out.past_key_values,
+        )
+    assert torch.allclose(read.logits[:, -1], out.logits[:, -1], atol=1e-4)  # float order
 
 
 def test_a_request_joins_a_running_batch_and_its_tokens_do_not_change(models, tiny_llm):
@@ -128,12 +164,18 @@ class Gate(torch.nn.Module):
         self.open.wait(timeout=30)
         return self.llm(**kwargs)
 
+    def set_attn_implementation(self, name):
+        self.llm.set_attn_implementation(name)
+
+    def get_input_embeddings(self):
+        return self.llm.get_input_embeddings()
+
 
 def test_past_the_batch_and_the_waiting_room_a_request_is_refused_with_the_message(
     models, tiny_llm
 ):
     model = models["prompt-wise"]
-    study, decoding = studies(1)[0], Decoding(max_new_tokens=5)
+    study, decoding = studies(1)[0], Decoding(max_new_tokens=16)  # past the forced opening
     gate = Gate(tiny_llm)
     batcher = Batcher(gate, max_batch=1, max_waiting=1)
     first = batcher.submit(model.decoding_request(study, decoding))  # held in its prefill

@@ -124,8 +124,10 @@ def test_beam_and_sampling_decode(make_tiny_model):
 
 
 def test_closing_the_stream_stops_decoding(make_tiny_model):
-    model = make_tiny_model()
-    model.shared_prefix()  # the template's opening: computed once, then every prefill reuses it
+    from mrg.batching import forced_run
+
+    model, views, decoding = make_tiny_model(), random_batch(batch=1), Decoding(max_new_tokens=50)
+    opening, _ = forced_run(model.decoding_request(views, decoding), [])  # FINDINGS: …
     calls = {"n": 0}
     original = model.llm.forward
 
@@ -135,13 +137,16 @@ def test_closing_the_stream_stops_decoding(make_tiny_model):
 
     model.llm.forward = counting
     try:
-        stream = model.stream_ids(random_batch(batch=1), Decoding(max_new_tokens=50))
+        stream = model.stream_ids(views, decoding)
+        assert [next(stream) for _ in opening] == opening and calls["n"] == 0  # not decoded
         next(stream)
         next(stream)
         stream.close()
     finally:
         del model.llm.forward
-    assert calls["n"] == 2  # the rest of the context and one cached step: none after close()
+    # the context with the opening, and one cached step: none after close(); the template's
+    # own opening was read once, by the first request
+    assert calls["n"] == 2
 
 
 @pytest.mark.parametrize("mode", ["static", "prompt-wise", "promptbook-wise"])

@@ -19,7 +19,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from mrg.batching import Request, prefill
+from mrg.batching import Request, forced_run, prefill
 from mrg.config import DEFAULT_DECODING, Decoding
 from mrg.data.views import Views
 from mrg.model.decoding import (
@@ -125,8 +125,9 @@ class ReportGeneration:
         findings: torch.Tensor | None = None,
     ) -> Iterator[int]:
         """Yield token ids of one study one at a time (KV cache on); stops at EOS. The
-        batcher's computation for a request alone: its prefill (``mrg.batching.prefill``),
-        then a step per token.
+        batcher's computation for a request alone: the forced opening read with the context
+        (``mrg.batching.prefill``), then a step per token the LLM chooses, until the rest is
+        forced (``mrg.batching.forced_run``).
 
         Closing the generator stops the computation at once: that is how a cancelled
         request frees the model.
@@ -134,25 +135,32 @@ class ReportGeneration:
         if views.batch_size != 1:
             raise ValueError("stream_ids decodes one study at a time")
         request = self.decoding_request(views, decoding, findings)
-        out = prefill(self.llm, request)
-        mask = request.attention_mask
-        generated = torch.empty((1, 0), dtype=torch.long, device=self.device)
-        for _ in range(decoding.max_new_tokens):
-            scores = request.processors(generated, out.logits[:, -1].float())
+        generated, ends = forced_run(request, [])
+        yield from generated
+        if ends:
+            return
+        out, mask = prefill(self.llm, request, generated)
+        while True:
+            ids = torch.tensor([generated], dtype=torch.long, device=self.device)
+            scores = request.processors(ids, out.logits[:, -1].float())
             if decoding.strategy == "sample":
                 next_id = torch.multinomial(scores.softmax(-1), 1)
             else:
                 next_id = scores.argmax(-1, keepdim=True)
             if int(next_id) == self.template.eos_id:
                 return
-            yield int(next_id)
-            generated = torch.cat([generated, next_id], dim=1)
+            rest, ends = forced_run(request, [*generated, int(next_id)])
+            ends = ends or len(generated) + 1 >= decoding.max_new_tokens
+            for token in [int(next_id), *(rest if ends else [])]:
+                generated.append(token)
+                yield token
+            if ends:
+                return
             mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
-            position = positions_from_mask(mask)[:, -1:]
             out = self.llm(
                 input_ids=next_id,
                 attention_mask=mask,
-                position_ids=position,
+                position_ids=positions_from_mask(mask)[:, -1:],
                 past_key_values=out.past_key_values,
                 use_cache=True,
             )
@@ -181,14 +189,16 @@ class ReportGeneration:
             raise ValueError("a decoding request holds one study")
         ctx = self.context(views, findings)
         shared = len(self.template.prefix_ids)  # one row: no left padding before the prefix
+        processors = self.processors(decoding, ctx.findings)
         return Request(
             ctx.embeds[:, shared:],
             ctx.attention_mask,
-            self.processors(decoding, ctx.findings),
+            processors,
             decoding.max_new_tokens,
             self.template.eos_id,
             sample=decoding.strategy == "sample",
             prefix=self.shared_prefix(),
+            forced=lambda ids: processors[-1].forced(ids, 0, 1),  # the report structure's
         )
 
     @torch.inference_mode()
