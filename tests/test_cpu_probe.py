@@ -15,6 +15,7 @@ def fake(report_s: dict[str, float]) -> dict:
     }
     return {
         **cpu_probe.choose(figures),
+        "workload": cpu_probe.WORKLOAD,
         "figures": figures,
         "measured": "2026-12-02T00:00:00+00:00",
     }
@@ -66,6 +67,9 @@ def test_it_is_measured_once_per_machine_and_again_on_another(tmp_path, monkeypa
     (tmp_path / cpu_probe.CACHE_NAME).write_text("{not json")
     cpu_probe.cached_measurement(cache_dir=tmp_path)  # a damaged cache is measured again
     assert len(calls) == 3
+    monkeypatch.setattr(cpu_probe, "WORKLOAD", "another report's work")
+    cpu_probe.cached_measurement(cache_dir=tmp_path)  # so is another workload
+    assert len(calls) == 4
 
 
 def test_the_line_names_the_choice_and_the_figures():
