@@ -4,13 +4,14 @@
                                                 [--modes prompt-wise promptbook-wise] [--limit N]
 
 Builds the demo pairs from ../shared/data as ``scripts/build_model_card.py`` does, loads the
-service once per setting, writes the greedy report (the app's default decoding, from the
-findings head's findings) of every held-out NIH image, and prints per mode and setting the
+service once per setting, writes the greedy report of every held-out NIH image as the app
+serves it (``ReportService.generate``: the gate, the findings head's findings, the app's
+default decoding through the batcher), and prints per mode and setting the
 model card's scores (CE micro-F1 against the NIH labels, BLEU-4 against the paired report,
 the share of words seen ≥ 5× in OpenI), how many reports equal fp32's, and the paired
 bootstrap 95 % interval of each score's difference from fp32 (1,000 resamples of the images):
 a drop whose interval holds 0 is within the noise of the test split. Generations go to
-runs/precision-parity/ (resumable).
+runs/precision-parity-service/ (resumable).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -31,9 +33,10 @@ sys.path.insert(0, str(ROOT))
 from mrg.config import DEFAULT_DECODING
 from mrg.data.datasets import load_annotation
 from mrg.data.pairs import build_pairs
+from mrg.data.study import study_from_sources
 from mrg.environment import setting
 from mrg.evaluation.metrics import label_agreement
-from mrg.evaluation.runner import generate_split
+from mrg.evaluation.runner import Generations
 from mrg.evaluation.text_quality import corpus_counts
 from mrg.model.cpu_probe import SETTINGS
 from mrg.service import ReportService
@@ -44,6 +47,18 @@ from mrg.text.vocabulary import words
 SHARED = Path(setting("MRG_SHARED_DATA"))
 REPORTS = SHARED / "iu_xray" / "NLMCXR_reports.tgz"
 RESAMPLES = 1000
+
+
+def serve_split(service: ReportService, mode: str, records, out_file: Path) -> list[dict]:
+    """The app's report of every study of ``records`` not in ``out_file`` yet, appended
+    there; all rows, in the order of ``records``."""
+    generations = Generations(out_file)
+    with generations.path.open("a") as handle:
+        for record in tqdm(generations.todo(records), desc=f"serving ({mode})"):
+            study = study_from_sources(*record.image_paths)
+            text = service.generate(study, mode, DEFAULT_DECODING, allow_anyway=True).text
+            generations.add(handle, record.study_id, record.report, text)
+    return generations.rows(records)
 
 
 def per_image(rows, labels, labeler, counts) -> dict[str, list]:
@@ -109,7 +124,7 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--modes", nargs="+", default=["prompt-wise", "promptbook-wise"])
     parser.add_argument("--limit", type=int, default=None, help="first N held-out images only")
-    parser.add_argument("--out", default=str(ROOT / "runs" / "precision-parity"))
+    parser.add_argument("--out", default=str(ROOT / "runs" / "precision-parity-service"))
     args = parser.parse_args()
     torch.set_num_threads(int(setting("MRG_NUM_THREADS")))
     out = Path(args.out)
@@ -127,14 +142,7 @@ def main() -> None:
         assert (service.info.quantization, service.info.dtype) == (quantization, dtype)
         for mode in args.modes:
             start = time.perf_counter()
-            rows[mode, name] = generate_split(
-                service.model(mode),
-                records,
-                out / f"{mode}-{name}.jsonl",
-                DEFAULT_DECODING,
-                batch_size=8,
-                findings_head=service.findings_head,
-            )
+            rows[mode, name] = serve_split(service, mode, records, out / f"{mode}-{name}.jsonl")
             seconds[mode, name] = time.perf_counter() - start
         del service
     table = Table(

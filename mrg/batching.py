@@ -1,13 +1,16 @@
 """Continuous batching: concurrent requests decode together over one frozen LLM.
 
 A request is a context (``inputs_embeds`` and mask, one row: what ``MRGModel.context`` made
-from the image) with its own logits processors and budget. The batcher's thread owns the
-LLM's decoding: a request that arrives while others decode is prefilled alone and joins the
-running batch at the next step. The batch shares one KV cache, left-padded to its longest
+from the image) with its own logits processors, budget and forced tokens. The batcher's
+thread owns the LLM's decoding: a request that arrives while others decode is prefilled alone
+(``prefill``: after the keys and values of the chat template's opening, made once per model,
+and with the report's forced opening read in the same pass, ``forced_run``) and joins the
+running batch at the next step; a row whose rest is forced ends without decoding it. The
+batch shares one KV cache (``GrowingLayer``: written in place), left-padded to its longest
 row; every step feeds each row the token it chose last, with position ids that count that
 row's real tokens only (``mask.sum − 1``, the rule ``positions_from_mask`` gives the prefill),
 and attention that reads each row's own tokens only (``ROW_ATTENTION``: the row alone, in the
-very shapes it would have alone), so a row's tokens do not depend on who else is in the
+very shapes it would have alone; rows that start together attend together), so a row's tokens do not depend on who else is in the
 batch: the weights' products are per row already (checked for fp32 and for the weight-only
 kernels), while attention over a left-padded cache with a mask took another kernel path and
 changed a bf16 report in 8 of 8 concurrent requests. A finished, cancelled or failed
@@ -24,7 +27,10 @@ GNU OpenMP stops spinning between the hundreds of small parallel regions of a de
 measured on 2 cores, a SmolLM2 step took 90–114 ms instead of 45–54 ms. So the service runs
 every torch computation on this thread (``call``: encoding a study, the findings head, the
 gate, beam search, Grad-CAM), between two decoding steps: 10.4 → 21.5 tokens/s for one
-report (``benchmarks/profile_decoding.py``).
+report (``benchmarks/profile_decoding.py``). A team counts while its thread lives, even
+idle: an idle batcher of a second service made the first one's report 0.62 → 1.32 s. So the
+thread ends after ``IDLE_S`` without work (its team with it), and the next request or call
+starts another.
 """
 
 from __future__ import annotations
@@ -111,6 +117,7 @@ def _row_groups(attention_mask: torch.Tensor) -> list[tuple[tuple[int, int], sli
 AttentionInterface.register(ROW_ATTENTION, rows_attention)
 AttentionMaskInterface.register(ROW_ATTENTION, sdpa_mask)
 
+IDLE_S = 2.0  # an idle batcher's thread ends after this; the next request starts another
 _RUNNING: weakref.WeakSet = weakref.WeakSet()  # batchers to stop before the interpreter ends
 
 
@@ -313,17 +320,23 @@ class Batcher:
         self.wakeup = threading.Condition()
         self.largest_batch = 0  # the most rows decoded in one step so far (for benchmarks)
         self.closed = False
-        self.thread = threading.Thread(target=self._run, name="mrg-batcher", daemon=True)
-        self.thread.start()
+        self.thread: threading.Thread | None = None  # started by work, ended by idleness
         _RUNNING.add(self)
+
+    def _start(self) -> None:
+        """Start the decoding thread where none runs (called holding ``wakeup``)."""
+        if self.thread is None and not self.closed:
+            self.thread = threading.Thread(target=self._run, name="mrg-batcher", daemon=True)
+            self.thread.start()
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the thread after its current step (rows still decoding get no more tokens)."""
         with self.wakeup:
             self.closed = True
             self.wakeup.notify_all()
-        if threading.current_thread() is not self.thread:
-            self.thread.join(timeout)
+            thread = self.thread
+        if thread is not None and threading.current_thread() is not thread:
+            thread.join(timeout)
 
     # ------------------------------------------------------------------ consumer side
 
@@ -335,6 +348,7 @@ class Batcher:
                 raise ServiceBusy()
             self.admitted += 1
             self.waiting.append(ticket)
+            self._start()
             self.wakeup.notify()
         return ticket
 
@@ -347,6 +361,7 @@ class Batcher:
         future: Future = Future()
         with self.wakeup:
             self.calls.append((fn, future))
+            self._start()
             self.wakeup.notify()
         return future.result()
 
@@ -363,8 +378,9 @@ class Batcher:
     def _run(self) -> None:
         while True:
             with self.wakeup:
-                while not self.waiting and not self.rows and not self.calls and not self.closed:
-                    self.wakeup.wait()
+                if not self._busy() and not self.wakeup.wait_for(self._busy, timeout=IDLE_S):
+                    self.thread = None  # idle: the thread ends, and its OpenMP team with it
+                    return
                 if self.closed:
                     return
                 calls, joining = list(self.calls), []
@@ -382,6 +398,10 @@ class Batcher:
                 self._drop([i for i, r in enumerate(self.rows) if r.ticket.cancelled.is_set()])
                 if self.rows:
                     self._step()
+
+    def _busy(self) -> bool:
+        """Work to do, or the order to stop (read holding ``wakeup``)."""
+        return bool(self.waiting or self.rows or self.calls or self.closed)
 
     def _join(self, ticket: Ticket) -> None:
         """Prefill ``ticket`` alone, choose its first token, and append it to the batch."""

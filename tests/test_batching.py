@@ -224,3 +224,22 @@ def test_calls_run_on_the_batcher_s_thread_between_steps_and_raise_their_errors(
     tokens = [first, *stream]
     assert tokens == alone(model, study, Decoding(max_new_tokens=40)) and order == [0]
     assert wait_idle(batcher) and not batcher.calls
+
+
+def test_an_idle_batcher_s_thread_ends_and_the_next_call_starts_another(monkeypatch, tiny_llm):
+    """A live OpenMP team, even idle, slows every other (``mrg.batching``): idle threads end."""
+    import time
+
+    import mrg.batching
+
+    monkeypatch.setattr(mrg.batching, "IDLE_S", 0.05)
+    batcher = Batcher(tiny_llm)
+    first = batcher.call(threading.current_thread)
+    deadline = time.monotonic() + 5
+    while batcher.thread is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert batcher.thread is None and not first.is_alive()
+    second = batcher.call(threading.current_thread)
+    assert second is not first and second.name == "mrg-batcher"
+    batcher.close()
+    assert not second.is_alive()
