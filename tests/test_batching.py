@@ -6,15 +6,8 @@ import pytest
 import torch
 from conftest import random_batch, tiny_model_config, wait_idle
 
-from mrg.batching import (
-    BUSY,
-    Batcher,
-    GrowingLayer,
-    Request,
-    ServiceBusy,
-    forced_run,
-    prefill,
-)
+from mrg.batching import BUSY, Batcher, Request, ServiceBusy, forced_run, prefill
+from mrg.batching.rows import GrowingLayer
 from mrg.model import Decoding, MRGModel
 from mrg.model.prompting import positions_from_mask
 

@@ -184,19 +184,14 @@ class ReportService:
     ) -> StudyFindings | None:
         """``read_findings``'s answer from the head's pooled features of a study's views."""
         named = None if manual is None else [finding_named(f) for f in manual]
-        if self.findings_head is None:
-            if named is None:
-                return None
-            return StudyFindings({}, {}, named, manual=True)
         head = self.findings_head
+        if head is None:
+            return None if named is None else StudyFindings({}, {}, named, manual=True)
         probabilities, y = head.predict_pooled(features)
         p, t = probabilities[0].tolist(), head.threshold.tolist()
-        found = named_findings(y[0].tolist())
+        found = named if named is not None else named_findings(y[0].tolist())
         return StudyFindings(
-            dict(zip(FINDINGS14, p)),
-            dict(zip(FINDINGS14, t)),
-            found if named is None else named,
-            manual=named is not None,
+            dict(zip(FINDINGS14, p)), dict(zip(FINDINGS14, t)), found, manual=named is not None
         )
 
     def _condition(
