@@ -1,21 +1,22 @@
 """Continuous batching: concurrent requests decode together over one frozen LLM.
 
 A request is a context (``inputs_embeds`` and mask, one row: what ``MRGModel.context`` made
-from the image) with its own logits processors, budget and forced tokens. The batcher's
-thread owns the LLM's decoding: a request that arrives while others decode is prefilled alone
-(``prefill``: after the keys and values of the chat template's opening, made once per model,
-and with the report's forced opening read in the same pass, ``forced_run``) and joins the
-running batch at the next step; a row whose rest is forced ends without decoding it. The
-batch shares one KV cache (``GrowingLayer``: written in place), left-padded to its longest
-row; every step feeds each row the token it chose last, with position ids that count that
-row's real tokens only (``mask.sum − 1``, the rule ``positions_from_mask`` gives the prefill),
-and attention that reads each row's own tokens only (``ROW_ATTENTION``: the row alone, in the
-very shapes it would have alone; rows that start together attend together), so a row's tokens do not depend on who else is in the
-batch: the weights' products are per row already (checked for fp32 and for the weight-only
-kernels), while attention over a left-padded cache with a mask took another kernel path and
-changed a bf16 report in 8 of 8 concurrent requests. A finished, cancelled or failed
-row leaves at the next step and the cache's all-padding columns are dropped. Prompt-wise and
-promptbook-wise requests share the batch: they differ only in their context.
+from the image) with its own logits processors, budget and forced tokens (``requests``). The
+batcher's thread owns the LLM's decoding: a request that arrives while others decode is
+prefilled alone (``prefill``: after the keys and values of the chat template's opening, made
+once per model, with the report's forced opening read in the same pass, ``forced_run``) and
+joins the running batch at the next step; a row whose rest is forced ends without decoding
+it. The batch shares one KV cache (``rows.GrowingLayer``: written in place), left-padded to
+its longest row; every step feeds each row the token it chose last, with position ids that
+count that row's real tokens only (``mask.sum − 1``, the rule ``positions_from_mask`` gives
+the prefill), and attention that reads each row's own tokens only (``rows.ROW_ATTENTION``: the
+row alone, in the very shapes it would have alone; rows that start together attend
+together), so a row's tokens do not depend on who else is in the batch: the weights'
+products are per row already (checked for fp32 and for the weight-only kernels), while
+attention over a left-padded cache with a mask took another kernel path and changed a bf16
+report in 8 of 8 concurrent requests. A finished, cancelled or failed row leaves at the next
+step and the cache's all-padding columns are dropped. Prompt-wise and promptbook-wise
+requests share the batch: they differ only in their context.
 
 The queue is bounded: past ``max_batch`` decoding and ``max_waiting`` waiting requests,
 ``submit`` raises ``ServiceBusy`` at once rather than making anyone wait without end.
