@@ -125,8 +125,12 @@ def for_viewer(array: np.ndarray) -> np.ndarray:
 
 
 def linear_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
-    """The DICOM linear VOI function (PS3.3 C.11.2.1.2.1), mapped to [0, 1]."""
-    return np.clip((values - (center - 0.5)) / max(width - 1.0, 1e-6) + 0.5, 0.0, 1.0)
+    """The DICOM linear VOI function (PS3.3 C.11.2.1.2.1), mapped to [0, 1]: one new array,
+    the same arithmetic in place (a 2-Mpixel film's temporaries made a load 0.2–0.9 s)."""
+    out = values - (center - 0.5)
+    out /= max(width - 1.0, 1e-6)
+    out += 0.5
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 DEFAULT_LIMITS = ImageLimits()
