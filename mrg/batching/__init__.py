@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 from transformers import DynamicCache, PreTrainedModel
 
-from mrg.batching.requests import Request, forced_run, prefill
+from mrg.batching.requests import Request, forced_run, next_tokens, prefill
 from mrg.batching.rows import ROW_ATTENTION
 
 log = logging.getLogger(__name__)
@@ -272,25 +272,13 @@ class Batcher:
 
     def _choose(self, row: _Row, logits: torch.Tensor) -> bool:
         """Pick ``row``'s next token and hand it out; False when the row has ended."""
-        request, ticket = row.ticket.request, row.ticket
         try:
-            ids = torch.tensor([row.generated], dtype=torch.long, device=logits.device)
-            with record_function("mrg.processors"):
-                scores = request.processors(ids, logits.float())
-            if request.sample:
-                token = int(torch.multinomial(scores.softmax(-1), 1))
-            else:
-                token = int(scores.argmax(-1))
-            if token == request.eos_id:
-                self._end(ticket)
-                return False
-            rest, ends = forced_run(request, [*row.generated, token])
+            tokens, ends = next_tokens(row.ticket.request, row.generated, logits)
         except Exception as err:
             log.exception("choosing a token failed")
-            self._end(ticket, err)
+            self._end(row.ticket, err)
             return False
-        budget = len(row.generated) + 1 >= request.max_new_tokens
-        return self._hand_out(row, [token, *(rest if ends else [])], ends or budget)
+        return self._hand_out(row, tokens, ends)
 
     def _end(self, ticket: Ticket, last: object = _DONE) -> None:
         """Hand ``ticket`` its last item (the end, or the error) once, and free its place."""

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import record_function
 from transformers import LogitsProcessorList, PreTrainedModel
 
 from mrg.batching.rows import growing_cache
@@ -49,6 +50,26 @@ def forced_run(request: Request, generated: list[int]) -> tuple[list[int], bool]
             return run, True
         run.append(token)
     return run, True
+
+
+def next_tokens(
+    request: Request, generated: list[int], logits: torch.Tensor
+) -> tuple[list[int], bool]:
+    """(the tokens to hand out after ``generated``: the one ``logits`` ``[1, V]`` give through
+    the request's processors, then, where the rest of the report is forced, that rest; whether
+    the report ends: its end token (then no token), its forced end or its budget)."""
+    ids = torch.tensor([generated], dtype=torch.long, device=logits.device)
+    with record_function("mrg.processors"):
+        scores = request.processors(ids, logits.float())
+    if request.sample:
+        token = int(torch.multinomial(scores.softmax(-1), 1))
+    else:
+        token = int(scores.argmax(-1))
+    if token == request.eos_id:
+        return [], True
+    rest, ends = forced_run(request, [*generated, token])
+    budget = len(generated) + 1 >= request.max_new_tokens
+    return [token, *(rest if ends else [])], ends or budget
 
 
 def prefill(llm: PreTrainedModel, request: Request, opening: list[int] = ()):

@@ -19,7 +19,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from mrg.batching import Request, forced_run, prefill
+from mrg.batching import Request, forced_run, next_tokens, prefill
 from mrg.config import DEFAULT_DECODING, Decoding
 from mrg.data.views import Views
 from mrg.model.decoding import (
@@ -141,24 +141,15 @@ class ReportGeneration:
             return
         out, mask = prefill(self.llm, request, generated)
         while True:
-            ids = torch.tensor([generated], dtype=torch.long, device=self.device)
-            scores = request.processors(ids, out.logits[:, -1].float())
-            if decoding.strategy == "sample":
-                next_id = torch.multinomial(scores.softmax(-1), 1)
-            else:
-                next_id = scores.argmax(-1, keepdim=True)
-            if int(next_id) == self.template.eos_id:
-                return
-            rest, ends = forced_run(request, [*generated, int(next_id)])
-            ends = ends or len(generated) + 1 >= decoding.max_new_tokens
-            for token in [int(next_id), *(rest if ends else [])]:
+            tokens, ends = next_tokens(request, generated, out.logits[:, -1])
+            for token in tokens:
                 generated.append(token)
                 yield token
             if ends:
                 return
             mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
             out = self.llm(
-                input_ids=next_id,
+                input_ids=torch.tensor([tokens[-1:]], device=self.device),
                 attention_mask=mask,
                 position_ids=positions_from_mask(mask)[:, -1:],
                 past_key_values=out.past_key_values,
