@@ -69,7 +69,10 @@ def base_model_id(llm_source: str) -> str:
 
 
 def hub_model_card(repo_id: str, modes: list[str], base_model: str, body: str = "") -> str:
-    """README.md for a Hub repo: YAML metadata the Hub indexes, then ``body`` (Markdown)."""
+    """README.md for a Hub repo: YAML metadata the Hub indexes, then ``body`` (Markdown). A
+    ``body`` that opens with its own metadata (``assets/MODEL_CARD.md``) is the README as it is."""
+    if body.startswith("---\n"):
+        return body
     tags = ["medical", "radiology", "chest-x-ray", "report-generation", "mrg-llm"]
     lines = [
         "---",

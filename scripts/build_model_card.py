@@ -52,6 +52,7 @@ from mrg.evaluation.demo_card import (
     COMPOSED,
     alignment_retrieval,
     blank_image_report,
+    card_metadata,
     ceiling_table,
     ceiling_verdict,
     common_report_shift,
@@ -87,6 +88,7 @@ SHARED = Path(setting("MRG_SHARED_DATA"))
 REPORTS = SHARED / "iu_xray" / "NLMCXR_reports.tgz"
 RECORD_NAME = "training_record.json"
 V_ONLY = Path("baselines") / "v-only"  # under assets/
+FINDINGS_Y = Path("baselines") / "findings-y"  # under assets/: conditioned on present findings
 LANGUAGE_PROMPT = Path("baselines") / "language_prompt.safetensors"  # under assets/
 WORDS_ONLY = dataclasses.replace(DEFAULT_DECODING, lead_with_findings=False)
 OPEN_VOCABULARY = dataclasses.replace(DEFAULT_DECODING, closed_vocabulary=False)
@@ -367,7 +369,7 @@ def build_card(assets: Path, out: Path) -> dict:
             **common_report_shift(train, test, labeler),
         )
     )
-    (assets / "MODEL_CARD.md").write_text(card)
+    (assets / "MODEL_CARD.md").write_text(card_metadata(measured) + card)
     print(markdown(results))
     return measured
 

@@ -339,6 +339,53 @@ def language_losses(records: list[dict]) -> dict[str, float]:
     return {"language_before": language[0]["val_loss"], "language_after": language[-1]["val_loss"]}
 
 
+# The card's YAML header for the Hub: the checkpoints' licence (non-commercial: OpenI's
+# CC BY-NC-ND reports, as the card's Licences section says), tags, base model, data, and
+# model-index with each shipped mode's test figures (demo_metrics.json key: type, name).
+CARD_DATASET = "timm/nih-chest-xray-14"  # the NIH ChestX-ray14 images on the Hub
+CARD_HEADLINE = {"CE_micro_F1": ("f1", "CE micro-F1"), "CE_macro_F1": ("f1", "CE macro-F1")}
+CARD_HEADLINE.update({"BLEU_4": ("bleu", "BLEU-4"), "CIDEr": ("cider", "CIDEr")})
+
+
+def card_metadata(metrics: dict) -> str:
+    """The model card's YAML header (``---`` … ``---``) from ``demo_metrics.json``'s dict."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    from mrg.hub import SMOLLM2_HUB
+
+    modes, split = list(metrics["checkpoints"]), "NIH ChestX-ray14 test split, {} held-out images"
+    results = [
+        EvalResult(
+            task_type="image-to-text",
+            task_name="Chest X-ray report generation",
+            dataset_type=CARD_DATASET,
+            dataset_name=split.format(metrics["results"][modes[0]]["studies"]),
+            dataset_split="test",
+            metric_type=kind,
+            metric_name=f"{name} ({mode})",
+            metric_config=mode,
+            metric_value=metrics["results"][mode][key],
+        )
+        for mode in modes
+        for key, (kind, name) in CARD_HEADLINE.items()
+    ]
+    tags = ["medical-imaging", "radiology", "chest-x-ray", "report-generation", "mrg-llm"]
+    data = ModelCardData(
+        model_name="mrg demo checkpoints (SmolLM2-135M + hybrid ViT)",
+        language="en",
+        license="other",
+        license_name="non-commercial",
+        license_link="https://creativecommons.org/licenses/by-nc-nd/4.0/",
+        base_model=SMOLLM2_HUB,
+        datasets=[CARD_DATASET],
+        pipeline_tag="image-to-text",
+        library_name="mrg",
+        tags=tags,
+        eval_results=results,
+    )
+    return f"---\n{data.to_yaml()}\n---\n"
+
+
 def model_card(fields: dict) -> str:
     """``assets/MODEL_CARD.template.md`` with its ``{field}`` placeholders filled (``str.format``)."""
     return MODEL_CARD_TEMPLATE.read_text().format(**fields)
