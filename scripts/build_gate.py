@@ -13,7 +13,7 @@ measured on what neither saw:
   sample images, the NIH test radiographs rotated by 90°, 180°, 270° and inverted, and blanks.
 
 Each goes through the serving path (``load_image`` → the findings head's view → ``screen``).
-Writes ``<checkpoints>/gate/`` and the metrics JSON the README's table is made from.
+Writes ``<checkpoints>/gate/`` and the metrics JSON the table of docs/gate.md is made from.
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def row(name: str, codes: list[str | None], must: str) -> dict:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The README's table: each group of images, how many, what must happen, what did."""
+    """The table of docs/gate.md: each group of images, how many, what must happen, what did."""
     lines = ["| images | count | must | refused | by |", "|---|---:|---|---:|---|"]
     for r in rows:
         by = ", ".join(f"{code} {n}" for code, n in r["reasons"].items()) or "—"

@@ -1,7 +1,8 @@
-"""The README's gallery: each shipped example with its NIH labels, the findings head's top
-findings and the labels of the report each shipped mode writes (greedy, the app's defaults).
+"""The gallery of docs/checkpoints.md: each shipped example with its NIH labels, the findings
+head's top findings and the labels of the report each shipped mode writes (greedy, the app's
+defaults).
 
-    python scripts/examples_gallery.py [--write]    # --write replaces the README's gallery
+    python scripts/examples_gallery.py [--write]    # --write replaces the page's gallery
 """
 
 from __future__ import annotations
@@ -56,16 +57,16 @@ def gallery(service: ReportService) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help="replace the README's gallery")
+    parser.add_argument("--write", action="store_true", help="replace the page's gallery")
     args = parser.parse_args()
     torch.set_num_threads(2)
     table = gallery(ReportService.load(dtype="float32"))
     print(table)
     if args.write:
-        readme = ROOT / "README.md"
-        text = readme.read_text()
+        page = ROOT / "docs" / "checkpoints.md"
+        text = page.read_text()
         block = f"{BEGIN}\n{table}{END}"
-        readme.write_text(re.sub(f"{BEGIN}.*?{END}", lambda _: block, text, flags=re.DOTALL))
+        page.write_text(re.sub(f"{BEGIN}.*?{END}", lambda _: block, text, flags=re.DOTALL))
 
 
 if __name__ == "__main__":

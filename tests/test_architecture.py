@@ -15,7 +15,7 @@ def contract_layers() -> list[str]:
 
 
 def test_the_architecture_doc_draws_the_contract_s_layers_in_order():
-    doc = (ROOT / "ARCHITECTURE.md").read_text()
+    doc = (ROOT / "docs" / "architecture.md").read_text()
     positions = [doc.find(f" {layer} ") for layer in contract_layers()]
     assert all(p >= 0 for p in positions), contract_layers()
     assert positions == sorted(positions)
