@@ -1,11 +1,18 @@
 """Image → findings: the classifier whose decisions condition the report.
 
     z = W · GAP(f(x)) + b            f: EfficientNet-Lite0 (ImageNet) over the frontal view
-    p_c = σ(z_c / T_c)               T: per-finding temperature, fitted on validation
-    y_c = 1[p_c ≥ t_c], y_normal = 1[no y_c]   t: per-finding operating points (validation)
+    p_c = σ(z_c / T_c + b_c)         T, b: per-finding temperature and bias (Platt), fitted on
+                                     validation at the data's own prevalence
+    y_c = 1[p_c ≥ t_c], y_normal = 1[no y_c]   t: per-finding F1 operating points (validation)
+    s_c = present   if p_c ≥ t⁺_c    t⁺: the point of precision ≥ 0.5 on validation (∞: never)
+          possible  if p_c ≥ t_c, the most probable first, while fewer than ``MAX_NAMED``
+                    findings are present or possible
+          absent    below t_c, for the findings real reports negate (``negated_share`` ≥
+                    ``NEGATED_SHARE``: effusion, pneumothorax, consolidation in OpenI); a
+                    finding in the band but past ``MAX_NAMED`` is not stated
 
-``y`` (``[B, 15]``) is what the report model is conditioned on (``MRGModel.context``); ``p``
-is what the findings panel shows. A study with several views takes the mean of the present
+The report model is conditioned on ``y`` (``[B, 15]``, the checkpoints before the states) or
+on the states ``s`` (``mrg.text.states``, 43 entries); ``p`` is what the findings panel shows. A study with several views takes the mean of the present
 views' logits. The head keeps its own backbone beside the report encoder's frozen stem: its
 later stages and the classifier are trained on labelled images (``mrg.train.findings``),
 which no report-writing stage touches.
@@ -25,12 +32,16 @@ from torch import nn
 from mrg.config import ConfigBase, ConfigError
 from mrg.data.views import Views
 from mrg.model.encoder import efficientnet_lite0_state_dict
+from mrg.text.states import ABSENT, POSSIBLE, PRESENT, FindingStates, state_vector
 from mrg.text.taxonomy import FINDINGS14
 
 FINDINGS_FOLDER = "findings"  # beside the modes in a checkpoint folder
 FINDINGS_CONFIG_NAME = "findings_config.json"
 FINDINGS_WEIGHTS_NAME = "findings.safetensors"
 TRAINABLE_PARTS = ("classifier", "last_stages", "all")
+MAX_NAMED = 2  # present or possible findings a report names (possible ones fill up to it)
+STATE_BUFFERS = {"bias", "present_threshold", "negated_share"}  # absent from heads before states
+NEGATED_SHARE = 0.2  # a finding real reports negate this often is stated absent when unlikely
 
 
 @dataclass
@@ -63,8 +74,12 @@ class FindingsHead(nn.Module):
             self.backbone.load_state_dict({k: v for k, v in weights.items() if k in wanted})
         self.dropout = nn.Dropout(self.config.dropout)
         self.classifier = nn.Linear(self.backbone.num_features, len(FINDINGS14))
-        self.register_buffer("temperature", torch.ones(len(FINDINGS14)))
-        self.register_buffer("threshold", torch.full((len(FINDINGS14),), 0.5))
+        n = len(FINDINGS14)
+        self.register_buffer("temperature", torch.ones(n))
+        self.register_buffer("bias", torch.zeros(n))
+        self.register_buffer("threshold", torch.full((n,), 0.5))
+        self.register_buffer("present_threshold", torch.full((n,), float("inf")))
+        self.register_buffer("negated_share", torch.zeros(n))
         self.register_buffer("pixel_mean", torch.tensor(0.5), persistent=False)
         self.set_trainable(self.config.trainable)
 
@@ -101,8 +116,41 @@ class FindingsHead(nn.Module):
         return (logits * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Calibrated p = σ(z / T)."""
-        return torch.sigmoid(logits / self.temperature)
+        """Calibrated p = σ(z / T + b)."""
+        return torch.sigmoid(logits / self.temperature + self.bias)
+
+    def states(self, probabilities: torch.Tensor) -> list[FindingStates]:
+        """Each study's states (module docstring): present above ``present_threshold``;
+        possible from ``threshold`` up, most probable first, until ``MAX_NAMED`` are named;
+        absent for the often-negated findings below ``threshold``."""
+        out = []
+        for p in probabilities.tolist():
+            states = {
+                f: PRESENT
+                for f, q, t in zip(FINDINGS14, p, self.present_threshold.tolist())
+                if q >= t
+            }
+            band = [
+                c
+                for c in sorted(range(len(FINDINGS14)), key=lambda c: -p[c])
+                if FINDINGS14[c] not in states and p[c] >= float(self.threshold[c])
+            ]
+            for c in band[: max(0, MAX_NAMED - len(states))]:
+                states[FINDINGS14[c]] = POSSIBLE
+            shares, points = self.negated_share.tolist(), self.threshold.tolist()
+            for c, f in enumerate(FINDINGS14):
+                if f not in states and shares[c] >= NEGATED_SHARE and p[c] < points[c]:
+                    states[f] = ABSENT
+            out.append({f: states[f] for f in FINDINGS14 if f in states})
+        return out
+
+    def condition(self, probabilities: torch.Tensor, states: bool = False) -> torch.Tensor:
+        """What a report model is conditioned on: the states ``[B, 43]`` (``state_vector`` of
+        ``self.states``) or the decisions y ``[B, 15]`` (``decide``)."""
+        if not states:
+            return self.decide(probabilities)
+        vectors = [state_vector(s) for s in self.states(probabilities)]
+        return torch.tensor(vectors, dtype=probabilities.dtype, device=probabilities.device)
 
     def decide(self, probabilities: torch.Tensor) -> torch.Tensor:
         """The condition y ``[B, 15]``: 1 where p reaches the operating point, normal where none does."""
@@ -110,21 +158,24 @@ class FindingsHead(nn.Module):
         return torch.cat([named, (named.sum(-1, keepdim=True) == 0).float()], dim=-1)
 
     @torch.inference_mode()
-    def predict(self, views: Views) -> tuple[torch.Tensor, torch.Tensor]:
-        """(calibrated probabilities ``[B, 14]``, condition y ``[B, 15]``) in eval mode."""
+    def predict(self, views: Views, states: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(calibrated probabilities ``[B, 14]``, ``condition``: y ``[B, 15]`` or the states
+        ``[B, 43]``) in eval mode."""
         was_training = self.training
         self.eval()
         probabilities = self.probabilities(self(views))
         self.train(was_training)
-        return probabilities, self.decide(probabilities)
+        return probabilities, self.condition(probabilities, states)
 
     @torch.inference_mode()
-    def predict_pooled(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_pooled(
+        self, features: torch.Tensor, states: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``predict`` of one study from its views' pooled features ``[V, C]`` (``features``,
         in eval mode): the mean of the views' logits, as ``forward`` takes it."""
         logits = self.classifier(features).mean(0, keepdim=True)
         probabilities = self.probabilities(logits)
-        return probabilities, self.decide(probabilities)
+        return probabilities, self.condition(probabilities, states)
 
     @property
     def target_layer(self) -> nn.Module:
@@ -146,5 +197,15 @@ class FindingsHead(nn.Module):
         directory = Path(directory)
         config = FindingsHeadConfig.load(directory / FINDINGS_CONFIG_NAME)
         head = cls(config, load_weights=False)
-        head.load_state_dict(load_file(str(directory / FINDINGS_WEIGHTS_NAME)))
+        # a head saved before the states has no bias, present points or negation shares: its
+        # defaults (0, never present, never absent) keep its probabilities and decisions
+        result = head.load_state_dict(
+            load_file(str(directory / FINDINGS_WEIGHTS_NAME)), strict=False
+        )
+        missing = set(result.missing_keys) - STATE_BUFFERS
+        if missing or result.unexpected_keys:
+            raise ConfigError(
+                f"{directory} is not a findings head of this config: missing {sorted(missing)}, "
+                f"unexpected {sorted(result.unexpected_keys)}"
+            )
         return head.eval()

@@ -250,6 +250,10 @@ class ReportLabeler:
             out[label] = max((concepts.get(c) for c in members), key=lambda s: rank[s])
         return out
 
+    def statuses14(self, text: str) -> dict[str, str | None]:
+        """ChestX-ray14 findings → positive / uncertain / negative, or None where not mentioned."""
+        return self._mapped(text, "chestxray14")
+
     def label14(self, text: str, uncertain_as_positive: bool = False) -> dict[str, int]:
         """ChestX-ray14 findings as 1/0 (positive mention or not) plus ``normal``."""
         statuses = self._mapped(text, "chestxray14")

@@ -268,14 +268,63 @@ def train_findings_head(
     return head.eval(), run
 
 
-def calibrate(head: FindingsHead, val: LabelledImages, train_rate: np.ndarray) -> None:
-    """Set the head's temperatures and operating points from the validation split."""
+def fit_platt(
+    logits: torch.Tensor, labels: torch.Tensor, l2: float = 0.1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per finding (T, b) minimising the NLL of σ(z / T + b) on ``labels`` (Platt scaling:
+    the temperature and the prior, which the imbalance-aware loss shifted), with an L2 pull
+    of log(1/T) towards 0 so that a finding with few positives keeps a sane slope."""
+    log_a = torch.zeros(logits.shape[1], requires_grad=True)
+    b = torch.zeros(logits.shape[1], requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_a, b], lr=0.5, max_iter=500)
+
+    def closure():
+        optimizer.zero_grad()
+        nll = F.binary_cross_entropy_with_logits(logits * log_a.exp() + b, labels)
+        loss = nll * logits.shape[1] + l2 * (log_a**2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return (-log_a.detach()).exp(), b.detach()
+
+
+def present_points(
+    probabilities: np.ndarray, labels: np.ndarray, precision: float = 0.5, min_true: int = 2
+) -> np.ndarray:
+    """Per finding, the lowest threshold at which the images above it are positive at least
+    ``precision`` of the time, with at least ``min_true`` true positives; ∞ where none is."""
+    points = np.full(labels.shape[1], np.inf)
+    for c in range(labels.shape[1]):
+        p, y = probabilities[:, c], labels[:, c]
+        for t in np.unique(p):
+            above = p >= t
+            hits = y[above].sum()
+            if hits >= min_true and hits / above.sum() >= precision:
+                points[c] = float(t)
+                break
+    return points
+
+
+def calibrate(
+    head: FindingsHead,
+    val: LabelledImages,
+    train_rate: np.ndarray,
+    negated: np.ndarray | None = None,
+) -> None:
+    """Set the head's calibration (T, b), F1 operating points and present points from the
+    validation split; ``negated`` (``negated_shares`` of real reports) says which findings
+    may be stated absent."""
     logits = head_logits(head, val)
-    head.temperature.copy_(fit_temperatures(logits, val.labels))
+    temperature, bias = fit_platt(logits, val.labels)
+    head.temperature.copy_(temperature)
+    head.bias.copy_(bias)
     probabilities = head.probabilities(logits).numpy()
-    head.threshold.copy_(
-        torch.from_numpy(operating_points(probabilities, val.labels.numpy(), train_rate)).float()
-    )
+    labels = val.labels.numpy()
+    head.threshold.copy_(torch.from_numpy(operating_points(probabilities, labels, train_rate)))
+    head.present_threshold.copy_(torch.from_numpy(present_points(probabilities, labels)))
+    if negated is not None:
+        head.negated_share.copy_(torch.from_numpy(negated))
 
 
 @torch.no_grad()

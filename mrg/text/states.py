@@ -1,0 +1,185 @@
+"""Finding states: how sure a report is of each ChestX-ray14 finding (PromptMRG's condition).
+
+Each finding is ``present``, ``possible`` or ``absent``, or not stated at all. The findings
+head gives them from calibrated probabilities (``mrg.model.findings``); the labeler reads
+them back from report text (positive → present, uncertain → possible, negative → absent).
+
+As a vector (what the customizer's affine heads see) the states are ``STATE_WIDTH`` = 43
+entries: 14 present, 14 possible, 14 absent, then "normal" (1 where nothing is present or
+possible). The first 14 entries are the 15-wide findings vector's own, so a vector of
+either width names its present findings the same way (``named_findings``).
+
+As text they enter the instruction (``states_words``: "Present: cardiomegaly. Possible:
+pleural effusion. Absent: pneumothorax.") and open the report (``lead_sentences``:
+"Cardiomegaly. Possible pleural effusion."). A present finding rules out a global-normal
+statement ("No acute cardiopulmonary abnormality."): ``GLOBAL_NORMAL`` finds one in text,
+``GLOBAL_NORMAL_BIGRAMS`` are the word pairs decoding never writes beside a present finding.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+from mrg.text.taxonomy import FINDINGS14, finding_named, spoken_name
+
+PRESENT, POSSIBLE, ABSENT = "present", "possible", "absent"
+STATES = (PRESENT, POSSIBLE, ABSENT)
+STATE_WIDTH = 3 * len(FINDINGS14) + 1
+FROM_LABELER = {"positive": PRESENT, "uncertain": POSSIBLE, "negative": ABSENT}
+
+FindingStates = dict[str, str]  # finding → state; findings not stated are left out
+
+GLOBAL_NORMAL = re.compile(
+    r"\b(?:no (?:acute|active) (?:cardiopulmonary |cardiothoracic |intrathoracic |chest )?"
+    r"(?:abnormalit(?:y|ies)|disease|process|findings?)|normal chest|negative chest|"
+    r"no acute (?:cardiopulmonary|cardiothoracic|intrathoracic)\b)",
+    re.IGNORECASE,
+)
+# (word, next word) pairs that make a global-normal statement; banned after a present finding
+GLOBAL_NORMAL_BIGRAMS = {
+    "acute": frozenset(
+        {
+            "cardiopulmonary",
+            "cardiothoracic",
+            "intrathoracic",
+            "abnormality",
+            "abnormalities",
+            "disease",
+            "process",
+            "findings",
+            "finding",
+        }
+    ),
+    "active": frozenset({"disease", "cardiopulmonary", "process"}),
+    "normal": frozenset({"chest"}),
+    "negative": frozenset({"chest"}),
+}
+
+
+# words that negate the findings after them in a sentence ("No pleural effusion or pneumothorax")
+NEGATIONS = frozenset({"no", "not", "without", "negative", "free", "nor", "neither", "absent"})
+# the words a finding is affirmed with (the labeler's patterns, by their first letters)
+NAMING_PREFIXES = {
+    "Atelectasis": ("atelecta", "collaps"),
+    "Cardiomegaly": ("cardiomegal", "enlarge"),
+    "Effusion": ("effusion", "hydrothora"),
+    "Infiltration": ("infiltrat",),
+    "Mass": ("mass",),
+    "Nodule": ("nodul",),
+    "Pneumonia": ("pneumoni", "bronchopneumoni"),
+    "Pneumothorax": ("pneumothora",),
+    "Consolidation": ("consolidat",),
+    "Edema": ("edema", "oedema"),
+    "Emphysema": ("emphysem",),
+    "Fibrosis": ("fibros", "fibrotic"),
+    "Pleural_Thickening": ("thickening",),
+    "Hernia": ("hernia",),
+}
+
+
+def unstated_prefixes(states: Mapping[str, str]) -> frozenset[str]:
+    """The naming words of the findings ``states`` does not state present or possible: a
+    report written from them names those only to negate them."""
+    named = {f for f, s in states.items() if s in (PRESENT, POSSIBLE)}
+    return frozenset(
+        p for f, prefixes in NAMING_PREFIXES.items() if f not in named for p in prefixes
+    )
+
+
+def global_normal_bigrams(states: Mapping[str, str]) -> frozenset[tuple[str, str]]:
+    """The (word, next word) pairs decoding must not write for ``states``: the global-normal
+    statements where a finding is present, none otherwise."""
+    if PRESENT not in states.values():
+        return frozenset()
+    return frozenset((a, b) for a, nexts in GLOBAL_NORMAL_BIGRAMS.items() for b in nexts)
+
+
+def state_vector(states: Mapping[str, str]) -> list[float]:
+    """The 43-entry condition of ``states``: present, possible and absent flags per finding,
+    then 1 for normal where nothing is present or possible."""
+    check(states)
+    flags = [[1.0 if states.get(f) == s else 0.0 for f in FINDINGS14] for s in STATES]
+    named = any(states.get(f) in (PRESENT, POSSIBLE) for f in FINDINGS14)
+    return flags[0] + flags[1] + flags[2] + [0.0 if named else 1.0]
+
+
+def states_of_vector(vector: Iterable[float]) -> FindingStates:
+    """The states a condition vector holds: 43 entries (``state_vector``), or the 15-entry
+    findings vector (its findings present, nothing else stated)."""
+    values = list(vector)
+    n = len(FINDINGS14)
+    if len(values) == n + 1:
+        return {f: PRESENT for f, v in zip(FINDINGS14, values) if v >= 0.5}
+    if len(values) != STATE_WIDTH:
+        raise ValueError(f"a condition has {n + 1} or {STATE_WIDTH} entries, got {len(values)}")
+    states: FindingStates = {}
+    for k, state in reversed(list(enumerate(STATES))):  # present wins over possible over absent
+        for f, v in zip(FINDINGS14, values[k * n : (k + 1) * n]):
+            if v >= 0.5:
+                states[f] = state
+    return {f: states[f] for f in FINDINGS14 if f in states}
+
+
+def check(states: Mapping[str, str]) -> None:
+    for finding, state in states.items():
+        if finding not in FINDINGS14:
+            raise ValueError(f"unknown finding {finding!r}; choose from {', '.join(FINDINGS14)}")
+        if state not in STATES:
+            raise ValueError(f"unknown state {state!r} of {finding}; choose from {STATES}")
+
+
+def with_state(states: Mapping[str, str], state: str) -> list[str]:
+    """The findings of ``states`` in ``state``, in ChestX-ray14 order."""
+    return [f for f in FINDINGS14 if states.get(f) == state]
+
+
+def _listed(findings: list[str]) -> str:
+    return ", ".join(spoken_name(f) for f in findings) if findings else "none"
+
+
+def states_words(states: Mapping[str, str]) -> str:
+    """The states as words in the user turn: ``Present: cardiomegaly. Possible: none.
+    Absent: pleural effusion, pneumothorax.``"""
+    return " ".join(
+        f"{state.capitalize()}: {_listed(with_state(states, state))}." for state in STATES
+    )
+
+
+def lead_sentences(states: Mapping[str, str], order: Iterable[str] | None = None) -> str:
+    """One sentence per present or possible finding, present first: ``Cardiomegaly. Possible
+    pleural effusion.`` ("" for none). ``order`` (most important first) sorts within a state."""
+    ranked = list(order) if order is not None else list(FINDINGS14)
+    sentences = []
+    for state in (PRESENT, POSSIBLE):
+        for finding in sorted(with_state(states, state), key=ranked.index):
+            name = spoken_name(finding)
+            sentences.append(f"{name.capitalize()}." if state == PRESENT else f"Possible {name}.")
+    return " ".join(sentences)
+
+
+def parse_states(text: str) -> FindingStates:
+    """``"Effusion=possible, Cardiomegaly"`` → ``{"Cardiomegaly": "present", "Effusion":
+    "possible"}``; a name alone is present; ``none`` (or "") states nothing."""
+    states: FindingStates = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item or item.lower() == "none":
+            continue
+        name, _, state = item.partition("=")
+        state = (state.strip() or PRESENT).lower()
+        if state not in STATES:
+            raise ValueError(
+                f"unknown state {state!r} in {item!r}; choose from {', '.join(STATES)}"
+            )
+        states[finding_named(name)] = state
+    return {f: states[f] for f in FINDINGS14 if f in states}
+
+
+def states_from_statuses(statuses: Mapping[str, str | None]) -> FindingStates:
+    """The labeler's report-level statuses (positive / uncertain / negative / None) as states."""
+    return {f: FROM_LABELER[s] for f in FINDINGS14 if (s := statuses.get(f)) in FROM_LABELER}
+
+
+def global_normal(text: str) -> bool:
+    """Whether ``text`` says the whole study is normal ("No acute cardiopulmonary abnormality")."""
+    return bool(GLOBAL_NORMAL.search(text))
