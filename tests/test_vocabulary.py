@@ -7,7 +7,7 @@ from conftest import random_batch
 
 from mrg.config import Decoding
 from mrg.model import MRGModel
-from mrg.model.decoding import ClosedVocabulary, report_structure
+from mrg.model.decoding import ClosedVocabulary, Position, Rules, report_structure
 from mrg.text.sections import split_sections
 from mrg.text.taxonomy import naming_words
 from mrg.text.vocabulary import VOCABULARY_NAME, report_vocabulary, words
@@ -30,20 +30,39 @@ def test_the_vocabulary_keeps_common_words_and_never_a_comparison_with_a_prior_s
 
 
 def test_a_word_may_be_begun_only_toward_a_vocabulary_word_and_ended_only_as_one(closed):
-    assert closed.fits("", " heart")
-    assert closed.fits("card", "iomeg")  # on the way to "cardiomegaly"
-    assert not closed.fits("card", "iff")  # no word begins "cardiff"
-    assert closed.fits("heart", ".") and not closed.fits("hear", ".")  # "hear" is no word here
-    assert not closed.fits("", " 5")  # no digits: nothing measures a size
-    assert not closed.fits("norm", "AL")  # no capital after a small letter
-    assert closed.fits("", " Normal")  # a capital at the start of a word is fine
+    assert closed.fits(" heart")
+    assert closed.fits("iomeg", Position(open_word="card"))  # on the way to "cardiomegaly"
+    assert not closed.fits("iff", Position(open_word="card"))  # no word begins "cardiff"
+    assert closed.fits(".", Position(open_word="heart"))
+    assert not closed.fits(".", Position(open_word="hear"))  # "hear" is no word here
+    assert not closed.fits(" 5")  # no digits: nothing measures a size
+    assert not closed.fits("AL", Position(open_word="norm"))  # no capital after a small letter
+    assert closed.fits(" Normal")  # a capital at the start of a word is fine
+    assert not closed.fits("é", Position(open_word="normal"))  # no letter outside ASCII
 
 
 def test_after_the_findings_lead_no_word_names_them_again(closed):
     stated = naming_words(["Cardiomegaly", "Effusion"])
     assert stated == {"cardiomegaly", "effusion"}
-    assert closed.fits("", " cardi") and not closed.fits("", " cardiomeg", stated)
-    assert not closed.fits("", " effusion", stated) and closed.fits("", " heart", stated)
+    rules = Rules(stated=stated)
+    assert closed.fits(" cardi") and not closed.fits(" cardiomeg", rules=rules)
+    assert not closed.fits(" effusion", rules=rules) and closed.fits(" heart", rules=rules)
+
+
+def test_a_finding_not_stated_present_or_possible_is_named_only_to_negate_it(closed, tokenizer):
+    from mrg.model.decoding import position
+    from mrg.text.states import unstated_prefixes
+
+    rules = Rules(unstated=unstated_prefixes({"Effusion": "absent", "Edema": "possible"}))
+    assert "effusion" in rules.unstated and "cardiomegal" in rules.unstated
+    assert not any(p.startswith("edema") for p in rules.unstated)
+    assert not closed.fits(" effusion", rules=rules)  # "Effusion." would affirm it
+    assert closed.fits(" effusion", Position(negated=True), rules)  # "No effusion."
+    assert closed.fits(" no effusion", rules=rules)  # the negation within the same piece
+    pieces = closed.structure.pieces
+    at = position(pieces, tokenizer.encode(" The heart is normal. No acute"))
+    assert at == Position(previous="no", negated=True, open_word="acute")
+    assert not position(pieces, tokenizer.encode(" No effusion. The")).negated  # a new sentence
 
 
 def test_the_processor_keeps_only_fitting_tokens(closed, tokenizer):
@@ -77,3 +96,44 @@ def finished_words(report: str) -> list[str]:
     random LLM never ends a section by itself)."""
     sections = split_sections(report)
     return [w for text in (sections.findings, sections.impression) for w in words(text)[:-1]]
+
+
+def test_the_word_being_built_is_read_back_to_its_first_letter_however_many_tokens_it_spans(
+    closed, tokenizer
+):
+    from mrg.model.decoding import position
+
+    pieces = closed.structure.pieces
+    ids = tokenizer.encode(" No acute cardiomediastinalmallostenokarboxolakemalosteno")
+    assert len(ids) > 16  # more than the 16 tokens the check once looked back on
+    at = position(pieces, ids)
+    assert (
+        at.previous == "acute" and at.open_word == "cardiomediastinalmallostenokarboxolakemalosteno"
+    )
+    assert not closed.fits("y", at)  # no vocabulary word begins with it
+    assert position(pieces, tokenizer.encode(" No acute. Card")) == Position(open_word="Card")
+
+
+def test_beside_a_present_finding_no_global_normal_statement_is_begun(closed):
+    from mrg.text.states import global_normal_bigrams
+
+    rules = Rules(bigrams=global_normal_bigrams({"Effusion": "present"}))
+    assert global_normal_bigrams({"Effusion": "possible"}) == frozenset()
+    assert closed.fits(" acute", Position(previous="no"), rules)  # "no acute" is fine alone
+    words = frozenset(WORDS | {"cardiopulmonary", "abnormality", "pulmonary"})
+    closed = ClosedVocabulary(closed.structure, words)
+    assert not closed.fits(" cardiopulmonary", Position(previous="acute"), rules)
+    within = Position(previous="no", open_word="acute")  # the pair within one piece
+    assert not closed.fits(" cardiop", within, rules)
+    assert closed.fits(" cardiom", within, rules)  # on the way to cardiomegaly
+    assert closed.fits(" pulmonary", Position(previous="acute"), rules)
+    assert closed.fits(" cardiopulmonary", Position(previous="acute"))  # no finding present
+
+
+def test_where_no_likely_token_fits_any_fitting_token_is_taken(closed, tokenizer):
+    narrow = ClosedVocabulary(closed.structure, WORDS, top_k=1, wider_k=2)
+    scores = torch.full((1, len(tokenizer)), float("-inf"))
+    rehab, five, heart = (tokenizer.encode(t)[0] for t in (" rehab", " hello", " heart"))
+    scores[0, rehab], scores[0, five], scores[0, heart] = 9.0, 8.0, -20.0
+    out = narrow(torch.tensor([tokenizer.encode(" The")]), scores.clone())
+    assert out[0].argmax() == heart and torch.isinf(out[0, rehab]) and torch.isinf(out[0, five])

@@ -4,7 +4,9 @@ An answer is ``FINDINGS: …⏎IMPRESSION: …`` and nothing else:
 
 * the first tokens are forced to ``FINDINGS:``, and the first token after a header starts
   with a space, as in every training target; a findings-conditioned report's findings
-  sentences (``leads``) are forced after ``FINDINGS:`` and make its impression;
+  sentences (``leads``: one per present or possible finding) are forced after ``FINDINGS:``
+  and open its impression, which either ends there (``close_after_lead``, the checkpoints
+  before the states) or goes on in the LLM's words;
 * in the findings, a newline or EOS never appears as such: their probability is the
   probability of closing the findings, and it moves to the forced ``⏎IMPRESSION:`` header
   (which is also forced once only ``reserve`` tokens of the budget are left); a section
@@ -15,8 +17,10 @@ An answer is ``FINDINGS: …⏎IMPRESSION: …`` and nothing else:
   "impression";
 * the repetition penalty and the n-gram ban see the body only (``OnBody``), so the headers
   are never penalised ("ImpressION:") and never make body tokens look repeated;
-* with a report vocabulary (``mrg.text.vocabulary``), no word outside it is begun or ended
-  (``ClosedVocabulary``): no misspelt and no chatbot words.
+* with a report vocabulary (``mrg.text.vocabulary``), no word outside it is written: the
+  constraint sees the whole word being built, not one sub-word token (``ClosedVocabulary``),
+  and after a present finding no global-normal statement is begun ("No acute
+  cardiopulmonary abnormality": ``mrg.text.states.GLOBAL_NORMAL_BIGRAMS``).
 
 Every processor reads its state from each row's generated ids and keeps none, so the same
 list serves greedy, sampling and beam search, in ``generate`` and in the streaming loop.
@@ -25,12 +29,14 @@ list serves greedy, sampling and beam search, in ``generate`` and in the streami
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 
 from mrg.text.sections import FINDINGS, format_report
+from mrg.text.states import NEGATIONS
 from mrg.text.vocabulary import HEADER_WORDS
 
 _HEADER_WORD_AT_END = re.compile(r"(findings|impression)\s*$", re.IGNORECASE)
@@ -107,9 +113,11 @@ class ReportStructureProcessor(LogitsProcessor):
 
     ``leads`` (one list of token ids per study; rows ``i·r … i·r + r − 1`` of a batch with
     ``r`` rows per study, as beam search lays them out) are forced right after ``FINDINGS:``,
-    where the LLM continues them, and make the whole impression: the impression of a report
-    that names findings is their sentences (the LLM's own impressions after them were measured
-    to call them "unremarkable"). A report that names none is written freely."""
+    where the LLM continues them, and again right after ``IMPRESSION:``. With
+    ``close_after_lead`` the impression of a report that names findings is their sentences
+    alone (the image-stage checkpoints' own impressions after them were measured to call them
+    "unremarkable"); without it the LLM goes on after them, as the states models learned to.
+    A report that names none is written freely."""
 
     def __init__(
         self,
@@ -117,9 +125,10 @@ class ReportStructureProcessor(LogitsProcessor):
         max_new_tokens: int,
         reserve: int = 16,
         leads: list[list[int]] | None = None,
+        close_after_lead: bool = True,
     ):
         self.structure, self.max_new_tokens, self.reserve = structure, max_new_tokens, reserve
-        self.leads = leads
+        self.leads, self.close_after_lead = leads, close_after_lead
 
     def _lead(self, row: int, rows: int) -> list[int]:
         """The findings' sentences of ``row`` ([] where there are none)."""
@@ -138,7 +147,7 @@ class ReportStructureProcessor(LogitsProcessor):
         start = s.impression_start(row_ids)
         if start is not None and n - start < len(s.impression + lead):
             return (s.impression + lead)[n - start]
-        if start is not None and lead:  # the impression of named findings is their sentences
+        if start is not None and lead and self.close_after_lead:  # the impression is the lead
             return s.eos_id
         return None
 
@@ -204,85 +213,154 @@ class OnBody(LogitsProcessor):
         return scores
 
 
-@lru_cache(maxsize=64)
+Bigrams = frozenset[tuple[str, str]]  # (word, next word) pairs never written
+_SENTENCE_END = re.compile(r"[.!?:\n]")
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What one study's report may not write, besides words outside the vocabulary:
+    ``stated``, prefixes of words never written (the findings its lead named); ``unstated``,
+    prefixes of words written only in a sentence that already negates (the findings its
+    condition does not state present or possible: "No pleural effusion." yes, "Pleural
+    effusion." no); ``bigrams``, (word, next word) pairs never written."""
+
+    stated: frozenset[str] = frozenset()
+    unstated: frozenset[str] = frozenset()
+    bigrams: Bigrams = frozenset()
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where the next token goes: the word before the open one (None after punctuation),
+    whether the sentence so far negates, and the letters of the open word."""
+
+    previous: str | None = None
+    negated: bool = False
+    open_word: str = ""
+
+
+@lru_cache(maxsize=256)
 def allowed_words(
-    vocabulary: frozenset[str], stated: frozenset[str] = frozenset()
+    vocabulary: frozenset[str],
+    stated: frozenset[str] = frozenset(),
+    banned: frozenset[str] = frozenset(),
 ) -> tuple[frozenset[str], frozenset[str]]:
-    """(words, their prefixes) of ``vocabulary`` less the words beginning with ``stated``."""
-    words = frozenset(w for w in vocabulary if not w.startswith(tuple(stated) or "\0"))
+    """(words, their prefixes) of ``vocabulary`` less the words beginning with ``stated`` and
+    the words of ``banned``."""
+    words = frozenset(
+        w for w in vocabulary if not w.startswith(tuple(stated) or "\0") and w not in banned
+    )
     return words, frozenset(w[:i] for w in words for i in range(1, len(w) + 1))
 
 
 @lru_cache(maxsize=1 << 16)
-def _fits(vocabulary: frozenset[str], stated: frozenset[str], open_word: str, piece: str) -> bool:
+def _fits(vocabulary: frozenset[str], rules: Rules, at: Position, piece: str) -> bool:
     """``ClosedVocabulary.fits``, remembered: a report's steps ask about the same few hundred
-    (open word, token) pairs again and again (5 ms of a 35 ms step before)."""
-    if any(map(str.isdigit, piece)):
+    (position, token) pairs again and again (5 ms of a 35 ms step before)."""
+    if any(map(str.isdigit, piece)) or not piece.isascii():
         return False
-    words, prefixes = allowed_words(vocabulary, stated)
-    runs = _LETTER_RUNS.findall(open_word + piece)
+    previous, negated = at.previous, at.negated
+    runs = _LETTER_RUNS.findall(at.open_word + piece)
     for i, run in enumerate(runs):
-        if not run[0].isascii() or not run[0].isalpha():
+        if not run[0].isalpha():
+            if _SENTENCE_END.search(run):
+                negated = False
+            if run.strip():  # punctuation ends the phrase a bigram belongs to
+                previous = None
             continue
-        if _CAPITAL_AFTER_SMALL.search(run):
-            return False
+        if _CAPITAL_AFTER_SMALL.search(run) or (run.isupper() and run.lower() in HEADER_WORDS):
+            return False  # "volumE"; a header's word in capitals is a header, never body text
+        banned = frozenset(b for a, b in rules.bigrams if a == previous)
+        stated = rules.stated if negated else rules.stated | rules.unstated
+        words, prefixes = allowed_words(vocabulary, stated, banned)
         if i == len(runs) - 1:
             return run.lower() in prefixes
         if run.lower() not in words:
             return False
+        previous = run.lower()
+        negated = negated or previous in NEGATIONS
     return True
 
 
+@lru_cache(maxsize=4096)
+def _fitting_anywhere(
+    structure: ReportStructure, vocabulary: frozenset[str], rules: Rules, at: Position
+) -> tuple[int, ...]:
+    """Every token of the tokenizer that ``_fits`` at ``at``: the last resort where none of
+    the most likely does (tens of ms, once per position)."""
+    return tuple(
+        t for t, piece in enumerate(structure.pieces) if _fits(vocabulary, rules, at, piece)
+    )
+
+
+def position(pieces: list[str], ids: list[int], limit: int = 64) -> Position:
+    """The ``Position`` at the end of ``ids``, read back to the start of the sentence (or
+    ``limit`` tokens), however many tokens the open word spans."""
+    tail = ""
+    for token in reversed(ids[-limit:]):
+        tail = pieces[token] + tail
+        if _SENTENCE_END.search(tail):
+            break
+    sentence = _SENTENCE_END.split(tail)[-1]
+    open_word = _OPEN_WORD.search(sentence).group()
+    before = sentence[: len(sentence) - len(open_word)]
+    previous = re.search(r"([A-Za-z]+) +$", before)
+    negated = any(w.lower() in NEGATIONS for w in re.findall(r"[A-Za-z]+", before))
+    return Position(previous.group(1).lower() if previous else None, negated, open_word)
+
+
 class ClosedVocabulary(LogitsProcessor):
-    """Masks every token that would begin or end a word outside ``vocabulary``.
+    """Masks every token that would make a word outside ``vocabulary``: a whole-word constraint.
 
     Of each row's ``top_k`` most likely tokens, those are kept whose text, appended to the
-    word being written, leaves every finished word in ``vocabulary`` and the open one a prefix
-    of a word in it; all other tokens get −∞. Punctuation is free; digits are never written
+    word being written (read back to its first letter, however many tokens it spans), leaves
+    every finished word in ``vocabulary`` and the open one a prefix of a word in it; all other
+    tokens get −∞. Punctuation is free; digits and non-ASCII letters are never written
     (nothing here measures a size or knows a date), nor a capital after a small letter within
     a word ("volumE"). Where none of the ``top_k`` fits, the ``wider_k`` most likely are tried
-    (the n-gram ban may have removed the likely ending of a word); a row where none of those
-    fits is left as it is (a forced lead or header, then, still wins).
+    (the n-gram ban may have removed the likely ending of a word), then every token of the
+    tokenizer: a word is never left unfinished or misspelt.
 
-    ``stated`` (one set per study, rows laid out as ``ReportStructureProcessor``'s leads) are
-    the words that name the findings a report opens with ("cardiomegaly", "effusion"): no word
-    beginning with one is written after them, so that the continuation cannot negate a finding
-    the report has just named ("Cardiomegaly. No acute cardiomegaly.")."""
+    ``rules`` (one ``Rules`` per study, rows laid out as ``ReportStructureProcessor``'s leads)
+    hold what else the study's report may not write: after its lead, no word naming a finding
+    the lead named ("Cardiomegaly. No acute cardiomegaly."); a finding its condition does not
+    state present or possible only in a sentence that negates; and beside a present finding
+    no global-normal statement (``mrg.text.states.GLOBAL_NORMAL_BIGRAMS``)."""
 
     def __init__(
         self,
         structure: ReportStructure,
         vocabulary: frozenset[str],
-        stated: list[frozenset[str]] | None = None,
+        rules: list[Rules] | None = None,
         top_k: int = 64,
         wider_k: int = 1024,
     ):
-        self.structure, self.stated = structure, stated
+        self.structure, self.rules = structure, rules
         self.top_k, self.wider_k = top_k, wider_k
         self.vocabulary = frozenset(vocabulary) | HEADER_WORDS
 
-    def fits(self, open_word: str, piece: str, stated: frozenset[str] = frozenset()) -> bool:
-        """Whether ``piece`` may follow the letters ``open_word`` of the current word."""
-        return _fits(self.vocabulary, stated, open_word, piece)
-
-    def _stated(self, row: int, rows: int) -> frozenset[str]:
-        if not self.stated:
-            return frozenset()
-        return of_study(self.stated, row, rows)
+    def fits(self, piece: str, at: Position = Position(), rules: Rules = Rules()) -> bool:
+        """Whether ``piece`` may be written at ``at`` under ``rules``."""
+        return _fits(self.vocabulary, rules, at, piece)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         pieces = self.structure.pieces
         for row, row_ids in enumerate(input_ids.tolist()):
-            stated = self._stated(row, len(input_ids))
-            tail = "".join(pieces[i] for i in row_ids[-16:])
-            open_word = _OPEN_WORD.search(tail).group()
+            rules = of_study(self.rules, row, len(input_ids)) if self.rules else Rules()
+            at = position(pieces, row_ids)
             keep = []
             for k in (self.top_k, self.wider_k):  # wider: the likely ending may be banned
                 top = scores[row].topk(min(k, scores.shape[1]))
                 alive = top.indices[torch.isfinite(top.values)].tolist()
-                keep = [t for t in alive if self.fits(open_word, pieces[t], stated)]
+                keep = [t for t in alive if self.fits(pieces[t], at, rules)]
                 if keep:
                     break
+            if not keep:
+                anywhere = torch.tensor(
+                    _fitting_anywhere(self.structure, self.vocabulary, rules, at), dtype=torch.long
+                )
+                keep = anywhere[torch.isfinite(scores[row, anywhere.to(scores.device)])].tolist()
             if keep:
                 kept = scores[row, keep].clone()
                 scores[row].fill_(float("-inf"))

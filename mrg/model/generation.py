@@ -26,11 +26,22 @@ from mrg.model.decoding import (
     ClosedVocabulary,
     OnBody,
     ReportStructureProcessor,
+    Rules,
     UnlessForced,
     report_structure,
 )
 from mrg.model.prompting import Context, positions_from_mask, text_increments
-from mrg.text.taxonomy import findings_sentences, named_findings, naming_words
+from mrg.text.states import (
+    POSSIBLE,
+    PRESENT,
+    FindingStates,
+    global_normal_bigrams,
+    lead_sentences,
+    states_of_vector,
+    unstated_prefixes,
+    with_state,
+)
+from mrg.text.taxonomy import naming_words
 
 
 class ReportGeneration:
@@ -77,12 +88,12 @@ class ReportGeneration:
         out = self.llm.generate(**kwargs)
         return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
-    def leads(self, named: list[list[str]]) -> list[list[int]]:
-        """Per study, the token ids of its named findings' sentences (" Cardiomegaly. Pleural
-        effusion."; none where it names none)."""
+    def leads(self, states: list[FindingStates]) -> list[list[int]]:
+        """Per study, the token ids of its present and possible findings' sentences ("
+        Cardiomegaly. Possible pleural effusion."; none where it names none)."""
         leads = []
-        for findings in named:
-            text = findings_sentences(findings)
+        for study in states:
+            text = lead_sentences(study)
             leads.append(
                 self.tokenizer(f" {text}", add_special_tokens=False)["input_ids"] if text else []
             )
@@ -93,12 +104,14 @@ class ReportGeneration:
     ) -> LogitsProcessorList:
         """Penalty and n-gram ban on the body, warpers, then the report structure (last, so
         that a forced header wins over everything before it). With ``lead_with_findings``,
-        the sentences of the findings y names are forced after the findings header and make
-        the impression; with ``closed_vocabulary``, only words of ``report_vocabulary`` are
-        written, and after such a lead no word that names one of its findings again."""
+        a sentence per present or possible finding of the condition (y's findings, or the
+        states) is forced after the findings header and opens the impression; with
+        ``closed_vocabulary``, only words of ``report_vocabulary`` are written, after such a
+        lead no word that names one of its findings again, and beside a present finding no
+        global-normal statement."""
         structure = report_structure(self.tokenizer, self.template.eos_id)
-        named = [named_findings(y) for y in findings.tolist()] if findings is not None else None
-        leads = self.leads(named) if decoding.lead_with_findings and named is not None else None
+        states = [states_of_vector(y) for y in findings.tolist()] if findings is not None else None
+        leads = self.leads(states) if decoding.lead_with_findings and states is not None else None
         choosing = LogitsProcessorList()  # the LLM's own choices: skipped where all are forced
         if decoding.repetition_penalty != 1.0:
             choosing.append(
@@ -112,10 +125,27 @@ class ReportGeneration:
             choosing.append(TemperatureLogitsWarper(decoding.temperature))
             choosing.append(TopPLogitsWarper(decoding.top_p))
         if decoding.closed_vocabulary and self.report_vocabulary:
-            stated = [naming_words(n) for n in named] if leads else None
-            choosing.append(ClosedVocabulary(structure, self.report_vocabulary, stated))
-        shape = ReportStructureProcessor(structure, decoding.max_new_tokens, leads=leads)
+            rules = None if states is None else [self._rules(s, bool(leads)) for s in states]
+            choosing.append(ClosedVocabulary(structure, self.report_vocabulary, rules))
+        shape = ReportStructureProcessor(
+            structure,
+            decoding.max_new_tokens,
+            leads=leads,
+            close_after_lead=not self.config.uses_states,
+        )
         return LogitsProcessorList([UnlessForced(choosing, shape), shape])
+
+    def _rules(self, states: FindingStates, lead: bool) -> Rules:
+        """What a report written from ``states`` may not write (``mrg.model.decoding.Rules``):
+        after its lead, the findings it named again; a states model, a finding it does not
+        state present or possible except to negate it; beside a present finding, a
+        global-normal statement."""
+        named = with_state(states, PRESENT) + with_state(states, POSSIBLE)
+        return Rules(
+            stated=naming_words(named) if lead else frozenset(),
+            unstated=unstated_prefixes(states) if self.config.uses_states else frozenset(),
+            bigrams=global_normal_bigrams(states),
+        )
 
     @torch.inference_mode()
     def stream_ids(
