@@ -23,12 +23,13 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mrg.config import CUSTOMIZER_MODES, LLMConfig, model_preset
+from mrg.config import CUSTOMIZER_MODES, LLMConfig
 from mrg.data.study import batch_tensors, study_from_sources
 from mrg.data.views import Views
 from mrg.environment import setting
 from mrg.model import Decoding, MRGModel
 from mrg.model.llm import load_frozen_llm
+from mrg.presets import model_preset
 
 SHARED = Path(setting("MRG_SHARED_DATA"))
 

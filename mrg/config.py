@@ -16,10 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from mrg.environment import setting
+from mrg.text.states import STATE_WIDTH
+from mrg.text.taxonomy import FINDINGS14
 
 CUSTOMIZER_MODES = ("static", "prompt-wise", "promptbook-wise")
-CONDITIONINGS = ("visual", "visual+findings")  # what the customizers' affine heads see
-FINDINGS_PROMPTS = ("none", "words")  # how the findings enter the instruction
+# what the customizers' affine heads see: v, v with the findings y, or v with the states s
+CONDITIONINGS = ("visual", "visual+findings", "visual+states")
+FINDINGS_PROMPTS = ("none", "words", "states")  # how the findings enter the instruction
 CUSTOMIZED_MODES = CUSTOMIZER_MODES[1:]  # the two instance-level customizations (MRG-LLM's)
 CONFIG_NAME = "mrg_config.json"  # a checkpoint folder's model config (beside model.safetensors)
 DEFAULT_CHECKPOINTS = Path(__file__).resolve().parents[1] / "assets" / "checkpoints"
@@ -139,12 +142,13 @@ class CustomizerConfig:
     hidden_dim: int = 256  # width of the MLPs that give the affine parameters and the query
     temperature: float = 1.0  # softmax temperature over the book's keys
     # "visual": γ(v), β(v) as in MRG-LLM; "visual+findings": γ(v, y), β(v, y) with y the
-    # 15-entry findings vector (14 ChestX-ray14 probabilities and "normal")
+    # 15-entry findings vector (14 ChestX-ray14 decisions and "normal"); "visual+states":
+    # γ(v, s), β(v, s) with s the 43-entry states vector (``mrg.text.states``)
     conditioning: str = "visual"
 
     @property
     def uses_findings(self) -> bool:
-        return self.conditioning == "visual+findings"
+        return self.conditioning != "visual"
 
     def validate(self) -> None:
         if self.conditioning not in CONDITIONINGS:
@@ -182,12 +186,25 @@ class ModelConfig(ConfigBase):
     max_report_tokens: int = 100  # target length in training (longer reports are left out)
     max_views: int = 2  # 1: frontal only; 2: frontal and lateral
     # "words": the findings y names above its operating points are written into the user
-    # turn after the image ("Findings: Cardiomegaly, Effusion."), PromptMRG's way in
+    # turn after the image ("Findings: Cardiomegaly, Effusion."), PromptMRG's way in;
+    # "states": the states s are ("Present: cardiomegaly. Possible: none. Absent: …")
     findings_prompt: str = "none"
 
     @property
     def uses_findings(self) -> bool:
         return self.customizer.uses_findings or self.findings_prompt != "none"
+
+    @property
+    def uses_states(self) -> bool:
+        """Conditioned on the three states per finding rather than the present findings."""
+        return self.customizer.conditioning == "visual+states" or self.findings_prompt == "states"
+
+    @property
+    def condition_width(self) -> int:
+        """Entries of the condition vector: 43 (states), 15 (findings y), 0 (image only)."""
+        if not self.uses_findings:
+            return 0
+        return STATE_WIDTH if self.uses_states else len(FINDINGS14) + 1
 
     def validate(self) -> ModelConfig:
         self.llm.validate()
@@ -200,6 +217,17 @@ class ModelConfig(ConfigBase):
         if self.findings_prompt not in FINDINGS_PROMPTS:
             raise ConfigError(
                 f"findings_prompt must be one of {FINDINGS_PROMPTS}, got {self.findings_prompt!r}"
+            )
+        mixed = {self.customizer.conditioning, self.findings_prompt} == {
+            "visual+findings",
+            "states",
+        }
+        if mixed or {self.customizer.conditioning, self.findings_prompt} == {
+            "visual+states",
+            "words",
+        }:
+            raise ConfigError(
+                "customizer.conditioning and findings_prompt must both use findings or both states"
             )
         return self
 
@@ -267,123 +295,3 @@ DEFAULT_DECODING = Decoding()
 R2GENGPT_DECODING = Decoding(
     strategy="beam", num_beams=3, repetition_penalty=2.0, max_new_tokens=100
 )
-
-
-LLAMA2_7B = "meta-llama/Llama-2-7b-chat-hf"
-
-# Every named preset, for the model and for training, as overrides of the dataclass defaults
-# above and of ``TrainConfig``'s (``mrg.train.config``); each value says why it differs.
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    # Offline on a 2-core CPU: the defaults are this model (SmolLM2-135M from PyPI, hybrid ViT
-    # with an ImageNet EfficientNet-Lite0 stem).
-    "demo-cpu": {
-        "model": {
-            # The stem's ImageNet features are all the pretraining there is offline; training
-            # them on a few hundred radiographs would only forget them.
-            "encoder": {"freeze_stem": True},
-        },
-        "train": {
-            "align": {"epochs": 2, "lr": 5e-4},  # twice over a small set before generation
-            "generate": {"epochs": 6, "lr": 3e-4},  # 135M frozen LLM: a larger lr than 7B's
-            "joint": {"epochs": 0, "lr": 1e-4},
-            "val_max_studies": 24,  # validation generation costs minutes on 2 cores
-        },
-    },
-    # The recipe of assets/checkpoints (scripts/build_demo_checkpoints.py runs it on the
-    # label-matched NIH/OpenI pairs): the prompt learns report language from OpenI text first,
-    # alignment once, then short generation with the aligned encoder at 0.1x the lr (each
-    # epoch costs 15-20 min on 2 cores: the whole build fits about an hour and a half).
-    "demo-checkpoints": {
-        "model": {
-            "encoder": {"freeze_stem": True},  # as demo-cpu
-            "customizer": {
-                "prompt_length": 32,  # room for the language stage to steer 135M
-                # the report is written from the findings head's findings (scripts/
-                # build_findings_head.py): an image-only prompt wrote a normal report for
-                # every image; the affine heads see y beside v (static: words only)
-                "conditioning": "visual+findings",
-            },
-            # the findings as words in the user turn too: the frozen LLM follows words
-            # (measured: label fidelity of the language stage, assets/MODEL_CARD.md)
-            "findings_prompt": "words",
-            "max_views": 1,  # NIH ChestX-ray14 has frontal images only
-        },
-        "train": {
-            # a soft prompt takes a large lr; one pass of max_steps_per_epoch batches, half
-            # of whose reports name a finding, with the findings in view from the first step
-            "language": {"epochs": 1, "lr": 3e-3},
-            "max_steps_per_epoch": 200,  # caps the language pass (image epochs are shorter)
-            "language_abnormal_share": 0.5,
-            "language_finding_weight": 3.0,  # sentences naming a finding weigh 3x
-            "align": {"epochs": 3, "lr": 5e-4},
-            # 1e-3 with the prompt trainable rewrote the report language into chatbot prose
-            # (test CE 0.197, BLEU-4 0.023): the prompt stays, the rest learns at 3e-4
-            "generate": {"epochs": 1, "lr": 3e-4},
-            "freeze_prompt_after_language": True,
-            "encoder_lr_scale": 0.1,  # generation must not overwrite what alignment learned
-            "val_max_studies": 16,
-            "val_max_new_tokens": 100,  # whole reports, as the app writes them
-        },
-    },
-    # R2GenGPT's recipe (IU X-ray) on a GPU host with hub access: LLaMA-2-7B in 4 bits, an
-    # ImageNet ViT-B/16, lr 1e-4, 15 epochs, batch 8, bf16, 60 report tokens.
-    "iu-xray-llama2-7b-nf4": {
-        "model": {
-            "llm": {"source": LLAMA2_7B, "quantization": "nf4", "dtype": "bfloat16"},
-            "encoder": {"name": "vit_base_patch16_224", "pretrained": True},
-            "customizer": {"prompt_length": 16, "book_size": 16, "hidden_dim": 512},
-            "max_report_tokens": 60,  # IU X-ray findings are short
-        },
-        "train": {
-            "align": {"epochs": 1, "lr": 1e-4},
-            "generate": {"epochs": 15, "lr": 1e-4},
-            "mixed_precision": "bf16",
-            "val_max_studies": 296,  # the whole R2Gen validation split
-            "val_max_new_tokens": 100,
-        },
-    },
-    # MIMIC-CXR as R2GenGPT: 5 epochs, 100 report tokens, one (frontal) view.
-    "mimic-cxr-llama2-7b-nf4": {
-        "model": {
-            "llm": {"source": LLAMA2_7B, "quantization": "nf4", "dtype": "bfloat16"},
-            "encoder": {"name": "vit_base_patch16_224", "pretrained": True},
-            "customizer": {"prompt_length": 16, "book_size": 16, "hidden_dim": 512},
-            "max_views": 1,
-        },
-        "train": {
-            "align": {"epochs": 1, "lr": 1e-4},
-            "generate": {"epochs": 5, "lr": 1e-4},
-            "mixed_precision": "bf16",
-            "val_max_studies": 500,
-            "val_max_new_tokens": 100,
-        },
-    },
-}
-
-
-def merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``overrides`` applied, nested mappings merged key by key (a new dict)."""
-    out = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merged(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def preset(name: str) -> dict[str, dict[str, Any]]:
-    """The overrides of preset ``name``: ``{"model": …, "train": …}``."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[name]
-
-
-def model_preset(name: str, mode: str | None = None) -> ModelConfig:
-    """The ModelConfig of preset ``name`` (optionally with another customizer mode)."""
-    config = ModelConfig.from_dict(merged(ModelConfig().to_dict(), preset(name)["model"]))
-    if mode is not None:
-        config.customizer.mode = mode
-    if config.customizer.mode == "static":  # no affine heads: findings reach it as words only
-        config.customizer.conditioning = "visual"
-    return config.validate()

@@ -4,9 +4,9 @@ import pytest
 import torch
 from conftest import shared_path
 
-from mrg.config import model_preset
 from mrg.data.study import batch_tensors, study_from_sources
 from mrg.model import Decoding, MRGModel
+from mrg.presets import model_preset
 
 pytestmark = pytest.mark.slow
 

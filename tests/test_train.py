@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from mrg.config import ConfigError
 from mrg.data.datasets import load_annotation
-from mrg.model import MRGModel
+from mrg.model import Decoding, MRGModel
 from mrg.train.config import StageConfig, TrainConfig, train_preset
 from mrg.train.losses import (
     ContrastiveHeads,
@@ -414,3 +414,44 @@ def test_mrg_train_under_ddp_with_two_cpu_processes(tmp_path, four_studies, tiny
     assert [(r["ranks"], r["ranks_in_sync"]) for r in done] == [(2, True), (2, True)]
     state = torch.load(run / "last" / "trainer_state.pt", weights_only=False)
     assert state["position"]["epoch"] == 2 and (run / "best" / "model.safetensors").is_file()
+
+
+def test_a_states_model_trains_on_each_reports_states_with_the_forced_sentences_first(
+    tmp_path, four_studies, tiny_llm, tokenizer
+):
+    from mrg.data.language import ReportCorpus
+    from mrg.train.stages import TrainingModule
+
+    annotation, images = four_studies
+    config = make_config(
+        tmp_path,
+        annotation,
+        images,
+        language=StageConfig(1, 3e-2),
+        generate=StageConfig(1, 1e-3),
+        language_reports=str(annotation),
+    )
+    config.model.customizer.conditioning = "visual+states"
+    config.model.findings_prompt = "states"
+    model = build(tiny_llm, tokenizer, config)
+    module = TrainingModule(model, None, None, 0.0)
+    report = "FINDINGS: Possible small left effusion. No pneumothorax.\nIMPRESSION: Cardiomegaly."
+    # the labeler's states: cardiomegaly present, effusion possible, pneumothorax absent
+    s = module.findings([report])[0]
+    assert s.shape == (43,) and s[1] == 1 and s[14 + 2] == 1 and s[28 + 7] == 1 and s[42] == 0
+    target = (
+        "FINDINGS: Cardiomegaly. Possible pleural effusion. Possible small left effusion. "
+        "No pneumothorax.\nIMPRESSION: Cardiomegaly."
+    )
+    assert module.targets([report]) == [target]
+    corpus = ReportCorpus(train=REPORTS * 2, val=REPORTS[:2], held_out=0)
+    result = Trainer(config, model, records(annotation, images, "train"), [], language=corpus).fit()
+    assert result.best_dir is not None
+    reloaded = MRGModel.from_pretrained(result.best_dir, llm=tiny_llm, tokenizer=tokenizer)
+    assert reloaded.customizer.affine.trunk.findings.in_features == 43
+    condition = torch.tensor([s.tolist()])
+    from conftest import random_batch
+
+    text = reloaded.generate(random_batch(1, 1), Decoding(max_new_tokens=40), condition)[0]
+    assert text.startswith("FINDINGS: Cardiomegaly. Possible pleural effusion.")
+    assert "\nIMPRESSION: Cardiomegaly. Possible pleural effusion." in text

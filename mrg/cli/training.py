@@ -16,10 +16,11 @@ def info_command(args: argparse.Namespace) -> int:
     and the dtype ``--dtype auto`` gives the LLM on this CPU, with the measurement behind it."""
     import torch
 
-    from mrg.config import CUSTOMIZER_MODES, model_preset
+    from mrg.config import CUSTOMIZER_MODES
     from mrg.model import MRGModel
     from mrg.model.cpu_probe import cached_measurement, describe
     from mrg.model.llm import load_frozen_llm
+    from mrg.presets import model_preset
 
     base = model_preset(args.preset)
     llm, tokenizer = load_frozen_llm(base.llm)

@@ -32,3 +32,11 @@ class Views:
     def __getitem__(self, rows: slice) -> Views:
         """The studies ``rows``."""
         return Views(self.images[rows], self.ids[rows], self.mask[rows])
+
+    def repeat(self, times: int) -> Views:
+        """The studies ``times`` over: ``[B·times, …]`` (one study written from many conditions)."""
+        return Views(
+            self.images.repeat(times, 1, 1, 1, 1),
+            self.ids.repeat(times, 1),
+            self.mask.repeat(times, 1),
+        )

@@ -8,10 +8,11 @@ prompt tokens ``P'(v) ∈ R^{L×D}`` in the LLM's embedding space.
 * ``promptbook-wise`` P' = Σ_k w_k(c) · (γ_k(c) ⊙ P_k + β_k(c)),
                       w(c) = softmax(q(c) · K^T / (τ·√d_k))   (optionally top-k, renormalised)
 
-The condition ``c`` is ``v`` alone (``conditioning: visual``, the paper's form) or ``v`` with
-the findings vector ``y ∈ [0, 1]^15`` (``visual+findings``: the 14 ChestX-ray14
-probabilities and "normal"), which enters the MLP's hidden layer and the book's query
-beside ``v``: h = GELU(W_v LN(v) + W_y y + b).
+The condition ``c`` is ``v`` alone (``conditioning: visual``, the paper's form), ``v`` with
+the findings vector ``y ∈ [0, 1]^15`` (``visual+findings``: the 14 ChestX-ray14 decisions
+and "normal") or ``v`` with the states ``s ∈ {0, 1}^43`` (``visual+states``: present,
+possible and absent per finding, and "normal"; ``mrg.text.states``), which enters the MLP's
+hidden layer and the book's query beside ``v``: h = GELU(W_v LN(v) + W_y y + b).
 
 γ and β are conditional affine (FiLM) transforms, one scale and one shift per embedding
 channel, computed from ``c`` by a small MLP whose last layers are zero-initialised so that
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mrg.config import CustomizerConfig
+from mrg.text.states import STATE_WIDTH
 from mrg.text.taxonomy import FINDINGS14
 
 
@@ -192,7 +194,10 @@ class PromptBook(nn.Module):
 
 
 def findings_dim(config: CustomizerConfig) -> int:
-    """Width of the findings vector the affine heads see: 15 (14 findings + normal), or 0."""
+    """Width of the condition the affine heads see: 43 (the states, ``mrg.text.states``), 15
+    (14 findings + normal), or 0."""
+    if config.conditioning == "visual+states":
+        return STATE_WIDTH
     return len(FINDINGS14) + 1 if config.uses_findings else 0
 
 

@@ -17,7 +17,8 @@ from transformers import PreTrainedTokenizerBase
 
 from mrg.data.views import Views
 from mrg.model.customizer import CustomizedPrompt
-from mrg.text.taxonomy import FINDINGS14, findings_words, named_findings
+from mrg.text.states import states_of_vector, states_words
+from mrg.text.taxonomy import findings_words, named_findings
 
 IMAGE_PLACEHOLDER = "<image>"
 FINDINGS_PLACEHOLDER = "<findings>"
@@ -84,7 +85,7 @@ class Context:
     attention_mask: torch.Tensor  # [B, T]
     prompt: CustomizedPrompt
     global_feature: torch.Tensor | None  # [B, d_v], the customizer's input v (None: no image)
-    findings: torch.Tensor | None = None  # [B, 15], the condition y (None: not conditioned)
+    findings: torch.Tensor | None = None  # [B, 15] y or [B, 43] s (None: not conditioned)
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -118,18 +119,18 @@ class ContextAssembly:
         return self.llm.get_input_embeddings()(ids).unsqueeze(0).expand(batch, -1, -1)
 
     def _condition(self, findings: torch.Tensor | None, batch: int) -> torch.Tensor | None:
-        """The findings condition on this device, checked: ``[B, 15]`` where the config uses it."""
-        if not self.config.uses_findings:
+        """The condition on this device, checked: ``[B, 15]`` findings or ``[B, 43]`` states,
+        as the config says (None where it uses neither)."""
+        width = self.config.condition_width
+        if not width:
             return None
         if findings is None:
             raise ValueError(
-                "this model writes the report from findings: pass the findings vector y [B, 15]"
+                f"this model writes the report from findings: pass the condition [B, {width}]"
             )
         findings = torch.as_tensor(findings, dtype=torch.float32, device=self.device)
-        if findings.shape != (batch, len(FINDINGS14) + 1):
-            raise ValueError(
-                f"findings must be [{batch}, {len(FINDINGS14) + 1}], got {tuple(findings.shape)}"
-            )
+        if findings.shape != (batch, width):
+            raise ValueError(f"findings must be [{batch}, {width}], got {tuple(findings.shape)}")
         return findings
 
     def context(self, views: Views, findings: torch.Tensor | None = None) -> Context:
@@ -188,9 +189,12 @@ class ContextAssembly:
         """Append each row's [middle][findings words][suffix], left-padding the shorter rows."""
         rows = []
         for y in findings.tolist():
-            words = self.tokenizer(findings_words(named_findings(y)), add_special_tokens=False)[
-                "input_ids"
-            ]
+            text = (
+                states_words(states_of_vector(y))
+                if self.config.findings_prompt == "states"
+                else findings_words(named_findings(y))
+            )
+            words = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             rows.append(self.template.middle_ids + words + self.template.suffix_ids)
         width = max(len(r) for r in rows)
         tails, tail_masks = [], []

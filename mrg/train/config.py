@@ -11,15 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mrg.config import (
-    PRESETS,
-    ConfigBase,
-    ConfigError,
-    ModelConfig,
-    merged,
-    model_preset,
-    preset,
-)
+from mrg.config import ConfigBase, ConfigError, ModelConfig
+from mrg.presets import PRESETS, merged, model_preset, preset
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 ON_MISSING = ("error", "skip")
@@ -128,7 +121,7 @@ class TrainConfig(ConfigBase):
         return self
 
 
-TRAIN_PRESETS = tuple(PRESETS)  # the names; the overrides are in ``mrg.config.PRESETS``
+TRAIN_PRESETS = tuple(PRESETS)  # the names; the overrides are in ``mrg.presets.PRESETS``
 
 
 def train_preset(name: str, mode: str | None = None, **overrides: Any) -> TrainConfig:

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from mrg.text.cleaning import split_sentences
 from mrg.text.labeler import ReportLabeler
+from mrg.text.states import FindingStates, state_vector, states_from_statuses
 from mrg.text.taxonomy import FINDINGS14, findings_vector
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ class ReportLabels:
     def __init__(self, labeler: ReportLabeler | None = None):
         self.labeler = labeler or ReportLabeler()
         self.table: dict[str, frozenset[str]] = {}
+        self.state_table: dict[str, FindingStates] = {}
 
     def __call__(self, texts: Sequence[str]) -> list[frozenset[str]]:
         for text in texts:
@@ -113,18 +115,34 @@ class ReportLabels:
                 )
         return [self.table[t] for t in texts]
 
-    def finding_spans(self, text: str) -> list[tuple[int, int]]:
-        """Character spans of the sentences of ``text`` that name a finding positively."""
+    def finding_spans(self, text: str, any_state: bool = False) -> list[tuple[int, int]]:
+        """Character spans of the sentences of ``text`` that name a finding positively (or,
+        with ``any_state``, that state one: present, possible or absent)."""
         spans, position = [], 0
         for sentence in split_sentences(text):
             start = text.find(sentence, position)
             if start < 0:
                 continue
             position = start + len(sentence)
-            labels = self.labeler.label14(sentence)
-            if any(labels[f] for f in FINDINGS14):
+            if any_state:
+                stated = any(self.labeler.statuses14(sentence).values())
+            else:
+                stated = any(self.labeler.label14(sentence)[f] for f in FINDINGS14)
+            if stated:
                 spans.append((start, position))
         return spans
+
+    def states(self, texts: Sequence[str]) -> list[FindingStates]:
+        """The labeler's states of each text (positive → present, uncertain → possible,
+        negative → absent), cached by text."""
+        for text in texts:
+            if text not in self.state_table:
+                self.state_table[text] = states_from_statuses(self.labeler.statuses14(text))
+        return [self.state_table[t] for t in texts]
+
+    def state_vectors(self, texts: Sequence[str]) -> torch.Tensor:
+        """The states condition s ``[B, 43]`` of each text (``state_vector``)."""
+        return torch.tensor([state_vector(s) for s in self.states(texts)], dtype=torch.float32)
 
     def vectors(self, texts: Sequence[str]) -> torch.Tensor:
         """The findings condition y ``[B, 15]`` of each text (``findings_vector``)."""

@@ -25,6 +25,8 @@ from mrg.config import ConfigError
 from mrg.data.datasets import Batch
 from mrg.model import Decoding, MRGModel
 from mrg.model.findings import FindingsHead
+from mrg.text.sections import format_report, split_sections
+from mrg.text.states import lead_sentences
 from mrg.train.config import TrainConfig
 from mrg.train.losses import (
     ContrastiveHeads,
@@ -70,16 +72,34 @@ class TrainingModule(nn.Module):
         self.span_labels = ReportLabels()
 
     def findings(self, reports: list[str]) -> torch.Tensor | None:
-        """The findings condition y of each report: its labeler labels (PromptMRG trains on the
-        true states too), or None for a model that is not conditioned on findings."""
+        """The condition of each report: its labeler states s (a states model) or labels y
+        (PromptMRG trains on the true states too), or None for a model that is not
+        conditioned on findings."""
         if self.condition_labels is None:
             return None
+        if self.model.config.uses_states:
+            return self.condition_labels.state_vectors(reports)
         return self.condition_labels.vectors(reports)
 
+    def targets(self, reports: list[str]) -> list[str]:
+        """The reports as a states model is taught to write them: the sentences decoding
+        forces (one per present or possible finding, ``lead_sentences``) open the findings,
+        so that the LLM learns to go on after them; other models' targets are the reports."""
+        if not self.model.config.uses_states:
+            return list(reports)
+        out = []
+        for report, states in zip(reports, self.condition_labels.states(reports)):
+            sections, lead = split_sections(report), lead_sentences(states)
+            findings = f"{lead} {sections.findings}".strip()
+            out.append(format_report(findings, sections.impression))
+        return out
+
     def image_findings(self, batch: Batch) -> torch.Tensor | None:
-        """The image stages' y: the findings head's decisions on the images where there is a
-        head, else the paired reports' labels (``findings``)."""
-        if self.condition_labels is None or self.findings_head is None:
+        """The image stages' condition: the paired reports' states for a states model (true
+        states, as PromptMRG trains), else the findings head's decisions on the images where
+        there is a head, else the paired reports' labels (``findings``)."""
+        uses_states = self.model.config.uses_states
+        if self.condition_labels is None or self.findings_head is None or uses_states:
             return self.findings(batch.reports)
         decisions = self.findings_head.predict(batch.views.to(self.model.device))[1]
         return decisions.clone()  # out of inference mode: y enters the trained affine heads
@@ -92,11 +112,14 @@ class TrainingModule(nn.Module):
 
     def forward(self, batch: Batch | list[str], stage: str) -> dict[str, torch.Tensor]:
         if stage == "language":  # batch: report texts, no image
-            weights = None
+            weights, targets = None, self.targets(batch)
             if self.finding_weight != 1.0 and self.training:  # validation: plain nats/token
-                spans = [self.span_labels.finding_spans(t) for t in batch]
-                weights = self.model.token_weights(batch, spans, self.finding_weight)
-            loss = self.model.language_loss(batch, self.findings(batch), weights)
+                spans = [
+                    self.span_labels.finding_spans(t, self.model.config.uses_states)
+                    for t in targets
+                ]
+                weights = self.model.token_weights(targets, spans, self.finding_weight)
+            loss = self.model.language_loss(targets, self.findings(batch), weights)
             return {"loss": loss, "lm_loss": loss.detach()}
         if stage == "align":
             features = self.model.encoder(batch.views.to(self.model.device))
@@ -110,7 +133,7 @@ class TrainingModule(nn.Module):
                 "logits": logits.detach(),
                 "similarity": similarity,
             }
-        out = self.model(batch.views, batch.reports, self.image_findings(batch))
+        out = self.model(batch.views, self.targets(batch.reports), self.image_findings(batch))
         if stage == "generate":
             return {"loss": out.loss, "lm_loss": out.loss.detach()}
         text = self.embeddings(batch.reports).to(self.model.device)
