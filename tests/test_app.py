@@ -38,8 +38,8 @@ def demo(tiny_llm, tokenizer, tmp_path):
 
 @pytest.fixture(scope="module")
 def findings_head():
-    """ImageNet weights, a random classifier; Cardiomegaly always above its operating point,
-    every other finding never."""
+    """ImageNet weights, a random classifier; Cardiomegaly always present, every other
+    finding never named, Effusion stated absent (real reports negate it)."""
     from mrg.model.findings import FindingsHead
     from mrg.text.taxonomy import FINDINGS14
 
@@ -47,6 +47,8 @@ def findings_head():
     head = FindingsHead().eval()
     head.threshold.fill_(1.01)
     head.threshold[FINDINGS14.index("Cardiomegaly")] = 0.0
+    head.present_threshold[FINDINGS14.index("Cardiomegaly")] = 0.0
+    head.negated_share[FINDINGS14.index("Effusion")] = 0.7
     return head
 
 
@@ -192,14 +194,19 @@ def test_the_findings_panel_shows_the_heads_reading_once_a_study_is_loaded(head_
     rows = list(panel["value"].items())
     assert [p for _, p in rows] == sorted((p for _, p in rows), reverse=True)  # most probable first
     assert all(0 < p < 1 for _, p in rows)
-    # each row names its operating point; ✓ only where p reaches it
-    assert "Cardiomegaly · op 0% ✓" in panel["value"]
-    others = [label for label in panel["value"] if not label.startswith("Cardiomegaly")]
-    assert len(others) == 13 and all(label.endswith(" · op 101%") for label in others)
-    assert "Pleural thickening · op 101%" in panel["value"]
-    assert "**Cardiomegaly**" in read["findings_note"] and "Grad-CAM" in read["findings_note"]
+    # each row names its state beside its probability
+    assert "Cardiomegaly · present" in panel["value"] and "Effusion · absent" in panel["value"]
+    others = [
+        label
+        for label in panel["value"]
+        if label.split(" · ")[0] not in ("Cardiomegaly", "Effusion")
+    ]
+    assert len(others) == 12 and all(label.endswith(" · not stated") for label in others)
+    note = read["findings_note"]
+    assert "present: Cardiomegaly; absent: Effusion" in note and "Grad-CAM" in note
     # the what-if starts from the head's reading, unticked
-    assert read["manual_findings"] is False and read["manual_choice"]["value"] == ["Cardiomegaly"]
+    assert read["manual_findings"] is False
+    assert read["manual_choice"]["value"] == ["Cardiomegaly", "Effusion: absent"]
     assert state.reading.named == ["Cardiomegaly"] and state.reading_key == state.case_key
     # the same study again (e.g. a load that failed): nothing is read again
     again = named(head_demo.read_study(state), READ)
@@ -227,10 +234,10 @@ def test_clicking_a_finding_puts_its_grad_cam_on_the_viewer(head_demo):
     assert (
         shown["show_cam"] is True and "Grad-CAM of the findings head's" in shown["explain_status"]
     )
-    assert label.split(" · ")[0] in shown["explain_status"] and "op " in shown["explain_status"]
+    assert label.split(" · ")[0] in shown["explain_status"] and "present" in shown["explain_status"]
     # another finding, another picture
     effusion = named(
-        head_demo.show_finding(state, "Effusion · op 101%", FILE_WINDOW, 0, 1, False, 0.5),
+        head_demo.show_finding(state, "Effusion · absent", FILE_WINDOW, 0, 1, False, 0.5),
         FINDING_SHOWN,
     )
     assert not np.array_equal(effusion["frontal_view"][0], overlay)
@@ -281,14 +288,14 @@ def test_what_if_writes_the_report_from_the_findings_set_by_hand(
         ["Effusion", "Pleural thickening"],
     )
     final = named(list(updates)[-1], GENERATED)
-    assert asked == [["Effusion", "Pleural_Thickening"]]
+    assert asked == [{"Effusion": "present", "Pleural_Thickening": "present"}]
     assert "written from findings set by hand: Effusion and Pleural thickening" in final["header_a"]
     condition = state.conditions["prompt-wise"]
     assert condition.manual and condition.named == ["Effusion", "Pleural_Thickening"]
     assert "first token" in final["stats"]
     # none ticked: a normal study
     final = run_generate_with(app, state, True, [])
-    assert asked[-1] == [] and "set by hand: none (a normal study)" in final["header_a"]
+    assert asked[-1] == {} and "set by hand: none (a normal study)" in final["header_a"]
     # not ticked: the head's reading of the study, already read when it was loaded
     final = run_generate_with(app, state, False, ["Effusion"])
     assert (
@@ -372,6 +379,11 @@ def test_the_report_api_returns_the_heads_reading(head_demo):
     assert reading["named"] == ["Cardiomegaly"] and reading["manual"] is False
     assert len(reading["probabilities"]) == 14 and "p_Effusion" in reading["probabilities"]
     assert reading["operating_points"]["Cardiomegaly"] == 0.0
+    assert reading["states"] == {"Cardiomegaly": "present", "Effusion": "absent"}
+    assert (
+        reading["present_points"]["Cardiomegaly"] == 0.0
+        and reading["present_points"]["Mass"] is None
+    )
     head_demo.service.findings_head = None
     assert head_demo.report(DICOM, None, "prompt-wise")["findings_head"] is None
 
@@ -753,3 +765,36 @@ def test_a_busy_service_answers_with_the_message(demo, monkeypatch):
     assert BUSY in run_generate(demo, state)[-1]["stats"]
     with pytest.raises(gr.Error, match="busy"):
         demo.report(DICOM, None, "prompt-wise")
+
+
+def test_for_a_states_model_the_panel_compares_the_states_read_in_the_report(head_demo):
+    from mrg.service import StudyFindings
+    from mrg.ui.findings import chosen_states, state_choices, state_consistency
+
+    given = {"Cardiomegaly": "present", "Effusion": "possible", "Pneumothorax": "absent"}
+    assert chosen_states(["Cardiomegaly", "Effusion: possible", "Pneumothorax: absent"]) == given
+    assert chosen_states(state_choices(given)) == given
+    agree = state_consistency(dict(given), given, manual=True)
+    assert agree.startswith("✓ **Report and states agree** (set by hand: present: Cardiomegaly;")
+    said = state_consistency({"Cardiomegaly": "present", "Mass": "possible"}, given, False)
+    assert said.startswith("⚠️ **Report and states disagree** (the findings head's):")
+    assert "Effusion possible, the report: not stated" in said
+    assert "Mass not stated, the report: possible" in said
+    # through the panel, for a model conditioned on states
+    head_demo.service.models["prompt-wise"].config.findings_prompt = "states"
+    try:
+        state, _ = loaded_with_findings(head_demo)
+        state.shown = ["prompt-wise"]
+        state.conditions["prompt-wise"] = StudyFindings({}, {}, [], states=given)
+        state.generated["prompt-wise"] = (
+            "FINDINGS: Cardiomegaly. Possible pleural effusion. No pneumothorax.\n"
+            "IMPRESSION: Cardiomegaly."
+        )
+        assert "Report and states agree" in head_demo.check_findings(state)
+        header = head_demo.written_from("prompt-wise", state.conditions["prompt-wise"])
+        assert header == (
+            " · written from the findings head's reading: present: Cardiomegaly; "
+            "possible: Effusion; absent: Pneumothorax"
+        )
+    finally:
+        head_demo.service.models["prompt-wise"].config.findings_prompt = "none"

@@ -141,7 +141,7 @@ def test_mkdocs_builds_the_site_strictly(tmp_path):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     api = (site / "api" / "index.html").read_text()
-    assert "mrg.service.ReportService" in api and "card_metadata" in api
+    assert "mrg.service.report_service.ReportService" in api and "card_metadata" in api
     assert (site / "images" / "reading-room.png").is_file()
 
 

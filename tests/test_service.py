@@ -54,9 +54,11 @@ def test_stream_yields_several_increments_ending_in_the_generated_text(service):
 
 def test_sections_split_correctly_mid_stream(service, monkeypatch):
     pieces = ["FIND", "INGS: The heart", " is enlarged.", " IMPRES", "SION: Cardio", "megaly."]
-    import mrg.service
+    import mrg.service.report_service
 
-    monkeypatch.setattr(mrg.service, "text_increments", lambda tokenizer, ids: iter(pieces))
+    monkeypatch.setattr(
+        mrg.service.report_service, "text_increments", lambda tokenizer, ids: iter(pieces)
+    )
     updates = list(service.stream(synthetic_study(), "prompt-wise"))
     by_step = [(u.findings, u.impression) for u in updates]
     assert by_step[0] == ("", "")
@@ -203,7 +205,7 @@ def _correlation(a, b):
 @pytest.mark.slow
 def test_model_randomisation_sanity_check_with_smollm2(smollm2):
     """Adebayo et al. 2018: re-initialising the encoder's last blocks must change the map."""
-    from mrg.config import model_preset
+    from mrg.presets import model_preset
 
     llm, tokenizer = smollm2
     root = shared_path("iu_xray", "images", "CXR2843_IM-1254-1001")
@@ -243,3 +245,37 @@ def test_a_split_streamed_through_the_batcher_equals_decoding_alone(service, tmp
     assert service.batchers[id(model.llm)].largest_batch >= 2
     again = stream_split(service, "prompt-wise", records, tmp_path / "s.jsonl", decoding, 4)
     assert again == streamed and len((tmp_path / "s.jsonl").read_text().splitlines()) == 4
+
+
+def test_a_states_model_writes_from_the_heads_states_or_those_set_by_hand(tiny_llm, tokenizer):
+    from mrg.model.findings import FindingsHead
+    from mrg.text.taxonomy import FINDINGS14
+
+    config = tiny_model_config("prompt-wise")
+    config.customizer.conditioning, config.findings_prompt = "visual+states", "states"
+    torch.manual_seed(0)
+    model = MRGModel(config, tiny_llm, tokenizer).eval()
+    head = FindingsHead(load_weights=False).eval()
+    head.threshold.fill_(1.01)  # nothing possible
+    head.present_threshold[FINDINGS14.index("Mass")] = 0.0  # mass always present
+    head.negated_share[FINDINGS14.index("Pneumothorax")] = 0.7
+    info = ServiceInfo("tiny", "cpu", ["prompt-wise"], {}, trained=False)
+    service = ReportService({"prompt-wise": model}, info, findings_head=head)
+    decoding = Decoding(max_new_tokens=40)
+    study = synthetic_study(views=1)
+    read = service.generate(study, "prompt-wise", decoding)
+    assert read.condition.states == {"Mass": "present", "Pneumothorax": "absent"}
+    assert read.text.startswith("FINDINGS: Mass.") and "\nIMPRESSION: Mass." in read.text
+    hand = service.generate(
+        study, "prompt-wise", decoding, findings={"Effusion": "possible", "edema": "absent"}
+    )
+    assert hand.condition.manual and hand.condition.states == {
+        "Effusion": "possible",
+        "Edema": "absent",
+    }
+    assert hand.text.startswith("FINDINGS: Possible pleural effusion.")
+    assert service.generate(study, "prompt-wise", decoding, findings=["Mass"]).text.startswith(
+        "FINDINGS: Mass."
+    )
+    with pytest.raises(ValueError, match="unknown state"):
+        service.generate(study, "prompt-wise", decoding, findings={"Mass": "likely"})

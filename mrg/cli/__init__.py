@@ -128,10 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--findings",
         type=findings_flag,
         default=None,
-        metavar="NAMES",
+        metavar="STATES",
         help="write the report as if the image showed these ChestX-ray14 findings "
-        '(comma-separated, e.g. "Effusion,Cardiomegaly"; "none" for a normal study) '
-        "instead of the findings head's",
+        "(comma-separated, each present or NAME=possible|absent, e.g. "
+        '"Effusion=possible,Cardiomegaly"; "none" for a normal study) instead of the head\'s',
     )
     generate.add_argument(
         "--allow-any-modality",

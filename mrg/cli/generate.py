@@ -89,13 +89,27 @@ def generate_command(args: argparse.Namespace) -> int:
     else:
         if update.condition is not None:
             how = "set by hand" if update.condition.manual else "the findings head's"
-            named = ", ".join(update.condition.named) or "none"
-            console.print(f"\n[dim]written from findings ({how}): {named}[/dim]", end="")
+            line = condition_line(update.condition, service.model(args.mode).config.uses_states)
+            console.print(f"\n[dim]written from ({how}): {line}[/dim]", end="")
         rate = f"{update.tokens_per_s:.1f} tokens/s" if update.tokens_per_s else ""
         console.print(
             f"\n[dim]{update.tokens} tokens, first after {update.ttft_s or 0:.2f} s {rate}[/dim]"
         )
     return 0
+
+
+def condition_line(condition, uses_states: bool) -> str:
+    """The condition a report was written from, in one line: its states where the model
+    takes states ("present: Cardiomegaly; possible: Effusion"), else the findings named."""
+    states = condition.states
+    if uses_states and states:
+        from mrg.text.states import STATES, with_state
+
+        parts = [
+            f"{s}: {', '.join(with_state(states, s))}" for s in STATES if with_state(states, s)
+        ]
+        return "; ".join(parts)
+    return "findings " + (", ".join(condition.named) or "none")
 
 
 def refusal_payload(mode: str, screening) -> dict:
@@ -109,14 +123,15 @@ def refusal_payload(mode: str, screening) -> dict:
     }
 
 
-def findings_flag(text: str) -> list[str]:
-    """``--findings "Effusion, Cardiomegaly"`` (or ``none``) → ChestX-ray14 names."""
-    from mrg.text.taxonomy import finding_named
+def findings_flag(text: str) -> dict[str, str]:
+    """``--findings "Effusion=possible, Cardiomegaly, Pneumothorax=absent"`` (or ``none``) →
+    ChestX-ray14 names → states; a name alone is present."""
+    from mrg.text.states import parse_states
 
     if text.strip().lower() in ("", "none", "normal"):
-        return []
+        return {}
     try:
-        return [finding_named(name) for name in text.split(",")]
+        return parse_states(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
 
@@ -174,13 +189,14 @@ def stream_split(
     out_file: Path,
     decoding: Decoding,
     concurrency: int = 8,
-    findings: list[str] | None = None,
+    findings: dict[str, str] | None = None,
     allow_anyway: bool = False,
 ) -> list[dict]:
     """``generate_split`` through the service's continuous batcher (``mrg.batching``), as the
     app serves its users: ``concurrency`` studies decode together, and the next one joins the
     running batch as soon as one finishes (at most the batch's size: past it, requests wait).
-    ``findings`` sets every study's findings by hand (what-if); rows carry ``p_<Finding>``.
+    ``findings`` sets every study's states by hand (what-if); rows carry ``p_<Finding>`` and
+    ``state_<Finding>``.
     A study the gate refuses gets an empty report and its reason in ``refused``."""
     from mrg.data.datasets import StudyDataset
     from mrg.evaluation.runner import Generations, finding_columns
@@ -210,7 +226,7 @@ def stream_split(
                     text, extra = "", {"refused": refused.screening.refused}
                 if condition is not None:
                     p = [condition.probabilities.get(f, float("nan")) for f in FINDINGS14]
-                    extra |= finding_columns(p, condition.named)
+                    extra |= finding_columns(p, condition.named, condition.states)
                 generations.add(handle, todo[index].study_id, todo[index].report, text, extra)
             bar.update(1)
 

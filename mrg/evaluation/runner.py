@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -21,16 +21,22 @@ from mrg.evaluation.metrics import chexpert_positive, clinical_efficacy, nlg_sco
 from mrg.model import Decoding, MRGModel
 from mrg.model.findings import FindingsHead
 from mrg.text.labeler import ReportLabeler
+from mrg.text.states import states_of_vector
 from mrg.text.taxonomy import CHEXPERT14, FINDINGS14, named_findings
 
 GENERATIONS = "generations.jsonl"
 
 
-def finding_columns(probabilities: Sequence[float], named: Sequence[str]) -> dict:
-    """``p_<Finding>`` per ChestX-ray14 finding, and ``condition``: the findings written from."""
-    return {f"p_{f}": round(float(p), 4) for f, p in zip(FINDINGS14, probabilities)} | {
-        "condition": "|".join(named) or "normal"
-    }
+def finding_columns(
+    probabilities: Sequence[float], named: Sequence[str], states: Mapping[str, str] | None = None
+) -> dict:
+    """``p_<Finding>`` per ChestX-ray14 finding, ``condition`` (the findings written from) and,
+    with ``states``, ``state_<Finding>`` (present, possible, absent, or "" where not stated)."""
+    columns = {f"p_{f}": round(float(p), 4) for f, p in zip(FINDINGS14, probabilities)}
+    columns["condition"] = "|".join(named) or "normal"
+    if states is not None:
+        columns |= {f"state_{f}": states.get(f, "") for f in FINDINGS14}
+    return columns
 
 
 class Generations:
@@ -91,9 +97,14 @@ def generate_split(
                 continue
             y, extras = None, [{}] * len(batch.reports)
             if findings_head is not None:
-                probabilities, y = findings_head.predict(batch.views)
+                uses_states = model.config.uses_states
+                probabilities, y = findings_head.predict(batch.views, states=uses_states)
                 extras = [
-                    finding_columns(p.tolist(), named_findings(row.tolist()))
+                    finding_columns(
+                        p.tolist(),
+                        named_findings(row.tolist()),
+                        states_of_vector(row.tolist()) if uses_states else None,
+                    )
                     for p, row in zip(probabilities, y)
                 ]
             texts = model.generate(batch.views, decoding, y if model.config.uses_findings else None)

@@ -1,28 +1,40 @@
-"""What the service answers: the findings head's reading of a study, the report as it
-streams, a refusal by the chest-radiograph gate, and the comparison with a reference."""
+"""What the service answers and is asked: the findings head's reading of a study, the report
+as it streams, a refusal by the chest-radiograph gate, the comparison with a reference; a
+condition set by hand (``manual_states``) and the sentences of a report (``report_sentences``)."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from mrg.model.gate import Screening
-from mrg.text.taxonomy import findings_vector
+from mrg.text.cleaning import split_sentences
+from mrg.text.sections import split_sections
+from mrg.text.states import PRESENT, STATE_WIDTH, check, state_vector
+from mrg.text.taxonomy import FINDINGS14, finding_named, findings_vector
 
 
 @dataclass
 class StudyFindings:
     """The findings head's reading of a study: calibrated probabilities, operating points,
-    and the findings the report is conditioned on (``named``; set by hand when ``manual``)."""
+    the states (present, possible, absent: what a states model writes from) and the findings
+    above their F1 operating points (``named``: what the models before the states write
+    from); set by hand when ``manual`` (then ``named`` is the present and possible ones)."""
 
     probabilities: dict[str, float]
     thresholds: dict[str, float]
     named: list[str]
     manual: bool = False
+    states: dict[str, str] = field(default_factory=dict)
+    present_thresholds: dict[str, float | None] = field(default_factory=dict)
 
-    def vector(self) -> torch.Tensor:
-        """The condition y ``[1, 15]``."""
+    def vector(self, width: int = len(FINDINGS14) + 1) -> torch.Tensor:
+        """The condition a model of ``width`` takes: the states ``[1, 43]`` or y ``[1, 15]``."""
+        if width == STATE_WIDTH:
+            return torch.tensor([state_vector(self.states)], dtype=torch.float32)
         return torch.tensor([findings_vector(self.named)], dtype=torch.float32)
 
     def as_dict(self) -> dict:
@@ -30,8 +42,10 @@ class StudyFindings:
         return {
             "named": self.named,
             "manual": self.manual,
+            "states": self.states,
             "probabilities": {f"p_{f}": p for f, p in self.probabilities.items()},
             "operating_points": self.thresholds,
+            "present_points": self.present_thresholds,
         }
 
     def ranked(self) -> list[tuple[str, float, float]]:
@@ -81,3 +95,31 @@ class Comparison:
     metrics: dict[str, float]
     notes: list[str]
     rows: list[LabelRow]
+
+
+Manual = list[str] | Mapping[str, str] | None  # a condition set by hand: names, or names → states
+
+
+def manual_states(manual: list[str] | Mapping[str, str]) -> dict[str, str]:
+    """A condition set by hand as states: names are present; a mapping names each state."""
+    if isinstance(manual, Mapping):
+        states = {finding_named(f): s for f, s in manual.items()}
+        check(states)
+        return {f: states[f] for f in FINDINGS14 if f in states}
+    named = {finding_named(f) for f in manual}
+    return {f: PRESENT for f in FINDINGS14 if f in named}
+
+
+def find_span(report: str, sentence: str) -> tuple[int, int]:
+    """Character span of ``sentence`` in ``report``, whatever whitespace separates its words there."""
+    pattern = r"\s+".join(re.escape(word) for word in sentence.split())
+    match = re.search(pattern, report) if pattern else None
+    if match is None:
+        raise ValueError("the selected sentence is not part of the report")
+    return match.span()
+
+
+def report_sentences(text: str) -> list[str]:
+    """Sentences of a generated report, section headers removed (for sentence-level Grad-CAM)."""
+    sections = split_sections(text)
+    return split_sentences(sections.findings) + split_sentences(sections.impression)

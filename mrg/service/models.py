@@ -16,13 +16,13 @@ from mrg.config import (
     ConfigError,
     LLMConfig,
     ModelConfig,
-    model_preset,
 )
 from mrg.model import MRGModel
 from mrg.model.cpu_probe import AUTO_SETTINGS, cpu_setting
 from mrg.model.findings import FINDINGS_CONFIG_NAME, FINDINGS_FOLDER, FindingsHead
 from mrg.model.gate import GATE_CONFIG_NAME, GATE_FOLDER, ChestGate
 from mrg.model.llm import quantization_in_effect
+from mrg.presets import model_preset
 
 log = logging.getLogger(__name__)
 

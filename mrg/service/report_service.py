@@ -23,7 +23,6 @@ request allows any image anyway, and then the report carries the gate's warning.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -47,9 +46,12 @@ from mrg.model.prompting import text_increments
 from mrg.service.answers import (
     Comparison,
     LabelRow,
+    Manual,
     ReportUpdate,
     StudyFindings,
     StudyRefused,
+    find_span,
+    manual_states,
 )
 from mrg.service.models import (
     ServiceInfo,
@@ -60,9 +62,9 @@ from mrg.service.models import (
     resolve_device,
     resolve_llm_config,
 )
-from mrg.text.cleaning import split_sentences
 from mrg.text.labeler import LABEL_MAPS, POSITIVE, ReportLabeler
 from mrg.text.sections import split_sections
+from mrg.text.states import ABSENT
 from mrg.text.taxonomy import (
     CHEXPERT14,
     FINDINGS14,
@@ -160,7 +162,7 @@ class ReportService:
     # ------------------------------------------------------------------ findings
 
     def screen_and_read(
-        self, study: Study, allow_anyway: bool = False, manual: list[str] | None = None
+        self, study: Study, allow_anyway: bool = False, manual: Manual = None
     ) -> tuple[Screening, StudyFindings | None]:
         """(``screen``, ``read_findings``) from one pass of the findings head; no findings
         for a study the gate refuses."""
@@ -173,25 +175,31 @@ class ReportService:
 
         return self.on_torch_thread(both)
 
-    def read_findings(self, study: Study, manual: list[str] | None = None) -> StudyFindings | None:
-        """The head's probabilities for ``study``; the condition is the findings above their
-        operating points, or ``manual`` (ChestX-ray14 names; [] is a normal study) where given.
-        None without a head and without ``manual``."""
+    def read_findings(self, study: Study, manual: Manual = None) -> StudyFindings | None:
+        """The head's probabilities and states for ``study``, or the condition set by hand:
+        ``manual`` is ChestX-ray14 names (each present; [] is a normal study) or a mapping of
+        names to states ("Effusion": "possible"). None without a head and without ``manual``."""
         return self.screen_and_read(study, allow_anyway=True, manual=manual)[1]
 
-    def _reading(
-        self, features: torch.Tensor | None, manual: list[str] | None
-    ) -> StudyFindings | None:
+    def _reading(self, features: torch.Tensor | None, manual: Manual) -> StudyFindings | None:
         """``read_findings``'s answer from the head's pooled features of a study's views."""
-        named = None if manual is None else [finding_named(f) for f in manual]
+        states = None if manual is None else manual_states(manual)
+        named = None if states is None else [f for f, s in states.items() if s != ABSENT]
         head = self.findings_head
         if head is None:
-            return None if named is None else StudyFindings({}, {}, named, manual=True)
+            if states is None:
+                return None
+            return StudyFindings({}, {}, named, manual=True, states=states)
         probabilities, y = head.predict_pooled(features)
         p, t = probabilities[0].tolist(), head.threshold.tolist()
-        found = named if named is not None else named_findings(y[0].tolist())
+        present = [None if v == float("inf") else v for v in head.present_threshold.tolist()]
         return StudyFindings(
-            dict(zip(FINDINGS14, p)), dict(zip(FINDINGS14, t)), found, manual=named is not None
+            dict(zip(FINDINGS14, p)),
+            dict(zip(FINDINGS14, t)),
+            named if named is not None else named_findings(y[0].tolist()),
+            manual=states is not None,
+            states=states if states is not None else head.states(probabilities)[0],
+            present_thresholds=dict(zip(FINDINGS14, present)),
         )
 
     def _condition(
@@ -210,7 +218,7 @@ class ReportService:
                 "this model writes reports from findings, but no findings head is loaded: "
                 "set the findings by hand"
             )
-        return condition, condition.vector()
+        return condition, condition.vector(model.config.condition_width)
 
     # ------------------------------------------------------------------ generation
 
@@ -220,13 +228,14 @@ class ReportService:
         mode: str,
         decoding: Decoding = DEFAULT_DECODING,
         should_stop: Callable[[], bool] | None = None,
-        findings: list[str] | StudyFindings | None = None,
+        findings: Manual | StudyFindings = None,
         allow_anyway: bool = False,
     ) -> Iterator[ReportUpdate]:
         """Yield a ``ReportUpdate`` per decoded token (greedy/sampling) or once (beam).
 
-        ``findings``: the findings to write from, set by hand (names; [] for none), or a
-        ``StudyFindings`` already read; by default the head's, for a conditioned model.
+        ``findings``: the findings to write from, set by hand (names, each present, [] for
+        none; or names → states), or a ``StudyFindings`` already read; by default the head's,
+        for a conditioned model.
         Raises ``StudyRefused`` where the gate refuses the study and ``allow_anyway`` is off."""
         decoding.validate()
         model = self.model(mode)
@@ -302,7 +311,7 @@ class ReportService:
         study: Study,
         mode: str,
         decoding: Decoding = DEFAULT_DECODING,
-        findings: list[str] | StudyFindings | None = None,
+        findings: Manual | StudyFindings = None,
         allow_anyway: bool = False,
     ) -> ReportUpdate:
         """The final update of ``stream``."""
@@ -321,13 +330,13 @@ class ReportService:
         mode: str,
         report: str,
         sentence: str | None = None,
-        findings: list[str] | StudyFindings | None = None,
+        findings: Manual | StudyFindings = None,
     ) -> list[Heatmap]:
         """Grad-CAM per view for the whole report, or for one of its sentences (scored under
         the findings it was written from: ``findings`` as for ``stream``)."""
         model = self.model(mode)
         views = self.views(study, mode)
-        span = _find_span(report, sentence) if sentence else None
+        span = find_span(report, sentence) if sentence else None
         reading = findings if isinstance(findings, StudyFindings) else None
         _, y = self._condition(model, reading or self.read_findings(study, findings))
         positions = [v.position for v in study.views]
@@ -380,18 +389,3 @@ class ReportService:
             if sentences:
                 out[observation] = list(dict.fromkeys(sentences))
         return out
-
-
-def _find_span(report: str, sentence: str) -> tuple[int, int]:
-    """Character span of ``sentence`` in ``report``, whatever whitespace separates its words there."""
-    pattern = r"\s+".join(re.escape(word) for word in sentence.split())
-    match = re.search(pattern, report) if pattern else None
-    if match is None:
-        raise ValueError("the selected sentence is not part of the report")
-    return match.span()
-
-
-def report_sentences(text: str) -> list[str]:
-    """Sentences of a generated report, section headers removed (for sentence-level Grad-CAM)."""
-    sections = split_sections(text)
-    return split_sentences(sections.findings) + split_sentences(sections.impression)

@@ -2,19 +2,20 @@
 findings, the what-if, and whether the report and the findings it was written from agree.
 
 Reading: the 14 ChestX-ray14 findings, most probable first, each with its calibrated
-probability and operating point (``op``); ✓ where the probability reaches the operating point,
-the findings a findings-conditioned model writes the report from. It is read once a study is
-loaded (after the study is shown). Clicking a finding puts the Grad-CAM of the head's logit for
-that finding on the viewer's images (CheXNet's picture), as the report's Grad-CAM is shown.
+probability and its state (present, possible, absent, or not stated: what a states model
+writes the report from). It is read once a study is loaded (after the study is shown).
+Clicking a finding puts the Grad-CAM of the head's logit for that finding on the viewer's
+images (CheXNet's picture), as the report's Grad-CAM is shown.
 
-What-if: with "Set findings by hand", Generate writes from the findings ticked instead of the
-head's (``ReportService.stream(…, findings=[…])``); a model that writes from the image alone
-says it cannot. A new study starts from the head's reading again.
+What-if: with "Set findings by hand", Generate writes from the states chosen ("Effusion" is
+present, "Effusion: possible", "Effusion: absent") instead of the head's
+(``ReportService.stream(…, findings={…})``); a model that writes from the image alone says it
+cannot. A new study starts from the head's reading again.
 
-Consistency: once a report is finished, the ChestX-ray14 findings the labeler reads in it are
-compared with the findings it was written from (the head's reading, or those set by hand); for
-a report written despite the gate, the line first says that reading is of an image the head
-was not made for (the panel shows none for a refused study).
+Consistency: once a report is finished, the states the labeler reads in it are compared with
+those it was written from (a model before the states: the findings it names); for a report
+written despite the gate, the line first says that reading is of an image the head was not
+made for (the panel shows none for a refused study).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import gradio as gr
 
+from mrg.text.states import POSSIBLE, PRESENT, STATES, states_from_statuses, with_state
 from mrg.text.taxonomy import FINDINGS14, display_name, finding_named
 from mrg.ui.common import SLOTS, UNEXPECTED, DemoState, gpu, log_failure
 
@@ -42,13 +44,18 @@ READ = (
 # What clicking a finding updates (the viewer, as ``explanation.EXPLAINED`` does, and its toggle).
 FINDING_SHOWN = ("frontal_view", "lateral_view", "explain_status", "show_cam", "state")
 FINDING_INPUTS = ("state", "preset", "center", "width", "invert", "opacity")
-CHOICES = [display_name(f) for f in FINDINGS14]
+NOT_STATED = "not stated"
+# the what-if's choices: a name alone is present, "Name: possible" / "Name: absent" the others
+CHOICES = [
+    display_name(f) if s == PRESENT else f"{display_name(f)}: {s}"
+    for f in FINDINGS14
+    for s in STATES
+]
 BEFORE = "Load a study: the findings head's reading appears here."
 NO_HEAD = (
     "**No findings head is loaded** (no `findings/` folder beside the checkpoints): "
     "no probabilities to show. Findings can still be set by hand for a model that takes them."
 )
-REACHED = "✓"
 # the panel shows no reading of a refused study; a report written anyway still had findings
 DESPITE_GATE = (
     "Written despite the gate: the findings head read an image it was not made for, and its "
@@ -56,15 +63,54 @@ DESPITE_GATE = (
 )
 
 
-def finding_label(finding: str, probability: float, operating_point: float) -> str:
-    """``Effusion · op 31% ✓``: the row's name in the panel (✓ where p reaches op)."""
-    reached = f" {REACHED}" if probability >= operating_point else ""
-    return f"{display_name(finding)} · op {operating_point:.0%}{reached}"
+def finding_label(finding: str, state: str | None) -> str:
+    """``Effusion · possible``: the row's name in the panel, with the finding's state."""
+    return f"{display_name(finding)} · {state or NOT_STATED}"
 
 
 def label_finding(label: str) -> str:
     """The ChestX-ray14 finding a row of the panel names (``finding_label`` read back)."""
-    return finding_named(label.split(" · ")[0].replace(REACHED, ""))
+    return finding_named(label.split(" · ")[0])
+
+
+def chosen_states(chosen: Sequence[str]) -> dict[str, str]:
+    """The what-if's choices (``CHOICES``) as states; a finding chosen twice keeps its last."""
+    states = {}
+    for choice in chosen:
+        name, _, state = choice.partition(": ")
+        states[finding_named(name)] = state or PRESENT
+    return {f: states[f] for f in FINDINGS14 if f in states}
+
+
+def state_choices(states: dict[str, str]) -> list[str]:
+    """``chosen_states`` read back: the what-if's choices of ``states``."""
+    return [c for c in CHOICES if chosen_states([c]).items() <= states.items()]
+
+
+def stated(states: dict[str, str]) -> str:
+    """``present: Cardiomegaly; possible: Effusion and Mass; absent: Pneumothorax``."""
+    parts = [f"{s}: {listed(with_state(states, s))}" for s in STATES if with_state(states, s)]
+    return "; ".join(parts) or "nothing stated (a normal study)"
+
+
+def state_consistency(read: dict[str, str], given: dict[str, str], manual: bool) -> str:
+    """Whether the states the labeler reads in a report (``read``) are those it was written
+    from (``given``): each finding given a state must be read back in it, and no finding
+    read present or possible that was not given so."""
+    wrong = [
+        f
+        for f in FINDINGS14
+        if (f in given and read.get(f) != given[f])
+        or (f not in given and read.get(f) in (PRESENT, POSSIBLE))
+    ]
+    source = "set by hand" if manual else "the findings head's"
+    if not wrong:
+        return f"✓ **Report and states agree** ({source}: {stated(given)})."
+    said = "; ".join(
+        f"{display_name(f)} {given.get(f, NOT_STATED)}, the report: {read.get(f, NOT_STATED)}"
+        for f in wrong
+    )
+    return f"⚠️ **Report and states disagree** ({source}): {said}."
 
 
 def listed(names: Sequence[str]) -> str:
@@ -109,10 +155,9 @@ def consistency(in_report: Sequence[str], named: Sequence[str], manual: bool) ->
 
 
 def reading_note(reading: StudyFindings) -> str:
-    """The line under the panel: what ✓ means and which findings reach their operating point."""
-    named = listed(reading.named) if reading.named else "none (a normal study)"
+    """The line under the panel: the states the report is written from."""
     return (
-        f"{REACHED} p ≥ op (operating point): **{named}**. "
+        f"Calibrated probabilities; the report states **{stated(reading.states)}**. "
         "Click a finding for its Grad-CAM in the viewer."
     )
 
@@ -145,8 +190,8 @@ class FindingsPanel:
         what_if = (False, gr.update(value=[], visible=False))
         if reading is None:
             return gr.update(visible=False, value=None), NO_HEAD, "", *what_if, state
-        value = {finding_label(f, p, t): p for f, p, t in reading.ranked()}
-        what_if = (False, gr.update(value=[display_name(f) for f in reading.named], visible=False))
+        value = {finding_label(f, reading.states.get(f)): p for f, p, _ in reading.ranked()}
+        what_if = (False, gr.update(value=state_choices(reading.states), visible=False))
         return gr.update(visible=True, value=value), reading_note(reading), "", *what_if, state
 
     # ------------------------------------------------------------------ Grad-CAM of a finding
@@ -195,8 +240,8 @@ class FindingsPanel:
         reading = state.reading
         odds = ""
         if reading is not None and finding in reading.probabilities:
-            p, t = reading.probabilities[finding], reading.thresholds[finding]
-            odds = f" (p {p:.0%}, op {t:.0%})"
+            p, state = reading.probabilities[finding], reading.states.get(finding, NOT_STATED)
+            odds = f" (p {p:.0%}, {state})"
         status = (
             f"Grad-CAM of the findings head's {display_name(finding)}{odds}: "
             "slide the viewer's divider to compare."
@@ -206,21 +251,26 @@ class FindingsPanel:
     # ------------------------------------------------------------------ what-if
 
     def findings_to_write_from(self, state: DemoState, manual: bool, chosen: list[str] | None):
-        """What ``generate`` hands ``ReportService.stream`` as ``findings``: the names set by
+        """What ``generate`` hands ``ReportService.stream`` as ``findings``: the states set by
         hand, else the reading already made of this study (None: the service reads it)."""
         if manual:
-            return [finding_named(name) for name in chosen or []]
+            return chosen_states(chosen or [])
         return state.reading if state.reading_key == state.case_key else None
 
     def written_from(self, mode: str, condition: StudyFindings | None) -> str:
-        """The report header's note on the findings ``mode`` wrote from ("" for none)."""
+        """The report header's note on what ``mode`` wrote from ("" for none)."""
         if condition is None:
             return ""
-        named = listed(condition.named) if condition.named else "none (a normal study)"
+        config = self.service.model(mode).config
+        if config.uses_states:
+            kind, what = "states", stated(condition.states)
+        else:
+            kind = "findings"
+            what = listed(condition.named) if condition.named else "none (a normal study)"
         if condition.manual:
-            return f" · written from findings set by hand: {named}"
-        if self.service.model(mode).config.uses_findings:
-            return f" · written from the findings head's reading: {named}"
+            return f" · written from {kind} set by hand: {what}"
+        if config.uses_findings:
+            return f" · written from the findings head's reading: {what}"
         return ""
 
     # ------------------------------------------------------------------ consistency
@@ -233,9 +283,13 @@ class FindingsPanel:
             condition = state.conditions.get(mode)
             if not text or condition is None:
                 continue
-            said = self.service.labeler.label14(text)
-            in_report = [f for f in FINDINGS14 if said.get(f)]
-            line = consistency(in_report, condition.named, condition.manual)
+            if self.service.model(mode).config.uses_states:
+                read = states_from_statuses(self.service.labeler.statuses14(text))
+                line = state_consistency(read, condition.states, condition.manual)
+            else:
+                said = self.service.labeler.label14(text)
+                in_report = [f for f in FINDINGS14 if said.get(f)]
+                line = consistency(in_report, condition.named, condition.manual)
             if state.screening is not None and state.screening.allowed_anyway:
                 line = f"{DESPITE_GATE} {line}"
             if len(state.shown) > 1:
@@ -258,9 +312,10 @@ class FindingsPanel:
         c["manual_findings"] = gr.Checkbox(
             label="Set findings by hand (what-if)", value=False, elem_id="manual-findings"
         )
-        c["manual_choice"] = gr.CheckboxGroup(
+        c["manual_choice"] = gr.Dropdown(
             CHOICES,
-            label="Write the report from (none ticked: a normal study)",
+            multiselect=True,
+            label="Write the report from (a name: present; none: a normal study)",
             visible=False,
             elem_id="manual-choice",
         )
