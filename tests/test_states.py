@@ -181,3 +181,28 @@ def test_content_form_and_fidelity_read_the_reports_as_a_radiologist_would():
     # cardiomegaly and pneumothorax read back, effusion possible not (the report negates it)
     assert fidelity["per_state"]["possible"] == {"stated": 1, "read_back": 0}
     assert fidelity["fidelity"] == 3 / 4
+
+
+def test_a_states_model_is_scored_by_state_fidelity_with_one_fixed_image(tiny_llm, tokenizer):
+    from conftest import random_batch, tiny_model_config
+
+    from mrg.evaluation.fidelity import language_fidelity
+    from mrg.evaluation.states_card import language_table
+    from mrg.model import MRGModel
+
+    config = tiny_model_config("prompt-wise")
+    config.customizer.conditioning, config.findings_prompt = "visual+states", "states"
+    torch.manual_seed(0)
+    model = MRGModel(config, tiny_llm, tokenizer).eval()
+    texts = ["FINDINGS: Cardiomegaly. No pneumothorax.\nIMPRESSION: Cardiomegaly.", NORMAL]
+    from mrg.config import Decoding
+
+    scores, rows = language_fidelity(
+        model, texts, Decoding(max_new_tokens=24), image=random_batch(1, 1)
+    )
+    assert rows[0]["states"] == {"Cardiomegaly": "present", "Pneumothorax": "absent"}
+    assert rows[0]["generated"].startswith("FINDINGS: Cardiomegaly.")  # the forced sentence
+    per = scores["states"]["per_state"]
+    assert per["present"] == {"stated": 1, "read_back": 1} and per["absent"]["stated"] == 3
+    table = language_table({"tiny": {**scores, "BLEU_4": 0.1, "CIDEr": 0.2}})
+    assert "| tiny | 2 |" in table and "1 of 1" in table

@@ -61,7 +61,8 @@ def test_a_finding_not_stated_present_or_possible_is_named_only_to_negate_it(clo
     assert closed.fits(" no effusion", rules=rules)  # the negation within the same piece
     pieces = closed.structure.pieces
     at = position(pieces, tokenizer.encode(" The heart is normal. No acute"))
-    assert at == Position(previous="no", negated=True, open_word="acute")
+    assert (at.previous, at.negated, at.open_word) == ("no", True, "acute")
+    assert at.sentence == {"no"}  # the sentence so far, "The heart is normal." ended
     assert not position(pieces, tokenizer.encode(" No effusion. The")).negated  # a new sentence
 
 
@@ -112,6 +113,12 @@ def test_the_word_being_built_is_read_back_to_its_first_letter_however_many_toke
     )
     assert not closed.fits("y", at)  # no vocabulary word begins with it
     assert position(pieces, tokenizer.encode(" No acute. Card")) == Position(open_word="Card")
+    from mrg.text.states import normal_anatomy
+
+    rules = Rules(normal=normal_anatomy({"Cardiomegaly": "possible"}))
+    heart = position(pieces, tokenizer.encode(" The heart is"))
+    assert not closed.fits(" normal", heart, rules) and closed.fits(" normal", heart)
+    assert closed.fits(" normal", position(pieces, tokenizer.encode(" The heart. It is")), rules)
 
 
 def test_beside_a_present_finding_no_global_normal_statement_is_begun(closed):

@@ -39,6 +39,14 @@ def finding_columns(
     return columns
 
 
+def named_and_states(condition: list[float], uses_states: bool) -> tuple[list[str], dict | None]:
+    """(the findings a condition names: present or possible; its states, for a states model)."""
+    if not uses_states:
+        return named_findings(condition), None
+    states = states_of_vector(condition)
+    return [f for f, s in states.items() if s in ("present", "possible")], states
+
+
 class Generations:
     """A resumable JSONL of ``{"id", "reference", "generated"}`` rows: rows already in the file
     are kept, new ones are appended and flushed one by one, from any thread."""
@@ -100,11 +108,7 @@ def generate_split(
                 uses_states = model.config.uses_states
                 probabilities, y = findings_head.predict(batch.views, states=uses_states)
                 extras = [
-                    finding_columns(
-                        p.tolist(),
-                        named_findings(row.tolist()),
-                        states_of_vector(row.tolist()) if uses_states else None,
-                    )
+                    finding_columns(p.tolist(), *named_and_states(row.tolist(), uses_states))
                     for p, row in zip(probabilities, y)
                 ]
             texts = model.generate(batch.views, decoding, y if model.config.uses_findings else None)

@@ -223,21 +223,26 @@ class Rules:
     ``stated``, prefixes of words never written (the findings its lead named); ``unstated``,
     prefixes of words written only in a sentence that already negates (the findings its
     condition does not state present or possible: "No pleural effusion." yes, "Pleural
-    effusion." no); ``bigrams``, (word, next word) pairs never written."""
+    effusion." no); ``bigrams``, (word, next word) pairs never written; ``normal``, (word,
+    prefix) pairs: no word with the prefix after the word in one sentence ("heart" …
+    "normal…" beside cardiomegaly)."""
 
     stated: frozenset[str] = frozenset()
     unstated: frozenset[str] = frozenset()
     bigrams: Bigrams = frozenset()
+    normal: Bigrams = frozenset()
 
 
 @dataclass(frozen=True)
 class Position:
     """Where the next token goes: the word before the open one (None after punctuation),
-    whether the sentence so far negates, and the letters of the open word."""
+    whether the sentence so far negates, the letters of the open word, and the sentence's
+    words so far."""
 
     previous: str | None = None
     negated: bool = False
     open_word: str = ""
+    sentence: frozenset[str] = frozenset()
 
 
 @lru_cache(maxsize=256)
@@ -260,19 +265,20 @@ def _fits(vocabulary: frozenset[str], rules: Rules, at: Position, piece: str) ->
     (position, token) pairs again and again (5 ms of a 35 ms step before)."""
     if any(map(str.isdigit, piece)) or not piece.isascii():
         return False
-    previous, negated = at.previous, at.negated
+    previous, negated, sentence = at.previous, at.negated, set(at.sentence)
     runs = _LETTER_RUNS.findall(at.open_word + piece)
     for i, run in enumerate(runs):
         if not run[0].isalpha():
             if _SENTENCE_END.search(run):
-                negated = False
+                negated, sentence = False, set()
             if run.strip():  # punctuation ends the phrase a bigram belongs to
                 previous = None
             continue
         if _CAPITAL_AFTER_SMALL.search(run) or (run.isupper() and run.lower() in HEADER_WORDS):
             return False  # "volumE"; a header's word in capitals is a header, never body text
         banned = frozenset(b for a, b in rules.bigrams if a == previous)
-        stated = rules.stated if negated else rules.stated | rules.unstated
+        stated = rules.stated | frozenset(b for a, b in rules.normal if a in sentence)
+        stated = stated if negated else stated | rules.unstated
         words, prefixes = allowed_words(vocabulary, stated, banned)
         if i == len(runs) - 1:
             return run.lower() in prefixes
@@ -280,6 +286,7 @@ def _fits(vocabulary: frozenset[str], rules: Rules, at: Position, piece: str) ->
             return False
         previous = run.lower()
         negated = negated or previous in NEGATIONS
+        sentence.add(previous)
     return True
 
 
@@ -306,8 +313,9 @@ def position(pieces: list[str], ids: list[int], limit: int = 64) -> Position:
     open_word = _OPEN_WORD.search(sentence).group()
     before = sentence[: len(sentence) - len(open_word)]
     previous = re.search(r"([A-Za-z]+) +$", before)
-    negated = any(w.lower() in NEGATIONS for w in re.findall(r"[A-Za-z]+", before))
-    return Position(previous.group(1).lower() if previous else None, negated, open_word)
+    words = frozenset(w.lower() for w in re.findall(r"[A-Za-z]+", before))
+    negated = bool(words & NEGATIONS)
+    return Position(previous.group(1).lower() if previous else None, negated, open_word, words)
 
 
 class ClosedVocabulary(LogitsProcessor):
@@ -320,13 +328,14 @@ class ClosedVocabulary(LogitsProcessor):
     (nothing here measures a size or knows a date), nor a capital after a small letter within
     a word ("volumE"). Where none of the ``top_k`` fits, the ``wider_k`` most likely are tried
     (the n-gram ban may have removed the likely ending of a word), then every token of the
-    tokenizer: a word is never left unfinished or misspelt.
+    tokenizer, even one the n-gram ban took: a word is never left unfinished or misspelt.
 
     ``rules`` (one ``Rules`` per study, rows laid out as ``ReportStructureProcessor``'s leads)
     hold what else the study's report may not write: after its lead, no word naming a finding
     the lead named ("Cardiomegaly. No acute cardiomegaly."); a finding its condition does not
-    state present or possible only in a sentence that negates; and beside a present finding
-    no global-normal statement (``mrg.text.states.GLOBAL_NORMAL_BIGRAMS``)."""
+    state present or possible only in a sentence that negates; beside a present finding no
+    global-normal statement (``mrg.text.states.GLOBAL_NORMAL_BIGRAMS``); and beside a present
+    or possible finding no sentence calling its anatomy normal (``NORMAL_ANATOMY``)."""
 
     def __init__(
         self,
@@ -361,6 +370,10 @@ class ClosedVocabulary(LogitsProcessor):
                     _fitting_anywhere(self.structure, self.vocabulary, rules, at), dtype=torch.long
                 )
                 keep = anywhere[torch.isfinite(scores[row, anywhere.to(scores.device)])].tolist()
+                if not keep and len(anywhere):  # the n-gram ban took the only endings
+                    scores[row].fill_(float("-inf"))
+                    scores[row, anywhere.to(scores.device)] = 0.0
+                    continue
             if keep:
                 kept = scores[row, keep].clone()
                 scores[row].fill_(float("-inf"))

@@ -37,6 +37,7 @@ from mrg.text.states import (
     FindingStates,
     global_normal_bigrams,
     lead_sentences,
+    normal_anatomy,
     states_of_vector,
     unstated_prefixes,
     with_state,
@@ -138,13 +139,14 @@ class ReportGeneration:
     def _rules(self, states: FindingStates, lead: bool) -> Rules:
         """What a report written from ``states`` may not write (``mrg.model.decoding.Rules``):
         after its lead, the findings it named again; a states model, a finding it does not
-        state present or possible except to negate it; beside a present finding, a
-        global-normal statement."""
+        state present or possible except to negate it, or a sentence calling the anatomy of
+        one it does normal; beside a present finding, a global-normal statement."""
         named = with_state(states, PRESENT) + with_state(states, POSSIBLE)
         return Rules(
             stated=naming_words(named) if lead else frozenset(),
             unstated=unstated_prefixes(states) if self.config.uses_states else frozenset(),
             bigrams=global_normal_bigrams(states),
+            normal=normal_anatomy(states) if self.config.uses_states else frozenset(),
         )
 
     @torch.inference_mode()

@@ -78,6 +78,41 @@ NAMING_PREFIXES = {
 }
 
 
+_LUNG = (("lungs", "clear"), ("lungs", "normal"), ("lung", "clear"), ("lungs", "unremarkable"))
+# (word, later word in the same sentence) that call a finding's anatomy normal
+NORMAL_ANATOMY = {
+    "Cardiomegaly": tuple(
+        (a, b)
+        for a in ("heart", "cardiac", "cardiomediastinal")
+        for b in ("normal", "unremarkable", "within", "stable")
+    ),
+    "Effusion": (("pleural", "normal"), ("costophrenic", "clear"), ("costophrenic", "sharp")),
+    "Pneumothorax": (("pleural", "normal"),),
+    "Pleural_Thickening": (("pleural", "normal"),),
+    **{
+        f: _LUNG
+        for f in (
+            "Atelectasis",
+            "Infiltration",
+            "Mass",
+            "Nodule",
+            "Pneumonia",
+            "Consolidation",
+            "Edema",
+            "Emphysema",
+            "Fibrosis",
+        )
+    },
+}
+
+
+def normal_anatomy(states: Mapping[str, str]) -> frozenset[tuple[str, str]]:
+    """The (word, later word) pairs that would call the anatomy of a present or possible
+    finding of ``states`` normal in one sentence ("The heart is normal" beside cardiomegaly)."""
+    named = [f for f, s in states.items() if s in (PRESENT, POSSIBLE)]
+    return frozenset(pair for f in named for pair in NORMAL_ANATOMY.get(f, ()))
+
+
 def unstated_prefixes(states: Mapping[str, str]) -> frozenset[str]:
     """The naming words of the findings ``states`` does not state present or possible: a
     report written from them names those only to negate them."""
