@@ -34,7 +34,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from build_model_card import LANGUAGE_PROMPT, RECORD_NAME, REPORTS, SHARED, V_ONLY, build_card
+from build_model_card import (
+    FINDINGS_Y,
+    LANGUAGE_PROMPT,
+    RECORD_NAME,
+    REPORTS,
+    SHARED,
+    V_ONLY,
+    build_card,
+)
 from safetensors.torch import load_file, save_file
 
 from mrg.config import CONFIG_NAME, ModelConfig
@@ -64,13 +72,18 @@ def demo_config(mode: str, annotation: Path, images: Path, output_dir: Path):
 
 
 def keep_previous(assets: Path, modes: list[str]) -> None:
-    """The paper's image-only form as shipped before the findings head: copied once to
-    assets/baselines/v-only, before the findings-conditioned models overwrite it."""
+    """The checkpoints shipped before, copied once to assets/baselines before the new ones
+    overwrite them: the paper's image-only form (``V_ONLY``) and the models conditioned on
+    the head's present findings y (``FINDINGS_Y``), each a row of the model card."""
     for mode in modes:
-        source, previous = assets / "checkpoints" / mode, assets / V_ONLY / mode
-        if not (source / CONFIG_NAME).is_file() or (previous / CONFIG_NAME).is_file():
+        source = assets / "checkpoints" / mode
+        if not (source / CONFIG_NAME).is_file():
             continue
-        if not ModelConfig.load(source / CONFIG_NAME).uses_findings:
+        config = ModelConfig.load(source / CONFIG_NAME)
+        if config.uses_states:
+            continue
+        previous = assets / (FINDINGS_Y if config.uses_findings else V_ONLY) / mode
+        if not (previous / CONFIG_NAME).is_file():
             shutil.copytree(source, previous)
 
 
@@ -82,6 +95,9 @@ def main() -> None:
     parser.add_argument("--assets", default=str(ROOT / "assets"))
     parser.add_argument(
         "--skip-train", action="store_true", help="ship the checkpoints already trained"
+    )
+    parser.add_argument(
+        "--skip-card", action="store_true", help="ship without rebuilding the model card"
     )
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
@@ -148,12 +164,13 @@ def main() -> None:
     logs = {"shared": read_log(shared / "log.jsonl")}
     logs.update({mode: read_log(out / mode / "log.jsonl") for mode in args.modes})
     record = {
-        "args": "".join(f" {a}" for a in sys.argv[1:] if a != "--skip-train"),
+        "args": "".join(f" {a}" for a in sys.argv[1:] if a not in ("--skip-train", "--skip-card")),
         "reports_per_image": args.reports_per_image,
         "logs": logs,
     }
     (assets / RECORD_NAME).write_text(json.dumps(record, indent=1) + "\n")
-    build_card(assets, ROOT / "runs" / "card")
+    if not args.skip_card:
+        build_card(assets, ROOT / "runs" / "card")
 
 
 if __name__ == "__main__":
