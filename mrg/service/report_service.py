@@ -9,11 +9,12 @@ computation (encoding an image, the findings head, the gate, beam search, Grad-C
 the batcher's thread, one at a time, between two decoding steps (``on_torch_thread``).
 
 Where the checkpoints hold a findings head (``<checkpoints>/findings/``), every study is read
-by it first: its calibrated probabilities and the findings above their operating points
-(``StudyFindings``) are what a findings-conditioned model writes the report from. A reviewer
-may set the findings by hand instead (``stream(…, findings=[…])``, "write the report as if it
-showed effusion"). Cancelling is closing the stream (or
-``should_stop`` returning True): the request leaves the batch at the next step.
+by it first: its calibrated probabilities and states (``StudyFindings``) are what a states
+model writes the report from (a model before the states: the findings above their operating
+points). A reviewer may set them by hand instead (``stream(…, findings={"Effusion":
+"possible"})``, "write the report as if it showed a possible effusion"). Cancelling is
+closing the stream (or ``should_stop`` returning True): the request leaves the batch at the
+next step.
 
 Before anything is written, the study passes the chest-radiograph gate (``mrg.model.gate``):
 a CT, an MR, a photograph or a rotated film is refused with ``StudyRefused``, unless the
