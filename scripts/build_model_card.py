@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from mrg.config import CONFIG_NAME, CUSTOMIZED_MODES, DEFAULT_DECODING
 from mrg.data.datasets import load_annotation
 from mrg.data.language import HeldOut, report_corpus
 from mrg.data.pairs import build_pairs
+from mrg.data.study import batch_tensors, study_from_sources
 from mrg.environment import setting
 from mrg.evaluation.baselines import (
     baselines,
@@ -71,7 +73,16 @@ from mrg.evaluation.demo_card import (
     verdict,
 )
 from mrg.evaluation.fidelity import fidelity_sample, language_fidelity
+from mrg.evaluation.metrics import nlg_scores
 from mrg.evaluation.runner import generate_split
+from mrg.evaluation.states_card import (
+    NORMAL_TEMPLATE,
+    calibration_table,
+    content_table,
+    form_table,
+    language_table,
+)
+from mrg.evaluation.states_eval import content, form, report_states, state_fidelity
 from mrg.evaluation.text_quality import TextQuality, corpus_counts, quality_table, text_quality
 from mrg.model import MRGModel
 from mrg.model.findings import FINDINGS_FOLDER, FindingsHead
@@ -89,6 +100,9 @@ REPORTS = SHARED / "iu_xray" / "NLMCXR_reports.tgz"
 RECORD_NAME = "training_record.json"
 V_ONLY = Path("baselines") / "v-only"  # under assets/
 FINDINGS_Y = Path("baselines") / "findings-y"  # under assets/: conditioned on present findings
+# the checkpoints shipped before, each a row of the card: (folder, row label, cache file suffix)
+PREVIOUS = ((V_ONLY, "v only", "v-only"), (FINDINGS_Y, "present findings y", "findings-y"))
+FIXED_IMAGE = Path(__file__).resolve().parents[1] / "assets" / "examples" / "00004934_000.png"
 LANGUAGE_PROMPT = Path("baselines") / "language_prompt.safetensors"  # under assets/
 WORDS_ONLY = dataclasses.replace(DEFAULT_DECODING, lead_with_findings=False)
 OPEN_VOCABULARY = dataclasses.replace(DEFAULT_DECODING, closed_vocabulary=False)
@@ -169,6 +183,65 @@ def dependence_of(model: MRGModel, rows: list[dict], image_labels, labeler, head
         "naming_a_finding": naming_a_finding(rows, labeler),
         "blank_report": blank,
         "blank_CE_micro_F1": score(blank_rows, image_labels, labeler)["CE_micro_F1"],
+    }
+
+
+def states_measurements(
+    assets: Path, out: Path, modes, llm, tokenizer, labeler, corpus, test, texts: dict
+) -> dict:
+    """What a radiologist reads (``mrg.evaluation.states_eval``): the content and form of each
+    writer's test reports (``texts``: name → rows), and each shipped mode's state fidelity on
+    held-out OpenI reports, each written from its own labeler states with one fixed image
+    (the shipped normal example), beside a fixed normal template and a random real report."""
+    checkpoints = assets / "checkpoints"
+    vocabulary = read_vocabulary(checkpoints / modes[0] / VOCABULARY_NAME)
+    labels = {r.study_id: r.labels for r in test}
+    content_rows, form_rows = {}, {}
+    for name, rows in texts.items():
+        written = [r["generated"] for r in rows]
+        content_rows[name] = content(written, [labels[r["id"]] for r in rows], labeler)
+        form_rows[name] = form(written, labeler, vocabulary)
+    form_rows = {
+        "real reports (test references)": form([r.report for r in test], labeler)
+    } | form_rows
+    sample = fidelity_sample(corpus.val + corpus.held_out_texts)
+    study = study_from_sources(FIXED_IMAGE)
+    language = {}
+    for mode in modes:
+        model = MRGModel.from_pretrained(checkpoints / mode, llm=llm, tokenizer=tokenizer).eval()
+        rows_file = cached(
+            out / "states" / f"{mode}.json", *checkpoint_key(checkpoints / mode, DEFAULT_DECODING)
+        )
+        if not rows_file.is_file():
+            image = batch_tensors([study], model.config.encoder.image_size, model.config.max_views)
+            scores, rows = language_fidelity(model, sample, DEFAULT_DECODING, labeler, image=image)
+            rows_file.write_text(json.dumps({"scores": scores, "rows": rows}, indent=1) + "\n")
+        rows = json.loads(rows_file.read_text())["rows"]
+        language[f"{mode}, one fixed image"] = written_scores(rows, labeler)
+    rng = random.Random(0)
+    given = [{"reference": t, "states": s} for t, s in zip(sample, report_states(sample, labeler))]
+    for name, write in (
+        ("baseline: a fixed normal template", lambda: NORMAL_TEMPLATE),
+        ("baseline: a random real report", lambda: rng.choice(corpus.train)),
+    ):
+        language[name] = written_scores([dict(r, generated=write()) for r in given], labeler)
+    return {
+        "content": content_rows,
+        "form": form_rows,
+        "language": language,
+        "language_reports": len(sample),
+    }
+
+
+def written_scores(rows: list[dict], labeler: ReportLabeler) -> dict:
+    """State fidelity and BLEU-4 / CIDEr of ``rows`` (reference, states given, generated)."""
+    references, written = [r["reference"] for r in rows], [r["generated"] for r in rows]
+    corpus_scores = nlg_scores(references, written, meteor=False).corpus
+    return {
+        "reports": len(rows),
+        "states": state_fidelity([r["states"] for r in rows], written, labeler),
+        "BLEU_4": corpus_scores["BLEU_4"],
+        "CIDEr": corpus_scores["CIDEr"],
     }
 
 
@@ -259,17 +332,22 @@ def build_card(assets: Path, out: Path) -> dict:
     other_ways = json.loads(condition_ways.read_text()) if condition_ways.is_file() else {}
     for name, way in other_ways.items():
         results[name] = way["scores"]
-    for mode in modes:  # the paper's v-only form, as shipped before the findings head
-        previous = assets / V_ONLY / mode
-        if (previous / CONFIG_NAME).is_file():
-            name = f"{mode}, v only (previous)"
+    for mode in modes:  # the checkpoints shipped before: image only, then present findings y
+        for folder, label, suffix in PREVIOUS:
+            previous = assets / folder / mode
+            if not (previous / CONFIG_NAME).is_file():
+                continue
+            name = f"{mode}, {label} (previous)"
             model = MRGModel.from_pretrained(previous, llm=llm, tokenizer=tokenizer).eval()
             rows_file = cached(
-                out / f"{mode}-v-only.jsonl", *checkpoint_key(previous, DEFAULT_DECODING)
+                out / f"{mode}-{suffix}.jsonl", *checkpoint_key(previous, DEFAULT_DECODING)
             )
-            rows = generate_split(model, test, rows_file, DEFAULT_DECODING)
+            conditioned = head if model.config.uses_findings else None
+            rows = generate_split(
+                model, test, rows_file, DEFAULT_DECODING, findings_head=conditioned
+            )
             results[name], generations[name] = score(rows, image_labels, labeler), rows
-            dependence[name] = dependence_of(model, rows, image_labels, labeler)
+            dependence[name] = dependence_of(model, rows, image_labels, labeler, conditioned)
     # The head's own reading, its findings listed (no LLM): what a faithful report scores.
     head_rows = [
         dict(r, generated=listed_findings_report(named(r["condition"])))
@@ -277,10 +355,13 @@ def build_card(assets: Path, out: Path) -> dict:
     ]
     results["findings head, listed (no LLM)"] = score(head_rows, image_labels, labeler)
     test_rows = [{"id": r.study_id, "reference": r.report} for r in test]
-    for name, rows in baselines([r.report for r in train], test_rows).items():
+    baseline_rows = baselines([r.report for r in train], test_rows)
+    baseline_rows.update(constant_findings_baselines([r.labels for r in train], test_rows))
+    for name, rows in baseline_rows.items():
         results[name] = score(rows, image_labels, labeler)
-    for name, rows in constant_findings_baselines([r.labels for r in train], test_rows).items():
-        results[name] = score(rows, image_labels, labeler)
+    states = states_measurements(
+        assets, out, modes, llm, tokenizer, labeler, corpus, test, generations | baseline_rows
+    )
 
     counts = corpus_counts(REPORTS)
     quality = {
@@ -307,6 +388,7 @@ def build_card(assets: Path, out: Path) -> dict:
         "align_seconds": training_seconds(align_log),
         "generate_seconds": timings,
         "fidelity": fidelity,
+        "states": states,
         "abnormal_test_share": float(np.mean([bool(r.labels) for r in test])),
         "test_images": [r.image_paths[0].name for r in test],
         "checkpoints": {mode: checkpoint_digest(checkpoints / mode) for mode in modes},
@@ -327,7 +409,7 @@ def build_card(assets: Path, out: Path) -> dict:
             args=record["args"],
             prompt_length=recipe.model.customizer.prompt_length,
             language_reports=len(corpus.train),
-            language_steps=recipe.max_steps_per_epoch,
+            language_epochs=recipe.language.epochs,
             finding_weight=recipe.language_finding_weight,
             fidelity_table=fidelity_table(fidelity),
             head_table=head_table(head_metrics),
@@ -365,6 +447,15 @@ def build_card(assets: Path, out: Path) -> dict:
             **alignment_retrieval(align_log),
             **pair_statistics([r.report for r in train], [r.report for r in test]),
             ceiling_table=ceiling_table(ceiling),
+            calibration_table=calibration_table(head_metrics["calibration"]),
+            ece_before=head_metrics["calibration"]["before"]["ece"],
+            ece_after=head_metrics["calibration"]["after"]["ece"],
+            expected_count=head_metrics["calibration"]["after"]["expected_count"],
+            labelled_count=head_metrics["calibration"]["after"]["labelled_count"],
+            content_table=content_table(states["content"]),
+            form_table=form_table(states["form"]),
+            language_table=language_table(states["language"]),
+            language_reports_scored=states["language_reports"],
             ceiling_verdict=ceiling_verdict(ceiling, results),
             **common_report_shift(train, test, labeler),
         )

@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 from conftest import DICOM, AppProcess
 
+from mrg.config import DEFAULT_CHECKPOINTS
 from mrg.review import Review, ReviewStore
+from mrg.text.states import lead_sentences
+from mrg.text.taxonomy import finding_named
 from mrg.ui import SHIPPED_EXAMPLES
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
@@ -23,6 +26,8 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 VIEWPORT = {"width": 1440, "height": 900}
 QUEUE = ["00003350_000.png", "00015044_000.png", "00028558_000.png"]
+# the README's gallery: a normal film, cardiomegaly and an effusion (NIH labels)
+GALLERY = ["00004934_000.png", "00003350_000.png", "00015044_000.png"]
 # The mean of every pixel of the frontal view's image, as the browser draws it.
 SHOWN_MEAN = """() => {
   const img = document.querySelector('#frontal-view img');
@@ -143,10 +148,11 @@ def test_the_findings_panel_reads_the_study_and_a_click_shows_that_findings_grad
     rows = page.locator("#findings-head .confidence-set")
     rows.first.wait_for(timeout=60_000)  # read after the study is shown
     assert rows.count() == 14
-    assert all(" · op " in text for text in rows.all_inner_texts())
+    shown = [text.split(" · ")[1] for text in rows.all_inner_texts()]  # each row: name · state
+    assert all(s.startswith(("present", "possible", "absent", "not stated")) for s in shown)
     page.evaluate("window.scrollTo(0, 0)")  # filling the review session scrolled down to it
     assert within_viewport(page, "#findings-head")
-    page.get_by_text("p ≥ op (operating point)").wait_for()
+    page.get_by_text("Calibrated probabilities; the report states").wait_for()
     page.wait_for_function(f"({SHOWN_MEAN})() !== null", timeout=30_000)
     plain = page.evaluate(SHOWN_MEAN)
     chosen = rows.nth(1).inner_text().split(" · ")[0]
@@ -268,3 +274,35 @@ def test_the_summary_shows_kappa_for_two_reviewers(browser, server):
     row.wait_for(timeout=60_000)
     assert row.inner_text().split("\t")[1:] == ["5", "0.60", "0.44"]
     page.screenshot(path=str(ARTIFACTS / "summary.png"), full_page=True)
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    """The app over the shipped checkpoints, as `make demo` starts it."""
+    app = AppProcess(DEFAULT_CHECKPOINTS, tmp_path_factory.mktemp("shipped") / "data")
+    yield app
+    app.stop()
+
+
+@pytest.mark.parametrize("name", GALLERY)
+def test_the_gallery_films_panel_states_are_the_ones_the_report_states(browser, shipped, name):
+    """A normal film, cardiomegaly and an effusion on the shipped checkpoints: each finding the
+    panel calls present or possible opens the report in its sentence, the rest are not named
+    as found, and the consistency line says whether the labeler reads the same states back."""
+    page = open_page(browser, shipped, f"gallery-{name}")
+    page.locator("#frontal-upload input[type=file]").set_input_files(SHIPPED_EXAMPLES / name)
+    page.get_by_text("Study loaded from upload").wait_for(timeout=60_000)
+    rows = page.locator("#findings-head .confidence-set")
+    rows.first.wait_for(timeout=60_000)
+    states = {}
+    for text in rows.all_inner_texts():
+        label, state = (part.strip() for part in text.split("\n")[0].split(" · "))
+        if state != "not stated":
+            states[finding_named(label)] = state
+    generate(page)
+    page.locator("#findings-check", has_text="Report and states").wait_for(timeout=60_000)
+    findings = page.locator("#findings textarea").input_value().strip()
+    impression = page.locator("#impression textarea").input_value().strip()
+    lead = lead_sentences(states)
+    assert findings.startswith(lead) and impression.startswith(lead), (states, findings, impression)
+    page.screenshot(path=str(ARTIFACTS / f"gallery-{name[:-4]}.png"))

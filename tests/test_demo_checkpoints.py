@@ -16,6 +16,7 @@ from mrg.data.pairs import patient_split, read_nih_labels
 from mrg.data.study import study_from_sources
 from mrg.model.mrg_model import CONFIG_NAME, WEIGHTS_NAME
 from mrg.service import ReportService
+from mrg.text.states import states_from_statuses
 from mrg.ui import banner
 
 SHIPPED = ("prompt-wise", "promptbook-wise")
@@ -68,6 +69,7 @@ def test_the_model_card_reports_every_mode_both_baselines_and_the_ceiling():
     rows = (
         *SHIPPED,
         *(f"{mode}, v only (previous)" for mode in SHIPPED),
+        *(f"{mode}, present findings y (previous)" for mode in SHIPPED),
         "findings head, listed (no LLM)",
         "composed, no training (probe → sentences → frozen LLM)",
         f"{SHIPPED[0]}, open vocabulary",
@@ -104,6 +106,18 @@ def test_the_model_card_tables_come_from_the_measured_run():
     assert fidelity_table(measured["fidelity"]) in card
     head = json.loads((DEFAULT_CHECKPOINTS.parent / "findings_metrics.json").read_text())
     assert head_table(head) in card
+    from mrg.evaluation.states_card import (
+        calibration_table,
+        content_table,
+        form_table,
+        language_table,
+    )
+
+    states = measured["states"]
+    assert calibration_table(head["calibration"]) in card and "reliability_diagram.png" in card
+    assert (DEFAULT_CHECKPOINTS.parent / "reliability_diagram.png").is_file()
+    assert content_table(states["content"]) in card and form_table(states["form"]) in card
+    assert language_table(states["language"]) in card
 
 
 def test_the_metrics_name_the_checkpoints_they_scored():
@@ -137,9 +151,12 @@ def test_setting_the_findings_by_hand_changes_the_reports_labels(service, test_i
     for mode in SHIPPED:
         told = service.generate(normal, mode, findings=["Effusion"])
         nothing = service.generate(normal, mode, findings=[])
+        hedged = service.generate(normal, mode, findings={"Effusion": "possible"})
         assert service.labeler.label14(told.text)["Effusion"], (mode, told.text)
         assert service.labeler.label14(nothing.text)["normal"], (mode, nothing.text)
         assert told.condition.manual and told.condition.named == ["Effusion"]
+        read = states_from_statuses(service.labeler.statuses14(hedged.text))
+        assert read["Effusion"] == "possible", (mode, hedged.text)
 
 
 @pytest.mark.slow
@@ -161,6 +178,8 @@ def test_generate_writes_a_probability_column_per_finding(tmp_path, test_images)
         probabilities = [float(row[f"p_{f}"]) for f in FINDINGS14]
         assert all(0.0 <= p <= 1.0 for p in probabilities) and len(set(probabilities)) > 1
         assert row["condition"]
+        states = {row[f"state_{f}"] for f in FINDINGS14}
+        assert states <= {"", "present", "possible", "absent"} and states - {""}
 
 
 def test_the_default_service_loads_the_trained_modes(service):
@@ -225,5 +244,13 @@ def test_generate_findings_flag_and_json_on_the_shipped_checkpoints(test_images,
     payload = json.loads(capsys.readouterr().out)
     head = payload["findings_head"]
     assert head["named"] == ["Effusion"] and head["manual"]
+    assert head["states"] == {"Effusion": "present"}
     assert len(head["probabilities"]) == 14 and "p_Pleural_Thickening" in head["probabilities"]
     assert ReportLabeler().label14(payload["text"])["Effusion"]
+    states = "Cardiomegaly,Effusion=possible,Pneumothorax=absent"
+    argv = ["generate", str(test_images[0]), "--json", "--findings", states]
+    assert main([*argv, "--max-new-tokens", "80"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    given = {"Cardiomegaly": "present", "Effusion": "possible", "Pneumothorax": "absent"}
+    assert payload["findings_head"]["states"] == given
+    assert payload["text"].startswith("FINDINGS: Cardiomegaly. Possible pleural effusion.")

@@ -266,7 +266,8 @@ def blank_image_report(model, decoding, findings_head=None) -> str:
     mask = torch.zeros(1, views, dtype=torch.bool)
     mask[0, 0] = True
     blank = Views(torch.zeros(1, views, 1, size, size), torch.arange(views).unsqueeze(0), mask)
-    y = findings_head.predict(blank)[1] if model.config.uses_findings else None
+    uses = model.config.uses_findings
+    y = findings_head.predict(blank, model.config.uses_states)[1] if uses else None
     return model.generate(blank, decoding, y)[0]
 
 

@@ -5,7 +5,9 @@ model writes a report from the findings alone (``generate(None, …, y)``: no im
 report-language stage trains) or from an image and the findings. The labeler reads the
 generated text; fidelity is the micro-F1 of those labels against the findings given, with
 macro-F1 and per-finding F1 beside it. A model that ignores its condition scores like a
-constant report; one that names exactly what it was told scores 1.
+constant report; one that names exactly what it was told scores 1. A states model is told
+each text's states (present, possible, absent) and scored by state fidelity too
+(``mrg.evaluation.states_eval.state_fidelity``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from sklearn.metrics import f1_score
 from tqdm.auto import tqdm
 
 from mrg.config import DEFAULT_DECODING, Decoding
+from mrg.data.views import Views
+from mrg.evaluation.states_eval import report_states, state_fidelity
 from mrg.text.labeler import ReportLabeler
+from mrg.text.states import state_vector
 from mrg.text.taxonomy import FINDINGS14, findings_vector, named_findings
 
 
@@ -52,31 +57,38 @@ def language_fidelity(
     decoding: Decoding = DEFAULT_DECODING,
     labeler: ReportLabeler | None = None,
     batch_size: int = 8,
+    image: Views | None = None,
 ) -> tuple[dict, list[dict]]:
-    """Fidelity of ``model`` writing from the true findings of ``texts`` (no image);
-    returns the scores and one row per text (reference, findings given, generated)."""
+    """Fidelity of ``model`` writing from the true findings (or states) of ``texts``, with no
+    image or with the one study ``image`` for every text; returns the scores and one row
+    per text (reference, condition given, generated)."""
     labeler = labeler or ReportLabeler()
     given = label_matrix(texts, labeler)
+    states = report_states(texts, labeler)
     generated: list[str] = []
     model.eval()
     for start in tqdm(range(0, len(texts), batch_size), desc="fidelity"):
-        rows = given[start : start + batch_size]
-        y = torch.tensor(
-            [findings_vector(named_findings(row)) for row in rows],
-            dtype=torch.float32,
-        )
-        generated += model.generate(None, decoding, y)
+        if model.config.uses_states:
+            rows = [state_vector(s) for s in states[start : start + batch_size]]
+        else:
+            rows = [findings_vector(named_findings(r)) for r in given[start : start + batch_size]]
+        views = None if image is None else image.repeat(len(rows))
+        generated += model.generate(views, decoding, torch.tensor(rows, dtype=torch.float32))
     written = label_matrix(generated, labeler)
     rows = [
         {
             "reference": t,
             "given": named_findings(g),
+            "states": s,
             "generated": text,
             "written": named_findings(w),
         }
-        for t, g, text, w in zip(texts, given, generated, written)
+        for t, g, s, text, w in zip(texts, given, states, generated, written)
     ]
-    return fidelity_scores(given, written), rows
+    scores = fidelity_scores(given, written)
+    if model.config.uses_states:
+        scores["states"] = state_fidelity(states, generated, labeler)
+    return scores, rows
 
 
 def fidelity_sample(

@@ -5,8 +5,7 @@ An answer is ``FINDINGS: …⏎IMPRESSION: …`` and nothing else:
 * the first tokens are forced to ``FINDINGS:``, and the first token after a header starts
   with a space, as in every training target; a findings-conditioned report's findings
   sentences (``leads``: one per present or possible finding) are forced after ``FINDINGS:``
-  and open its impression, which either ends there (``close_after_lead``, the checkpoints
-  before the states) or goes on in the LLM's words;
+  and make its impression;
 * in the findings, a newline or EOS never appears as such: their probability is the
   probability of closing the findings, and it moves to the forced ``⏎IMPRESSION:`` header
   (which is also forced once only ``reserve`` tokens of the budget are left); a section
@@ -113,11 +112,10 @@ class ReportStructureProcessor(LogitsProcessor):
 
     ``leads`` (one list of token ids per study; rows ``i·r … i·r + r − 1`` of a batch with
     ``r`` rows per study, as beam search lays them out) are forced right after ``FINDINGS:``,
-    where the LLM continues them, and again right after ``IMPRESSION:``. With
-    ``close_after_lead`` the impression of a report that names findings is their sentences
-    alone (the image-stage checkpoints' own impressions after them were measured to call them
-    "unremarkable"); without it the LLM goes on after them, as the states models learned to.
-    A report that names none is written freely."""
+    where the LLM continues them, and make the whole impression: the impression of a report
+    that names findings is their sentences (the LLM's own impressions after them were measured
+    to call them "unremarkable" and, after the states, "Tuberculosis." in 33 of 98 test
+    reports). A report that names none is written freely."""
 
     def __init__(
         self,
@@ -125,10 +123,9 @@ class ReportStructureProcessor(LogitsProcessor):
         max_new_tokens: int,
         reserve: int = 16,
         leads: list[list[int]] | None = None,
-        close_after_lead: bool = True,
     ):
         self.structure, self.max_new_tokens, self.reserve = structure, max_new_tokens, reserve
-        self.leads, self.close_after_lead = leads, close_after_lead
+        self.leads = leads
 
     def _lead(self, row: int, rows: int) -> list[int]:
         """The findings' sentences of ``row`` ([] where there are none)."""
@@ -147,7 +144,7 @@ class ReportStructureProcessor(LogitsProcessor):
         start = s.impression_start(row_ids)
         if start is not None and n - start < len(s.impression + lead):
             return (s.impression + lead)[n - start]
-        if start is not None and lead and self.close_after_lead:  # the impression is the lead
+        if start is not None and lead:  # the impression of named findings is their sentences
             return s.eos_id
         return None
 

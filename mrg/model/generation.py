@@ -106,7 +106,7 @@ class ReportGeneration:
         """Penalty and n-gram ban on the body, warpers, then the report structure (last, so
         that a forced header wins over everything before it). With ``lead_with_findings``,
         a sentence per present or possible finding of the condition (y's findings, or the
-        states) is forced after the findings header and opens the impression; with
+        states) is forced after the findings header and makes the impression; with
         ``closed_vocabulary``, only words of ``report_vocabulary`` are written, after such a
         lead no word that names one of its findings again, and beside a present finding no
         global-normal statement."""
@@ -128,12 +128,7 @@ class ReportGeneration:
         if decoding.closed_vocabulary and self.report_vocabulary:
             rules = None if states is None else [self._rules(s, bool(leads)) for s in states]
             choosing.append(ClosedVocabulary(structure, self.report_vocabulary, rules))
-        shape = ReportStructureProcessor(
-            structure,
-            decoding.max_new_tokens,
-            leads=leads,
-            close_after_lead=not self.config.uses_states,
-        )
+        shape = ReportStructureProcessor(structure, decoding.max_new_tokens, leads=leads)
         return LogitsProcessorList([UnlessForced(choosing, shape), shape])
 
     def _rules(self, states: FindingStates, lead: bool) -> Rules:
