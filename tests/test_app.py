@@ -234,7 +234,8 @@ def test_clicking_a_finding_puts_its_grad_cam_on_the_viewer(head_demo):
     assert (
         shown["show_cam"] is True and "Grad-CAM of the findings head's" in shown["explain_status"]
     )
-    assert label.split(" · ")[0] in shown["explain_status"] and "present" in shown["explain_status"]
+    name, said = label.split(" · ")
+    assert f"{name} (p " in shown["explain_status"] and f", {said})" in shown["explain_status"]
     # another finding, another picture
     effusion = named(
         head_demo.show_finding(state, "Effusion · absent", FILE_WINDOW, 0, 1, False, 0.5),
