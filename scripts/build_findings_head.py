@@ -77,7 +77,8 @@ def main() -> None:
         head, metrics = train_and_choose(args, splits)
     # before: the temperature-only calibration the head had (σ(z / T), T fitted on validation)
     temperature = fit_temperatures(head_logits(head, splits["val"]), splits["val"].labels)
-    before = torch.sigmoid(head_logits(head, splits["test"]) / temperature).numpy()
+    test_logits = head_logits(head, splits["test"])  # calibration leaves the network as it is
+    before = torch.sigmoid(test_logits / temperature).numpy()
     reports = (
         format_report(r.findings, r.impression)
         for r in iter_openi_reports(
@@ -98,7 +99,7 @@ def main() -> None:
         negated_share=head.negated_share.tolist(),
     )
     labels = splits["test"].labels.numpy()
-    after = head.probabilities(head_logits(head, splits["test"]))
+    after = head.probabilities(test_logits)
     metrics["test"] = report
     metrics["calibration"] = {
         "before": calibration_report(before, labels),

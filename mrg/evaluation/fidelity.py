@@ -23,7 +23,7 @@ from mrg.config import DEFAULT_DECODING, Decoding
 from mrg.data.views import Views
 from mrg.evaluation.states_eval import report_states, state_fidelity
 from mrg.text.labeler import ReportLabeler
-from mrg.text.states import state_vector
+from mrg.text.states import PRESENT, state_vector
 from mrg.text.taxonomy import FINDINGS14, findings_vector, named_findings
 
 
@@ -63,8 +63,8 @@ def language_fidelity(
     image or with the one study ``image`` for every text; returns the scores and one row
     per text (reference, condition given, generated)."""
     labeler = labeler or ReportLabeler()
-    given = label_matrix(texts, labeler)
-    states = report_states(texts, labeler)
+    states = report_states(texts, labeler)  # one reading: positive labels are present states
+    given = np.array([[int(s.get(f) == PRESENT) for f in FINDINGS14] for s in states])
     generated: list[str] = []
     model.eval()
     for start in tqdm(range(0, len(texts), batch_size), desc="fidelity"):

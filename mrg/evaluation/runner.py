@@ -21,7 +21,7 @@ from mrg.evaluation.metrics import chexpert_positive, clinical_efficacy, nlg_sco
 from mrg.model import Decoding, MRGModel
 from mrg.model.findings import FindingsHead
 from mrg.text.labeler import ReportLabeler
-from mrg.text.states import states_of_vector
+from mrg.text.states import named, states_of_vector
 from mrg.text.taxonomy import CHEXPERT14, FINDINGS14, named_findings
 
 GENERATIONS = "generations.jsonl"
@@ -44,7 +44,7 @@ def named_and_states(condition: list[float], uses_states: bool) -> tuple[list[st
     if not uses_states:
         return named_findings(condition), None
     states = states_of_vector(condition)
-    return [f for f, s in states.items() if s in ("present", "possible")], states
+    return named(states), states
 
 
 class Generations:

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 
 from mrg.evaluation.text_quality import contradicted
 from mrg.text.labeler import ReportLabeler
-from mrg.text.states import POSSIBLE, PRESENT, STATES, global_normal, states_from_statuses
+from mrg.text.states import PRESENT, STATES, global_normal, named, states_from_statuses
 from mrg.text.taxonomy import FINDINGS14
 from mrg.text.vocabulary import words
 
@@ -54,7 +54,7 @@ def content(
     """The content counts of ``texts`` against each image's ChestX-ray14 labels."""
     states = report_states(texts, labeler)
     present = [{f for f, s in st.items() if s == PRESENT} for st in states]
-    named = [{f for f, s in st.items() if s in (PRESENT, POSSIBLE)} for st in states]
+    found = [set(named(st)) for st in states]
     truth = [set(labels) & set(FINDINGS14) for labels in image_labels]
     normal = [not t for t in truth]
     return {
@@ -65,8 +65,8 @@ def content(
         "normal_without_present": (
             sum(not p for p, n in zip(present, normal) if n) / sum(normal) if any(normal) else None
         ),
-        "named_per_report": sum(map(len, named)) / max(len(texts), 1),
-        "with_possible": _micro(named, truth),
+        "named_per_report": sum(map(len, found)) / max(len(texts), 1),
+        "with_possible": _micro(found, truth),
     }
 
 

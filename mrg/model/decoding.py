@@ -27,6 +27,7 @@ list serves greedy, sampling and beam search, in ``generate`` and in the streami
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -355,6 +356,9 @@ class ClosedVocabulary(LogitsProcessor):
         for row, row_ids in enumerate(input_ids.tolist()):
             rules = of_study(self.rules, row, len(input_ids)) if self.rules else Rules()
             at = position(pieces, row_ids)
+            # only the rules' subjects of the sentence matter: the rest would split the cache
+            subjects = frozenset(a for a, _ in rules.normal)
+            at = dataclasses.replace(at, sentence=at.sentence & subjects)
             keep = []
             for k in (self.top_k, self.wider_k):  # wider: the likely ending may be banned
                 top = scores[row].topk(min(k, scores.shape[1]))

@@ -32,15 +32,13 @@ from mrg.model.decoding import (
 )
 from mrg.model.prompting import Context, positions_from_mask, text_increments
 from mrg.text.states import (
-    POSSIBLE,
-    PRESENT,
     FindingStates,
     global_normal_bigrams,
     lead_sentences,
+    named,
     normal_anatomy,
     states_of_vector,
     unstated_prefixes,
-    with_state,
 )
 from mrg.text.taxonomy import naming_words
 
@@ -136,9 +134,8 @@ class ReportGeneration:
         after its lead, the findings it named again; a states model, a finding it does not
         state present or possible except to negate it, or a sentence calling the anatomy of
         one it does normal; beside a present finding, a global-normal statement."""
-        named = with_state(states, PRESENT) + with_state(states, POSSIBLE)
         return Rules(
-            stated=naming_words(named) if lead else frozenset(),
+            stated=naming_words(named(states)) if lead else frozenset(),
             unstated=unstated_prefixes(states) if self.config.uses_states else frozenset(),
             bigrams=global_normal_bigrams(states),
             normal=normal_anatomy(states) if self.config.uses_states else frozenset(),

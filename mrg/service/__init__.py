@@ -11,11 +11,11 @@ from mrg.service.answers import (
     ReportUpdate,
     StudyFindings,
     StudyRefused,
-    manual_states,
     report_sentences,
 )
 from mrg.service.models import ServiceInfo
 from mrg.service.report_service import ReportService
+from mrg.text.states import manual_states
 
 __all__ = [
     "Comparison",

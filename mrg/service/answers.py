@@ -1,6 +1,7 @@
 """What the service answers and is asked: the findings head's reading of a study, the report
 as it streams, a refusal by the chest-radiograph gate, the comparison with a reference; a
-condition set by hand (``manual_states``) and the sentences of a report (``report_sentences``)."""
+condition set by hand (``Manual``, read by ``mrg.text.states.manual_states``) and the
+sentences of a report (``report_sentences``)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import torch
 from mrg.model.gate import Screening
 from mrg.text.cleaning import split_sentences
 from mrg.text.sections import split_sections
-from mrg.text.states import PRESENT, STATE_WIDTH, check, state_vector
-from mrg.text.taxonomy import FINDINGS14, finding_named, findings_vector
+from mrg.text.states import STATE_WIDTH, state_vector
+from mrg.text.taxonomy import FINDINGS14, findings_vector
 
 
 @dataclass
@@ -98,16 +99,6 @@ class Comparison:
 
 
 Manual = list[str] | Mapping[str, str] | None  # a condition set by hand: names, or names → states
-
-
-def manual_states(manual: list[str] | Mapping[str, str]) -> dict[str, str]:
-    """A condition set by hand as states: names are present; a mapping names each state."""
-    if isinstance(manual, Mapping):
-        states = {finding_named(f): s for f, s in manual.items()}
-        check(states)
-        return {f: states[f] for f in FINDINGS14 if f in states}
-    named = {finding_named(f) for f in manual}
-    return {f: PRESENT for f in FINDINGS14 if f in named}
 
 
 def find_span(report: str, sentence: str) -> tuple[int, int]:

@@ -52,7 +52,6 @@ from mrg.service.answers import (
     StudyFindings,
     StudyRefused,
     find_span,
-    manual_states,
 )
 from mrg.service.models import (
     ServiceInfo,
@@ -65,7 +64,7 @@ from mrg.service.models import (
 )
 from mrg.text.labeler import LABEL_MAPS, POSITIVE, ReportLabeler
 from mrg.text.sections import split_sections
-from mrg.text.states import ABSENT
+from mrg.text.states import manual_states, named
 from mrg.text.taxonomy import (
     CHEXPERT14,
     FINDINGS14,
@@ -185,19 +184,19 @@ class ReportService:
     def _reading(self, features: torch.Tensor | None, manual: Manual) -> StudyFindings | None:
         """``read_findings``'s answer from the head's pooled features of a study's views."""
         states = None if manual is None else manual_states(manual)
-        named = None if states is None else [f for f, s in states.items() if s != ABSENT]
+        found = None if states is None else named(states)
         head = self.findings_head
         if head is None:
             if states is None:
                 return None
-            return StudyFindings({}, {}, named, manual=True, states=states)
+            return StudyFindings({}, {}, found, manual=True, states=states)
         probabilities, y = head.predict_pooled(features)
         p, t = probabilities[0].tolist(), head.threshold.tolist()
         present = [None if v == float("inf") else v for v in head.present_threshold.tolist()]
         return StudyFindings(
             dict(zip(FINDINGS14, p)),
             dict(zip(FINDINGS14, t)),
-            named if named is not None else named_findings(y[0].tolist()),
+            found if found is not None else named_findings(y[0].tolist()),
             manual=states is not None,
             states=states if states is not None else head.states(probabilities)[0],
             present_thresholds=dict(zip(FINDINGS14, present)),

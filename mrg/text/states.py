@@ -106,19 +106,23 @@ NORMAL_ANATOMY = {
 }
 
 
+def named(states: Mapping[str, str]) -> list[str]:
+    """The findings ``states`` names as found: present or possible, in ChestX-ray14 order."""
+    return [f for f in FINDINGS14 if states.get(f) in (PRESENT, POSSIBLE)]
+
+
 def normal_anatomy(states: Mapping[str, str]) -> frozenset[tuple[str, str]]:
     """The (word, later word) pairs that would call the anatomy of a present or possible
     finding of ``states`` normal in one sentence ("The heart is normal" beside cardiomegaly)."""
-    named = [f for f, s in states.items() if s in (PRESENT, POSSIBLE)]
-    return frozenset(pair for f in named for pair in NORMAL_ANATOMY.get(f, ()))
+    return frozenset(pair for f in named(states) for pair in NORMAL_ANATOMY.get(f, ()))
 
 
 def unstated_prefixes(states: Mapping[str, str]) -> frozenset[str]:
     """The naming words of the findings ``states`` does not state present or possible: a
     report written from them names those only to negate them."""
-    named = {f for f, s in states.items() if s in (PRESENT, POSSIBLE)}
+    found = set(named(states))
     return frozenset(
-        p for f, prefixes in NAMING_PREFIXES.items() if f not in named for p in prefixes
+        p for f, prefixes in NAMING_PREFIXES.items() if f not in found for p in prefixes
     )
 
 
@@ -135,8 +139,7 @@ def state_vector(states: Mapping[str, str]) -> list[float]:
     then 1 for normal where nothing is present or possible."""
     check(states)
     flags = [[1.0 if states.get(f) == s else 0.0 for f in FINDINGS14] for s in STATES]
-    named = any(states.get(f) in (PRESENT, POSSIBLE) for f in FINDINGS14)
-    return flags[0] + flags[1] + flags[2] + [0.0 if named else 1.0]
+    return flags[0] + flags[1] + flags[2] + [0.0 if named(states) else 1.0]
 
 
 def states_of_vector(vector: Iterable[float]) -> FindingStates:
@@ -193,6 +196,17 @@ def lead_sentences(states: Mapping[str, str], order: Iterable[str] | None = None
     return " ".join(sentences)
 
 
+def manual_states(manual: Iterable[str] | Mapping[str, str]) -> FindingStates:
+    """A condition set by hand as states: names are present; a mapping names each state
+    (checked; in ChestX-ray14 order)."""
+    if isinstance(manual, Mapping):
+        states = {finding_named(f): s for f, s in manual.items()}
+        check(states)
+        return {f: states[f] for f in FINDINGS14 if f in states}
+    chosen = {finding_named(f) for f in manual}
+    return {f: PRESENT for f in FINDINGS14 if f in chosen}
+
+
 def parse_states(text: str) -> FindingStates:
     """``"Effusion=possible, Cardiomegaly"`` → ``{"Cardiomegaly": "present", "Effusion":
     "possible"}``; a name alone is present; ``none`` (or "") states nothing."""
@@ -207,7 +221,7 @@ def parse_states(text: str) -> FindingStates:
                 f"unknown state {state!r} in {item!r}; choose from {', '.join(STATES)}"
             )
         states[finding_named(name)] = state
-    return {f: states[f] for f in FINDINGS14 if f in states}
+    return manual_states(states)
 
 
 def states_from_statuses(statuses: Mapping[str, str | None]) -> FindingStates:

@@ -25,7 +25,14 @@ from typing import TYPE_CHECKING
 
 import gradio as gr
 
-from mrg.text.states import POSSIBLE, PRESENT, STATES, states_from_statuses, with_state
+from mrg.text.states import (
+    POSSIBLE,
+    PRESENT,
+    STATES,
+    manual_states,
+    states_from_statuses,
+    with_state,
+)
 from mrg.text.taxonomy import FINDINGS14, display_name, finding_named
 from mrg.ui.common import SLOTS, UNEXPECTED, DemoState, gpu, log_failure
 
@@ -78,8 +85,8 @@ def chosen_states(chosen: Sequence[str]) -> dict[str, str]:
     states = {}
     for choice in chosen:
         name, _, state = choice.partition(": ")
-        states[finding_named(name)] = state or PRESENT
-    return {f: states[f] for f in FINDINGS14 if f in states}
+        states[name] = state or PRESENT
+    return manual_states(states)
 
 
 def state_choices(states: dict[str, str]) -> list[str]:
