@@ -799,3 +799,35 @@ def test_for_a_states_model_the_panel_compares_the_states_read_in_the_report(hea
         )
     finally:
         head_demo.service.models["prompt-wise"].config.findings_prompt = "none"
+
+
+def test_the_page_gets_the_first_words_at_once_the_last_update_and_one_update_per_interval(
+    monkeypatch,
+):
+    from mrg.ui.generation import Throttle
+
+    clock = iter([0.0, 0.01, 0.02, 0.05, 0.12, 0.13, 0.2, 0.3, 0.31])
+    monkeypatch.setattr("mrg.ui.generation.time.monotonic", lambda: next(clock))
+    throttle = Throttle(0.1)
+    words = [False, True, True, True, True, True, True, True]
+    finished = [False] * 7 + [True]
+    shown = [throttle.due(w, f) for w, f in zip(words, finished)]
+    # no words yet: wait; first words at once; then at 0.12 (0.1 after 0.01), 0.3; the end
+    assert shown == [False, True, False, False, True, False, False, True]
+
+
+def test_a_radiograph_is_written_once_losslessly_for_both_sides_of_the_slider(tmp_path):
+    from PIL import Image
+
+    from mrg.ui.viewer import RadiographSlider, lossless_png
+
+    pixels = (np.random.default_rng(0).random((120, 100)) * 255).astype(np.uint8)
+    path = lossless_png(pixels, tmp_path)
+    assert np.array_equal(np.asarray(Image.open(path)), pixels)
+    assert lossless_png(pixels.copy(), tmp_path) == path  # the same content: the same file
+    slider = RadiographSlider(type="numpy", format="png", interactive=False)
+    sides = slider.postprocess((pixels, pixels)).root
+    assert sides[0].path == sides[1].path and slider.get_block_name() == "imageslider"
+    overlay = np.stack([pixels] * 3, axis=-1)
+    with_overlay = slider.postprocess((overlay, pixels)).root
+    assert with_overlay[0].path != with_overlay[1].path == sides[1].path

@@ -37,3 +37,18 @@ def test_no_module_is_over_400_lines_and_each_says_what_it_holds():
         assert lines <= 400, f"{path.relative_to(ROOT)}: {lines} lines"
         docstring = ast.get_docstring(ast.parse(path.read_text()))
         assert docstring, f"{path.relative_to(ROOT)} has no opening docstring"
+
+
+def test_package_faces_only_hand_names_on():
+    """As in transformers and timm: a package's ``__init__`` imports and lists names; the
+    classes and functions live in named modules (``mrg.batching.batcher``, …)."""
+    import ast
+
+    for init in sorted(Path("mrg").rglob("__init__.py")):
+        tree = ast.parse(init.read_text())
+        defined = [
+            node.name
+            for node in tree.body
+            if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        ]
+        assert not defined, f"{init} defines {defined}: move them to a module of their own"

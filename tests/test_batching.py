@@ -223,9 +223,9 @@ def test_an_idle_batcher_s_thread_ends_and_the_next_call_starts_another(monkeypa
     """A live OpenMP team, even idle, slows every other (``mrg.batching``): idle threads end."""
     import time
 
-    import mrg.batching
+    import mrg.batching.batcher
 
-    monkeypatch.setattr(mrg.batching, "IDLE_S", 0.05)
+    monkeypatch.setattr(mrg.batching.batcher, "IDLE_S", 0.05)
     batcher = Batcher(tiny_llm)
     first = batcher.call(threading.current_thread)
     deadline = time.monotonic() + 5

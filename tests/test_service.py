@@ -279,3 +279,42 @@ def test_a_states_model_writes_from_the_heads_states_or_those_set_by_hand(tiny_l
     )
     with pytest.raises(ValueError, match="unknown state"):
         service.generate(study, "prompt-wise", decoding, findings={"Mass": "likely"})
+
+
+def test_the_verdict_and_reading_made_at_upload_are_not_made_again(service, monkeypatch):
+    """One pass per study: given the upload's reading and verdict, Generate runs no network
+    before the context (the gate's read is not entered); a refusal stays a refusal unless the
+    override is on, and then the report carries its warning."""
+    from mrg.model.gate import Screening
+    from mrg.service import StudyFindings, StudyRefused
+
+    study = synthetic_study(views=1)
+    decoding = Decoding(max_new_tokens=12)
+    reading = StudyFindings({}, {}, [], manual=False, states={})
+    reference = service.generate(study, "prompt-wise", decoding)
+
+    def entered(*args, **kwargs):
+        raise AssertionError("the study was read again")
+
+    monkeypatch.setattr("mrg.service.report_service.read_study", entered)
+    monkeypatch.setattr("mrg.service.report_service.screen_study", entered)
+    accepted = Screening(views=[{"distance": 1.0}])
+    update = next(
+        u
+        for u in service.stream(
+            study, "prompt-wise", decoding, findings=reading, screening=accepted
+        )
+        if u.finished
+    )
+    assert update.text == reference.text and update.screening is accepted
+    refused = Screening("orientation", "This radiograph looks rotated 90°.")
+    with pytest.raises(StudyRefused, match="rotated"):
+        list(service.stream(study, "prompt-wise", decoding, findings=reading, screening=refused))
+    anyway = service.generate(
+        study, "prompt-wise", decoding, findings=reading, allow_anyway=True, screening=refused
+    )
+    assert anyway.screening.allowed_anyway and "rotated" in anyway.screening.warning
+    with pytest.raises(AssertionError, match="read again"):  # an allowed verdict is not reused
+        service.generate(
+            study, "prompt-wise", decoding, findings=reading, screening=anyway.screening
+        )

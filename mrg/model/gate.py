@@ -80,6 +80,13 @@ class Screening:
             "views": self.views,
         }
 
+    def overridden(self, allow_anyway: bool) -> Screening:
+        """This verdict, made without the override, as the override ``allow_anyway`` makes
+        it (as ``screen`` would: a refusal becomes a warning)."""
+        if self.refused is None or not allow_anyway:
+            return self
+        return Screening(None, self.message, allowed_anyway=True, views=self.views)
+
     @property
     def warning(self) -> str:
         """The line a report carries when it was written despite the gate."""

@@ -36,7 +36,6 @@ from mrg.batching import Batcher
 from mrg.config import DEFAULT_DECODING
 from mrg.data.study import Study, batch_tensors
 from mrg.data.views import Views
-from mrg.evaluation.metrics import nlg_scores
 from mrg.explain import Heatmap, explain, explain_finding
 from mrg.hub import checkpoint_modes
 from mrg.model import Decoding, MRGModel
@@ -46,13 +45,13 @@ from mrg.model.llm import load_frozen_llm
 from mrg.model.prompting import text_increments
 from mrg.service.answers import (
     Comparison,
-    LabelRow,
     Manual,
     ReportUpdate,
     StudyFindings,
     StudyRefused,
     find_span,
 )
+from mrg.service.comparison import compare
 from mrg.service.models import (
     ServiceInfo,
     describe,
@@ -62,11 +61,10 @@ from mrg.service.models import (
     resolve_device,
     resolve_llm_config,
 )
-from mrg.text.labeler import LABEL_MAPS, POSITIVE, ReportLabeler
+from mrg.text.labeler import ReportLabeler
 from mrg.text.sections import split_sections
 from mrg.text.states import manual_states, named
 from mrg.text.taxonomy import (
-    CHEXPERT14,
     FINDINGS14,
     finding_named,
     named_findings,
@@ -74,6 +72,12 @@ from mrg.text.taxonomy import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def reusable(screening: Screening | None) -> bool:
+    """Whether a verdict handed to ``stream`` stands for the gate's: one made without the
+    override (a verdict allowed anyway no longer says why the gate refused)."""
+    return screening is not None and not screening.allowed_anyway
 
 
 class ReportService:
@@ -230,12 +234,15 @@ class ReportService:
         should_stop: Callable[[], bool] | None = None,
         findings: Manual | StudyFindings = None,
         allow_anyway: bool = False,
+        screening: Screening | None = None,
     ) -> Iterator[ReportUpdate]:
         """Yield a ``ReportUpdate`` per decoded token (greedy/sampling) or once (beam).
 
         ``findings``: the findings to write from, set by hand (names, each present, [] for
         none; or names → states), or a ``StudyFindings`` already read; by default the head's,
-        for a conditioned model.
+        for a conditioned model. With a ``StudyFindings``, ``screening`` is the gate's verdict
+        made beside it without the override (``screen_and_read``, at the page's upload): the
+        study then goes through no network before its context.
         Raises ``StudyRefused`` where the gate refuses the study and ``allow_anyway`` is off."""
         decoding.validate()
         model = self.model(mode)
@@ -244,23 +251,25 @@ class ReportService:
         def prepare():
             """The gate, the findings, and the beam's report or the decoding request: one
             call on the torch thread, so that a request waits for one decoding step, not four."""
-            if isinstance(findings, StudyFindings):  # read already (the app's panel)
-                screening, reading = self.screen(study, allow_anyway), findings
+            if isinstance(findings, StudyFindings) and reusable(screening):  # the page's upload
+                verdict, reading = screening.overridden(allow_anyway), findings
+            elif isinstance(findings, StudyFindings):  # read already, not screened beside it
+                verdict, reading = self.screen(study, allow_anyway), findings
             else:
-                screening, reading = self.screen_and_read(study, allow_anyway, findings)
-            if screening.refused:
-                raise StudyRefused(screening)
+                verdict, reading = self.screen_and_read(study, allow_anyway, findings)
+            if verdict.refused:
+                raise StudyRefused(verdict)
             views = self.views(study, mode)
             condition, y = self._condition(model, reading)
             if decoding.strategy == "beam":
-                return screening, condition, model.generate(views, decoding, y)[0]
-            return screening, condition, model.decoding_request(views, decoding, y)
+                return verdict, condition, model.generate(views, decoding, y)[0]
+            return verdict, condition, model.decoding_request(views, decoding, y)
 
-        screening, condition, prepared = self.on_torch_thread(prepare)
+        verdict, condition, prepared = self.on_torch_thread(prepare)
         if decoding.strategy == "beam":
             text, elapsed = prepared, time.perf_counter() - start
             tokens = len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
-            yield self._update(text, True, tokens, elapsed, start, condition, screening)
+            yield self._update(text, True, tokens, elapsed, start, condition, verdict)
             return
         ids = self.batchers[id(model.llm)].stream(prepared)
         text, tokens, first = "", 0, None
@@ -271,10 +280,10 @@ class ReportService:
                 tokens += 1
                 first = first if first is not None else time.perf_counter() - start
                 text += piece
-                yield self._update(text, False, tokens, first, start, condition, screening)
+                yield self._update(text, False, tokens, first, start, condition, verdict)
         finally:
             ids.close()  # leaves the batch at its next step
-        yield self._update(text, True, tokens, first, start, condition, screening)
+        yield self._update(text, True, tokens, first, start, condition, verdict)
 
     @staticmethod
     def _update(
@@ -313,11 +322,12 @@ class ReportService:
         decoding: Decoding = DEFAULT_DECODING,
         findings: Manual | StudyFindings = None,
         allow_anyway: bool = False,
+        screening: Screening | None = None,
     ) -> ReportUpdate:
         """The final update of ``stream``."""
         update = ReportUpdate()
         for update in self.stream(
-            study, mode, decoding, findings=findings, allow_anyway=allow_anyway
+            study, mode, decoding, findings=findings, allow_anyway=allow_anyway, screening=screening
         ):
             pass
         return update
@@ -358,34 +368,5 @@ class ReportService:
     # ------------------------------------------------------------------ comparison
 
     def compare(self, generated: str, reference: str, meteor: bool = False) -> Comparison:
-        """Per-case language metrics and CheXpert label agreement with the triggering sentences."""
-        scores = nlg_scores([reference], [generated], meteor=meteor)
-        metrics = {k: v for k, v in scores.corpus.items() if k != "CIDEr"}
-        ref_sentences, gen_sentences = (
-            self._positive_sentences(reference),
-            self._positive_sentences(generated),
-        )
-        rows = []
-        for observation in CHEXPERT14[1:]:
-            in_ref, in_gen = ref_sentences.get(observation), gen_sentences.get(observation)
-            if not in_ref and not in_gen:
-                continue
-            agreement = "matched" if in_ref and in_gen else ("missed" if in_ref else "hallucinated")
-            rows.append(LabelRow(observation, agreement, in_ref or [], in_gen or []))
-        notes = [n for n in scores.notes if not n.startswith("CIDEr")]
-        return Comparison(metrics, notes, rows)
-
-    def _positive_sentences(self, text: str) -> dict[str, list[str]]:
-        """CheXpert observation → the sentences with a positive mention of it."""
-        by_concept: dict[str, list[str]] = {}
-        for mention in self.labeler.mentions(text):
-            if mention.status == POSITIVE and mention.sentence not in by_concept.get(
-                mention.concept, []
-            ):
-                by_concept.setdefault(mention.concept, []).append(mention.sentence)
-        out: dict[str, list[str]] = {}
-        for observation, concepts in LABEL_MAPS["chexpert"].items():
-            sentences = [s for c in concepts for s in by_concept.get(c, [])]
-            if sentences:
-                out[observation] = list(dict.fromkeys(sentences))
-        return out
+        """Per-case language metrics and CheXpert label agreement (``comparison.compare``)."""
+        return compare(self.labeler, generated, reference, meteor)

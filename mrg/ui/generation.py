@@ -8,6 +8,8 @@ names no mode at all.
 
 from __future__ import annotations
 
+import time
+
 import gradio as gr
 
 from mrg.config import CUSTOMIZED_MODES, DEFAULT_DECODING, Decoding
@@ -51,6 +53,30 @@ GENERATE_INPUTS = (
     "allow_any",
 )
 OVERRIDE = "Allow any image (research): write a report even where the gate refuses it"
+
+
+PAGE_UPDATE_S = (
+    0.1  # a streamed report reaches the page at most this often (the first words at once)
+)
+
+
+class Throttle:
+    """Which streamed updates go to the page: the first with words, the last, and between
+    them one per ``interval`` seconds; each update the page gets costs a round of
+    Gradio's post-processing, the transfer and the browser's rendering."""
+
+    def __init__(self, interval: float):
+        self.interval, self.last, self.worded = interval, None, False
+
+    def due(self, has_words: bool, finished: bool) -> bool:
+        now = time.monotonic()
+        first_words = has_words and not self.worded
+        if not (
+            finished or first_words or (self.last is not None and now - self.last >= self.interval)
+        ):
+            return False
+        self.last, self.worded = now, self.worded or has_words
+        return True
 
 
 class GenerationPanel:
@@ -131,13 +157,22 @@ class GenerationPanel:
                 state,
             )
 
+        # the verdict made with the reading at upload: the study is not screened again
+        screening = state.screening if findings is not None and findings is state.reading else None
         for slot, current in enumerate(modes):
-            update = None
+            update, shown = None, Throttle(PAGE_UPDATE_S)
             try:
                 stream = self.service.stream(
-                    state.study, current, decoding, findings=findings, allow_anyway=allow_any
+                    state.study,
+                    current,
+                    decoding,
+                    findings=findings,
+                    allow_anyway=allow_any,
+                    screening=screening,
                 )
                 for update in stream:
+                    if not shown.due(bool(update.findings), update.finished):
+                        continue
                     titles[slot] = f"**{headers[slot]}**" + self.written_from(
                         current, update.condition
                     )
@@ -316,6 +351,7 @@ class GenerationPanel:
             [c[name] for name in GENERATED],
             api_name="generate",
             concurrency_limit=REPORTS_AT_ONCE,
+            show_progress="hidden",
         )
         c["stop"].click(None, None, None, cancels=[generation])
         return generation
