@@ -1,18 +1,23 @@
-"""Train, choose, calibrate and score the findings head on the labelled NIH images.
+"""Train the shipped findings head on the recipe cross-validation chose, calibrate it out of
+fold, and score it on the test split.
 
-    python scripts/build_findings_head.py [--candidates last_stages:asl all:asl ...] [--epochs 8]
+    python scripts/build_findings_head.py [--row all-images]
     python scripts/build_findings_head.py --calibrate-only   # the shipped head, recalibrated
 
-Each candidate (which parts train : loss) is trained on the NIH training split
-(``mrg.train.findings``) and kept under runs/findings/<candidate>/ (a rerun skips candidates
-already there); the one with the best validation mean AUROC is calibrated on validation and
-copied to assets/checkpoints/findings/, and its test AUROC (95 % bootstrap intervals, beside
-the frozen-stem linear probe) goes to assets/findings_metrics.json with the image ids of
-each split. Calibration (``mrg.train.findings.calibrate``) fits each finding's temperature and
-bias, F1 operating point and present point on validation, and takes from the OpenI reports
-how often real reports negate each finding; its test figures (ECE, Brier, the reliability
-diagram as assets/reliability_diagram.png, the three states against the labels) go to
-findings_metrics.json too.
+1. ``--row`` names a row of ``mrg.train.findings_cv.CV_ROWS`` (``scripts/findings_cv.py``
+   measures them all in the same five folds by patient); its out-of-fold logits are read from
+   runs/findings_cv/ (computed there if missing).
+2. The head trains on that recipe over the NIH training and validation images of the demo
+   pairs' patient split, for the recipe's epochs: the 106 test images stay out, so that the
+   report figures of the model card, measured on them, stay held out.
+3. Calibration (``mrg.train.findings_calibration.calibrate``) fits each finding's temperature
+   and bias, F1 operating point and present point on the out-of-fold logits of those same
+   training and validation images (each scored by a fold model that did not see it: 650
+   images where one validation split had 123), and takes from the OpenI reports how often
+   real reports negate each finding.
+4. Its test AUROC (95 % bootstrap intervals, beside the frozen-stem linear probe), calibration
+   (ECE, Brier, the reliability diagram as assets/reliability_diagram.png) and three states
+   against the labels go to assets/findings_metrics.json, with the image ids of each split.
 """
 
 from __future__ import annotations
@@ -25,36 +30,32 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mrg.data.pairs import patient_split
 from mrg.data.reports import iter_openi_reports
 from mrg.environment import setting
 from mrg.evaluation.calibration import calibration_report, negated_shares, states_report
 from mrg.evaluation.calibration_plot import reliability_figure
-from mrg.model.findings import FindingsHead, FindingsHeadConfig
+from mrg.model.findings import FindingsHead
 from mrg.text.sections import format_report
-from mrg.train.findings import (
-    calibrate,
-    fit_temperatures,
-    head_logits,
-    nih_splits,
-    test_report,
-    train_findings_head,
-)
+from mrg.train.findings import head_logits, load_labelled, test_report, train_findings_head
+from mrg.train.findings_calibration import calibrate, fit_temperatures
+from mrg.train.findings_cv import CV_ROWS, cross_validate, patient_folds
 
 log = logging.getLogger("build_findings_head")
-DEFAULT_CANDIDATES = ["last_stages:asl", "last_stages:weighted-bce", "all:asl", "classifier:asl"]
+SHIPPED_ROW = "all-images"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--candidates", nargs="+", default=DEFAULT_CANDIDATES)
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--out", default=str(ROOT / "runs" / "findings"))
+    parser.add_argument("--row", default=SHIPPED_ROW, choices=list(CV_ROWS))
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--cv-out", default=str(ROOT / "runs" / "findings_cv"))
     parser.add_argument("--assets", default=str(ROOT / "assets"))
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument(
@@ -65,20 +66,35 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
-    splits = nih_splits(Path(setting("MRG_SHARED_DATA")) / "nih_cxr14")
-    log.info("NIH splits: %s", {k: len(v) for k, v in splits.items()})
+    row = CV_ROWS[args.row]
+    if row.members:
+        raise SystemExit(f"{args.row} is an ensemble: ship one of its members, or distil it")
+    data = load_labelled(Path(setting("MRG_SHARED_DATA")) / "nih_cxr14")
+    names = np.array([patient_split(p) for p in data.patients])
+    splits = {s: data.subset(np.flatnonzero(names == s)) for s in ("train", "val", "test")}
+    fit_rows = np.flatnonzero(names != "test")
+    fit = data.subset(fit_rows)
+    log.info("training on %d images (train + val), testing on %d", len(fit), len(splits["test"]))
+    out_of_fold = cross_validate(
+        data, patient_folds(data.patients, args.folds), row, Path(args.cv_out)
+    )
     assets = Path(args.assets)
     metrics_file = assets / "findings_metrics.json"
     target = assets / "checkpoints" / "findings"
     if args.calibrate_only:
-        metrics = json.loads(metrics_file.read_text())
         head = FindingsHead.from_pretrained(target)
+        metrics = json.loads(metrics_file.read_text())
     else:
-        head, metrics = train_and_choose(args, splits)
-    # before: the temperature-only calibration the head had (σ(z / T), T fitted on validation)
-    temperature = fit_temperatures(head_logits(head, splits["val"]), splits["val"].labels)
-    test_logits = head_logits(head, splits["test"])  # calibration leaves the network as it is
-    before = torch.sigmoid(test_logits / temperature).numpy()
+        head = train_findings_head(fit, None, row.config, row.recipe)[0]
+        metrics = {
+            "row": args.row,
+            "config": row.config.to_dict(),
+            "recipe": row.recipe.to_dict(),
+            "trained_on": len(fit),
+            "calibrated_on": f"out-of-fold logits of the same {len(fit)} images ({args.folds} folds)",
+            "splits": {name: split.ids for name, split in splits.items()},
+        }
+    logits, labels = out_of_fold[fit_rows], fit.labels
     reports = (
         format_report(r.findings, r.impression)
         for r in iter_openi_reports(
@@ -86,74 +102,41 @@ def main() -> None:
         )
         if r.findings and r.impression
     )
-    train_rate = splits["train"].labels.mean(0).numpy()
-    calibrate(head, splits["val"], train_rate, negated_shares(reports))
-    report = test_report(head, splits) if not args.calibrate_only else metrics["test"]
+    train_rate = labels.mean(0).numpy()
+    calibrate(head, logits, labels, train_rate, negated_shares(reports))
+    # before: the temperature-only calibration the head had (σ(z / T), T fitted out of fold)
+    temperature = fit_temperatures(logits, labels)
+    test_logits = head_logits(head, splits["test"])
+    before = torch.sigmoid(test_logits / temperature).numpy()
+    report = test_report(head, splits)
     report.update(
-        temperature=head.temperature.tolist(),
         bias=head.bias.tolist(),
-        threshold=head.threshold.tolist(),
         present_threshold=[
             t if t != float("inf") else None for t in head.present_threshold.tolist()
         ],
         negated_share=head.negated_share.tolist(),
     )
-    labels = splits["test"].labels.numpy()
+    test_labels = splits["test"].labels.numpy()
     after = head.probabilities(test_logits)
     metrics["test"] = report
     metrics["calibration"] = {
-        "before": calibration_report(before, labels),
-        "after": calibration_report(after.numpy(), labels),
+        "before": calibration_report(before, test_labels),
+        "after": calibration_report(after.numpy(), test_labels),
     }
-    metrics["states"] = states_report(head.states(after), labels, train_rate)
+    metrics["states"] = states_report(head.states(after), test_labels, train_rate)
     shutil.rmtree(target, ignore_errors=True)
     head.save_pretrained(target)
     metrics_file.write_text(json.dumps(metrics, indent=1) + "\n")
     figure = reliability_figure(metrics["calibration"])
     figure.savefig(assets / "reliability_diagram.png", dpi=110, bbox_inches="tight")
-    after_ece = metrics["calibration"]["after"]["ece"]
     states = metrics["states"]
     print(
-        f"test ECE {metrics['calibration']['before']['ece']:.3f} → {after_ece:.3f}; present "
-        f"precision {states['present_precision']:.2f}, named per image {states['named_per_image']:.2f}, "
+        f"test mean AUROC {report['head_mean_auroc']:.3f} (probe {report['probe_mean_auroc']:.3f}); "
+        f"ECE {metrics['calibration']['before']['ece']:.3f} → "
+        f"{metrics['calibration']['after']['ece']:.3f}; present precision "
+        f"{states['present_precision']:.2f}, named per image {states['named_per_image']:.2f}, "
         f"micro-F1 with possible {states['with_possible']['f1']:.3f}"
     )
-
-
-def train_and_choose(args, splits) -> tuple[FindingsHead, dict]:
-    """Train every candidate (a rerun skips those already trained) and keep the one with the
-    best validation mean AUROC: (its head, the metrics without the test figures)."""
-    out = Path(args.out)
-    runs = {}
-    for candidate in args.candidates:
-        trainable, loss = candidate.split(":")
-        folder = out / candidate.replace(":", "_")
-        record = folder / "run.json"
-        if not record.is_file():
-            config = FindingsHeadConfig(trainable=trainable, loss=loss)
-            head, run = train_findings_head(splits, config, epochs=args.epochs, lr=args.lr)
-            head.save_pretrained(folder)
-            record.write_text(json.dumps(run.__dict__, indent=1) + "\n")
-        runs[candidate] = json.loads(record.read_text())
-        log.info(
-            "%s: validation mean AUROC by epoch %s",
-            candidate,
-            runs[candidate]["val_auroc_by_epoch"],
-        )
-    chosen = max(runs, key=lambda c: max(runs[c]["val_auroc_by_epoch"]))
-    log.info("chosen %s", chosen)
-    head = FindingsHead.from_pretrained(out / chosen.replace(":", "_"))
-    metrics = {
-        "chosen": chosen,
-        "candidates": {
-            c: {"val_auroc_by_epoch": r["val_auroc_by_epoch"], "best_epoch": r["best_epoch"]}
-            for c, r in runs.items()
-        },
-        "epochs": args.epochs,
-        "lr": args.lr,
-        "splits": {name: data.ids for name, data in splits.items()},
-    }
-    return head, metrics
 
 
 if __name__ == "__main__":

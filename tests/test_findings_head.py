@@ -6,16 +6,11 @@ import pytest
 import torch
 
 from mrg.data.views import Views
+from mrg.evaluation.findings_scores import bootstrap_auroc, mean_auroc
 from mrg.model.findings import FindingsHead, FindingsHeadConfig
 from mrg.text.taxonomy import FINDINGS14
-from mrg.train.findings import (
-    asymmetric_loss,
-    bootstrap_auroc,
-    fit_temperatures,
-    mean_auroc,
-    operating_points,
-    weighted_bce,
-)
+from mrg.train.findings import asymmetric_loss, weighted_bce
+from mrg.train.findings_calibration import fit_temperatures, operating_points
 
 
 def test_asymmetric_loss_spares_easy_negatives_and_keeps_positives():

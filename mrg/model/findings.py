@@ -1,6 +1,6 @@
 """Image → findings: the classifier whose decisions condition the report.
 
-    z = W · GAP(f(x)) + b            f: EfficientNet-Lite0 (ImageNet) over the frontal view
+    z = W · GAP(f(x)) + b            f: an EfficientNet-Lite (ImageNet) over each view
     p_c = σ(z_c / T_c + b_c)         T, b: per-finding temperature and bias (Platt), fitted on
                                      validation at the data's own prevalence
     y_c = 1[p_c ≥ t_c], y_normal = 1[no y_c]   t: per-finding F1 operating points (validation)
@@ -31,7 +31,7 @@ from torch import nn
 
 from mrg.config import ConfigBase, ConfigError
 from mrg.data.views import Views
-from mrg.model.encoder import efficientnet_lite0_state_dict
+from mrg.model.encoder import EFFICIENTNET_LITES, efficientnet_lite_state_dict
 from mrg.text.states import ABSENT, POSSIBLE, PRESENT, FindingStates, state_vector
 from mrg.text.taxonomy import FINDINGS14
 
@@ -48,12 +48,17 @@ NEGATED_SHARE = 0.2  # a finding real reports negate this often is stated absent
 class FindingsHeadConfig(ConfigBase):
     """The findings classifier: backbone input, which parts train, and the loss."""
 
+    backbone: str = "tf_efficientnet_lite0"  # an EfficientNet-Lite of ``EFFICIENTNET_LITES``
     image_size: int = 224  # ImageNet scale: 448 px scored lower on validation (model card)
     dropout: float = 0.2  # before the classifier
     trainable: str = "last_stages"  # classifier | last_stages (blocks 5-6 + conv head) | all
     loss: str = "asl"  # asl (asymmetric loss) | weighted-bce (positives weighted by neg/pos)
 
     def validate(self) -> FindingsHeadConfig:
+        if self.backbone not in EFFICIENTNET_LITES:
+            raise ConfigError(
+                f"backbone must be one of {sorted(EFFICIENTNET_LITES)}, got {self.backbone!r}"
+            )
         if self.trainable not in TRAINABLE_PARTS:
             raise ConfigError(f"trainable must be one of {TRAINABLE_PARTS}, got {self.trainable!r}")
         if self.loss not in ("asl", "weighted-bce"):
@@ -67,9 +72,9 @@ class FindingsHead(nn.Module):
     def __init__(self, config: FindingsHeadConfig | None = None, load_weights: bool = True):
         super().__init__()
         self.config = (config or FindingsHeadConfig()).validate()
-        self.backbone = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+        self.backbone = timm.create_model(self.config.backbone, pretrained=False, num_classes=0)
         if load_weights:
-            weights = efficientnet_lite0_state_dict()
+            weights = efficientnet_lite_state_dict(self.config.backbone)
             wanted = self.backbone.state_dict().keys()
             self.backbone.load_state_dict({k: v for k, v in weights.items() if k in wanted})
         self.dropout = nn.Dropout(self.config.dropout)
