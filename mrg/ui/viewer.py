@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import gradio as gr
 import numpy as np
+from gradio.utils import get_upload_folder
 from PIL import Image
 
 from mrg.imaging import ImageError, for_viewer
@@ -89,27 +90,12 @@ def lossless_png(pixels: np.ndarray, folder: str | Path) -> str:
     return str(path)
 
 
-class RadiographSlider(gr.ImageSlider):
-    """Gradio's ``ImageSlider`` (its own page component: ``is_template``) whose two sides are
-    PNGs written by ``lossless_png`` in Gradio's cache, once per distinct image: the same
-    radiograph on both sides (no overlay) is one file. Gradio encodes each side itself at
-    PNG's default level, which was most of a study's load (py-spy, 8 users at once)."""
-
-    is_template = True
-
-    def postprocess(self, value):
-        if value is None:
-            return None
-        written: dict[int, str] = {}
-
-        def file_of(side):
-            if not isinstance(side, np.ndarray):
-                return side
-            if id(side) not in written:
-                written[id(side)] = lossless_png(side, self.GRADIO_CACHE)
-            return written[id(side)]
-
-        return super().postprocess((file_of(value[0]), file_of(value[1])))
+def page_image(pixels: np.ndarray) -> str:
+    """What a slider shows, as a file in Gradio's cache (``lossless_png``): Gradio, given the
+    array, encoded each side of the slider itself at PNG's default level, which was most of
+    a study's load under py-spy (eight users at once); the same radiograph on both sides is
+    now one file."""
+    return lossless_png(pixels, get_upload_folder())
 
 
 class ViewerPanel:
@@ -232,16 +218,17 @@ class ViewerPanel:
         show_cam: bool,
         opacity: float,
     ):
-        """(frontal, lateral) for the two ``ImageSlider``s: ``(image, image)``, or with the
-        Grad-CAM on ``(overlay, image)``, the overlay whole until the divider is slid."""
+        """(frontal, lateral) for the two ``ImageSlider``s, each a pair of PNG files
+        (``page_image``): ``(image, image)``, or with the Grad-CAM on ``(overlay, image)``,
+        the overlay whole until the divider is slid."""
         if state.study is None:
             return None, None
         pairs = []
         for i, view in enumerate(state.study.views[:2]):
             grey = view_pixels(view.image, preset, float(center), float(width), bool(invert))
-            shown = to_uint8(grey)
+            shown = page_image(to_uint8(grey))
             if show_cam and i < len(state.heatmaps):
-                pairs.append((state.heatmaps[i].overlay(grey, float(opacity)), shown))
+                pairs.append((page_image(state.heatmaps[i].overlay(grey, float(opacity))), shown))
             else:
                 pairs.append((shown, shown))
         return tuple((pairs + [None, None])[:2])
@@ -303,9 +290,9 @@ class ViewerPanel:
 
     def _build_viewer(self, c: dict) -> None:
         with gr.Row():
-            c["frontal_view"] = RadiographSlider(
+            c["frontal_view"] = gr.ImageSlider(
                 label="Frontal",
-                type="numpy",
+                type="filepath",
                 format="png",
                 interactive=False,
                 max_height=520,
@@ -313,10 +300,10 @@ class ViewerPanel:
                 elem_id="frontal-view",
                 scale=3,
             )
-            c["lateral_view"] = RadiographSlider(
+            c["lateral_view"] = gr.ImageSlider(
                 label="Lateral",
                 visible=False,
-                type="numpy",
+                type="filepath",
                 format="png",
                 interactive=False,
                 max_height=520,
