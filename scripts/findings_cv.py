@@ -3,7 +3,7 @@
     python scripts/findings_cv.py [--rows recipe-before all-images ...] [--folds 5]
 
 Each row of ``mrg.train.findings_cv.CV_ROWS`` is trained in the same folds (``mrg.train.findings_cv``; a rerun
-resumes from runs/findings_cv/), ensembles are the mean of their members' standardised
+resumes from runs/findings_cv/), ensembles are the mean of their members'
 out-of-fold logits, and the table (AUROC and average precision per finding with 95 %
 bootstrap intervals, means over findings with ≥ 20 positives, the paired gain over the
 first row) is printed and written to assets/findings_cv.json, with a forest plot of the first
@@ -67,7 +67,7 @@ def main() -> None:
             if missing:
                 log.warning("%s skipped: members %s were not run", name, missing)
                 continue
-            logits[name] = ensemble_logits([logits[m] for m in row.members], folds)
+            logits[name] = ensemble_logits([logits[m] for m in row.members])
             continue
         if args.epochs:
             row.recipe.epochs = args.epochs

@@ -5,8 +5,7 @@
                on the other folds, scoring its held-out fold: out-of-fold logits ``[N, 14]``
                ``early_stop``: one of the other folds is held for choosing the epoch (the
                recipe before this table) and the rest train
-    an ensemble  the mean of its member rows' out-of-fold logits (standardised per fold and
-               finding first, since losses differ in scale): no training of its own
+    an ensemble  the mean of its member rows' out-of-fold logits: no training of its own
 
 Scores pool the out-of-fold logits of all images (each image is scored once, by the model
 that did not see it): AUROC and average precision per finding with 95 % bootstrap
@@ -116,18 +115,11 @@ def cross_validate(data: LabelledImages, folds: np.ndarray, row: CVRow, out: Pat
     return logits
 
 
-def standardised(logits: torch.Tensor, folds: np.ndarray) -> torch.Tensor:
-    """Logits centred and scaled per fold and finding (an ensemble's common scale)."""
-    out = torch.empty_like(logits)
-    for fold in np.unique(folds):
-        rows = torch.from_numpy(folds == fold)
-        x = logits[rows]
-        out[rows] = (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
-    return out
-
-
-def ensemble_logits(member_logits: list[torch.Tensor], folds: np.ndarray) -> torch.Tensor:
-    return torch.stack([standardised(m, folds) for m in member_logits]).mean(0)
+def ensemble_logits(member_logits: list[torch.Tensor]) -> torch.Tensor:
+    """The mean of the members' logits: what a head of several networks computes (the members
+    share a loss, so their logits share a scale; standardising them with each held-out fold's
+    own statistics scored higher when pooled, by aligning the folds rather than the members)."""
+    return torch.stack(member_logits).mean(0)
 
 
 def score_row(
