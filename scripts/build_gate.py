@@ -1,6 +1,7 @@
 """Fit the chest-radiograph gate, choose its thresholds, and measure what it refuses.
 
     python scripts/build_gate.py [--checkpoints assets/checkpoints] [--metrics assets/gate_metrics.json]
+    python scripts/build_gate.py --features-only   # after a new findings head: its features only
 
 The gate (``mrg.model.gate``) is fitted on the NIH training split's radiographs (by patient,
 as everywhere), its thresholds set at quantiles of the validation split's scores, and
@@ -35,7 +36,7 @@ from mrg.environment import setting
 from mrg.imaging import ImageError, LoadedImage, load_image
 from mrg.model.findings import FINDINGS_FOLDER, FindingsHead
 from mrg.model.gate import GATE_FOLDER, ChestGate, screen_study
-from mrg.train.gate import fit_gate, radiograph_tensors
+from mrg.train.gate import fit_features, fit_gate, radiograph_tensors
 
 log = logging.getLogger("build_gate")
 CHEST_CR = ("RG1_UNCI.dcm", "RG1_UNCR.dcm", "RG1_J2KI.dcm", "RG1_J2KR.dcm")
@@ -166,6 +167,12 @@ def main() -> None:
     parser.add_argument("--checkpoints", default="assets/checkpoints")
     parser.add_argument("--metrics", default="assets/gate_metrics.json")
     parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument(
+        "--features-only",
+        action="store_true",
+        help="a new findings head: refit the feature statistics and distance threshold, "
+        "keep the orientation net and its threshold",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(0)
@@ -179,12 +186,12 @@ def main() -> None:
     log.info("NIH radiographs: %s", {k: len(v) for k, v in splits.items()})
     head = FindingsHead.from_pretrained(Path(args.checkpoints) / FINDINGS_FOLDER)
     size = head.config.image_size
-    gate = fit_gate(
-        head,
-        radiograph_tensors(splits["train"], size),
-        radiograph_tensors(splits["val"], size),
-        epochs=args.epochs,
-    )
+    train, val = radiograph_tensors(splits["train"], size), radiograph_tensors(splits["val"], size)
+    if args.features_only:
+        kept = ChestGate.from_pretrained(Path(args.checkpoints) / GATE_FOLDER)
+        gate = fit_features(kept, head, train, val)
+    else:
+        gate = fit_gate(head, train, val, epochs=args.epochs)
     gate.save_pretrained(Path(args.checkpoints) / GATE_FOLDER)
     log.info("thresholds: %s", gate.config.to_dict())
 

@@ -10,7 +10,8 @@ Reads only what a clone ships and ../shared/data:
 * assets/training_record.json: the training command and the stages' logs (losses, seconds,
   retrieval); assets/baselines/language_prompt.safetensors: the language stage's plain prompt
   (for label fidelity);
-* assets/findings_metrics.json: the head's measurements (scripts/build_findings_head.py);
+* assets/findings_metrics.json: the head's measurements (scripts/build_findings_head.py), and
+  assets/findings_cv.json: its recipes cross-validated (scripts/findings_cv.py);
 * ../shared/data: the label-matched pairs (rebuilt, deterministic), OpenI reports, NIH images.
 
 Every generation is cached under ``--out`` per checkpoint and decoding (resumable). Greedy
@@ -73,6 +74,7 @@ from mrg.evaluation.demo_card import (
     verdict,
 )
 from mrg.evaluation.fidelity import fidelity_sample, language_fidelity
+from mrg.evaluation.findings_card import cv_findings_table, cv_table, describe_row
 from mrg.evaluation.metrics import nlg_scores
 from mrg.evaluation.runner import generate_split
 from mrg.evaluation.states_card import (
@@ -266,6 +268,7 @@ def build_card(assets: Path, out: Path) -> dict:
     corpus = report_corpus(REPORTS, held_out)
     head_dir = checkpoints / FINDINGS_FOLDER
     head = FindingsHead.from_pretrained(head_dir)
+    head_bytes = (head_dir / "findings.safetensors").read_bytes()  # keys what the head conditions
     modes = [m for m in CUSTOMIZED_MODES if (checkpoints / m / CONFIG_NAME).is_file()]
     recipe = train_preset("demo-checkpoints")
     llm, tokenizer = load_frozen_llm(recipe.model.llm)
@@ -299,7 +302,9 @@ def build_card(assets: Path, out: Path) -> dict:
     for mode in modes:
         model = MRGModel.from_pretrained(checkpoints / mode, llm=llm, tokenizer=tokenizer).eval()
         rows_file = cached(
-            out / f"{mode}.jsonl", *checkpoint_key(checkpoints / mode, DEFAULT_DECODING)
+            out / f"{mode}.jsonl",
+            *checkpoint_key(checkpoints / mode, DEFAULT_DECODING),
+            head_bytes,
         )
         rows = generate_split(model, test, rows_file, DEFAULT_DECODING, findings_head=head)
         results[mode], generations[mode] = score(rows, image_labels, labeler), rows
@@ -311,6 +316,7 @@ def build_card(assets: Path, out: Path) -> dict:
     rows_file = cached(
         out / f"{modes[0]}-open-vocabulary.jsonl",
         *checkpoint_key(checkpoints / modes[0], OPEN_VOCABULARY),
+        head_bytes,
     )
     rows = generate_split(model, test, rows_file, OPEN_VOCABULARY, findings_head=head)
     results[name], generations[name] = score(rows, image_labels, labeler), rows
@@ -339,10 +345,12 @@ def build_card(assets: Path, out: Path) -> dict:
                 continue
             name = f"{mode}, {label} (previous)"
             model = MRGModel.from_pretrained(previous, llm=llm, tokenizer=tokenizer).eval()
-            rows_file = cached(
-                out / f"{mode}-{suffix}.jsonl", *checkpoint_key(previous, DEFAULT_DECODING)
-            )
             conditioned = head if model.config.uses_findings else None
+            rows_file = cached(
+                out / f"{mode}-{suffix}.jsonl",
+                *checkpoint_key(previous, DEFAULT_DECODING),
+                head_bytes if conditioned is not None else b"",
+            )
             rows = generate_split(
                 model, test, rows_file, DEFAULT_DECODING, findings_head=conditioned
             )
@@ -380,6 +388,7 @@ def build_card(assets: Path, out: Path) -> dict:
     align_log = [r for r in shared_log if r.get("stage") == "align"]
     timings = {mode: training_seconds(logs[mode]) for mode in modes}
     head_metrics = json.loads((assets / "findings_metrics.json").read_text())
+    cv_record = json.loads((assets / "findings_cv.json").read_text())
     measured = {
         "results": results,
         "text_quality": {name: q.as_dict() for name, q in quality.items()},
@@ -392,7 +401,7 @@ def build_card(assets: Path, out: Path) -> dict:
         "abnormal_test_share": float(np.mean([bool(r.labels) for r in test])),
         "test_images": [r.image_paths[0].name for r in test],
         "checkpoints": {mode: checkpoint_digest(checkpoints / mode) for mode in modes},
-        "findings_head": digest((head_dir / "findings.safetensors").read_bytes()),
+        "findings_head": digest(head_bytes),
     }
     # The card's numbers, kept beside it so that a test can check the card against them.
     (assets / "demo_metrics.json").write_text(json.dumps(measured, indent=2) + "\n")
@@ -413,12 +422,16 @@ def build_card(assets: Path, out: Path) -> dict:
             finding_weight=recipe.language_finding_weight,
             fidelity_table=fidelity_table(fidelity),
             head_table=head_table(head_metrics),
-            head_chosen=head_metrics["chosen"],
-            head_epochs=head_metrics["epochs"],
-            head_candidates="; ".join(
-                f"{name} {max(run['val_auroc_by_epoch']):.3f}"
-                for name, run in head_metrics["candidates"].items()
+            cv_images=cv_record["images"],
+            cv_patients=cv_record["patients"],
+            cv_min_positives=cv_record["min_positives"],
+            cv_table=cv_table(cv_record),
+            cv_findings_table=cv_findings_table(
+                cv_record, list(dict.fromkeys([next(iter(cv_record["rows"])), head_metrics["row"]]))
             ),
+            head_row=head_metrics["row"],
+            head_description=describe_row(cv_record["rows"][head_metrics["row"]]["row"]),
+            head_trained_on=head_metrics["trained_on"],
             head_named_share=head_metrics["test"]["named_share"],
             abnormal_test_share=head_metrics["test"]["abnormal_share"],
             language_lr=recipe.language.lr,

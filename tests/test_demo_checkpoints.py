@@ -106,6 +106,10 @@ def test_the_model_card_tables_come_from_the_measured_run():
     assert fidelity_table(measured["fidelity"]) in card
     head = json.loads((DEFAULT_CHECKPOINTS.parent / "findings_metrics.json").read_text())
     assert head_table(head) in card
+    from mrg.evaluation.findings_card import cv_table
+
+    record = json.loads((DEFAULT_CHECKPOINTS.parent / "findings_cv.json").read_text())
+    assert cv_table(record) in card and head["row"] in record["rows"]
     from mrg.evaluation.states_card import (
         calibration_table,
         content_table,

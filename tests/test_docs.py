@@ -98,6 +98,14 @@ def test_readme_headline_figures_are_the_measured_ones():
     assert f"{head['probe_mean_auroc']:.3f}" in text
 
 
+def test_the_readme_s_cross_validation_table_is_the_measured_one():
+    from mrg.evaluation.findings_card import cv_brief
+
+    record = json.loads((ASSETS / "findings_cv.json").read_text())
+    assert cv_brief(record) in README.read_text()
+    assert (ASSETS / "findings_cv.png").is_file() and "assets/findings_cv.png" in README.read_text()
+
+
 # -------------------------------------------------------------------------------------- docs
 
 

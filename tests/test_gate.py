@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import torch
 from conftest import DICOM, shared_path
 from PIL import Image
 from pydicom.data import get_testdata_file
@@ -166,6 +167,24 @@ def test_the_gate_s_distance_is_the_ledoit_wolf_mahalanobis_distance(head):
     assert fitted.config.max_distance == pytest.approx(
         float(fitted.scores(images[30:], features[30:])["distance"].quantile(0.995)), abs=0.01
     )
+
+
+def test_a_new_head_refits_the_feature_statistics_and_keeps_the_orientation_net(head):
+    """build_gate.py --features-only: μ, Σ and the distance threshold follow the new head's
+    features; the orientation net (it reads thumbnails) and its threshold stay."""
+    from mrg.train.gate import fit_features, fit_gate, head_features, radiograph_tensors
+
+    images = radiograph_tensors(held_out_radiographs()[:40], head.config.image_size)
+    kept = fit_gate(head, images[:30], images[30:], epochs=1)
+    upright = kept.config.min_upright
+    other = FindingsHead(load_weights=False).eval()  # another backbone's features
+    refitted = fit_features(kept, other, images[:30], images[30:])
+    features = head_features(other, images[:30])
+    assert torch.allclose(refitted.mean, features.mean(0), atol=1e-4)
+    assert not torch.allclose(refitted.mean, kept.mean)
+    for name, tensor in kept.orientation.state_dict().items():
+        assert torch.equal(refitted.orientation.state_dict()[name], tensor)
+    assert refitted.config.min_upright == upright
 
 
 def test_without_a_fitted_gate_only_the_rules_and_the_contrast_apply():

@@ -65,13 +65,14 @@ CV_ROWS = {  # the table's rows, in its order: the recipe before this table firs
     for row in (
         CVRow("recipe-before", BEFORE, FindingsRecipe(), early_stop=True),
         CVRow("all-images", BEFORE, FindingsRecipe()),
-        CVRow("lite2-260", LITE2, FindingsRecipe()),
         CVRow("radiograph-aug", BEFORE, FindingsRecipe(augment="radiograph")),
-        CVRow("lite1-240", LITE1, FindingsRecipe()),
+        CVRow("lite2-260", LITE2, FindingsRecipe()),
         CVRow("asl", FindingsHeadConfig(trainable="last_stages", loss="asl"), FindingsRecipe()),
         CVRow("smoothing", BEFORE, FindingsRecipe(label_smoothing=0.1)),
+        CVRow("lite1-240", LITE1, FindingsRecipe()),
         CVRow("ensemble-lite0-lite2", members=("all-images", "lite2-260")),
-        CVRow("ensemble-all", members=("all-images", "lite2-260", "radiograph-aug", "lite1-240")),
+        CVRow("ensemble-aug-lite2", members=("radiograph-aug", "lite2-260")),
+        CVRow("ensemble-three", members=("all-images", "radiograph-aug", "lite2-260")),
     )
 }
 

@@ -71,6 +71,28 @@ def train_orientation(
     net.eval()
 
 
+def fit_features(
+    gate: ChestGate,
+    head: FindingsHead,
+    train_images: torch.Tensor,
+    val_images: torch.Tensor,
+    distance_quantile: float = 0.995,
+) -> ChestGate:
+    """μ and Σ (Ledoit–Wolf) of the head's features over ``train_images``, and ``max_distance``
+    at a quantile of ``val_images``' distances: what a new head's backbone changes (the
+    orientation net reads thumbnails, not the head's features, and is kept)."""
+    features = head_features(head, train_images)
+    covariance = LedoitWolf().fit(features.double().numpy())
+    fitted = ChestGate(gate.config, features.shape[1])
+    fitted.orientation.load_state_dict(gate.orientation.state_dict())
+    fitted.mean.copy_(torch.from_numpy(covariance.location_).float())
+    precision = torch.from_numpy(covariance.precision_)
+    fitted.whitening.copy_(torch.linalg.cholesky((precision + precision.T) / 2).T.float())
+    distances = fitted.scores(val_images, head_features(head, val_images))["distance"]
+    fitted.config.max_distance = round(float(distances.quantile(distance_quantile)), 2)
+    return fitted
+
+
 def fit_gate(
     head: FindingsHead,
     train_images: torch.Tensor,
@@ -81,14 +103,9 @@ def fit_gate(
 ) -> ChestGate:
     """The gate fitted on ``train_images``, its thresholds at quantiles of ``val_images``'
     scores (each refuses about ``1 − distance_quantile`` / ``upright_quantile`` of them)."""
-    features = head_features(head, train_images)
-    covariance = LedoitWolf().fit(features.double().numpy())
-    gate = ChestGate(GateConfig(), features.shape[1])
-    gate.mean.copy_(torch.from_numpy(covariance.location_).float())
-    precision = torch.from_numpy(covariance.precision_)
-    gate.whitening.copy_(torch.linalg.cholesky((precision + precision.T) / 2).T.float())
+    gate = ChestGate(GateConfig(), 1)
     train_orientation(gate, train_images, epochs)
-    scores = gate.scores(val_images, head_features(head, val_images))
-    gate.config.max_distance = round(float(scores["distance"].quantile(distance_quantile)), 2)
-    gate.config.min_upright = float(scores["upright"].quantile(upright_quantile))
+    gate = fit_features(gate, head, train_images, val_images, distance_quantile)
+    upright = gate.scores(val_images, head_features(head, val_images))["upright"]
+    gate.config.min_upright = float(upright.quantile(upright_quantile))
     return gate
