@@ -43,8 +43,11 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))
 
 from bench_load import percentile, start_app
+
+from mrg.model.cpu_probe import cpu_model_and_flags
 
 CHROMIUM = "/usr/bin/chromium"
 VIEWPORT = {"width": 1440, "height": 900}
@@ -177,18 +180,9 @@ class Result:
 
 
 def cpu_info() -> tuple[str, list[str]]:
-    """The CPU's model name and which of ``CPU_FLAGS`` it has (from /proc/cpuinfo)."""
-    model, flags = "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model == "unknown":
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    return model, [flag for flag in CPU_FLAGS if flag in flags]
+    """The CPU's model name and which of ``CPU_FLAGS`` it has."""
+    model, flags = cpu_model_and_flags()
+    return model or "unknown", [flag for flag in CPU_FLAGS if flag in flags]
 
 
 def dicom_candidates(extra: list[str]) -> list[Path]:

@@ -108,7 +108,7 @@ def main() -> None:
     temperature = fit_temperatures(logits, labels)
     test_logits = head_logits(head, splits["test"])
     before = torch.sigmoid(test_logits / temperature).numpy()
-    report = test_report(head, splits)
+    report = test_report(head, splits, test_logits)
     report.update(
         bias=head.bias.tolist(),
         present_threshold=[

@@ -65,8 +65,8 @@ SETTINGS = {
 AUTO_SETTINGS = ("float32", "bfloat16", "int8-wo", "int4-wo")
 
 
-def machine_key() -> str:
-    """The CPU, the flags that choose PyTorch's kernels, PyTorch's version and its threads."""
+def cpu_model_and_flags() -> tuple[str, set[str]]:
+    """The CPU's model name and its flags, from /proc/cpuinfo (the platform's name elsewhere)."""
     name, flags = platform.processor(), set()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -76,6 +76,12 @@ def machine_key() -> str:
             elif line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
                 break
+    return name, flags
+
+
+def machine_key() -> str:
+    """The CPU, the flags that choose PyTorch's kernels, PyTorch's version and its threads."""
+    name, flags = cpu_model_and_flags()
     have = " ".join(f for f in FLAGS if f in flags)
     return f"{name} | {have} | torch {torch.__version__} | {torch.get_num_threads()} threads"
 

@@ -297,12 +297,18 @@ def stem_probe_scores(
     return {name: scores[rows[i] : rows[i + 1]] for i, name in enumerate(features)}
 
 
-def test_report(head: FindingsHead, splits: dict[str, LabelledImages], seed: int = 0) -> dict:
+def test_report(
+    head: FindingsHead,
+    splits: dict[str, LabelledImages],
+    logits: torch.Tensor | None = None,
+    seed: int = 0,
+) -> dict:
     """Test AUROC per finding with 95 % bootstrap intervals, the head beside the stem probe,
-    and the head's decisions (micro-F1, share of images with a named finding)."""
+    and the head's decisions (micro-F1, share of images with a named finding); ``logits``:
+    the head's raw test logits where the caller has them already."""
     test = splits["test"]
     labels = test.labels.numpy()
-    logits = head_logits(head, test)
+    logits = head_logits(head, test) if logits is None else logits
     probabilities = head.probabilities(logits)
     decisions = head.decide(probabilities)[:, :-1].numpy()
     probe = stem_probe_scores(splits)["test"]
