@@ -1,12 +1,13 @@
 """Train the shipped findings head on the recipe cross-validation chose, calibrate it out of
 fold, and score it on the test split.
 
-    python scripts/build_findings_head.py [--row all-images]
+    python scripts/build_findings_head.py [--row radiograph-aug]
     python scripts/build_findings_head.py --calibrate-only   # the shipped head, recalibrated
 
 1. ``--row`` names a row of ``mrg.train.findings_cv.CV_ROWS`` (``scripts/findings_cv.py``
    measures them all in the same five folds by patient); its out-of-fold logits are read from
-   runs/findings_cv/ (computed there if missing).
+   runs/findings_cv/ (computed there if missing). ``--calibrate-only`` takes the row the
+   shipped head was trained on (``assets/findings_metrics.json``), whose logits it is.
 2. The head trains on that recipe over the NIH training and validation images of the demo
    pairs' patient split, for the recipe's epochs: the 106 test images stay out, so that the
    report figures of the model card, measured on them, stay held out.
@@ -48,12 +49,12 @@ from mrg.train.findings_calibration import calibrate, fit_temperatures
 from mrg.train.findings_cv import CV_ROWS, cross_validate, patient_folds
 
 log = logging.getLogger("build_findings_head")
-SHIPPED_ROW = "all-images"
+SHIPPED_ROW = "radiograph-aug"  # the recipe cross-validation chose
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--row", default=SHIPPED_ROW, choices=list(CV_ROWS))
+    parser.add_argument("--row", choices=list(CV_ROWS), help=f"default: {SHIPPED_ROW}")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--cv-out", default=str(ROOT / "runs" / "findings_cv"))
     parser.add_argument("--assets", default=str(ROOT / "assets"))
@@ -66,6 +67,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
+    metrics_file = Path(args.assets) / "findings_metrics.json"
+    if args.row is None:  # recalibrating: the logits of the row the shipped head learned
+        shipped = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        args.row = shipped.get("row", SHIPPED_ROW) if args.calibrate_only else SHIPPED_ROW
     row = CV_ROWS[args.row]
     if row.members:
         raise SystemExit(f"{args.row} is an ensemble: ship one of its members, or distil it")
@@ -79,7 +84,6 @@ def main() -> None:
         data, patient_folds(data.patients, args.folds), row, Path(args.cv_out)
     )
     assets = Path(args.assets)
-    metrics_file = assets / "findings_metrics.json"
     target = assets / "checkpoints" / "findings"
     if args.calibrate_only:
         head = FindingsHead.from_pretrained(target)

@@ -144,3 +144,27 @@ def test_the_llm_s_choices_are_skipped_only_where_every_token_is_forced(structur
     both = torch.tensor([structure.findings + lead[:1], structure.findings + [1234]])
     chain(both, torch.randn(2, len(tokenizer)))  # the second study has no lead: all rows run
     assert calls == [1, 2]
+
+
+def test_a_lead_last_closes_the_findings_the_llm_wrote(structure, tokenizer):
+    lead = tokenizer(" Possible nodule.", add_special_tokens=False)["input_ids"]
+    shape = ReportStructureProcessor(structure, max_new_tokens=100, leads=[lead], lead_last=True)
+    scores = torch.zeros(1, len(tokenizer))
+    scores[0, lead[0]] = 10.0
+    first = shape(torch.tensor([structure.findings]), scores.clone())
+    assert first[0, lead[0]] == float("-inf")  # the LLM begins its findings, not the lead
+    free = structure.findings + tokenizer.encode(" The heart is normal.")
+    assert shape.forced(free, 0, 1) is None
+    closing = torch.zeros(1, len(tokenizer))
+    closing[0, structure.eos_id] = 10.0  # the LLM would close its findings here
+    out = shape(torch.tensor([free]), closing)
+    assert out[0].argmax() == lead[0] and out[0, structure.impression[0]] == float("-inf")
+    ids = free + lead[:1]
+    while (token := shape.forced(ids, 0, 1)) is not None and token != structure.eos_id:
+        ids.append(token)
+    text = tokenizer.decode(ids)
+    assert text == "FINDINGS: The heart is normal. Possible nodule.\nIMPRESSION: Possible nodule."
+    # near the end of the budget the lead begins whatever the LLM says
+    short = ReportStructureProcessor(structure, max_new_tokens=24, leads=[lead], lead_last=True)
+    late = structure.findings + [1234] * 10
+    assert short(torch.tensor([late]), torch.zeros(1, len(tokenizer)))[0].argmax() == lead[0]

@@ -257,4 +257,6 @@ def test_generate_findings_flag_and_json_on_the_shipped_checkpoints(test_images,
     payload = json.loads(capsys.readouterr().out)
     given = {"Cardiomegaly": "present", "Effusion": "possible", "Pneumothorax": "absent"}
     assert payload["findings_head"]["states"] == given
-    assert payload["text"].startswith("FINDINGS: Cardiomegaly. Possible pleural effusion.")
+    findings, impression = payload["text"].split("\nIMPRESSION: ")
+    lead = "Cardiomegaly. Possible pleural effusion."  # closes the findings the LLM wrote
+    assert findings.endswith(f" {lead}") and impression == lead

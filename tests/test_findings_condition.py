@@ -93,17 +93,22 @@ def test_language_stage_trains_the_findings_code_not_the_visual_one(tiny_llm, to
     assert len(FINDINGS14) + 1 == model.customizer.affine.trunk.findings.in_features
 
 
-def test_a_report_can_lead_with_its_findings(tiny_llm, tokenizer):
+@pytest.mark.parametrize("lead_last", [False, True])
+def test_a_report_can_lead_with_its_findings(tiny_llm, tokenizer, lead_last):
     model = conditioned(tiny_llm, tokenizer).eval()
-    decoding = Decoding(max_new_tokens=30, lead_with_findings=True)
+    decoding = Decoding(max_new_tokens=30, lead_with_findings=True, lead_last=lead_last)
     y = y_of(["Cardiomegaly", "Effusion"], [])
     texts = model.generate(random_batch(), decoding, y)
-    assert texts[0].startswith("FINDINGS: Cardiomegaly. Pleural effusion.")
+    findings, impression = texts[0].split("\nIMPRESSION:")
+    lead = "Cardiomegaly. Pleural effusion."
+    # first: the findings open with the lead; last: the LLM writes, then the lead closes them
+    assert findings.startswith(f"FINDINGS: {lead}") != lead_last
+    assert findings.endswith(f" {lead}") == lead_last
     # the impression of a report that names findings is their sentences, and nothing else
-    assert texts[0].endswith("\nIMPRESSION: Cardiomegaly. Pleural effusion.")
+    assert impression == f" {lead}"
     assert texts[1].startswith("FINDINGS:") and "IMPRESSION:" in texts[1]
     streamed = "".join(model.stream(random_batch()[:1], decoding, y[:1]))
-    assert streamed.startswith("FINDINGS: Cardiomegaly. Pleural effusion.")
+    assert streamed.strip() == texts[0]
 
 
 def test_image_stages_can_leave_the_prompt_as_the_language_stage_wrote_it(tiny_llm, tokenizer):

@@ -201,7 +201,7 @@ def test_a_states_model_is_scored_by_state_fidelity_with_one_fixed_image(tiny_ll
         model, texts, Decoding(max_new_tokens=24), image=random_batch(1, 1)
     )
     assert rows[0]["states"] == {"Cardiomegaly": "present", "Pneumothorax": "absent"}
-    assert rows[0]["generated"].startswith("FINDINGS: Cardiomegaly.")  # the forced sentence
+    assert rows[0]["generated"].endswith("IMPRESSION: Cardiomegaly.")  # the forced sentence
     per = scores["states"]["per_state"]
     assert per["present"] == {"stated": 1, "read_back": 1} and per["absent"]["stated"] == 3
     table = language_table({"tiny": {**scores, "BLEU_4": 0.1, "CIDEr": 0.2}})

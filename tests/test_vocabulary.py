@@ -7,7 +7,8 @@ from conftest import random_batch
 
 from mrg.config import Decoding
 from mrg.model import MRGModel
-from mrg.model.decoding import ClosedVocabulary, Position, Rules, report_structure
+from mrg.model.closed_vocabulary import ClosedVocabulary, Position, Rules
+from mrg.model.decoding import report_structure
 from mrg.text.sections import split_sections
 from mrg.text.taxonomy import naming_words
 from mrg.text.vocabulary import VOCABULARY_NAME, report_vocabulary, words
@@ -38,6 +39,8 @@ def test_a_word_may_be_begun_only_toward_a_vocabulary_word_and_ended_only_as_one
     assert not closed.fits(" 5")  # no digits: nothing measures a size
     assert not closed.fits("AL", Position(open_word="norm"))  # no capital after a small letter
     assert closed.fits(" Normal")  # a capital at the start of a word is fine
+    assert closed.fits(" NORMAL") and closed.fits("AL", Position(open_word="NORM"))
+    assert not closed.fits("al", Position(open_word="NORM"))  # nor capitals, then small letters
     assert not closed.fits("é", Position(open_word="normal"))  # no letter outside ASCII
 
 
@@ -50,7 +53,7 @@ def test_after_the_findings_lead_no_word_names_them_again(closed):
 
 
 def test_a_finding_not_stated_present_or_possible_is_named_only_to_negate_it(closed, tokenizer):
-    from mrg.model.decoding import position
+    from mrg.model.closed_vocabulary import position
     from mrg.text.states import unstated_prefixes
 
     rules = Rules(unstated=unstated_prefixes({"Effusion": "absent", "Edema": "possible"}))
@@ -102,7 +105,7 @@ def finished_words(report: str) -> list[str]:
 def test_the_word_being_built_is_read_back_to_its_first_letter_however_many_tokens_it_spans(
     closed, tokenizer
 ):
-    from mrg.model.decoding import position
+    from mrg.model.closed_vocabulary import position
 
     pieces = closed.structure.pieces
     ids = tokenizer.encode(" No acute cardiomediastinalmallostenokarboxolakemalosteno")
@@ -144,3 +147,37 @@ def test_where_no_likely_token_fits_any_fitting_token_is_taken(closed, tokenizer
     scores[0, rehab], scores[0, five], scores[0, heart] = 9.0, 8.0, -20.0
     out = narrow(torch.tensor([tokenizer.encode(" The")]), scores.clone())
     assert out[0].argmax() == heart and torch.isinf(out[0, rehab]) and torch.isinf(out[0, five])
+
+
+def test_no_hyphen_joins_two_words(closed):
+    assert not closed.fits("-", Position(open_word="heart"))  # "heart-normal"
+    assert not closed.fits(" heart-normal")
+    assert closed.fits(" heart.") and closed.fits(".", Position(open_word="heart"))
+
+
+def test_otherwise_lets_a_sentence_call_the_rest_of_an_anatomy_normal(closed, tokenizer):
+    from mrg.model.closed_vocabulary import position
+    from mrg.text.states import normal_anatomy
+
+    words = frozenset(WORDS | {"lungs", "are", "clear", "otherwise", "pleural"})
+    closed = ClosedVocabulary(closed.structure, words, [Rules()])
+    rules = Rules(normal=normal_anatomy({"Infiltration": "possible", "Effusion": "present"}))
+    pieces = closed.structure.pieces
+    lungs = position(pieces, tokenizer.encode(" The lungs are"))
+    assert not closed.fits(" clear", lungs, rules)  # beside an infiltrate
+    excepted = position(pieces, tokenizer.encode(" The lungs are otherwise"))
+    assert closed.fits(" clear", excepted, rules)
+    pleura = position(pieces, tokenizer.encode(" The pleural space is otherwise"))
+    assert not closed.fits(" clear", pleura, rules)  # beside an effusion: no "rest"
+    # where the LLM's first choice calls the anatomy normal, "otherwise" comes first
+    clear = tokenizer.encode(" clear")[0]
+    scores = torch.zeros(len(tokenizer))
+    scores[clear] = 5.0
+    assert closed._excepting(scores, [], lungs, rules) == [closed.excepting]
+    heart = Rules(normal=normal_anatomy({"Cardiomegaly": "possible"}))
+    size = position(pieces, tokenizer.encode(" The heart is"))
+    assert closed._excepting(scores, [], size, heart) == []  # not "otherwise normal"
+    assert tokenizer.decode([closed.excepting]) == " otherwise"
+    are = tokenizer.encode(" are")[0]
+    scores[are] = 9.0  # a first choice the rules allow is kept as it is
+    assert closed._excepting(scores, [are], lungs, rules) == [are]

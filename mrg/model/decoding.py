@@ -4,8 +4,9 @@ An answer is ``FINDINGS: …⏎IMPRESSION: …`` and nothing else:
 
 * the first tokens are forced to ``FINDINGS:``, and the first token after a header starts
   with a space, as in every training target; a findings-conditioned report's findings
-  sentences (``leads``: one per present or possible finding) are forced after ``FINDINGS:``
-  and make its impression;
+  sentences (``leads``: one per present or possible finding) are forced, and make its
+  impression: right after ``FINDINGS:``, or (``lead_last``) where the LLM closes its own
+  findings, so that it describes the rest of the chest first;
 * in the findings, a newline or EOS never appears as such: their probability is the
   probability of closing the findings, and it moves to the forced ``⏎IMPRESSION:`` header
   (which is also forced once only ``reserve`` tokens of the budget are left); a section
@@ -17,7 +18,8 @@ An answer is ``FINDINGS: …⏎IMPRESSION: …`` and nothing else:
 * the repetition penalty and the n-gram ban see the body only (``OnBody``), so the headers
   are never penalised ("ImpressION:") and never make body tokens look repeated;
 * with a report vocabulary (``mrg.text.vocabulary``), no word outside it is written: the
-  constraint sees the whole word being built, not one sub-word token (``ClosedVocabulary``),
+  constraint sees the whole word being built, not one sub-word token
+  (``mrg.model.closed_vocabulary.ClosedVocabulary``),
   and after a present finding no global-normal statement is begun ("No acute
   cardiopulmonary abnormality": ``mrg.text.states.GLOBAL_NORMAL_BIGRAMS``).
 
@@ -27,22 +29,15 @@ list serves greedy, sampling and beam search, in ``generate`` and in the streami
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 
 from mrg.text.sections import FINDINGS, format_report
-from mrg.text.states import NEGATIONS
-from mrg.text.vocabulary import HEADER_WORDS
 
 _HEADER_WORD_AT_END = re.compile(r"(findings|impression)\s*$", re.IGNORECASE)
-_LETTER_RUNS = re.compile(r"[A-Za-z]+|[^A-Za-z]+")
-_OPEN_WORD = re.compile(r"[A-Za-z]*$")
-_CAPITAL_AFTER_SMALL = re.compile(r"[a-z][A-Z]")
 
 
 class ReportStructure:
@@ -116,7 +111,14 @@ class ReportStructureProcessor(LogitsProcessor):
     where the LLM continues them, and make the whole impression: the impression of a report
     that names findings is their sentences (the LLM's own impressions after them were measured
     to call them "unremarkable" and, after the states, "Tuberculosis." in 33 of 98 test
-    reports). A report that names none is written freely."""
+    reports). A report that names none is written freely.
+
+    With ``lead_last`` the LLM writes its findings first, and the probability of closing them
+    goes to the lead's first token instead of the impression header: the lead closes the
+    findings. That token is never written otherwise, so its first place in the findings is
+    where the lead began (stateless, like every processor here). After a forced lead the
+    135M LLM went on in its style, a list of negations ("Possible infiltrate. Possible nodule.
+    No focal airspace."); before it, it describes the chest as in a report."""
 
     def __init__(
         self,
@@ -124,9 +126,10 @@ class ReportStructureProcessor(LogitsProcessor):
         max_new_tokens: int,
         reserve: int = 16,
         leads: list[list[int]] | None = None,
+        lead_last: bool = False,
     ):
         self.structure, self.max_new_tokens, self.reserve = structure, max_new_tokens, reserve
-        self.leads = leads
+        self.leads, self.lead_last = leads, lead_last
 
     def _lead(self, row: int, rows: int) -> list[int]:
         """The findings' sentences of ``row`` ([] where there are none)."""
@@ -139,10 +142,16 @@ class ReportStructureProcessor(LogitsProcessor):
         the end after a lead's impression; None where the LLM chooses."""
         s = self.structure
         lead = self._lead(row, rows)
-        findings, n = s.findings + lead, len(row_ids)
-        if n < len(findings):
-            return findings[n]
+        opening, n = s.findings + ([] if self.lead_last else lead), len(row_ids)
+        if n < len(opening):
+            return opening[n]
         start = s.impression_start(row_ids)
+        if self.lead_last and lead and start is None:
+            body = row_ids[len(s.findings) :]
+            if lead[0] not in body:
+                return None
+            done = len(body) - body.index(lead[0])
+            return lead[done] if done < len(lead) else s.impression[0]
         if start is not None and n - start < len(s.impression + lead):
             return (s.impression + lead)[n - start]
         if start is not None and lead:  # the impression of named findings is their sentences
@@ -160,23 +169,27 @@ class ReportStructureProcessor(LogitsProcessor):
                 _force(out, token)
                 continue
             lead = self._lead(row, len(input_ids))
-            findings = s.findings + lead
+            last = self.lead_last and bool(lead)
+            findings = s.findings + ([] if last else lead)
             start = s.impression_start(row_ids)
             if s.ends_with_header_word(row_ids):
                 out[s.colon_ids.to(scores.device)] = float("-inf")
             closing = torch.cat([newline, newline.new_tensor([s.eos_id])])
             close = torch.logsumexp(out[closing], dim=0)
             out[closing] = float("-inf")
+            if last and start is None:  # the lead's first token: only as the close
+                out[lead[0]] = float("-inf")
             written = n - len(findings) if start is None else n - start - len(header + lead)
             if not written:  # a section's first word: spaced, and the section cannot close yet
                 out[s.not_spaced.to(scores.device)] = float("-inf")
                 continue
-            if start is None:  # findings: closing them opens the impression
+            if start is None:  # findings: closing them opens the impression (or the lead)
                 reserve = min(self.reserve, self.max_new_tokens // 4)
-                if self.max_new_tokens - n <= len(header + lead) + reserve:
-                    _force(out, header[0])
+                then = lead[0] if last else header[0]
+                if self.max_new_tokens - n <= len(header + lead) + len(lead) * last + reserve:
+                    _force(out, then)
                 else:
-                    out[header[0]] = close
+                    out[then] = close
             else:  # impression: closing it ends the report
                 out[s.eos_id] = close
         return scores
@@ -208,175 +221,4 @@ class OnBody(LogitsProcessor):
             body = torch.tensor([self.structure.body_ids(row_ids)], device=input_ids.device)
             if body.shape[1]:
                 scores[row : row + 1] = self.processor(body, scores[row : row + 1])
-        return scores
-
-
-Bigrams = frozenset[tuple[str, str]]  # (word, next word) pairs never written
-_SENTENCE_END = re.compile(r"[.!?:\n]")
-
-
-@dataclass(frozen=True)
-class Rules:
-    """What one study's report may not write, besides words outside the vocabulary:
-    ``stated``, prefixes of words never written (the findings its lead named); ``unstated``,
-    prefixes of words written only in a sentence that already negates (the findings its
-    condition does not state present or possible: "No pleural effusion." yes, "Pleural
-    effusion." no); ``bigrams``, (word, next word) pairs never written; ``normal``, (word,
-    prefix) pairs: no word with the prefix after the word in one sentence ("heart" …
-    "normal…" beside cardiomegaly)."""
-
-    stated: frozenset[str] = frozenset()
-    unstated: frozenset[str] = frozenset()
-    bigrams: Bigrams = frozenset()
-    normal: Bigrams = frozenset()
-
-
-@dataclass(frozen=True)
-class Position:
-    """Where the next token goes: the word before the open one (None after punctuation),
-    whether the sentence so far negates, the letters of the open word, and the sentence's
-    words so far."""
-
-    previous: str | None = None
-    negated: bool = False
-    open_word: str = ""
-    sentence: frozenset[str] = frozenset()
-
-
-@lru_cache(maxsize=256)
-def allowed_words(
-    vocabulary: frozenset[str],
-    stated: frozenset[str] = frozenset(),
-    banned: frozenset[str] = frozenset(),
-) -> tuple[frozenset[str], frozenset[str]]:
-    """(words, their prefixes) of ``vocabulary`` less the words beginning with ``stated`` and
-    the words of ``banned``."""
-    words = frozenset(
-        w for w in vocabulary if not w.startswith(tuple(stated) or "\0") and w not in banned
-    )
-    return words, frozenset(w[:i] for w in words for i in range(1, len(w) + 1))
-
-
-@lru_cache(maxsize=1 << 16)
-def _fits(vocabulary: frozenset[str], rules: Rules, at: Position, piece: str) -> bool:
-    """``ClosedVocabulary.fits``, remembered: a report's steps ask about the same few hundred
-    (position, token) pairs again and again (5 ms of a 35 ms step before)."""
-    if any(map(str.isdigit, piece)) or not piece.isascii():
-        return False
-    previous, negated, sentence = at.previous, at.negated, set(at.sentence)
-    runs = _LETTER_RUNS.findall(at.open_word + piece)
-    for i, run in enumerate(runs):
-        if not run[0].isalpha():
-            if _SENTENCE_END.search(run):
-                negated, sentence = False, set()
-            if run.strip():  # punctuation ends the phrase a bigram belongs to
-                previous = None
-            continue
-        if _CAPITAL_AFTER_SMALL.search(run) or (run.isupper() and run.lower() in HEADER_WORDS):
-            return False  # "volumE"; a header's word in capitals is a header, never body text
-        banned = frozenset(b for a, b in rules.bigrams if a == previous)
-        stated = rules.stated | frozenset(b for a, b in rules.normal if a in sentence)
-        stated = stated if negated else stated | rules.unstated
-        words, prefixes = allowed_words(vocabulary, stated, banned)
-        if i == len(runs) - 1:
-            return run.lower() in prefixes
-        if run.lower() not in words:
-            return False
-        previous = run.lower()
-        negated = negated or previous in NEGATIONS
-        sentence.add(previous)
-    return True
-
-
-@lru_cache(maxsize=4096)
-def _fitting_anywhere(
-    structure: ReportStructure, vocabulary: frozenset[str], rules: Rules, at: Position
-) -> tuple[int, ...]:
-    """Every token of the tokenizer that ``_fits`` at ``at``: the last resort where none of
-    the most likely does (tens of ms, once per position)."""
-    return tuple(
-        t for t, piece in enumerate(structure.pieces) if _fits(vocabulary, rules, at, piece)
-    )
-
-
-def position(pieces: list[str], ids: list[int], limit: int = 64) -> Position:
-    """The ``Position`` at the end of ``ids``, read back to the start of the sentence (or
-    ``limit`` tokens), however many tokens the open word spans."""
-    tail = ""
-    for token in reversed(ids[-limit:]):
-        tail = pieces[token] + tail
-        if _SENTENCE_END.search(tail):
-            break
-    sentence = _SENTENCE_END.split(tail)[-1]
-    open_word = _OPEN_WORD.search(sentence).group()
-    before = sentence[: len(sentence) - len(open_word)]
-    previous = re.search(r"([A-Za-z]+) +$", before)
-    words = frozenset(w.lower() for w in re.findall(r"[A-Za-z]+", before))
-    negated = bool(words & NEGATIONS)
-    return Position(previous.group(1).lower() if previous else None, negated, open_word, words)
-
-
-class ClosedVocabulary(LogitsProcessor):
-    """Masks every token that would make a word outside ``vocabulary``: a whole-word constraint.
-
-    Of each row's ``top_k`` most likely tokens, those are kept whose text, appended to the
-    word being written (read back to its first letter, however many tokens it spans), leaves
-    every finished word in ``vocabulary`` and the open one a prefix of a word in it; all other
-    tokens get −∞. Punctuation is free; digits and non-ASCII letters are never written
-    (nothing here measures a size or knows a date), nor a capital after a small letter within
-    a word ("volumE"). Where none of the ``top_k`` fits, the ``wider_k`` most likely are tried
-    (the n-gram ban may have removed the likely ending of a word), then every token of the
-    tokenizer, even one the n-gram ban took: a word is never left unfinished or misspelt.
-
-    ``rules`` (one ``Rules`` per study, rows laid out as ``ReportStructureProcessor``'s leads)
-    hold what else the study's report may not write: after its lead, no word naming a finding
-    the lead named ("Cardiomegaly. No acute cardiomegaly."); a finding its condition does not
-    state present or possible only in a sentence that negates; beside a present finding no
-    global-normal statement (``mrg.text.states.GLOBAL_NORMAL_BIGRAMS``); and beside a present
-    or possible finding no sentence calling its anatomy normal (``NORMAL_ANATOMY``)."""
-
-    def __init__(
-        self,
-        structure: ReportStructure,
-        vocabulary: frozenset[str],
-        rules: list[Rules] | None = None,
-        top_k: int = 64,
-        wider_k: int = 1024,
-    ):
-        self.structure, self.rules = structure, rules
-        self.top_k, self.wider_k = top_k, wider_k
-        self.vocabulary = frozenset(vocabulary) | HEADER_WORDS
-
-    def fits(self, piece: str, at: Position = Position(), rules: Rules = Rules()) -> bool:
-        """Whether ``piece`` may be written at ``at`` under ``rules``."""
-        return _fits(self.vocabulary, rules, at, piece)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        pieces = self.structure.pieces
-        for row, row_ids in enumerate(input_ids.tolist()):
-            rules = of_study(self.rules, row, len(input_ids)) if self.rules else Rules()
-            at = position(pieces, row_ids)
-            # only the rules' subjects of the sentence matter: the rest would split the cache
-            subjects = frozenset(a for a, _ in rules.normal)
-            at = dataclasses.replace(at, sentence=at.sentence & subjects)
-            keep = []
-            for k in (self.top_k, self.wider_k):  # wider: the likely ending may be banned
-                top = scores[row].topk(min(k, scores.shape[1]))
-                alive = top.indices[torch.isfinite(top.values)].tolist()
-                keep = [t for t in alive if self.fits(pieces[t], at, rules)]
-                if keep:
-                    break
-            if not keep:
-                anywhere = torch.tensor(
-                    _fitting_anywhere(self.structure, self.vocabulary, rules, at), dtype=torch.long
-                )
-                keep = anywhere[torch.isfinite(scores[row, anywhere.to(scores.device)])].tolist()
-                if not keep and len(anywhere):  # the n-gram ban took the only endings
-                    scores[row].fill_(float("-inf"))
-                    scores[row, anywhere.to(scores.device)] = 0.0
-                    continue
-            if keep:
-                kept = scores[row, keep].clone()
-                scores[row].fill_(float("-inf"))
-                scores[row, keep] = kept
         return scores

@@ -22,16 +22,16 @@ from transformers.generation.logits_process import (
 from mrg.batching import Request, forced_run, next_tokens, prefill
 from mrg.config import DEFAULT_DECODING, Decoding
 from mrg.data.views import Views
+from mrg.model.closed_vocabulary import ClosedVocabulary, Rules
 from mrg.model.decoding import (
-    ClosedVocabulary,
     OnBody,
     ReportStructureProcessor,
-    Rules,
     UnlessForced,
     report_structure,
 )
 from mrg.model.prompting import Context, positions_from_mask, text_increments
 from mrg.text.states import (
+    HEDGES,
     FindingStates,
     global_normal_bigrams,
     lead_sentences,
@@ -104,7 +104,8 @@ class ReportGeneration:
         """Penalty and n-gram ban on the body, warpers, then the report structure (last, so
         that a forced header wins over everything before it). With ``lead_with_findings``,
         a sentence per present or possible finding of the condition (y's findings, or the
-        states) is forced after the findings header and makes the impression; with
+        states) is forced after the findings header (``lead_last``: where the LLM closes its
+        findings) and makes the impression; with
         ``closed_vocabulary``, only words of ``report_vocabulary`` are written, after such a
         lead no word that names one of its findings again, and beside a present finding no
         global-normal statement."""
@@ -126,16 +127,18 @@ class ReportGeneration:
         if decoding.closed_vocabulary and self.report_vocabulary:
             rules = None if states is None else [self._rules(s, bool(leads)) for s in states]
             choosing.append(ClosedVocabulary(structure, self.report_vocabulary, rules))
-        shape = ReportStructureProcessor(structure, decoding.max_new_tokens, leads=leads)
+        shape = ReportStructureProcessor(
+            structure, decoding.max_new_tokens, leads=leads, lead_last=decoding.lead_last
+        )
         return LogitsProcessorList([UnlessForced(choosing, shape), shape])
 
     def _rules(self, states: FindingStates, lead: bool) -> Rules:
         """What a report written from ``states`` may not write (``mrg.model.decoding.Rules``):
-        after its lead, the findings it named again; a states model, a finding it does not
-        state present or possible except to negate it, or a sentence calling the anatomy of
-        one it does normal; beside a present finding, a global-normal statement."""
+        with a lead, the findings it names, or a hedge, outside it; a states model, a finding
+        it does not state present or possible except to negate it, or a sentence calling the
+        anatomy of one it does normal; beside a present finding, a global-normal statement."""
         return Rules(
-            stated=naming_words(named(states)) if lead else frozenset(),
+            stated=naming_words(named(states)) | HEDGES if lead else frozenset(),
             unstated=unstated_prefixes(states) if self.config.uses_states else frozenset(),
             bigrams=global_normal_bigrams(states),
             normal=normal_anatomy(states) if self.config.uses_states else frozenset(),

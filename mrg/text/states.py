@@ -57,6 +57,9 @@ GLOBAL_NORMAL_BIGRAMS = {
 }
 
 
+# the beginnings of words that hedge ("possible", "possibly"): a report whose findings the
+# head states writes its hedges in the lead alone
+HEDGES = frozenset({"possibl"})
 # words that negate the findings after them in a sentence ("No pleural effusion or pneumothorax")
 NEGATIONS = frozenset({"no", "not", "without", "negative", "free", "nor", "neither", "absent"})
 # the words a finding is affirmed with (the labeler's patterns, by their first letters)
@@ -79,16 +82,21 @@ NAMING_PREFIXES = {
 
 
 _LUNG = (("lungs", "clear"), ("lungs", "normal"), ("lung", "clear"), ("lungs", "unremarkable"))
-# (word, later word in the same sentence) that call a finding's anatomy normal
+_PLEURA = (("pleural", "normal"), ("pleural", "clear"), ("pleural", "unremarkable"))
+# (word, later word in the same sentence) that call a finding's anatomy normal; a sentence on
+# the lungs with ``EXCEPTING`` calls the rest of them normal beside a focal finding ("The lungs
+# are otherwise clear."), as radiologists do; the heart and pleura have no "rest"
+EXCEPTING = "otherwise"
+EXCEPTABLE = frozenset({"lungs", "lung"})
 NORMAL_ANATOMY = {
     "Cardiomegaly": tuple(
         (a, b)
         for a in ("heart", "cardiac", "cardiomediastinal")
         for b in ("normal", "unremarkable", "within", "stable")
     ),
-    "Effusion": (("pleural", "normal"), ("costophrenic", "clear"), ("costophrenic", "sharp")),
-    "Pneumothorax": (("pleural", "normal"),),
-    "Pleural_Thickening": (("pleural", "normal"),),
+    "Effusion": _PLEURA + (("costophrenic", "clear"), ("costophrenic", "sharp")),
+    "Pneumothorax": _PLEURA,
+    "Pleural_Thickening": _PLEURA,
     **{
         f: _LUNG
         for f in (

@@ -132,6 +132,19 @@ class ReportLabels:
                 spans.append((start, position))
         return spans
 
+    def without(self, text: str, findings: Sequence[str]) -> str:
+        """``text`` less its sentences that state any of ``findings`` present or possible
+        (the labeler's positive or uncertain mentions)."""
+        kept = [
+            sentence
+            for sentence in split_sentences(text)
+            if not any(
+                self.labeler.statuses14(sentence).get(f) in ("positive", "uncertain")
+                for f in findings
+            )
+        ]
+        return " ".join(kept)
+
     def states(self, texts: Sequence[str]) -> list[FindingStates]:
         """The labeler's states of each text (positive → present, uncertain → possible,
         negative → absent), cached by text."""

@@ -26,7 +26,7 @@ from mrg.data.datasets import Batch
 from mrg.model import Decoding, MRGModel
 from mrg.model.findings import FindingsHead
 from mrg.text.sections import format_report, split_sections
-from mrg.text.states import lead_sentences
+from mrg.text.states import lead_sentences, named
 from mrg.train.config import TrainConfig
 from mrg.train.losses import (
     ContrastiveHeads,
@@ -82,16 +82,21 @@ class TrainingModule(nn.Module):
         return self.condition_labels.vectors(reports)
 
     def targets(self, reports: list[str]) -> list[str]:
-        """The reports as a states model is taught to write them: the sentences decoding
-        forces (one per present or possible finding, ``lead_sentences``) open the findings,
-        so that the LLM learns to go on after them; other models' targets are the reports."""
+        """The reports as a states model's decoding lets it write them: the sentences decoding
+        forces (one per present or possible finding, ``lead_sentences``) open the findings and
+        make the impression, and the report's own sentences stating those findings again are
+        left out (decoding never names a lead's finding again), so that the LLM learns to go on
+        after the lead with the rest of the report; other models' targets are the reports."""
         if not self.model.config.uses_states:
             return list(reports)
         out = []
         for report, states in zip(reports, self.condition_labels.states(reports)):
             sections, lead = split_sections(report), lead_sentences(states)
-            findings = f"{lead} {sections.findings}".strip()
-            out.append(format_report(findings, sections.impression))
+            if not lead:
+                out.append(format_report(sections.findings, sections.impression))
+                continue
+            rest = self.span_labels.without(sections.findings, named(states))
+            out.append(format_report(f"{lead} {rest}".strip(), lead))
         return out
 
     def image_findings(self, batch: Batch) -> torch.Tensor | None:

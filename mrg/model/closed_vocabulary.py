@@ -1,0 +1,224 @@
+"""The closed report vocabulary as a logits processor: only whole words of a report vocabulary.
+
+``ClosedVocabulary`` keeps, of each row's likeliest tokens, those that leave every finished
+word in the vocabulary and the open one on the way to a word of it (read back to its first
+letter, however many tokens it spans: ``position``); ``Rules`` hold what one study's report
+may not write besides (a finding its lead names, a finding it does not state except to negate
+it, a global-normal statement beside a present finding, a sentence calling a named finding's
+anatomy normal). ``_fits`` is the test of one token at one ``Position``, remembered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from transformers import LogitsProcessor
+
+from mrg.model.decoding import ReportStructure, of_study
+from mrg.text.states import EXCEPTABLE, EXCEPTING, NEGATIONS
+from mrg.text.vocabulary import HEADER_WORDS
+
+_LETTER_RUNS = re.compile(r"[A-Za-z]+|[^A-Za-z]+")
+_OPEN_WORD = re.compile(r"[A-Za-z]*$")
+_MIXED_CASE = re.compile(r"[a-z][A-Z]|[A-Z]{2}[a-z]")  # "volumE", "IMPRESSIOn"
+
+Bigrams = frozenset[tuple[str, str]]  # (word, next word) pairs never written
+_SENTENCE_END = re.compile(r"[.!?:\n]")
+
+
+@dataclass(frozen=True)
+class Rules:
+    """What one study's report may not write, besides words outside the vocabulary:
+    ``stated``, prefixes of words never written (the findings its lead named); ``unstated``,
+    prefixes of words written only in a sentence that already negates (the findings its
+    condition does not state present or possible: "No pleural effusion." yes, "Pleural
+    effusion." no); ``bigrams``, (word, next word) pairs never written; ``normal``, (word,
+    prefix) pairs: no word with the prefix after the word in one sentence ("heart" …
+    "normal…" beside cardiomegaly), though a sentence on the lungs may say ``otherwise``
+    ("The lungs are otherwise clear.")."""
+
+    stated: frozenset[str] = frozenset()
+    unstated: frozenset[str] = frozenset()
+    bigrams: Bigrams = frozenset()
+    normal: Bigrams = frozenset()
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where the next token goes: the word before the open one (None after punctuation),
+    whether the sentence so far negates, the letters of the open word, and the sentence's
+    words so far."""
+
+    previous: str | None = None
+    negated: bool = False
+    open_word: str = ""
+    sentence: frozenset[str] = frozenset()
+
+
+@lru_cache(maxsize=256)
+def allowed_words(
+    vocabulary: frozenset[str],
+    stated: frozenset[str] = frozenset(),
+    banned: frozenset[str] = frozenset(),
+) -> tuple[frozenset[str], frozenset[str]]:
+    """(words, their prefixes) of ``vocabulary`` less the words beginning with ``stated`` and
+    the words of ``banned``."""
+    words = frozenset(
+        w for w in vocabulary if not w.startswith(tuple(stated) or "\0") and w not in banned
+    )
+    return words, frozenset(w[:i] for w in words for i in range(1, len(w) + 1))
+
+
+@lru_cache(maxsize=1 << 16)
+def _fits(vocabulary: frozenset[str], rules: Rules, at: Position, piece: str) -> bool:
+    """``ClosedVocabulary.fits``, remembered: a report's steps ask about the same few hundred
+    (position, token) pairs again and again (5 ms of a 35 ms step before)."""
+    if any(map(str.isdigit, piece)) or not piece.isascii():
+        return False
+    previous, negated, sentence = at.previous, at.negated, set(at.sentence)
+    runs = _LETTER_RUNS.findall(at.open_word + piece)
+    for i, run in enumerate(runs):
+        if not run[0].isalpha():
+            if "-" in run and (i or at.open_word):  # "air-pulmonary", "well-osseous"
+                return False
+            if _SENTENCE_END.search(run):
+                negated, sentence = False, set()
+            if run.strip():  # punctuation ends the phrase a bigram belongs to
+                previous = None
+            continue
+        if _MIXED_CASE.search(run) or (run.isupper() and run.lower() in HEADER_WORDS):
+            return False  # a word is small, Capitalised or in capitals; a header's word in
+            # capitals is a header, never body text
+        banned = frozenset(b for a, b in rules.bigrams if a == previous)
+        excepted = EXCEPTABLE if EXCEPTING in sentence else frozenset()
+        normal = (b for a, b in rules.normal if a in sentence and a not in excepted)
+        stated = rules.stated | frozenset(normal)
+        stated = stated if negated else stated | rules.unstated
+        words, prefixes = allowed_words(vocabulary, stated, banned)
+        if i == len(runs) - 1:
+            return run.lower() in prefixes
+        if run.lower() not in words:
+            return False
+        previous = run.lower()
+        negated = negated or previous in NEGATIONS
+        sentence.add(previous)
+    return True
+
+
+@lru_cache(maxsize=4096)
+def _fitting_anywhere(
+    structure: ReportStructure, vocabulary: frozenset[str], rules: Rules, at: Position
+) -> tuple[int, ...]:
+    """Every token of the tokenizer that ``_fits`` at ``at``: the last resort where none of
+    the most likely does (tens of ms, once per position)."""
+    return tuple(
+        t for t, piece in enumerate(structure.pieces) if _fits(vocabulary, rules, at, piece)
+    )
+
+
+def position(pieces: list[str], ids: list[int], limit: int = 64) -> Position:
+    """The ``Position`` at the end of ``ids``, read back to the start of the sentence (or
+    ``limit`` tokens), however many tokens the open word spans."""
+    tail = ""
+    for token in reversed(ids[-limit:]):
+        tail = pieces[token] + tail
+        if _SENTENCE_END.search(tail):
+            break
+    sentence = _SENTENCE_END.split(tail)[-1]
+    open_word = _OPEN_WORD.search(sentence).group()
+    before = sentence[: len(sentence) - len(open_word)]
+    previous = re.search(r"([A-Za-z]+) +$", before)
+    words = frozenset(w.lower() for w in re.findall(r"[A-Za-z]+", before))
+    negated = bool(words & NEGATIONS)
+    return Position(previous.group(1).lower() if previous else None, negated, open_word, words)
+
+
+class ClosedVocabulary(LogitsProcessor):
+    """Masks every token that would make a word outside ``vocabulary``: a whole-word constraint.
+
+    Of each row's ``top_k`` most likely tokens, those are kept whose text, appended to the
+    word being written (read back to its first letter, however many tokens it spans), leaves
+    every finished word in ``vocabulary`` and the open one a prefix of a word in it; all other
+    tokens get −∞. Punctuation is free; digits and non-ASCII letters are never written
+    (nothing here measures a size or knows a date), nor a word in mixed case ("volumE",
+    "IMPRESSIOn"), nor a hyphen joining words (the report vocabulary holds single words:
+    "air-pulmonary", "well-osseous"). Where none of the ``top_k`` fits, the ``wider_k`` most likely are tried
+    (the n-gram ban may have removed the likely ending of a word), then every token of the
+    tokenizer, even one the n-gram ban took: a word is never left unfinished or misspelt.
+
+    ``rules`` (one ``Rules`` per study, rows laid out as ``ReportStructureProcessor``'s leads)
+    hold what else the study's report may not write: after its lead, no word naming a finding
+    the lead named ("Cardiomegaly. No acute cardiomegaly."); a finding its condition does not
+    state present or possible only in a sentence that negates; beside a present finding no
+    global-normal statement (``mrg.text.states.GLOBAL_NORMAL_BIGRAMS``); and beside a present
+    or possible finding no sentence calling its anatomy normal (``NORMAL_ANATOMY``)."""
+
+    def __init__(
+        self,
+        structure: ReportStructure,
+        vocabulary: frozenset[str],
+        rules: list[Rules] | None = None,
+        top_k: int = 64,
+        wider_k: int = 1024,
+    ):
+        self.structure, self.rules = structure, rules
+        self.top_k, self.wider_k = top_k, wider_k
+        self.vocabulary = frozenset(vocabulary) | HEADER_WORDS
+        excepting = structure.tokenizer(f" {EXCEPTING}", add_special_tokens=False)["input_ids"]
+        self.excepting = excepting[0] if len(excepting) == 1 else None
+
+    def fits(self, piece: str, at: Position = Position(), rules: Rules = Rules()) -> bool:
+        """Whether ``piece`` may be written at ``at`` under ``rules``."""
+        return _fits(self.vocabulary, rules, at, piece)
+
+    def _excepting(
+        self, scores: torch.Tensor, keep: list[int], at: Position, rules: Rules
+    ) -> list[int]:
+        """``keep``, or " otherwise" alone where the LLM's first choice calls the anatomy of a
+        stated finding normal ("The lungs are clear" beside an infiltrate): "The lungs are
+        otherwise clear" is the sentence it meant, consistent with the finding."""
+        top = int(scores.argmax())
+        pieces = self.structure.pieces
+        if (
+            top in keep
+            or not at.sentence & EXCEPTABLE
+            or not self.fits(pieces[top], at, dataclasses.replace(rules, normal=frozenset()))
+        ):
+            return keep
+        return [self.excepting] if self.fits(pieces[self.excepting], at, rules) else keep
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        pieces = self.structure.pieces
+        for row, row_ids in enumerate(input_ids.tolist()):
+            rules = of_study(self.rules, row, len(input_ids)) if self.rules else Rules()
+            at = position(pieces, row_ids)
+            # only the rules' subjects of the sentence matter: the rest would split the cache
+            subjects = frozenset(a for a, _ in rules.normal) | {EXCEPTING}
+            at = dataclasses.replace(at, sentence=at.sentence & subjects)
+            keep = []
+            for k in (self.top_k, self.wider_k):  # wider: the likely ending may be banned
+                top = scores[row].topk(min(k, scores.shape[1]))
+                alive = top.indices[torch.isfinite(top.values)].tolist()
+                keep = [t for t in alive if self.fits(pieces[t], at, rules)]
+                if keep:
+                    break
+            if not keep:
+                anywhere = torch.tensor(
+                    _fitting_anywhere(self.structure, self.vocabulary, rules, at), dtype=torch.long
+                )
+                keep = anywhere[torch.isfinite(scores[row, anywhere.to(scores.device)])].tolist()
+                if not keep and len(anywhere):  # the n-gram ban took the only endings
+                    scores[row].fill_(float("-inf"))
+                    scores[row, anywhere.to(scores.device)] = 0.0
+                    continue
+            if rules.normal and self.excepting is not None:
+                keep = self._excepting(scores[row], keep, at, rules)
+            if keep:
+                kept = scores[row, keep].clone()
+                scores[row].fill_(float("-inf"))
+                scores[row, keep] = kept
+        return scores
