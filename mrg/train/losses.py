@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from mrg.text.cleaning import split_sentences
 from mrg.text.labeler import ReportLabeler
-from mrg.text.states import FindingStates, state_vector, states_from_statuses
+from mrg.text.states import FindingStates, named, state_vector, states_from_statuses
 from mrg.text.taxonomy import FINDINGS14, findings_vector
 
 log = logging.getLogger(__name__)
@@ -138,10 +138,8 @@ class ReportLabels:
         kept = [
             sentence
             for sentence in split_sentences(text)
-            if not any(
-                self.labeler.statuses14(sentence).get(f) in ("positive", "uncertain")
-                for f in findings
-            )
+            if not set(named(states_from_statuses(self.labeler.statuses14(sentence))))
+            & set(findings)
         ]
         return " ".join(kept)
 
