@@ -8,7 +8,8 @@ service once per setting, writes the greedy report of every held-out NIH image a
 serves it (``ReportService.generate``: the gate, the findings head's findings, the app's
 default decoding through the batcher), and prints per mode and setting the
 model card's scores (CE micro-F1 against the NIH labels, BLEU-4 against the paired report,
-the share of words seen ≥ 5× in OpenI), how many reports equal fp32's, and the paired
+the share of words seen ≥ 5× in OpenI, words per report, the share that addresses heart,
+lungs and pleura), how many reports equal fp32's, and the paired
 bootstrap 95 % interval of each score's difference from fp32 (1,000 resamples of the images):
 a drop whose interval holds 0 is within the noise of the test split. Generations go to
 runs/precision-parity-service/ (resumable).
@@ -40,6 +41,7 @@ from mrg.evaluation.runner import Generations
 from mrg.evaluation.text_quality import corpus_counts
 from mrg.model.cpu_probe import SETTINGS
 from mrg.service import ReportService
+from mrg.text.anatomy import unaddressed
 from mrg.text.labeler import ReportLabeler
 from mrg.text.taxonomy import FINDINGS14
 from mrg.text.vocabulary import words
@@ -71,11 +73,13 @@ def per_image(rows, labels, labeler, counts) -> dict[str, list]:
         "generated": generated,
         "known": [sum(counts[w] >= 5 for w in words(t)) for t in generated],
         "words": [len(words(t)) for t in generated],
+        "anatomy": [not unaddressed(t) for t in generated],
     }
 
 
 def scores(parts: dict[str, list], index: list[int]) -> dict[str, float]:
-    """CE micro-F1, BLEU-4 and the vocabulary share over the images ``index`` (with repeats)."""
+    """CE micro-F1, BLEU-4, the vocabulary share, words per report and the share addressing
+    heart, lungs and pleura over the images ``index`` (with repeats)."""
     from pycocoevalcap.bleu.bleu import Bleu
 
     from mrg.text.cleaning import clean_report_iu_xray
@@ -90,6 +94,8 @@ def scores(parts: dict[str, list], index: list[int]) -> dict[str, float]:
         "CE micro-F1": ce,
         "BLEU-4": bleu,
         "vocabulary": sum(pick("known")) / sum(pick("words")),
+        "words": sum(pick("words")) / len(index),
+        "anatomy": sum(pick("anatomy")) / len(index),
     }
 
 
@@ -115,8 +121,11 @@ def intervals(reference: dict, others: dict[str, dict], n: int, seed: int = 0) -
 
 def cell(value: dict, interval: dict, key: str) -> str:
     """A score, with the interval of its difference from fp32 where there is one."""
-    bounds = f" [{interval[key][0]:+.3f}, {interval[key][1]:+.3f}]" if key in interval else ""
-    return f"{value[key]:.3f}{bounds}"
+    digits = 1 if key == "words" else 3
+    if key not in interval:
+        return f"{value[key]:.{digits}f}"
+    low, high = interval[key]
+    return f"{value[key]:.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
 
 
 def main() -> None:
@@ -149,7 +158,8 @@ def main() -> None:
         title=f"Each setting against fp32 on {len(records)} held-out images (greedy, app "
         "defaults; [95 % paired bootstrap interval of the difference])"
     )
-    for column in ("mode", "setting", "CE micro-F1", "BLEU-4", "vocabulary", "= fp32", "s"):
+    keys = ("CE micro-F1", "BLEU-4", "vocabulary", "words", "anatomy")
+    for column in ("mode", "setting", *keys, "= fp32", "s"):
         table.add_column(column, justify="left" if column in ("mode", "setting") else "right")
     everyone = list(range(len(records)))
     for mode in args.modes:
@@ -164,7 +174,7 @@ def main() -> None:
             table.add_row(
                 mode,
                 name,
-                *(cell(value, interval, k) for k in ("CE micro-F1", "BLEU-4", "vocabulary")),
+                *(cell(value, interval, k) for k in keys),
                 f"{same}/{len(records)}",
                 f"{seconds[mode, name]:.0f}" if seconds[mode, name] > 1 else "cached",
             )

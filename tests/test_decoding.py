@@ -168,3 +168,48 @@ def test_a_lead_last_closes_the_findings_the_llm_wrote(structure, tokenizer):
     short = ReportStructureProcessor(structure, max_new_tokens=24, leads=[lead], lead_last=True)
     late = structure.findings + [1234] * 10
     assert short(torch.tensor([late]), torch.zeros(1, len(tokenizer)))[0].argmax() == lead[0]
+
+
+def test_the_findings_close_only_once_heart_lungs_and_pleura_are_addressed(structure, tokenizer):
+    shape = ReportStructureProcessor(structure, max_new_tokens=100, anatomy_words=12)
+    wants_to_close = torch.zeros(1, len(tokenizer))
+    wants_to_close[0, structure.eos_id] = 10.0
+
+    def closes(findings: str) -> bool:
+        ids = torch.tensor([structure.findings + tokenizer.encode(findings)])
+        return shape(ids, wants_to_close.clone())[0].argmax().item() == structure.impression[0]
+
+    assert not closes(" The heart is normal. The lungs are clear.")  # the pleura is not
+    assert closes(" The heart is normal. The lungs are clear. No pleural effusion.")
+    # after anatomy_words words of the LLM's the findings may close anyway
+    assert closes(" The heart is normal in size and appearance. The bones are normal. The")
+    off = ReportStructureProcessor(structure, max_new_tokens=100)
+    ids = torch.tensor([structure.findings + tokenizer.encode(" The heart is normal.")])
+    assert off(ids, wants_to_close.clone())[0].argmax() == structure.impression[0]
+
+
+def test_a_lead_s_sentences_address_anatomy_too(structure, tokenizer):
+    lead = tokenizer(" Pleural effusion.", add_special_tokens=False)["input_ids"]
+    shape = ReportStructureProcessor(
+        structure, max_new_tokens=100, leads=[lead], lead_last=True, anatomy_words=40
+    )
+    wants_to_close = torch.zeros(1, len(tokenizer))
+    wants_to_close[0, structure.eos_id] = 10.0
+    lungs_only = structure.findings + tokenizer.encode(" The lungs are clear.")
+    heart_and_lungs = structure.findings + tokenizer.encode(
+        " The heart is normal. The lungs are clear."
+    )
+    assert shape(torch.tensor([lungs_only]), wants_to_close.clone())[0].argmax() != lead[0]
+    assert shape(torch.tensor([heart_and_lungs]), wants_to_close.clone())[0].argmax() == lead[0]
+
+
+def test_near_the_end_of_the_budget_the_findings_close_at_a_sentence_end(structure, tokenizer):
+    shape = ReportStructureProcessor(structure, max_new_tokens=64, reserve=16)
+    llm_goes_on = torch.zeros(1, len(tokenizer))
+    llm_goes_on[0, 1234] = 10.0
+    # 2 · reserve tokens left: a finished sentence closes, a word on the way is finished first
+    ended = structure.findings + tokenizer.encode(" The heart is normal." + " No" * 24 + ".")
+    midword = ended[:-1] + tokenizer.encode(" nonspec")[:1]
+    assert 16 < 64 - len(ended) - len(structure.impression) <= 32
+    assert shape(torch.tensor([ended]), llm_goes_on.clone())[0].argmax() == structure.impression[0]
+    assert shape(torch.tensor([midword]), llm_goes_on.clone())[0].argmax() == 1234

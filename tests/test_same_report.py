@@ -1,7 +1,7 @@
 """Same study, same report, whatever the load (issue: a report in two seconds): on the real
 SmolLM2 with the shipped checkpoints, greedy reports decoded in a batch of eight, four of each
-of two studies, equal what each study gets alone, in every setting ``auto`` can choose (fp32, bf16,
-and the weight-only int8 and int4 layers)."""
+of two studies, equal what each study gets alone, in every CPU setting (fp32, bf16, and the
+weight-only int8 and int4 layers)."""
 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -10,14 +10,14 @@ import pytest
 
 from mrg.config import Decoding
 from mrg.data.study import study_from_sources
-from mrg.model.cpu_probe import AUTO_SETTINGS, SETTINGS
+from mrg.model.cpu_probe import SETTINGS
 from mrg.service import ReportService
 
 EXAMPLES = sorted(Path("assets/examples").glob("*.png"))[:2]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("setting", AUTO_SETTINGS)
+@pytest.mark.parametrize("setting", list(SETTINGS))
 def test_concurrent_identical_and_mixed_requests_get_the_lone_report(setting):
     quantization, dtype = SETTINGS[setting]
     service = ReportService.load(quantization=quantization, dtype=dtype)

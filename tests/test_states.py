@@ -92,9 +92,10 @@ def test_platt_scaling_matches_the_rate_the_imbalance_aware_loss_shifted():
 def test_a_present_point_is_the_lowest_threshold_of_enough_precision():
     p = np.array([[0.9], [0.8], [0.7], [0.6], [0.5]])
     y = np.array([[1], [1], [0], [0], [1]])
-    assert present_points(p, y, precision=0.6)[0] == 0.5  # 3 of 5 above 0.5
-    assert present_points(p, y, precision=0.7)[0] == 0.8  # 2 of 2 above 0.8
+    assert present_points(p, y, precision=0.6, min_true=2)[0] == 0.5  # 3 of 5 above 0.5
+    assert present_points(p, y, precision=0.7, min_true=2)[0] == 0.8  # 2 of 2 above 0.8
     assert present_points(p, y, min_true=3, precision=0.7)[0] == np.inf  # never: at most possible
+    assert present_points(p, y, precision=0.5)[0] == np.inf  # by default 5 true positives
 
 
 def test_negated_shares_count_the_reports_that_negate_each_finding():

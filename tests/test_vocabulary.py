@@ -181,3 +181,8 @@ def test_otherwise_lets_a_sentence_call_the_rest_of_an_anatomy_normal(closed, to
     are = tokenizer.encode(" are")[0]
     scores[are] = 9.0  # a first choice the rules allow is kept as it is
     assert closed._excepting(scores, [are], lungs, rules) == [are]
+
+
+def test_impression_is_a_header_never_a_word_of_the_body(closed):
+    assert not closed.fits(" Impression") and not closed.fits(" impression.")
+    assert closed.fits(" findings.")  # "No acute findings."

@@ -3,7 +3,7 @@
 * ``content``: against each image's labels (NIH), the precision of the findings a report states
   present (hedges not counted), the share of normal images with none stated present, the
   findings stated present or possible per report, and micro-F1 with possible counted positive;
-* ``form``: whether heart, lungs and pleura are all addressed (``ANATOMY``), words per report,
+* ``form``: whether heart, lungs and pleura are all addressed (``mrg.text.anatomy``), words per report,
   a global-normal statement beside a present finding (``mrg.text.states.GLOBAL_NORMAL``), a
   finding both affirmed and negated, and the share of words outside a report vocabulary;
 * ``state_fidelity``: given each report's condition (its states), the share of the stated
@@ -14,24 +14,14 @@ Every count reads report text with the project's labeler, as the card's CE does.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 
 from mrg.evaluation.text_quality import contradicted
+from mrg.text.anatomy import ANATOMY, unaddressed
 from mrg.text.labeler import ReportLabeler
 from mrg.text.states import PRESENT, STATES, global_normal, named, states_from_statuses
 from mrg.text.taxonomy import FINDINGS14
 from mrg.text.vocabulary import words
-
-ANATOMY = {
-    "heart": re.compile(
-        r"\b(?:heart|cardiac|cardiomegaly|cardiomediastinal|mediastin\w*)\b", re.IGNORECASE
-    ),
-    "lungs": re.compile(r"\b(?:lungs?|pulmonary|airspace|parenchym\w*|lobes?)\b", re.IGNORECASE),
-    "pleura": re.compile(
-        r"\b(?:pleura\w*|effusions?|pneumothora\w*|costophrenic)\b", re.IGNORECASE
-    ),
-}
 
 
 def report_states(texts: Sequence[str], labeler: ReportLabeler) -> list[dict[str, str]]:
@@ -80,7 +70,7 @@ def form(
     beside = sum(global_normal(t) and PRESENT in st.values() for t, st in zip(texts, states))
     out = {
         "reports": len(texts),
-        "anatomy_all": sum(all(p.search(t) for p in ANATOMY.values()) for t in texts) / n,
+        "anatomy_all": sum(not unaddressed(t) for t in texts) / n,
         "anatomy": {part: sum(bool(p.search(t)) for t in texts) / n for part, p in ANATOMY.items()},
         "words_mean": sum(counts) / n,
         "words_in_range": sum(25 <= c <= 60 for c in counts) / n,

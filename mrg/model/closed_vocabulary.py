@@ -26,6 +26,9 @@ _LETTER_RUNS = re.compile(r"[A-Za-z]+|[^A-Za-z]+")
 _OPEN_WORD = re.compile(r"[A-Za-z]*$")
 _MIXED_CASE = re.compile(r"[a-z][A-Z]|[A-Z]{2}[a-z]")  # "volumE", "IMPRESSIOn"
 
+# the header word that reports also write in the body ("No acute findings."); the vocabulary
+# counts none of the two (every target has both headers), and "Impression." in the body is noise
+BODY_HEADER_WORDS = frozenset({"findings"})
 Bigrams = frozenset[tuple[str, str]]  # (word, next word) pairs never written
 _SENTENCE_END = re.compile(r"[.!?:\n]")
 
@@ -167,7 +170,7 @@ class ClosedVocabulary(LogitsProcessor):
     ):
         self.structure, self.rules = structure, rules
         self.top_k, self.wider_k = top_k, wider_k
-        self.vocabulary = frozenset(vocabulary) | HEADER_WORDS
+        self.vocabulary = frozenset(vocabulary) | BODY_HEADER_WORDS
         excepting = structure.tokenizer(f" {EXCEPTING}", add_special_tokens=False)["input_ids"]
         self.excepting = excepting[0] if len(excepting) == 1 else None
 

@@ -9,8 +9,11 @@ An answer is ``FINDINGS: …⏎IMPRESSION: …`` and nothing else:
   findings, so that it describes the rest of the chest first;
 * in the findings, a newline or EOS never appears as such: their probability is the
   probability of closing the findings, and it moves to the forced ``⏎IMPRESSION:`` header
-  (which is also forced once only ``reserve`` tokens of the budget are left); a section
-  closes only after its first word;
+  (which is also forced at the first sentence end once only ``2 · reserve`` tokens of the
+  budget are left, and wherever the findings stand at ``reserve``); a section
+  closes only after its first word, and the findings (``anatomy_words``) only once they
+  address the heart, the lungs and the pleura (``mrg.text.anatomy``), or after that many
+  words of the LLM's;
 * in the impression, the probability of a newline moves to EOS, so the report stops at the
   end of the impression (and not before its first token);
 * no section writes a header of its own: ``:`` is banned right after "findings" or
@@ -35,6 +38,7 @@ from functools import lru_cache
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 
+from mrg.text.anatomy import unaddressed
 from mrg.text.sections import FINDINGS, format_report
 
 _HEADER_WORD_AT_END = re.compile(r"(findings|impression)\s*$", re.IGNORECASE)
@@ -82,6 +86,10 @@ class ReportStructure:
             return ids[len(self.findings) :]
         return ids[len(self.findings) : start] + ids[start + len(self.impression) :]
 
+    def ends_sentence(self, ids: list[int]) -> bool:
+        """Whether the text of ``ids`` ends with a full stop (or ! or ?)."""
+        return self.pieces[ids[-1]].rstrip().endswith((".", "!", "?"))
+
     def ends_with_header_word(self, ids: list[int]) -> bool:
         return bool(_HEADER_WORD_AT_END.search(self.tokenizer.decode(ids[-4:])))
 
@@ -118,7 +126,11 @@ class ReportStructureProcessor(LogitsProcessor):
     findings. That token is never written otherwise, so its first place in the findings is
     where the lead began (stateless, like every processor here). After a forced lead the
     135M LLM went on in its style, a list of negations ("Possible infiltrate. Possible nodule.
-    No focal airspace."); before it, it describes the chest as in a report."""
+    No focal airspace."); before it, it describes the chest as in a report.
+
+    With ``anatomy_words`` the findings cannot close before they address the heart, the lungs
+    and the pleura (the lead's sentences count) unless the LLM has written that many words:
+    the 135M LLM often closed after the heart and the lungs."""
 
     def __init__(
         self,
@@ -127,15 +139,28 @@ class ReportStructureProcessor(LogitsProcessor):
         reserve: int = 16,
         leads: list[list[int]] | None = None,
         lead_last: bool = False,
+        anatomy_words: int = 0,
     ):
         self.structure, self.max_new_tokens, self.reserve = structure, max_new_tokens, reserve
-        self.leads, self.lead_last = leads, lead_last
+        self.leads, self.lead_last, self.anatomy_words = leads, lead_last, anatomy_words
 
     def _lead(self, row: int, rows: int) -> list[int]:
         """The findings' sentences of ``row`` ([] where there are none)."""
         if not self.leads:
             return []
         return of_study(self.leads, row, rows)
+
+    def may_close(self, own: list[int], lead: list[int]) -> bool:
+        """Whether findings of ``own`` (the LLM's tokens) and ``lead`` (forced, before or
+        after them) may close: always without ``anatomy_words``, else once they address the
+        heart, the lungs and the pleura or ``own`` holds that many words."""
+        if not self.anatomy_words:
+            return True
+        decode = self.structure.tokenizer.decode
+        own_text = decode(own)
+        if len(own_text.split()) >= self.anatomy_words:
+            return True
+        return not unaddressed(f"{own_text} {decode(lead)}")
 
     def forced(self, row_ids: list[int], row: int, rows: int) -> int | None:
         """The token ``row`` must take next whatever the LLM says: a header's, a lead's, or
@@ -186,9 +211,10 @@ class ReportStructureProcessor(LogitsProcessor):
             if start is None:  # findings: closing them opens the impression (or the lead)
                 reserve = min(self.reserve, self.max_new_tokens // 4)
                 then = lead[0] if last else header[0]
-                if self.max_new_tokens - n <= len(header + lead) + len(lead) * last + reserve:
+                left = self.max_new_tokens - n - len(header + lead) - len(lead) * last - reserve
+                if left <= 0 or (left <= reserve and s.ends_sentence(row_ids)):
                     _force(out, then)
-                else:
+                elif self.may_close(row_ids[len(findings) :], lead):
                     out[then] = close
             else:  # impression: closing it ends the report
                 out[s.eos_id] = close

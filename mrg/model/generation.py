@@ -128,7 +128,11 @@ class ReportGeneration:
             rules = None if states is None else [self._rules(s, bool(leads)) for s in states]
             choosing.append(ClosedVocabulary(structure, self.report_vocabulary, rules))
         shape = ReportStructureProcessor(
-            structure, decoding.max_new_tokens, leads=leads, lead_last=decoding.lead_last
+            structure,
+            decoding.max_new_tokens,
+            leads=leads,
+            lead_last=decoding.lead_last,
+            anatomy_words=decoding.anatomy_words,
         )
         return LogitsProcessorList([UnlessForced(choosing, shape), shape])
 
