@@ -278,6 +278,11 @@ class Decoding:
     # (``mrg.text.anatomy``; a forced finding's sentence counts), or after this many words
     # the LLM chose; 0: off (without it, all three in 57 % of prompt-wise test reports)
     anatomy_words: int = 45
+    # after a negation cue in the findings ("There is no"), the names of the findings the
+    # condition states absent get this logit bias until the findings name them
+    # (``mrg.model.absent_names``): the 135M LLM negated in words that name none ("The
+    # pleural space is clear"); 0: off
+    absent_bias: float = 6.0
     # the report's words come from the model's report vocabulary (the words its training
     # reports use ≥ 5 times, R2Gen's closed vocabulary): no misspelt and no chatbot words;
     # no effect on a model saved without one (``mrg.text.vocabulary``)
@@ -290,6 +295,8 @@ class Decoding:
             )
         if not 1 <= self.max_new_tokens <= 1024:
             raise ValueError(f"max_new_tokens must be in [1, 1024], got {self.max_new_tokens}")
+        if self.absent_bias < 0:
+            raise ValueError(f"absent_bias must be >= 0, got {self.absent_bias}")
         if self.anatomy_words < 0:
             raise ValueError(f"anatomy_words must be >= 0, got {self.anatomy_words}")
         if self.no_repeat_ngram_size < 0:

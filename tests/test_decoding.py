@@ -26,7 +26,8 @@ def test_headers_are_single_tokens_sequences_and_the_newline_marks_the_impressio
 
 def test_closing_the_findings_moves_newline_and_eos_mass_to_the_impression_header(structure):
     processor = ReportStructureProcessor(structure, max_new_tokens=100)
-    ids = torch.tensor([structure.findings + [1234, 567]])
+    encode = lambda text: structure.tokenizer.encode(text, add_special_tokens=False)
+    ids = torch.tensor([structure.findings + encode(" The aorta is normal.")])
     scores = torch.zeros(1, len(structure.tokenizer))
     scores[0, structure.eos_id] = 10.0  # the model wants to stop in the findings
     out = processor(ids, scores.clone())
@@ -35,6 +36,9 @@ def test_closing_the_findings_moves_newline_and_eos_mass_to_the_impression_heade
     assert torch.isinf(
         out[0, structure.newline_ids[structure.newline_ids != structure.impression[0]]]
     ).all()
+    mid_sentence = torch.tensor([structure.findings + encode(" The aorta is a normal")])
+    out = processor(mid_sentence, scores.clone())  # the findings close at a sentence end only
+    assert torch.isinf(out[0, structure.impression[0]]) and torch.isinf(out[0, structure.eos_id])
 
 
 def test_in_the_impression_a_newline_ends_the_report(structure):
@@ -182,7 +186,7 @@ def test_the_findings_close_only_once_heart_lungs_and_pleura_are_addressed(struc
     assert not closes(" The heart is normal. The lungs are clear.")  # the pleura is not
     assert closes(" The heart is normal. The lungs are clear. No pleural effusion.")
     # after anatomy_words words of the LLM's the findings may close anyway
-    assert closes(" The heart is normal in size and appearance. The bones are normal. The")
+    assert closes(" The heart is normal in size and appearance. The bones are normal. It is.")
     off = ReportStructureProcessor(structure, max_new_tokens=100)
     ids = torch.tensor([structure.findings + tokenizer.encode(" The heart is normal.")])
     assert off(ids, wants_to_close.clone())[0].argmax() == structure.impression[0]

@@ -42,6 +42,8 @@ def test_a_word_may_be_begun_only_toward_a_vocabulary_word_and_ended_only_as_one
     assert closed.fits(" NORMAL") and closed.fits("AL", Position(open_word="NORM"))
     assert not closed.fits("al", Position(open_word="NORM"))  # nor capitals, then small letters
     assert not closed.fits("é", Position(open_word="normal"))  # no letter outside ASCII
+    assert not closed.fits(" ", Position(open_word="normal"))  # no lone or double space
+    assert not closed.fits("  heart") and closed.fits("\n", Position(open_word="normal"))
 
 
 def test_after_the_findings_lead_no_word_names_them_again(closed):
@@ -67,6 +69,20 @@ def test_a_finding_not_stated_present_or_possible_is_named_only_to_negate_it(clo
     assert (at.previous, at.negated, at.open_word) == ("no", True, "acute")
     assert at.sentence == {"no"}  # the sentence so far, "The heart is normal." ended
     assert not position(pieces, tokenizer.encode(" No effusion. The")).negated  # a new sentence
+
+
+def test_a_sentence_names_a_finding_once_and_a_large_heart_only_where_stated(closed, tokenizer):
+    from mrg.model.closed_vocabulary import position
+    from mrg.text.states import unstated_prefixes
+
+    pieces = closed.structure.pieces
+    twice = position(pieces, tokenizer.encode(" No effusion or"))
+    assert "effusion" in twice.sentence and not closed.fits(" effusion", twice)
+    assert closed.fits(" effusion", position(pieces, tokenizer.encode(" No effusion. No")))
+    assert not closed.fits(" no effusion or effusion")  # within one piece too
+    unstated = Rules(unstated=unstated_prefixes({}))  # "The heart is large." names cardiomegaly
+    large = ClosedVocabulary(closed.structure, WORDS | {"large"})
+    assert not large.fits(" large", rules=unstated) and large.fits(" large")
 
 
 def test_the_processor_keeps_only_fitting_tokens(closed, tokenizer):

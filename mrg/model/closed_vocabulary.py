@@ -19,7 +19,7 @@ import torch
 from transformers import LogitsProcessor
 
 from mrg.model.decoding import ReportStructure, of_study
-from mrg.text.states import EXCEPTABLE, EXCEPTING, NEGATIONS
+from mrg.text.states import EXCEPTABLE, EXCEPTING, FINDING_PREFIXES, NEGATIONS
 from mrg.text.vocabulary import HEADER_WORDS
 
 _LETTER_RUNS = re.compile(r"[A-Za-z]+|[^A-Za-z]+")
@@ -80,7 +80,9 @@ def allowed_words(
 def _fits(vocabulary: frozenset[str], rules: Rules, at: Position, piece: str) -> bool:
     """``ClosedVocabulary.fits``, remembered: a report's steps ask about the same few hundred
     (position, token) pairs again and again (5 ms of a 35 ms step before)."""
-    if any(map(str.isdigit, piece)) or not piece.isascii():
+    if any(map(str.isdigit, piece)) or not piece.isascii() or "  " in piece:
+        return False
+    if piece and not piece.strip(" "):  # a lone space ("a normal  for"): words bring their own
         return False
     previous, negated, sentence = at.previous, at.negated, set(at.sentence)
     runs = _LETTER_RUNS.findall(at.open_word + piece)
@@ -99,7 +101,8 @@ def _fits(vocabulary: frozenset[str], rules: Rules, at: Position, piece: str) ->
         banned = frozenset(b for a, b in rules.bigrams if a == previous)
         excepted = EXCEPTABLE if EXCEPTING in sentence else frozenset()
         normal = (b for a, b in rules.normal if a in sentence and a not in excepted)
-        stated = rules.stated | frozenset(normal)
+        named = frozenset(p for p in FINDING_PREFIXES if any(w.startswith(p) for w in sentence))
+        stated = rules.stated | frozenset(normal) | named
         stated = stated if negated else stated | rules.unstated
         words, prefixes = allowed_words(vocabulary, stated, banned)
         if i == len(runs) - 1:
@@ -147,7 +150,8 @@ class ClosedVocabulary(LogitsProcessor):
     word being written (read back to its first letter, however many tokens it spans), leaves
     every finished word in ``vocabulary`` and the open one a prefix of a word in it; all other
     tokens get −∞. Punctuation is free; digits and non-ASCII letters are never written
-    (nothing here measures a size or knows a date), nor a word in mixed case ("volumE",
+    (nothing here measures a size or knows a date), nor a lone or doubled space, nor a word
+    in mixed case ("volumE",
     "IMPRESSIOn"), nor a hyphen joining words (the report vocabulary holds single words:
     "air-pulmonary", "well-osseous"). Where none of the ``top_k`` fits, the ``wider_k`` most likely are tried
     (the n-gram ban may have removed the likely ending of a word), then every token of the
@@ -201,7 +205,8 @@ class ClosedVocabulary(LogitsProcessor):
             at = position(pieces, row_ids)
             # only the rules' subjects of the sentence matter: the rest would split the cache
             subjects = frozenset(a for a, _ in rules.normal) | {EXCEPTING}
-            at = dataclasses.replace(at, sentence=at.sentence & subjects)
+            names = frozenset(w for w in at.sentence if w.startswith(tuple(FINDING_PREFIXES)))
+            at = dataclasses.replace(at, sentence=at.sentence & subjects | names)
             keep = []
             for k in (self.top_k, self.wider_k):  # wider: the likely ending may be banned
                 top = scores[row].topk(min(k, scores.shape[1]))

@@ -11,7 +11,8 @@ An answer is ``FINDINGS: …⏎IMPRESSION: …`` and nothing else:
   probability of closing the findings, and it moves to the forced ``⏎IMPRESSION:`` header
   (which is also forced at the first sentence end once only ``2 · reserve`` tokens of the
   budget are left, and wherever the findings stand at ``reserve``); a section
-  closes only after its first word, and the findings (``anatomy_words``) only once they
+  closes only after its first word, the findings only at a sentence end ("The aorta is a
+  normal" closed one), and (``anatomy_words``) only once they
   address the heart, the lungs and the pleura (``mrg.text.anatomy``), or after that many
   words of the LLM's;
 * in the impression, the probability of a newline moves to EOS, so the report stops at the
@@ -214,7 +215,7 @@ class ReportStructureProcessor(LogitsProcessor):
                 left = self.max_new_tokens - n - len(header + lead) - len(lead) * last - reserve
                 if left <= 0 or (left <= reserve and s.ends_sentence(row_ids)):
                     _force(out, then)
-                elif self.may_close(row_ids[len(findings) :], lead):
+                elif s.ends_sentence(row_ids) and self.may_close(row_ids[len(findings) :], lead):
                     out[then] = close
             else:  # impression: closing it ends the report
                 out[s.eos_id] = close

@@ -1,10 +1,10 @@
 """Image → findings: the classifier whose decisions condition the report.
 
     z = W · GAP(f(x)) + b            f: an EfficientNet-Lite (ImageNet) over each view
-    p_c = σ(z_c / T_c + b_c)         T, b: per-finding temperature and bias (Platt), fitted on
-                                     validation at the data's own prevalence
-    y_c = 1[p_c ≥ t_c], y_normal = 1[no y_c]   t: per-finding F1 operating points (validation)
-    s_c = present   if p_c ≥ t⁺_c    t⁺: the point of precision ≥ 0.5 on validation, over at
+    p_c = σ(z_c / T_c + b_c)         T, b: per-finding temperature and bias (Platt), fitted
+                                     out of fold at the data's own prevalence
+    y_c = 1[p_c ≥ t_c], y_normal = 1[no y_c]   t: per-finding F1 operating points (out of fold)
+    s_c = present   if p_c ≥ t⁺_c    t⁺: the point of precision ≥ 0.5 out of fold, over at
                                      least 5 true positives (∞: never)
           possible  if p_c ≥ t_c, the most probable first, while fewer than ``MAX_NAMED``
                     findings are present or possible

@@ -22,6 +22,7 @@ from transformers.generation.logits_process import (
 from mrg.batching import Request, forced_run, next_tokens, prefill
 from mrg.config import DEFAULT_DECODING, Decoding
 from mrg.data.views import Views
+from mrg.model.absent_names import AbsentNames
 from mrg.model.closed_vocabulary import ClosedVocabulary, Rules
 from mrg.model.decoding import (
     OnBody,
@@ -31,6 +32,7 @@ from mrg.model.decoding import (
 )
 from mrg.model.prompting import Context, positions_from_mask, text_increments
 from mrg.text.states import (
+    ABSENT,
     HEDGES,
     FindingStates,
     global_normal_bigrams,
@@ -39,6 +41,7 @@ from mrg.text.states import (
     normal_anatomy,
     states_of_vector,
     unstated_prefixes,
+    with_state,
 )
 from mrg.text.taxonomy import naming_words
 
@@ -105,7 +108,8 @@ class ReportGeneration:
         that a forced header wins over everything before it). With ``lead_with_findings``,
         a sentence per present or possible finding of the condition (y's findings, or the
         states) is forced after the findings header (``lead_last``: where the LLM closes its
-        findings) and makes the impression; with
+        findings) and makes the impression; with ``absent_bias``, a states model's absent
+        findings are favoured after a negation cue until named (``AbsentNames``); with
         ``closed_vocabulary``, only words of ``report_vocabulary`` are written, after such a
         lead no word that names one of its findings again, and beside a present finding no
         global-normal statement."""
@@ -124,6 +128,9 @@ class ReportGeneration:
         if decoding.strategy == "sample":
             choosing.append(TemperatureLogitsWarper(decoding.temperature))
             choosing.append(TopPLogitsWarper(decoding.top_p))
+        if decoding.absent_bias and states is not None and self.config.uses_states:
+            absent = [with_state(study, ABSENT) for study in states]
+            choosing.append(AbsentNames(structure, absent, decoding.absent_bias))
         if decoding.closed_vocabulary and self.report_vocabulary:
             rules = None if states is None else [self._rules(s, bool(leads)) for s in states]
             choosing.append(ClosedVocabulary(structure, self.report_vocabulary, rules))

@@ -65,7 +65,7 @@ NEGATIONS = frozenset({"no", "not", "without", "negative", "free", "nor", "neith
 # the words a finding is affirmed with (the labeler's patterns, by their first letters)
 NAMING_PREFIXES = {
     "Atelectasis": ("atelecta", "collaps"),
-    "Cardiomegaly": ("cardiomegal", "enlarge"),
+    "Cardiomegaly": ("cardiomegal", "enlarge", "large"),  # "large heart", "heart is large"
     "Effusion": ("effusion", "hydrothora"),
     "Infiltration": ("infiltrat",),
     "Mass": ("mass",),
@@ -79,6 +79,8 @@ NAMING_PREFIXES = {
     "Pleural_Thickening": ("thickening",),
     "Hernia": ("hernia",),
 }
+# all of them: a sentence names a finding once ("no pneumothorax or pneumothorax" is never written)
+FINDING_PREFIXES = frozenset(p for prefixes in NAMING_PREFIXES.values() for p in prefixes)
 
 
 _LUNG = (("lungs", "clear"), ("lungs", "normal"), ("lung", "clear"), ("lungs", "unremarkable"))

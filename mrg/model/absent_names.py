@@ -1,0 +1,68 @@
+"""Naming what the condition states absent: after a negation, the absent findings' names lead.
+
+Conditioned on "Absent: pleural effusion, pneumothorax", the frozen 135M LLM negates in its own
+words ("There are no focal areas.", "free of acute pulmonary edema"), which name neither
+finding: the report says less than its condition. ``AbsentNames`` adds a bias to the first
+token of each absent finding's name where the findings' sentence so far negates and its last
+word is a negation cue:
+
+    z'_t = z_t + b · 1[t ∈ first(absent findings not yet named in the findings)]
+    where the sentence negates (``NEGATIONS``) and its last word is in ``CUES``
+
+The LLM still chooses every word (a bias, not a forced token): "There is no" may go on
+"evidence of focal lung disease", and "pleural" may go on "space". A finding is favoured until
+the findings name it, in any state and in any words (``NAMING_PREFIXES``); a sentence on the
+pleura favours the pleural findings only; the impression is left alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import LogitsProcessor
+
+from mrg.model.closed_vocabulary import position
+from mrg.model.decoding import ReportStructure, of_study
+from mrg.text.states import NAMING_PREFIXES, NEGATIONS
+from mrg.text.taxonomy import spoken_name
+
+# the words after which a negated sentence names what it negates: "no", "without", "or" in
+# "no effusion or", "of" in "free of" and "no evidence of", "and" in "no effusion and"
+CUES = frozenset({"no", "without", "nor", "or", "of", "and"})
+# a sentence on the pleura negates pleural findings only ("The pleural space is free of" goes
+# on with effusion, never "consolidation")
+PLEURA_WORDS = frozenset({"pleura", "pleural"})
+PLEURAL_FINDINGS = frozenset({"Effusion", "Pneumothorax", "Pleural_Thickening"})
+
+
+class AbsentNames(LogitsProcessor):
+    """Adds ``bias`` to the names of each study's absent findings after a negation cue (see the
+    module docstring). ``absent`` holds one list of findings per study, rows laid out as
+    ``ReportStructureProcessor``'s leads."""
+
+    def __init__(self, structure: ReportStructure, absent: list[list[str]], bias: float):
+        self.structure, self.absent, self.bias = structure, absent, bias
+        encode = lambda text: structure.tokenizer(text, add_special_tokens=False)["input_ids"]
+        self.first = {f: encode(f" {spoken_name(f)}")[0] for f in NAMING_PREFIXES}
+
+    def favoured(self, row_ids: list[int], absent: list[str]) -> list[int]:
+        """The first tokens of the findings of ``absent`` that the next token should name, after
+        the findings' ``row_ids`` (none outside the findings, or after no cue)."""
+        s = self.structure
+        if not absent or len(row_ids) <= len(s.findings) or s.impression_start(row_ids) is not None:
+            return []
+        at = position(s.pieces, row_ids)
+        last = at.open_word.lower() or at.previous
+        if last not in CUES or not (at.negated or last in NEGATIONS):
+            return []
+        if at.sentence & PLEURA_WORDS:
+            absent = [f for f in absent if f in PLEURAL_FINDINGS]
+        text = s.tokenizer.decode(row_ids[len(s.findings) :]).lower()
+        return [self.first[f] for f in absent if not any(p in text for p in NAMING_PREFIXES[f])]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        rows = input_ids.tolist()
+        for row, row_ids in enumerate(rows):
+            tokens = self.favoured(row_ids, of_study(self.absent, row, len(rows)))
+            if tokens:
+                scores[row, tokens] += self.bias
+        return scores
