@@ -22,6 +22,12 @@ def closed(tokenizer):
     return ClosedVocabulary(structure, WORDS)
 
 
+def test_decoding_never_writes_a_comparison_with_a_prior_study(tokenizer):
+    structure = report_structure(tokenizer, tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    closed = ClosedVocabulary(structure, WORDS | {"improved", "remains", "clear"})
+    assert closed.fits(" clear") and not closed.fits(" improved") and not closed.fits(" remains")
+
+
 def test_the_vocabulary_keeps_common_words_and_never_a_comparison_with_a_prior_study():
     texts = ["FINDINGS: The heart is stable. Unchanged effusion.\nIMPRESSION: Stable."] * 5
     kept = report_vocabulary(texts, min_count=5)
@@ -38,9 +44,15 @@ def test_a_word_may_be_begun_only_toward_a_vocabulary_word_and_ended_only_as_one
     assert not closed.fits(".", Position(open_word="hear"))  # "hear" is no word here
     assert not closed.fits(" 5")  # no digits: nothing measures a size
     assert not closed.fits("AL", Position(open_word="norm"))  # no capital after a small letter
-    assert closed.fits(" Normal")  # a capital at the start of a word is fine
-    assert closed.fits(" NORMAL") and closed.fits("AL", Position(open_word="NORM"))
+    assert closed.fits(" Normal")  # a capital where a sentence opens is fine
+    assert not closed.fits(
+        " Normal", Position(previous="is", sentence=frozenset({"is"}), opening=False)
+    )
+    assert not closed.fits(" normal Acute")  # "No Acute cardiopulmonary"
+    assert not closed.fits(" NORMAL") and not closed.fits("AL", Position(open_word="NORM"))
     assert not closed.fits("al", Position(open_word="NORM"))  # nor capitals, then small letters
+    assert not closed.fits(" normal.The") and not closed.fits("The", Position(glued=True))
+    assert closed.fits(" normal. The") and not closed.fits(":")  # no header of its own
     assert not closed.fits("é", Position(open_word="normal"))  # no letter outside ASCII
     assert not closed.fits(" ", Position(open_word="normal"))  # no lone or double space
     assert not closed.fits("  heart") and closed.fits("\n", Position(open_word="normal"))

@@ -20,7 +20,7 @@ from transformers import LogitsProcessor
 
 from mrg.model.decoding import ReportStructure, of_study
 from mrg.text.states import EXCEPTABLE, EXCEPTING, FINDING_PREFIXES, NEGATIONS
-from mrg.text.vocabulary import HEADER_WORDS
+from mrg.text.vocabulary import PRIOR_COMPARISON
 
 _LETTER_RUNS = re.compile(r"[A-Za-z]+|[^A-Za-z]+")
 _OPEN_WORD = re.compile(r"[A-Za-z]*$")
@@ -31,6 +31,7 @@ _MIXED_CASE = re.compile(r"[a-z][A-Z]|[A-Z]{2}[a-z]")  # "volumE", "IMPRESSIOn"
 BODY_HEADER_WORDS = frozenset({"findings"})
 Bigrams = frozenset[tuple[str, str]]  # (word, next word) pairs never written
 _SENTENCE_END = re.compile(r"[.!?:\n]")
+_GLUED = re.compile(r"[.!?:]$")  # punctuation that the next word would touch
 
 
 @dataclass(frozen=True)
@@ -53,13 +54,16 @@ class Rules:
 @dataclass(frozen=True)
 class Position:
     """Where the next token goes: the word before the open one (None after punctuation),
-    whether the sentence so far negates, the letters of the open word, and the sentence's
-    words so far."""
+    whether the sentence so far negates, the letters of the open word, the sentence's words
+    so far, whether the open word is the sentence's first, and whether the text ends with
+    punctuation that a letter would touch ("normal.Density")."""
 
     previous: str | None = None
     negated: bool = False
     open_word: str = ""
     sentence: frozenset[str] = frozenset()
+    opening: bool = True
+    glued: bool = False
 
 
 @lru_cache(maxsize=256)
@@ -80,24 +84,28 @@ def allowed_words(
 def _fits(vocabulary: frozenset[str], rules: Rules, at: Position, piece: str) -> bool:
     """``ClosedVocabulary.fits``, remembered: a report's steps ask about the same few hundred
     (position, token) pairs again and again (5 ms of a 35 ms step before)."""
-    if any(map(str.isdigit, piece)) or not piece.isascii() or "  " in piece:
-        return False
+    if any(map(str.isdigit, piece)) or not piece.isascii() or "  " in piece or ":" in piece:
+        return False  # a colon makes a header of its own ("IMPROVEMENT: Cardiomediastinal")
     if piece and not piece.strip(" "):  # a lone space ("a normal  for"): words bring their own
         return False
     previous, negated, sentence = at.previous, at.negated, set(at.sentence)
+    opening, glued = at.opening, at.glued
     runs = _LETTER_RUNS.findall(at.open_word + piece)
     for i, run in enumerate(runs):
         if not run[0].isalpha():
             if "-" in run and (i or at.open_word):  # "air-pulmonary", "well-osseous"
                 return False
             if _SENTENCE_END.search(run):
-                negated, sentence = False, set()
+                negated, sentence, opening = False, set(), True
             if run.strip():  # punctuation ends the phrase a bigram belongs to
                 previous = None
+            glued = bool(_GLUED.search(run))
             continue
-        if _MIXED_CASE.search(run) or (run.isupper() and run.lower() in HEADER_WORDS):
-            return False  # a word is small, Capitalised or in capitals; a header's word in
-            # capitals is a header, never body text
+        if glued or _MIXED_CASE.search(run):
+            return False  # "normal.Density", "volumE"
+        if run.isupper() and len(run) > 2 or run[0].isupper() and not (opening or run.isupper()):
+            return False  # a word is small, Capitalised where it opens a sentence, or an
+            # abbreviation in capitals ("AP"): no "IMPROVED", no "No Acute"
         banned = frozenset(b for a, b in rules.bigrams if a == previous)
         excepted = EXCEPTABLE if EXCEPTING in sentence else frozenset()
         normal = (b for a, b in rules.normal if a in sentence and a not in excepted)
@@ -109,7 +117,7 @@ def _fits(vocabulary: frozenset[str], rules: Rules, at: Position, piece: str) ->
             return run.lower() in prefixes
         if run.lower() not in words:
             return False
-        previous = run.lower()
+        previous, opening = run.lower(), False
         negated = negated or previous in NEGATIONS
         sentence.add(previous)
     return True
@@ -140,7 +148,9 @@ def position(pieces: list[str], ids: list[int], limit: int = 64) -> Position:
     previous = re.search(r"([A-Za-z]+) +$", before)
     words = frozenset(w.lower() for w in re.findall(r"[A-Za-z]+", before))
     negated = bool(words & NEGATIONS)
-    return Position(previous.group(1).lower() if previous else None, negated, open_word, words)
+    previous_word = previous.group(1).lower() if previous else None
+    glued = bool(_GLUED.search(tail))
+    return Position(previous_word, negated, open_word, words, opening=not words, glued=glued)
 
 
 class ClosedVocabulary(LogitsProcessor):
@@ -150,8 +160,12 @@ class ClosedVocabulary(LogitsProcessor):
     word being written (read back to its first letter, however many tokens it spans), leaves
     every finished word in ``vocabulary`` and the open one a prefix of a word in it; all other
     tokens get −∞. Punctuation is free; digits and non-ASCII letters are never written
-    (nothing here measures a size or knows a date), nor a lone or doubled space, nor a word
-    in mixed case ("volumE",
+    (nothing here measures a size or knows a date), nor a lone or doubled space, nor a colon
+    (a header of its own: "IMPROVEMENT: Cardiomediastinal"), nor a word touching the full stop
+    before it ("normal.Density"), nor a word that compares with a prior study
+    (``PRIOR_COMPARISON``: "improved", "remains"), nor a Capitalised word inside a sentence or
+    one in capitals longer than an abbreviation ("No Acute", "IMPROVED"), nor a word in mixed
+    case ("volumE",
     "IMPRESSIOn"), nor a hyphen joining words (the report vocabulary holds single words:
     "air-pulmonary", "well-osseous"). Where none of the ``top_k`` fits, the ``wider_k`` most likely are tried
     (the n-gram ban may have removed the likely ending of a word), then every token of the
@@ -174,7 +188,9 @@ class ClosedVocabulary(LogitsProcessor):
     ):
         self.structure, self.rules = structure, rules
         self.top_k, self.wider_k = top_k, wider_k
-        self.vocabulary = frozenset(vocabulary) | BODY_HEADER_WORDS
+        # no word that compares with a prior study, whatever the checkpoint's vocabulary holds
+        kept = frozenset(w for w in vocabulary if not PRIOR_COMPARISON.match(w))
+        self.vocabulary = kept | BODY_HEADER_WORDS
         excepting = structure.tokenizer(f" {EXCEPTING}", add_special_tokens=False)["input_ids"]
         self.excepting = excepting[0] if len(excepting) == 1 else None
 

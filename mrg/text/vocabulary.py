@@ -25,7 +25,8 @@ HEADER_WORDS = frozenset({"findings", "impression"})
 # them invents one. Kept out of every report vocabulary (and counted by the text-quality floor).
 PRIOR_COMPARISON = re.compile(
     r"\b(unchanged|interval\w*|prior|stable|stably|previous\w*|compared?|comparison|"
-    r"again (?:seen|noted|demonstrated)|no change|redemonstrat\w*|persist\w*|since)\b",
+    r"again (?:seen|noted|demonstrated)|no change|redemonstrat\w*|persist\w*|since|"
+    r"improv\w*|worsen\w*|resolv\w*|remain\w*|increasing|decreasing|developing|evolving|now)\b",
     re.IGNORECASE,
 )
 
