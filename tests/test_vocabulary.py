@@ -49,6 +49,10 @@ def test_a_word_may_be_begun_only_toward_a_vocabulary_word_and_ended_only_as_one
         " Normal", Position(previous="is", sentence=frozenset({"is"}), opening=False)
     )
     assert not closed.fits(" normal Acute")  # "No Acute cardiopulmonary"
+    inside = Position(previous="is", sentence=frozenset({"is"}), opening=False)
+    assert not closed.fits(" B", inside)  # no capital that no abbreviation begins with
+    abbreviations = ClosedVocabulary(closed.structure, WORDS | {"ap"})
+    assert abbreviations.fits(" AP.", inside) and not abbreviations.fits(" Ap", inside)
     assert not closed.fits(" NORMAL") and not closed.fits("AL", Position(open_word="NORM"))
     assert not closed.fits("al", Position(open_word="NORM"))  # nor capitals, then small letters
     assert not closed.fits(" normal.The") and not closed.fits("The", Position(glued=True))

@@ -10,7 +10,9 @@ word is a negation cue:
     where the sentence negates (``NEGATIONS``) and its last word is in ``CUES``
 
 The LLM still chooses every word (a bias, not a forced token): "There is no" may go on
-"evidence of focal lung disease", and "pleural" may go on "space". A finding is favoured until
+"evidence of focal lung disease", and "pleural" may go on "space". Only a name whose first
+token has three letters or more is favoured (" at" of atelectasis is a word of its own). Under
+beam search the bias stays in the score of the beams that took it. A finding is favoured until
 the findings name it, in any state and in any words (``NAMING_PREFIXES``); a sentence on the
 pleura favours the pleural findings only; the impression is left alone.
 """
@@ -42,7 +44,9 @@ class AbsentNames(LogitsProcessor):
     def __init__(self, structure: ReportStructure, absent: list[list[str]], bias: float):
         self.structure, self.absent, self.bias = structure, absent, bias
         encode = lambda text: structure.tokenizer(text, add_special_tokens=False)["input_ids"]
-        self.first = {f: encode(f" {spoken_name(f)}")[0] for f in NAMING_PREFIXES}
+        firsts = {f: encode(f" {spoken_name(f)}")[0] for f in NAMING_PREFIXES}
+        # a first token of two letters is a word of its own (" at" of atelectasis): not favoured
+        self.first = {f: t for f, t in firsts.items() if len(structure.pieces[t].strip()) >= 3}
 
     def favoured(self, row_ids: list[int], absent: list[str]) -> list[int]:
         """The first tokens of the findings of ``absent`` that the next token should name, after
@@ -57,7 +61,11 @@ class AbsentNames(LogitsProcessor):
         if at.sentence & PLEURA_WORDS:
             absent = [f for f in absent if f in PLEURAL_FINDINGS]
         text = s.tokenizer.decode(row_ids[len(s.findings) :]).lower()
-        return [self.first[f] for f in absent if not any(p in text for p in NAMING_PREFIXES[f])]
+        return [
+            self.first[f]
+            for f in absent
+            if f in self.first and not any(p in text for p in NAMING_PREFIXES[f])
+        ]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         rows = input_ids.tolist()

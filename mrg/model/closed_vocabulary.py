@@ -24,7 +24,8 @@ from mrg.text.vocabulary import PRIOR_COMPARISON
 
 _LETTER_RUNS = re.compile(r"[A-Za-z]+|[^A-Za-z]+")
 _OPEN_WORD = re.compile(r"[A-Za-z]*$")
-_MIXED_CASE = re.compile(r"[a-z][A-Z]|[A-Z]{2}[a-z]")  # "volumE", "IMPRESSIOn"
+# the abbreviations a report writes in capitals inside a sentence (the views, CT)
+ABBREVIATIONS = frozenset({"ap", "pa", "ct"})
 
 # the header word that reports also write in the body ("No acute findings."); the vocabulary
 # counts none of the two (every target has both headers), and "Impression." in the body is noise
@@ -101,11 +102,8 @@ def _fits(vocabulary: frozenset[str], rules: Rules, at: Position, piece: str) ->
                 previous = None
             glued = bool(_GLUED.search(run))
             continue
-        if glued or _MIXED_CASE.search(run):
-            return False  # "normal.Density", "volumE"
-        if run.isupper() and len(run) > 2 or run[0].isupper() and not (opening or run.isupper()):
-            return False  # a word is small, Capitalised where it opens a sentence, or an
-            # abbreviation in capitals ("AP"): no "IMPROVED", no "No Acute"
+        if glued or not _case_fits(run, opening, open_=i == len(runs) - 1):
+            return False  # "normal.Density", "No Acute", "IMPROVED", "volumE"
         banned = frozenset(b for a, b in rules.bigrams if a == previous)
         excepted = EXCEPTABLE if EXCEPTING in sentence else frozenset()
         normal = (b for a, b in rules.normal if a in sentence and a not in excepted)
@@ -121,6 +119,18 @@ def _fits(vocabulary: frozenset[str], rules: Rules, at: Position, piece: str) ->
         negated = negated or previous in NEGATIONS
         sentence.add(previous)
     return True
+
+
+def _case_fits(run: str, opening: bool, open_: bool) -> bool:
+    """Whether the letters ``run`` are cased as a report writes a word: small; Capitalised
+    where it opens a sentence; or in capitals on the way to (``open_``) or being one of the
+    ``ABBREVIATIONS``."""
+    if run.islower() or opening and run[0].isupper() and (run[1:].islower() or len(run) == 1):
+        return True
+    small = run.lower()
+    if not run.isupper():
+        return False
+    return any(a.startswith(small) for a in ABBREVIATIONS) if open_ else small in ABBREVIATIONS
 
 
 @lru_cache(maxsize=4096)
@@ -159,7 +169,7 @@ class ClosedVocabulary(LogitsProcessor):
     Of each row's ``top_k`` most likely tokens, those are kept whose text, appended to the
     word being written (read back to its first letter, however many tokens it spans), leaves
     every finished word in ``vocabulary`` and the open one a prefix of a word in it; all other
-    tokens get −∞. Punctuation is free; digits and non-ASCII letters are never written
+    tokens get −∞. Punctuation but the colon is free; digits and non-ASCII letters are never written
     (nothing here measures a size or knows a date), nor a lone or doubled space, nor a colon
     (a header of its own: "IMPROVEMENT: Cardiomediastinal"), nor a word touching the full stop
     before it ("normal.Density"), nor a word that compares with a prior study

@@ -18,7 +18,7 @@ An answer is ``FINDINGS: …⏎IMPRESSION: …`` and nothing else:
 * in the impression, the probability of a newline moves to EOS, so the report stops at the
   end of the impression (and not before its first token);
 * no section writes a header of its own: ``:`` is banned right after "findings" or
-  "impression";
+  "impression" (and anywhere in the body under a report vocabulary);
 * the repetition penalty and the n-gram ban see the body only (``OnBody``), so the headers
   are never penalised ("ImpressION:") and never make body tokens look repeated;
 * with a report vocabulary (``mrg.text.vocabulary``), no word outside it is written: the

@@ -117,6 +117,9 @@ class ReportGeneration:
         states = [states_of_vector(y) for y in findings.tolist()] if findings is not None else None
         leads = self.leads(states) if decoding.lead_with_findings and states is not None else None
         choosing = LogitsProcessorList()  # the LLM's own choices: skipped where all are forced
+        if decoding.absent_bias and states is not None and self.config.uses_states:
+            absent = [with_state(study, ABSENT) for study in states]
+            choosing.append(AbsentNames(structure, absent, decoding.absent_bias))
         if decoding.repetition_penalty != 1.0:
             choosing.append(
                 OnBody(RepetitionPenaltyLogitsProcessor(decoding.repetition_penalty), structure)
@@ -128,9 +131,6 @@ class ReportGeneration:
         if decoding.strategy == "sample":
             choosing.append(TemperatureLogitsWarper(decoding.temperature))
             choosing.append(TopPLogitsWarper(decoding.top_p))
-        if decoding.absent_bias and states is not None and self.config.uses_states:
-            absent = [with_state(study, ABSENT) for study in states]
-            choosing.append(AbsentNames(structure, absent, decoding.absent_bias))
         if decoding.closed_vocabulary and self.report_vocabulary:
             rules = None if states is None else [self._rules(s, bool(leads)) for s in states]
             choosing.append(ClosedVocabulary(structure, self.report_vocabulary, rules))
