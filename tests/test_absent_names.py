@@ -35,6 +35,10 @@ def test_after_a_negation_cue_the_absent_findings_not_yet_named_are_favoured(str
     assert favoured(" No pleural effusion or") == {pneumothorax}  # named once is enough
     assert favoured(" Pneumothorax is absent. There is no") == {effusion}  # in any words
     assert favoured(" The pleural space is") == set()  # no negation cue
+    joiner = first(tokenizer, " or")
+    assert favoured(" There is no pneumothorax") == {joiner}  # the list goes on with "or"
+    assert favoured(" There is no pleural effusion or pneumothorax") == set()  # all named
+    assert favoured(" The pneumothorax") == set()  # not negated
     lungs_and_pleura = ["Effusion", "Consolidation"]
     assert favoured(" There is no", absent=lungs_and_pleura) == {effusion, consolidation}
     assert favoured(" The pleural space is free of", absent=lungs_and_pleura) == {effusion}

@@ -7,7 +7,9 @@ token of each absent finding's name where the findings' sentence so far negates 
 word is a negation cue:
 
     z'_t = z_t + b · 1[t ∈ first(absent findings not yet named in the findings)]
-    where the sentence negates (``NEGATIONS``) and its last word is in ``CUES``
+    where the sentence negates (``NEGATIONS``) and its last word is in ``CUES``, and
+    z'_or = z_or + b where it negates and its last word names a finding ("no pneumothorax")
+    while an absent finding is still unnamed: the list goes on ("or pleural effusion")
 
 The LLM still chooses every word (a bias, not a forced token): "There is no" may go on
 "evidence of focal lung disease", and "pleural" may go on "space". Only a name whose first
@@ -24,7 +26,7 @@ from transformers import LogitsProcessor
 
 from mrg.model.closed_vocabulary import position
 from mrg.model.decoding import ReportStructure, of_study
-from mrg.text.states import NAMING_PREFIXES, NEGATIONS
+from mrg.text.states import FINDING_PREFIXES, NAMING_PREFIXES, NEGATIONS
 from mrg.text.taxonomy import spoken_name
 
 # the words after which a negated sentence names what it negates: "no", "without", "or" in
@@ -34,6 +36,9 @@ CUES = frozenset({"no", "without", "nor", "or", "of", "and"})
 # on with effusion, never "consolidation")
 PLEURA_WORDS = frozenset({"pleura", "pleural"})
 PLEURAL_FINDINGS = frozenset({"Effusion", "Pneumothorax", "Pleural_Thickening"})
+# the words that name a finding in a negated list ("no pneumothorax" goes on with "or" while
+# another absent finding is unnamed); "large" names cardiomegaly only beside the heart
+NAMES = tuple(sorted(FINDING_PREFIXES - {"large"}))
 
 
 class AbsentNames(LogitsProcessor):
@@ -47,6 +52,7 @@ class AbsentNames(LogitsProcessor):
         firsts = {f: encode(f" {spoken_name(f)}")[0] for f in NAMING_PREFIXES}
         # a first token of two letters is a word of its own (" at" of atelectasis): not favoured
         self.first = {f: t for f, t in firsts.items() if len(structure.pieces[t].strip()) >= 3}
+        self.joiner = encode(" or")[0]
 
     def favoured(self, row_ids: list[int], absent: list[str]) -> list[int]:
         """The first tokens of the findings of ``absent`` that the next token should name, after
@@ -56,16 +62,19 @@ class AbsentNames(LogitsProcessor):
             return []
         at = position(s.pieces, row_ids)
         last = at.open_word.lower() or at.previous
-        if last not in CUES or not (at.negated or last in NEGATIONS):
+        if not last or not (at.negated or last in NEGATIONS):
             return []
         if at.sentence & PLEURA_WORDS:
             absent = [f for f in absent if f in PLEURAL_FINDINGS]
         text = s.tokenizer.decode(row_ids[len(s.findings) :]).lower()
-        return [
-            self.first[f]
-            for f in absent
-            if f in self.first and not any(p in text for p in NAMING_PREFIXES[f])
+        unnamed = [
+            f for f in absent if f in self.first and not any(p in text for p in NAMING_PREFIXES[f])
         ]
+        if not unnamed:
+            return []
+        if last in CUES:
+            return [self.first[f] for f in unnamed]
+        return [self.joiner] if last.startswith(NAMES) else []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         rows = input_ids.tolist()
