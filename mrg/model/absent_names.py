@@ -38,7 +38,7 @@ PLEURA_WORDS = frozenset({"pleura", "pleural"})
 PLEURAL_FINDINGS = frozenset({"Effusion", "Pneumothorax", "Pleural_Thickening"})
 # the words that name a finding in a negated list ("no pneumothorax" goes on with "or" while
 # another absent finding is unnamed); "large" names cardiomegaly only beside the heart
-NAMES = tuple(sorted(FINDING_PREFIXES - {"large"}))
+NAMES = tuple(p for p in FINDING_PREFIXES if p != "large")
 
 
 class AbsentNames(LogitsProcessor):

@@ -67,6 +67,15 @@ class Position:
     glued: bool = False
 
 
+@lru_cache(maxsize=8)
+def writable(vocabulary: frozenset[str]) -> frozenset[str]:
+    """The words decoding may write of a report ``vocabulary``: none that compares with a prior
+    study, whatever the checkpoint's vocabulary holds, and the body's header word. Remembered:
+    every request builds its processors, and one object keeps ``_fits``'s cache keys cheap."""
+    kept = frozenset(w for w in vocabulary if not PRIOR_COMPARISON.match(w))
+    return kept | BODY_HEADER_WORDS
+
+
 @lru_cache(maxsize=256)
 def allowed_words(
     vocabulary: frozenset[str],
@@ -169,7 +178,7 @@ class ClosedVocabulary(LogitsProcessor):
     Of each row's ``top_k`` most likely tokens, those are kept whose text, appended to the
     word being written (read back to its first letter, however many tokens it spans), leaves
     every finished word in ``vocabulary`` and the open one a prefix of a word in it; all other
-    tokens get −∞. Punctuation but the colon is free; digits and non-ASCII letters are never written
+    tokens get −∞. Other punctuation is free; digits and non-ASCII letters are never written
     (nothing here measures a size or knows a date), nor a lone or doubled space, nor a colon
     (a header of its own: "IMPROVEMENT: Cardiomediastinal"), nor a word touching the full stop
     before it ("normal.Density"), nor a word that compares with a prior study
@@ -198,9 +207,7 @@ class ClosedVocabulary(LogitsProcessor):
     ):
         self.structure, self.rules = structure, rules
         self.top_k, self.wider_k = top_k, wider_k
-        # no word that compares with a prior study, whatever the checkpoint's vocabulary holds
-        kept = frozenset(w for w in vocabulary if not PRIOR_COMPARISON.match(w))
-        self.vocabulary = kept | BODY_HEADER_WORDS
+        self.vocabulary = writable(frozenset(vocabulary))
         excepting = structure.tokenizer(f" {EXCEPTING}", add_special_tokens=False)["input_ids"]
         self.excepting = excepting[0] if len(excepting) == 1 else None
 
@@ -231,7 +238,7 @@ class ClosedVocabulary(LogitsProcessor):
             at = position(pieces, row_ids)
             # only the rules' subjects of the sentence matter: the rest would split the cache
             subjects = frozenset(a for a, _ in rules.normal) | {EXCEPTING}
-            names = frozenset(w for w in at.sentence if w.startswith(tuple(FINDING_PREFIXES)))
+            names = frozenset(w for w in at.sentence if w.startswith(FINDING_PREFIXES))
             at = dataclasses.replace(at, sentence=at.sentence & subjects | names)
             keep = []
             for k in (self.top_k, self.wider_k):  # wider: the likely ending may be banned

@@ -213,9 +213,10 @@ class ReportStructureProcessor(LogitsProcessor):
                 reserve = min(self.reserve, self.max_new_tokens // 4)
                 then = lead[0] if last else header[0]
                 left = self.max_new_tokens - n - len(header + lead) - len(lead) * last - reserve
-                if left <= 0 or (left <= reserve and s.ends_sentence(row_ids)):
+                at_stop = s.ends_sentence(row_ids)
+                if left <= 0 or (left <= reserve and at_stop):
                     _force(out, then)
-                elif s.ends_sentence(row_ids) and self.may_close(row_ids[len(findings) :], lead):
+                elif at_stop and self.may_close(row_ids[len(findings) :], lead):
                     out[then] = close
             else:  # impression: closing it ends the report
                 out[s.eos_id] = close

@@ -80,7 +80,7 @@ NAMING_PREFIXES = {
     "Hernia": ("hernia",),
 }
 # all of them: a sentence names a finding once ("no pneumothorax or pneumothorax" is never written)
-FINDING_PREFIXES = frozenset(p for prefixes in NAMING_PREFIXES.values() for p in prefixes)
+FINDING_PREFIXES = tuple(sorted({p for prefixes in NAMING_PREFIXES.values() for p in prefixes}))
 
 
 _LUNG = (("lungs", "clear"), ("lungs", "normal"), ("lung", "clear"), ("lungs", "unremarkable"))
