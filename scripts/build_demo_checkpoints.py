@@ -52,6 +52,7 @@ from mrg.data.pairs import build_pairs
 from mrg.evaluation.demo_card import read_log
 from mrg.model import MRGModel
 from mrg.model.llm import load_frozen_llm
+from mrg.text.phrasing import PHRASING_NAME, Phrasing
 from mrg.text.vocabulary import VOCABULARY_NAME, report_vocabulary, write_vocabulary
 from mrg.train.config import StageConfig, train_preset
 from mrg.train.trainer import Trainer
@@ -139,9 +140,11 @@ def main() -> None:
         model = MRGModel(config.model, llm, tokenizer)
         Trainer(config, model, train, val, resume=True, language=corpus).fit()
     shared_weights = load_file(str(shared / "last" / "model.safetensors"))
-    # The words the models may write: those of their training reports (the trainer saves
-    # them; a checkpoint trained before the vocabulary existed gets them here).
-    vocabulary = report_vocabulary([r.report for r in train] + corpus.train)
+    # The words the models may write (the trainer saves them; a checkpoint trained before the
+    # vocabulary existed gets them here), and how they phrase them: all the reports they
+    # learnt from, the language stage's too.
+    reports = [r.report for r in train] + corpus.train
+    vocabulary, phrasing = report_vocabulary(reports), Phrasing.from_reports(reports)
     for mode in args.modes:
         config = demo_config(mode, annotation, images, out / mode)
         config.language = StageConfig(0, config.language.lr)
@@ -155,6 +158,7 @@ def main() -> None:
         best = out / mode / "best"
         if not (best / VOCABULARY_NAME).is_file():
             write_vocabulary(best / VOCABULARY_NAME, vocabulary)
+        phrasing.save(best / PHRASING_NAME)  # a mode's trainer saw its image reports only
         model = MRGModel.from_pretrained(best, llm=llm, tokenizer=tokenizer)
         model.save_pretrained(assets / "checkpoints" / mode, dtype=torch.float16)
     (assets / LANGUAGE_PROMPT).parent.mkdir(parents=True, exist_ok=True)

@@ -91,6 +91,7 @@ from mrg.model.findings import FINDINGS_FOLDER, FindingsHead
 from mrg.model.llm import load_frozen_llm
 from mrg.model.mrg_model import WEIGHTS_NAME
 from mrg.text.labeler import ReportLabeler
+from mrg.text.phrasing import PHRASING_NAME, Phrasing
 from mrg.text.taxonomy import FINDINGS14
 from mrg.text.vocabulary import VOCABULARY_NAME, read_vocabulary
 from mrg.train.config import train_preset
@@ -132,10 +133,11 @@ def cached(rows_file: Path, *key: bytes) -> Path:
 
 
 def checkpoint_key(checkpoint: Path, decoding) -> tuple[bytes, ...]:
-    vocabulary = checkpoint / VOCABULARY_NAME
+    vocabulary, phrasing = checkpoint / VOCABULARY_NAME, checkpoint / PHRASING_NAME
     return (
         (checkpoint / WEIGHTS_NAME).read_bytes(),
         vocabulary.read_bytes() if vocabulary.is_file() else b"",
+        phrasing.read_bytes() if phrasing.is_file() else b"",
         repr(decoding).encode(),
     )
 
@@ -282,12 +284,14 @@ def build_card(assets: Path, out: Path) -> dict:
         fidelity_file = (
             out / "fidelity" / f"{way.split(',')[0]}{'-lead' if ',' in way else ''}.json"
         )
-        key = (prompt.numpy().tobytes(), repr(decoding).encode())
+        phrasing = checkpoints / modes[0] / PHRASING_NAME
+        key = (prompt.numpy().tobytes(), phrasing.read_bytes(), repr(decoding).encode())
         cached(fidelity_file, *key)
         if not fidelity_file.is_file():
             model = MRGModel(train_preset("demo-checkpoints", mode="static").model, llm, tokenizer)
             model.customizer.set_plain_prompt(prompt)
             model.report_vocabulary = read_vocabulary(checkpoints / modes[0] / VOCABULARY_NAME)
+            model.report_phrasing = Phrasing.load(phrasing)
             scores, rows = language_fidelity(
                 model, fidelity_sample(corpus.val + corpus.held_out_texts), decoding
             )

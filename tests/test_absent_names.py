@@ -43,6 +43,8 @@ def test_after_a_negation_cue_the_absent_findings_not_yet_named_are_favoured(str
     assert favoured(" There is no", absent=lungs_and_pleura) == {effusion, consolidation}
     assert favoured(" The pleural space is free of", absent=lungs_and_pleura) == {effusion}
     assert favoured(" The heart is normal and") == set()  # a cue, but nothing negated
+    assert favoured(" There is no focal", absent=lungs_and_pleura) == {consolidation}
+    assert favoured(" No focal airspace", absent=lungs_and_pleura) == {consolidation}
     assert favoured(" There is no", absent=["Atelectasis"]) == set()  # " at" is a word
     assert favoured(" Normal.", impression=" No") == set()  # the impression is left alone
     rows = [structure.findings + tokenizer.encode(t) for t in (" There is no", " The heart is")]

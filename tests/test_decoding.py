@@ -187,6 +187,16 @@ def test_the_findings_close_only_once_heart_lungs_and_pleura_are_addressed(struc
     assert closes(" The heart is normal. The lungs are clear. No pleural effusion.")
     # after anatomy_words words of the LLM's the findings may close anyway
     assert closes(" The heart is normal in size and appearance. The bones are normal. It is.")
+    # nor before they name each finding the condition states absent, in any words
+    absent = ReportStructureProcessor(
+        structure, max_new_tokens=100, anatomy_words=20, absent=[["Consolidation"]]
+    )
+    addressed = " The heart is normal. The lungs are clear. No pleural effusion."
+    header = structure.impression[0]
+    ids = structure.findings + tokenizer.encode(addressed)
+    assert absent(torch.tensor([ids]), wants_to_close.clone())[0].argmax() != header
+    ids = structure.findings + tokenizer.encode(f"{addressed} No focal consolidation.")
+    assert absent(torch.tensor([ids]), wants_to_close.clone())[0].argmax() == header
     off = ReportStructureProcessor(structure, max_new_tokens=100)
     ids = torch.tensor([structure.findings + tokenizer.encode(" The heart is normal.")])
     assert off(ids, wants_to_close.clone())[0].argmax() == structure.impression[0]

@@ -218,3 +218,14 @@ def test_otherwise_lets_a_sentence_call_the_rest_of_an_anatomy_normal(closed, to
 def test_impression_is_a_header_never_a_word_of_the_body(closed):
     assert not closed.fits(" Impression") and not closed.fits(" impression.")
     assert closed.fits(" findings.")  # "No acute findings."
+
+
+def test_no_word_is_written_twice_in_a_row(closed):
+    after = Position(previous="normal", sentence=frozenset({"is", "normal"}), opening=False)
+    assert not closed.fits(" normal", after)  # "otherwise otherwise", "pleural pleural"
+    assert not closed.fits(" normal.", after) and not closed.fits(" normal normal.")
+    assert closed.fits(" the", after) and closed.fits(". Normal", after)  # a new sentence may
+    longer = ClosedVocabulary(closed.structure, WORDS | {"normally"})
+    assert longer.fits(" normal", after)  # on the way to "normally"
+    assert not longer.fits(".", Position(previous="normal", open_word="normal", opening=False))
+    assert longer.fits("ly.", Position(previous="normal", open_word="normal", opening=False))

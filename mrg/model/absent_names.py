@@ -16,7 +16,9 @@ The LLM still chooses every word (a bias, not a forced token): "There is no" may
 token has three letters or more is favoured (" at" of atelectasis is a word of its own). Under
 beam search the bias stays in the score of the beams that took it. A finding is favoured until
 the findings name it, in any state and in any words (``NAMING_PREFIXES``); a sentence on the
-pleura favours the pleural findings only; the impression is left alone.
+pleura favours the pleural findings only, one on focal or airspace disease the lungs' only; the
+impression is left alone. ``ReportStructureProcessor`` keeps the findings open until each is
+named (or ``anatomy_words`` words).
 """
 
 from __future__ import annotations
@@ -30,12 +32,16 @@ from mrg.text.states import FINDING_PREFIXES, NAMING_PREFIXES, NEGATIONS
 from mrg.text.taxonomy import spoken_name
 
 # the words after which a negated sentence names what it negates: "no", "without", "or" in
-# "no effusion or", "of" in "free of" and "no evidence of", "and" in "no effusion and"
-CUES = frozenset({"no", "without", "nor", "or", "of", "and"})
+# "no effusion or", "of" in "free of" and "no evidence of", "and" in "no effusion and",
+# "focal" and "airspace" in "no focal airspace consolidation"
+CUES = frozenset({"no", "without", "nor", "or", "of", "and", "focal", "airspace"})
 # a sentence on the pleura negates pleural findings only ("The pleural space is free of" goes
 # on with effusion, never "consolidation")
 PLEURA_WORDS = frozenset({"pleura", "pleural"})
 PLEURAL_FINDINGS = frozenset({"Effusion", "Pneumothorax", "Pleural_Thickening"})
+# and a sentence on focal or airspace disease negates the lungs' ("No focal consolidation.")
+FOCAL_WORDS = frozenset({"focal", "airspace"})
+FOCAL_FINDINGS = frozenset({"Consolidation", "Infiltration", "Pneumonia", "Atelectasis"})
 # the words that name a finding in a negated list ("no pneumothorax" goes on with "or" while
 # another absent finding is unnamed); "large" names cardiomegaly only beside the heart
 NAMES = tuple(p for p in FINDING_PREFIXES if p != "large")
@@ -66,6 +72,8 @@ class AbsentNames(LogitsProcessor):
             return []
         if at.sentence & PLEURA_WORDS:
             absent = [f for f in absent if f in PLEURAL_FINDINGS]
+        elif at.sentence & FOCAL_WORDS or last in FOCAL_WORDS:
+            absent = [f for f in absent if f in FOCAL_FINDINGS]
         text = s.tokenizer.decode(row_ids[len(s.findings) :]).lower()
         unnamed = [
             f for f in absent if f in self.first and not any(p in text for p in NAMING_PREFIXES[f])

@@ -33,6 +33,7 @@ BODY_HEADER_WORDS = frozenset({"findings"})
 Bigrams = frozenset[tuple[str, str]]  # (word, next word) pairs never written
 _SENTENCE_END = re.compile(r"[.!?:\n]")
 _GLUED = re.compile(r"[.!?:]$")  # punctuation that the next word would touch
+_ODD_SPACES = "\t\x0b\x0c\r"
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,8 @@ def _fits(vocabulary: frozenset[str], rules: Rules, at: Position, piece: str) ->
         return False  # a colon makes a header of its own ("IMPROVEMENT: Cardiomediastinal")
     if piece and not piece.strip(" "):  # a lone space ("a normal  for"): words bring their own
         return False
+    if any(c in _ODD_SPACES for c in piece):  # a tab or vertical tab between sentences
+        return False
     previous, negated, sentence = at.previous, at.negated, set(at.sentence)
     opening, glued = at.opening, at.glued
     runs = _LETTER_RUNS.findall(at.open_word + piece)
@@ -120,14 +123,21 @@ def _fits(vocabulary: frozenset[str], rules: Rules, at: Position, piece: str) ->
         stated = rules.stated | frozenset(normal) | named
         stated = stated if negated else stated | rules.unstated
         words, prefixes = allowed_words(vocabulary, stated, banned)
+        word = run.lower()
         if i == len(runs) - 1:
-            return run.lower() in prefixes
-        if run.lower() not in words:
+            return word in prefixes and (word != previous or _extends(words, word))
+        if word not in words or word == previous:  # "otherwise otherwise", "pleural pleural"
             return False
-        previous, opening = run.lower(), False
+        previous, opening = word, False
         negated = negated or previous in NEGATIONS
         sentence.add(previous)
     return True
+
+
+def _extends(words: frozenset[str], word: str) -> bool:
+    """Whether a word of ``words`` other than ``word`` begins with it (the open word may still
+    become another word than the one before it: "pleura" → "pleural")."""
+    return any(w != word and w.startswith(word) for w in words)
 
 
 def _case_fits(run: str, opening: bool, open_: bool) -> bool:
@@ -184,9 +194,9 @@ class ClosedVocabulary(LogitsProcessor):
     before it ("normal.Density"), nor a word that compares with a prior study
     (``PRIOR_COMPARISON``: "improved", "remains"), nor a Capitalised word inside a sentence or
     one in capitals longer than an abbreviation ("No Acute", "IMPROVED"), nor a word in mixed
-    case ("volumE",
-    "IMPRESSIOn"), nor a hyphen joining words (the report vocabulary holds single words:
-    "air-pulmonary", "well-osseous"). Where none of the ``top_k`` fits, the ``wider_k`` most likely are tried
+    case ("volumE", "IMPRESSIOn"), nor the word just written again ("otherwise otherwise"),
+    nor a hyphen joining words (the report vocabulary holds single words: "air-pulmonary",
+    "well-osseous"). Where none of the ``top_k`` fits, the ``wider_k`` most likely are tried
     (the n-gram ban may have removed the likely ending of a word), then every token of the
     tokenizer, even one the n-gram ban took: a word is never left unfinished or misspelt.
 

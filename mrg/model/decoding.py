@@ -34,6 +34,7 @@ list serves greedy, sampling and beam search, in ``generate`` and in the streami
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from functools import lru_cache
 
 import torch
@@ -41,6 +42,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokeniz
 
 from mrg.text.anatomy import unaddressed
 from mrg.text.sections import FINDINGS, format_report
+from mrg.text.states import NAMING_PREFIXES
 
 _HEADER_WORD_AT_END = re.compile(r"(findings|impression)\s*$", re.IGNORECASE)
 
@@ -131,7 +133,9 @@ class ReportStructureProcessor(LogitsProcessor):
 
     With ``anatomy_words`` the findings cannot close before they address the heart, the lungs
     and the pleura (the lead's sentences count) unless the LLM has written that many words:
-    the 135M LLM often closed after the heart and the lungs."""
+    the 135M LLM often closed after the heart and the lungs. With ``absent`` (one list of
+    findings per study, laid out as ``leads``), nor before they name each finding its
+    condition states absent: it closed after "No pneumothorax." beside an absent effusion."""
 
     def __init__(
         self,
@@ -141,9 +145,11 @@ class ReportStructureProcessor(LogitsProcessor):
         leads: list[list[int]] | None = None,
         lead_last: bool = False,
         anatomy_words: int = 0,
+        absent: list[list[str]] | None = None,
     ):
         self.structure, self.max_new_tokens, self.reserve = structure, max_new_tokens, reserve
         self.leads, self.lead_last, self.anatomy_words = leads, lead_last, anatomy_words
+        self.absent = absent
 
     def _lead(self, row: int, rows: int) -> list[int]:
         """The findings' sentences of ``row`` ([] where there are none)."""
@@ -151,17 +157,21 @@ class ReportStructureProcessor(LogitsProcessor):
             return []
         return of_study(self.leads, row, rows)
 
-    def may_close(self, own: list[int], lead: list[int]) -> bool:
+    def may_close(self, own: list[int], lead: list[int], absent: Sequence[str] = ()) -> bool:
         """Whether findings of ``own`` (the LLM's tokens) and ``lead`` (forced, before or
         after them) may close: always without ``anatomy_words``, else once they address the
-        heart, the lungs and the pleura or ``own`` holds that many words."""
+        heart, the lungs and the pleura and name each finding of ``absent`` (in any words:
+        ``NAMING_PREFIXES``), or ``own`` holds that many words."""
         if not self.anatomy_words:
             return True
         decode = self.structure.tokenizer.decode
         own_text = decode(own)
         if len(own_text.split()) >= self.anatomy_words:
             return True
-        return not unaddressed(f"{own_text} {decode(lead)}")
+        text = f"{own_text} {decode(lead)}"
+        lower = text.lower()
+        named = all(any(p in lower for p in NAMING_PREFIXES[f]) for f in absent)
+        return named and not unaddressed(text)
 
     def forced(self, row_ids: list[int], row: int, rows: int) -> int | None:
         """The token ``row`` must take next whatever the LLM says: a header's, a lead's, or
@@ -188,6 +198,7 @@ class ReportStructureProcessor(LogitsProcessor):
         s = self.structure
         header = s.impression
         newline = s.newline_ids.to(scores.device)
+        absent = lambda row: of_study(self.absent, row, len(input_ids)) if self.absent else ()
         for row, row_ids in enumerate(input_ids.tolist()):
             out, n = scores[row], len(row_ids)
             token = self.forced(row_ids, row, len(input_ids))
@@ -216,7 +227,7 @@ class ReportStructureProcessor(LogitsProcessor):
                 at_stop = s.ends_sentence(row_ids)
                 if left <= 0 or (left <= reserve and at_stop):
                     _force(out, then)
-                elif at_stop and self.may_close(row_ids[len(findings) :], lead):
+                elif at_stop and self.may_close(row_ids[len(findings) :], lead, absent(row)):
                     out[then] = close
             else:  # impression: closing it ends the report
                 out[s.eos_id] = close

@@ -30,6 +30,7 @@ from mrg.model.decoding import (
     UnlessForced,
     report_structure,
 )
+from mrg.model.phrasing_fusion import PhrasingFusion
 from mrg.model.prompting import Context, positions_from_mask, text_increments
 from mrg.text.states import (
     ABSENT,
@@ -117,6 +118,7 @@ class ReportGeneration:
         states = [states_of_vector(y) for y in findings.tolist()] if findings is not None else None
         leads = self.leads(states) if decoding.lead_with_findings and states is not None else None
         choosing = LogitsProcessorList()  # the LLM's own choices: skipped where all are forced
+        absent = None
         if decoding.absent_bias and states is not None and self.config.uses_states:
             absent = [with_state(study, ABSENT) for study in states]
             choosing.append(AbsentNames(structure, absent, decoding.absent_bias))
@@ -134,12 +136,17 @@ class ReportGeneration:
         if decoding.closed_vocabulary and self.report_vocabulary:
             rules = None if states is None else [self._rules(s, bool(leads)) for s in states]
             choosing.append(ClosedVocabulary(structure, self.report_vocabulary, rules))
+            if decoding.phrasing_weight and self.report_phrasing:
+                choosing.append(
+                    PhrasingFusion(structure, self.report_phrasing, decoding.phrasing_weight)
+                )
         shape = ReportStructureProcessor(
             structure,
             decoding.max_new_tokens,
             leads=leads,
             lead_last=decoding.lead_last,
             anatomy_words=decoding.anatomy_words,
+            absent=absent,
         )
         return LogitsProcessorList([UnlessForced(choosing, shape), shape])
 

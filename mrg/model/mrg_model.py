@@ -43,6 +43,7 @@ from mrg.model.encoder import VisualEncoder
 from mrg.model.generation import ReportGeneration
 from mrg.model.llm import load_frozen_llm
 from mrg.model.prompting import Context, ContextAssembly, PromptTemplate, positions_from_mask
+from mrg.text.phrasing import PHRASING_NAME, Phrasing
 from mrg.text.vocabulary import VOCABULARY_NAME, read_vocabulary, write_vocabulary
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,8 @@ class MRGModel(ContextAssembly, ReportGeneration, nn.Module):
         # the words a report may use (``mrg.text.vocabulary``): set in training, saved beside
         # the weights; None: any word
         self.report_vocabulary: frozenset[str] | None = None
+        # how its training reports phrase things (``mrg.text.phrasing``): set and saved alike
+        self.report_phrasing: Phrasing | None = None
         for part in (self.encoder, self.projection, self.customizer):
             part.to(llm.device)  # the LLM may be quantized and placed already: move only our parts
 
@@ -279,6 +282,8 @@ class MRGModel(ContextAssembly, ReportGeneration, nn.Module):
         (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
         if self.report_vocabulary:
             write_vocabulary(directory / VOCABULARY_NAME, self.report_vocabulary)
+        if self.report_phrasing:
+            self.report_phrasing.save(directory / PHRASING_NAME)
         return directory
 
     def push_to_hub(self, repo_id: str, card: str = "", private: bool = False) -> str:
@@ -312,6 +317,8 @@ class MRGModel(ContextAssembly, ReportGeneration, nn.Module):
         model.load_trainable(directory)
         if (directory / VOCABULARY_NAME).is_file():
             model.report_vocabulary = read_vocabulary(directory / VOCABULARY_NAME)
+        if (directory / PHRASING_NAME).is_file():
+            model.report_phrasing = Phrasing.load(directory / PHRASING_NAME)
         return model
 
     def load_trainable(self, directory: str | Path, prefix: str = "") -> None:

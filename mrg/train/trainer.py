@@ -41,6 +41,7 @@ from mrg.data.datasets import Collate, StudyDataset, StudyRecord
 from mrg.data.language import ReportCorpus
 from mrg.model import MRGModel
 from mrg.model.findings import FindingsHead
+from mrg.text.phrasing import Phrasing
 from mrg.text.vocabulary import report_vocabulary
 from mrg.train.config import TrainConfig
 from mrg.train.losses import (
@@ -104,9 +105,9 @@ class Trainer:
         )
         self.model = model
         # the words the model may write: those its training reports use (mrg.text.vocabulary)
-        model.report_vocabulary = report_vocabulary(
-            [r.report for r in train_records] + list(language.train if language else [])
-        )
+        reports = [r.report for r in train_records] + list(language.train if language else [])
+        model.report_vocabulary = report_vocabulary(reports)
+        model.report_phrasing = Phrasing.from_reports(reports)
         if config.gradient_checkpointing:
             model.enable_llm_checkpointing()
         heads = ContrastiveHeads(
