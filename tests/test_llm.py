@@ -38,6 +38,24 @@ def test_bfloat16_dtype_is_honoured(tiny_llm, tokenizer, tmp_path):
     assert model.get_input_embeddings().weight.dtype == torch.bfloat16
 
 
+def test_a_bf16_row_alone_gets_the_product_it_gets_in_a_batch(tiny_llm, tokenizer, tmp_path):
+    tiny_llm.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model, _ = load_frozen_llm(LLMConfig(source=str(tmp_path), dtype="bfloat16"))
+    plain, _ = load_frozen_llm(LLMConfig(source=str(tmp_path)))
+    linear = model.model.layers[0].mlp.down_proj
+    assert "forward" in vars(linear) and "forward" not in vars(plain.model.layers[0].mlp.down_proj)
+    torch.manual_seed(0)
+    rows = torch.randn(64, 1, linear.in_features).to(torch.bfloat16)
+    batch = linear(rows)
+    assert all(torch.equal(linear(rows[i : i + 1]), batch[i : i + 1]) for i in range(64))
+    assert torch.equal(linear(rows[:1, 0]), batch[0])  # any leading shape
+    one = torch.tensor([[5]])  # one token: every product a lone row, still the same model
+    assert torch.allclose(
+        model(input_ids=one).logits.float(), plain(input_ids=one).logits, atol=0.3
+    )
+
+
 def test_bad_configs_name_the_field():
     with pytest.raises(ConfigError, match="llm.quantization"):
         LLMConfig(quantization="q4").validate()

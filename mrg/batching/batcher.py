@@ -12,7 +12,8 @@ count that row's real tokens only (``mask.sum − 1``, the rule ``positions_from
 the prefill), and attention that reads each row's own tokens only (``rows.ROW_ATTENTION``: the
 row alone, in the very shapes it would have alone; rows that start together attend
 together), so a row's tokens do not depend on who else is in the batch: the weights'
-products are per row already (checked for fp32 and for the weight-only kernels), while
+products are per row already (checked for fp32 and for the weight-only kernels; bf16 once a
+lone row is computed as two, ``mrg.model.llm.one_row_as_two``), while
 attention over a left-padded cache with a mask took another kernel path and changed a bf16
 report in 8 of 8 concurrent requests. A finished, cancelled or failed row leaves at the next
 step and the cache's all-padding columns are dropped. Prompt-wise and promptbook-wise

@@ -30,9 +30,11 @@ import json
 import logging
 import shutil
 import time
+import types
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -238,6 +240,29 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
+def _linear_one_row_as_two(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``nn.Linear.forward``, except that a lone row is computed as the first of two."""
+    if x.numel() != x.shape[-1]:
+        return F.linear(x, self.weight, self.bias)
+    pair = x.reshape(1, -1).repeat(2, 1)
+    return F.linear(pair, self.weight, self.bias)[:1].reshape(*x.shape[:-1], -1)
+
+
+def one_row_as_two(model: torch.nn.Module) -> torch.nn.Module:
+    """Make ``model``'s bf16 products on a CPU the same for a row alone and in a batch.
+
+    PyTorch multiplies a single bf16 row by a weight on another kernel than two or more rows
+    (a matrix-vector product), and the results differ in the last bit: SmolLM2's
+    ``down_proj`` (1536 → 576) gave another product for 17 of 150 random rows, while 2 to 16
+    rows gave each row the same. A lone report decodes one row a step, a batch several, so
+    the batcher's bf16 reports drifted from the lone ones (1 of 2 users at 120 tokens).
+    Each ``nn.Linear`` now computes a lone row as the first of two equal rows."""
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.forward = types.MethodType(_linear_one_row_as_two, module)
+    return model
+
+
 def load_frozen_llm(config: LLMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (model, tokenizer) for ``config``, frozen; a quantized model sits on the device
     bitsandbytes quantizes on (the current GPU, else the CPU)."""
@@ -254,6 +279,8 @@ def load_frozen_llm(config: LLMConfig) -> tuple[PreTrainedModel, PreTrainedToken
     if weight_only:
         quantize_weight_only(model, config.quantization)
         release_freed_memory()
+    elif quant is None and model.dtype == torch.bfloat16 and model.device.type == "cpu":
+        one_row_as_two(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return freeze(model), tokenizer
