@@ -46,6 +46,28 @@ def tokens(section: str) -> list[str]:
     return _TOKENS.findall(section.lower())
 
 
+class _Next:
+    """The words seen after one context, sorted, with their cumulative discounted counts: the
+    discounted count of every word with a prefix is one difference of two sums."""
+
+    def __init__(self, counts: dict[str, int], discount: float):
+        self.counts, self.discount = counts, discount
+        self.words = sorted(counts)
+        self.cumulative = [0.0]
+        for w in self.words:
+            self.cumulative.append(self.cumulative[-1] + max(counts[w] - discount, 0.0))
+        self.seen = sum(counts.values())
+        self.backoff = discount * len(counts) / self.seen  # the mass left to the lower order
+
+    def kept(self, prefix: str, whole: bool) -> float:
+        """Σ max(c(w) − D, 0) over the words ``w`` beginning with ``prefix`` (or equal to it)."""
+        if whole:
+            return max(self.counts.get(prefix, 0) - self.discount, 0.0)
+        lo = bisect.bisect_left(self.words, prefix)
+        hi = bisect.bisect_left(self.words, prefix + "\x7f")
+        return self.cumulative[hi] - self.cumulative[lo]
+
+
 class Phrasing:
     """Trigram counts of report sections and the discounted model over them (module docstring)."""
 
@@ -57,12 +79,14 @@ class Phrasing:
         for (_, v), nexts in self.trigrams.items():
             bigrams[v].update(nexts)
             unigrams.update(nexts)
-        self.bigrams, self.unigrams = dict(bigrams), unigrams
+        self.unigrams = unigrams
         self.total = sum(unigrams.values())
         self.words = sorted(unigrams)  # for the unigram mass of a prefix: a sorted range
         self._cumulative = [0]
         for w in self.words:
             self._cumulative.append(self._cumulative[-1] + unigrams[w] + 1)
+        self._after_word = {v: _Next(dict(c), discount) for v, c in bigrams.items()}
+        self._after_pair = {k: _Next(c, discount) for k, c in self.trigrams.items()}
         self._mass = lru_cache(maxsize=1 << 16)(self._mass_uncached)
         self.increment = lru_cache(maxsize=1 << 16)(self._increment)
 
@@ -99,14 +123,10 @@ class Phrasing:
         return mass / (self.total + len(self.words))
 
     def _mass_uncached(self, context: Context, prefix: str, whole: bool) -> float:
-        lower = self._unigram_mass(prefix) if not whole else self._unigram_mass_of(prefix)
-        for nexts in (self.bigrams.get(context[1]), self.trigrams.get(context)):
-            if not nexts:
-                continue
-            seen = sum(nexts.values())
-            hits = (c for w, c in nexts.items() if (w == prefix if whole else w.startswith(prefix)))
-            kept = sum(max(c - self.discount, 0.0) for c in hits)
-            lower = kept / seen + self.discount * len(nexts) / seen * lower
+        lower = self._unigram_mass_of(prefix) if whole else self._unigram_mass(prefix)
+        for nexts in (self._after_word.get(context[1]), self._after_pair.get(context)):
+            if nexts:
+                lower = nexts.kept(prefix, whole) / nexts.seen + nexts.backoff * lower
         return lower
 
     def _unigram_mass_of(self, word: str) -> float:
