@@ -78,6 +78,10 @@ def test_state_reads_the_two_tokens_before_the_open_word(phrasing):
 def test_the_phrasing_is_saved_and_loaded(phrasing, tmp_path):
     loaded = Phrasing.load(phrasing.save(tmp_path / PHRASING_NAME))
     assert loaded.trigrams == phrasing.trigrams and loaded.discount == phrasing.discount
+    with pytest.raises(ValueError, match="discount"):
+        Phrasing({"a b": {"c": 1}}, discount=0.0)  # unseen words would get no mass
+    with pytest.raises(ValueError, match="counts"):
+        Phrasing({})
 
 
 def test_the_fusion_reorders_the_allowed_tokens_and_leaves_the_rest(phrasing, tokenizer):

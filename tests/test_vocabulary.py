@@ -225,6 +225,8 @@ def test_no_word_is_written_twice_in_a_row(closed):
     assert not closed.fits(" normal", after)  # "otherwise otherwise", "pleural pleural"
     assert not closed.fits(" normal.", after) and not closed.fits(" normal normal.")
     assert closed.fits(" the", after) and closed.fits(". Normal", after)  # a new sentence may
+    heart = Position(previous="heart", sentence=frozenset({"heart"}), opening=False)
+    assert not closed.fits(" hear", heart)  # a dead end: "hear…" could only become "heart"
     longer = ClosedVocabulary(closed.structure, WORDS | {"normally"})
     assert longer.fits(" normal", after)  # on the way to "normally"
     assert not longer.fits(".", Position(previous="normal", open_word="normal", opening=False))

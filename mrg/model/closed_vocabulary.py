@@ -125,7 +125,7 @@ def _fits(vocabulary: frozenset[str], rules: Rules, at: Position, piece: str) ->
         words, prefixes = allowed_words(vocabulary, stated, banned)
         word = run.lower()
         if i == len(runs) - 1:
-            return word in prefixes and (word != previous or _extends(words, word))
+            return word in prefixes and not _only_toward(words, word, previous)
         if word not in words or word == previous:  # "otherwise otherwise", "pleural pleural"
             return False
         previous, opening = word, False
@@ -134,10 +134,13 @@ def _fits(vocabulary: frozenset[str], rules: Rules, at: Position, piece: str) ->
     return True
 
 
-def _extends(words: frozenset[str], word: str) -> bool:
-    """Whether a word of ``words`` other than ``word`` begins with it (the open word may still
-    become another word than the one before it: "pleura" → "pleural")."""
-    return any(w != word and w.startswith(word) for w in words)
+@lru_cache(maxsize=4096)
+def _only_toward(words: frozenset[str], prefix: str, previous: str | None) -> bool:
+    """Whether every word of ``words`` that begins with ``prefix`` is ``previous``: the open
+    word could only become the word just written ("osse" after "osseous"), a dead end."""
+    if previous is None or not previous.startswith(prefix):
+        return False
+    return not any(w != previous and w.startswith(prefix) for w in words)
 
 
 def _case_fits(run: str, opening: bool, open_: bool) -> bool:

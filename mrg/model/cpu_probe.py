@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 CACHE_NAME = "cpu_llm.json"
 SPEEDUP = 1.15  # a setting must make a report at least this much faster than fp32
 PREFILL_ROWS, REPORT_TOKENS = 130, 20
-WORKLOAD = f"{PREFILL_ROWS}-token prefill + {REPORT_TOKENS} steps"  # a new one measures again
+# a new one measures again ("bf16 rows as two": a lone bf16 row is computed as two)
+WORKLOAD = f"{PREFILL_ROWS}-token prefill + {REPORT_TOKENS} steps, bf16 rows as two"
 LAYER_SHAPES = [
     (576, 576),
     (192, 576),
@@ -93,6 +94,8 @@ def _products(setting: str, weights: list[torch.Tensor]) -> tuple[list[Callable]
     quantization, dtype = SETTINGS[setting]
     if quantization == "none":
         cast = [w.to(getattr(torch, dtype)) for w in weights]
+        if dtype == "bfloat16":  # a lone row as the first of two (``llm.one_row_as_two``)
+            return [lambda x, w=w: (x.repeat(2, 1) @ w.T)[:1] for w in cast], torch.bfloat16
         return [lambda x, w=w: x @ w.T for w in cast], getattr(torch, dtype)
     layers = [WEIGHT_ONLY_LAYERS[quantization](w) for w in weights]
     return [layer.product for layer in layers], torch.bfloat16

@@ -241,8 +241,8 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _linear_one_row_as_two(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``nn.Linear.forward``, except that a lone row is computed as the first of two."""
-    if x.numel() != x.shape[-1]:
+    """``nn.Linear.forward``, except that a lone row on the CPU is computed as the first of two."""
+    if x.numel() != x.shape[-1] or x.device.type != "cpu":
         return F.linear(x, self.weight, self.bias)
     pair = x.reshape(1, -1).repeat(2, 1)
     return F.linear(pair, self.weight, self.bias)[:1].reshape(*x.shape[:-1], -1)

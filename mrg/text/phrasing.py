@@ -72,6 +72,8 @@ class Phrasing:
     """Trigram counts of report sections and the discounted model over them (module docstring)."""
 
     def __init__(self, trigrams: dict[str, dict[str, int]], discount: float = DISCOUNT):
+        if not 0 < discount < 1 or not any(trigrams.values()):
+            raise ValueError(f"phrasing needs counts and 0 < discount < 1, got {discount}")
         self.discount = discount
         self.trigrams = {tuple(k.split(" ")): v for k, v in trigrams.items()}
         bigrams: dict[str, Counter] = defaultdict(Counter)
@@ -141,7 +143,7 @@ class Phrasing:
         ``open_word`` (letters typed of a word not yet ended, or ""). A newline ends the section."""
         score = -math.log(self.mass(context, open_word)) if open_word else 0.0
         for part in _PIECE.findall(piece.lower()):
-            if part.isalpha():
+            if part.isascii() and part.isalpha():
                 open_word += part
                 continue
             if open_word:  # any other character ends the word being typed
