@@ -156,11 +156,12 @@ def test_the_word_being_built_is_read_back_to_its_first_letter_however_many_toke
     assert closed.fits(" normal", position(pieces, tokenizer.encode(" The heart. It is")), rules)
 
 
-def test_beside_a_present_finding_no_global_normal_statement_is_begun(closed):
+def test_beside_a_present_or_possible_finding_no_global_normal_statement_is_begun(closed):
     from mrg.text.states import global_normal_bigrams
 
     rules = Rules(bigrams=global_normal_bigrams({"Effusion": "present"}))
-    assert global_normal_bigrams({"Effusion": "possible"}) == frozenset()
+    assert global_normal_bigrams({"Effusion": "possible"}) == rules.bigrams  # a hedge too
+    assert global_normal_bigrams({"Effusion": "absent"}) == frozenset()
     assert closed.fits(" acute", Position(previous="no"), rules)  # "no acute" is fine alone
     words = frozenset(WORDS | {"cardiopulmonary", "abnormality", "pulmonary"})
     closed = ClosedVocabulary(closed.structure, words)

@@ -4,7 +4,7 @@
 word in the vocabulary and the open one on the way to a word of it (read back to its first
 letter, however many tokens it spans: ``position``); ``Rules`` hold what one study's report
 may not write besides (a finding its lead names, a finding it does not state except to negate
-it, a global-normal statement beside a present finding, a sentence calling a named finding's
+it, a global-normal statement beside a present or possible finding, a sentence calling a named finding's
 anatomy normal). ``_fits`` is the test of one token at one ``Position``, remembered.
 """
 
@@ -206,7 +206,7 @@ class ClosedVocabulary(LogitsProcessor):
     ``rules`` (one ``Rules`` per study, rows laid out as ``ReportStructureProcessor``'s leads)
     hold what else the study's report may not write: after its lead, no word naming a finding
     the lead named ("Cardiomegaly. No acute cardiomegaly."); a finding its condition does not
-    state present or possible only in a sentence that negates; beside a present finding no
+    state present or possible only in a sentence that negates; beside a present or possible finding no
     global-normal statement (``mrg.text.states.GLOBAL_NORMAL_BIGRAMS``); and beside a present
     or possible finding no sentence calling its anatomy normal (``NORMAL_ANATOMY``)."""
 

@@ -112,7 +112,7 @@ class ReportGeneration:
         findings) and makes the impression; with ``absent_bias``, a states model's absent
         findings are favoured after a negation cue until named (``AbsentNames``); with
         ``closed_vocabulary``, only words of ``report_vocabulary`` are written, after such a
-        lead no word that names one of its findings again, and beside a present finding no
+        lead no word that names one of its findings again, and beside a present or possible finding no
         global-normal statement."""
         structure = report_structure(self.tokenizer, self.template.eos_id)
         states = [states_of_vector(y) for y in findings.tolist()] if findings is not None else None
@@ -154,7 +154,7 @@ class ReportGeneration:
         """What a report written from ``states`` may not write (``mrg.model.decoding.Rules``):
         with a lead, the findings it names, or a hedge, outside it; a states model, a finding
         it does not state present or possible except to negate it, or a sentence calling the
-        anatomy of one it does normal; beside a present finding, a global-normal statement."""
+        anatomy of one it does normal; beside a present or possible finding, a global-normal statement."""
         return Rules(
             stated=naming_words(named(states)) | HEDGES if lead else frozenset(),
             unstated=unstated_prefixes(states) if self.config.uses_states else frozenset(),

@@ -13,7 +13,7 @@ As text they enter the instruction (``states_words``: "Present: cardiomegaly. Po
 pleural effusion. Absent: pneumothorax.") and open the report (``lead_sentences``:
 "Cardiomegaly. Possible pleural effusion."). A present finding rules out a global-normal
 statement ("No acute cardiopulmonary abnormality."): ``GLOBAL_NORMAL`` finds one in text,
-``GLOBAL_NORMAL_BIGRAMS`` are the word pairs decoding never writes beside a present finding.
+``GLOBAL_NORMAL_BIGRAMS`` are the word pairs decoding never writes beside a present or possible finding.
 """
 
 from __future__ import annotations
@@ -138,8 +138,10 @@ def unstated_prefixes(states: Mapping[str, str]) -> frozenset[str]:
 
 def global_normal_bigrams(states: Mapping[str, str]) -> frozenset[tuple[str, str]]:
     """The (word, next word) pairs decoding must not write for ``states``: the global-normal
-    statements where a finding is present, none otherwise."""
-    if PRESENT not in states.values():
+    statements where a finding is present or possible (a hedge beside "No acute
+    cardiopulmonary abnormality." reads as a contradiction, and "The heart is large." beside a
+    possible cardiomegaly reads as present), none otherwise."""
+    if not {PRESENT, POSSIBLE} & set(states.values()):
         return frozenset()
     return frozenset((a, b) for a, nexts in GLOBAL_NORMAL_BIGRAMS.items() for b in nexts)
 
