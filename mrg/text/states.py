@@ -11,9 +11,9 @@ either width names its present findings the same way (``named_findings``).
 
 As text they enter the instruction (``states_words``: "Present: cardiomegaly. Possible:
 pleural effusion. Absent: pneumothorax.") and open the report (``lead_sentences``:
-"Cardiomegaly. Possible pleural effusion."). A present finding rules out a global-normal
-statement ("No acute cardiopulmonary abnormality."): ``GLOBAL_NORMAL`` finds one in text,
-``GLOBAL_NORMAL_BIGRAMS`` are the word pairs decoding never writes beside a present or possible finding.
+"Cardiomegaly. Possible pleural effusion."). A present or possible finding rules out a
+global-normal statement ("No acute cardiopulmonary abnormality."): ``GLOBAL_NORMAL`` finds one
+in text, ``GLOBAL_NORMAL_BIGRAMS`` are the word pairs decoding never writes beside one.
 """
 
 from __future__ import annotations
