@@ -28,7 +28,7 @@ from transformers import LogitsProcessor
 
 from mrg.model.closed_vocabulary import position
 from mrg.model.decoding import ReportStructure, of_study
-from mrg.text.states import FINDING_PREFIXES, NAMING_PREFIXES, NEGATIONS
+from mrg.text.states import FINDING_PREFIXES, NAMING_PREFIXES, NEGATIONS, unnamed
 from mrg.text.taxonomy import spoken_name
 
 # the words after which a negated sentence names what it negates: "no", "without", "or" in
@@ -75,13 +75,11 @@ class AbsentNames(LogitsProcessor):
         elif at.sentence & FOCAL_WORDS or last in FOCAL_WORDS:
             absent = [f for f in absent if f in FOCAL_FINDINGS]
         text = s.tokenizer.decode(row_ids[len(s.findings) :]).lower()
-        unnamed = [
-            f for f in absent if f in self.first and not any(p in text for p in NAMING_PREFIXES[f])
-        ]
-        if not unnamed:
+        left = unnamed([f for f in absent if f in self.first], text)
+        if not left:
             return []
         if last in CUES:
-            return [self.first[f] for f in unnamed]
+            return [self.first[f] for f in left]
         return [self.joiner] if last.startswith(NAMES) else []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:

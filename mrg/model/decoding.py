@@ -42,7 +42,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokeniz
 
 from mrg.text.anatomy import unaddressed
 from mrg.text.sections import FINDINGS, format_report
-from mrg.text.states import NAMING_PREFIXES
+from mrg.text.states import unnamed
 
 _HEADER_WORD_AT_END = re.compile(r"(findings|impression)\s*$", re.IGNORECASE)
 
@@ -169,9 +169,7 @@ class ReportStructureProcessor(LogitsProcessor):
         if len(own_text.split()) >= self.anatomy_words:
             return True
         text = f"{own_text} {decode(lead)}"
-        lower = text.lower()
-        named = all(any(p in lower for p in NAMING_PREFIXES[f]) for f in absent)
-        return named and not unaddressed(text)
+        return not unnamed(absent, text.lower()) and not unaddressed(text)
 
     def forced(self, row_ids: list[int], row: int, rows: int) -> int | None:
         """The token ``row`` must take next whatever the LLM says: a header's, a lead's, or

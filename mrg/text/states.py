@@ -121,6 +121,12 @@ def named(states: Mapping[str, str]) -> list[str]:
     return [f for f in FINDINGS14 if states.get(f) in (PRESENT, POSSIBLE)]
 
 
+def unnamed(findings: Iterable[str], text: str) -> list[str]:
+    """The findings of ``findings`` that lower-case ``text`` does not name, in any words and any
+    state (``NAMING_PREFIXES``)."""
+    return [f for f in findings if not any(p in text for p in NAMING_PREFIXES[f])]
+
+
 def normal_anatomy(states: Mapping[str, str]) -> frozenset[tuple[str, str]]:
     """The (word, later word) pairs that would call the anatomy of a present or possible
     finding of ``states`` normal in one sentence ("The heart is normal" beside cardiomegaly)."""
