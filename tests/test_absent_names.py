@@ -69,3 +69,20 @@ def test_a_states_model_decodes_with_the_bias_and_without_it_when_off(tiny_llm, 
     assert "AbsentNames" not in kinds(Decoding(absent_bias=0.0))
     with pytest.raises(ValueError, match="absent_bias"):
         Decoding(absent_bias=-1.0).validate()
+
+
+def test_once_heart_and_lungs_are_described_a_sentence_opens_on_the_pleura(structure, tokenizer):
+    names = AbsentNames(structure, [["Effusion"]], bias=6.0)
+    negation = first(tokenizer, " No")
+
+    def favoured(findings: str, absent=("Effusion",)) -> set[int]:
+        return set(names.favoured(structure.findings + tokenizer.encode(findings), list(absent)))
+
+    assert favoured(" The heart is normal. The lungs are clear.") == {negation}
+    assert favoured(" The heart is normal.") == set()  # the lungs come first
+    assert favoured(" The heart is normal. The lungs are clear.", absent=["Atelectasis"]) == {
+        negation
+    }
+    assert favoured(" The heart is normal. The lungs are clear. No pneumothorax.") == set()
+    done = " The heart is normal. The lungs are clear. No pleural effusion."
+    assert favoured(done) == set()  # named already

@@ -227,3 +227,20 @@ def test_near_the_end_of_the_budget_the_findings_close_at_a_sentence_end(structu
     assert 16 < 64 - len(ended) - len(structure.impression) <= 32
     assert shape(torch.tensor([ended]), llm_goes_on.clone())[0].argmax() == structure.impression[0]
     assert shape(torch.tensor([midword]), llm_goes_on.clone())[0].argmax() == 1234
+
+
+def test_the_close_bias_moves_the_close_only_where_a_section_may_close(structure, tokenizer):
+    biased = ReportStructureProcessor(structure, max_new_tokens=100, close_bias=2.0)
+    plain = ReportStructureProcessor(structure, max_new_tokens=100)
+    scores = torch.zeros(1, len(tokenizer))
+    header, eos = structure.impression[0], structure.eos_id
+
+    def close(processor, ids: list[int], token: int) -> float:
+        return processor(torch.tensor([ids]), scores.clone())[0, token].item()
+
+    findings = structure.findings + tokenizer.encode(" The heart is normal.")
+    assert close(biased, findings, header) == pytest.approx(close(plain, findings, header) + 2.0)
+    impression = findings + structure.impression + tokenizer.encode(" No acute disease.")
+    assert close(biased, impression, eos) == pytest.approx(close(plain, impression, eos) + 2.0)
+    mid = findings + structure.impression + tokenizer.encode(" No acute")  # mid-sentence
+    assert close(biased, mid, eos) == pytest.approx(close(plain, mid, eos))

@@ -115,3 +115,19 @@ def test_the_phrasing_travels_with_the_checkpoint_and_steers_decoding(make_tiny_
     assert fused != plain  # a random LLM's words, reordered by the reports'
     with pytest.raises(ValueError, match="phrasing_weight"):
         Decoding(phrasing_weight=-1.0).validate()
+
+
+def test_the_word_pairs_the_reports_never_wrote_are_never_written(phrasing, tokenizer):
+    from mrg.model.closed_vocabulary import ClosedVocabulary, Position
+
+    vocabulary = frozenset({"the", "heart", "is", "normal", "clear", "lungs", "are", "limits"})
+    assert phrasing.pairs.unseen_after("is", vocabulary) == vocabulary - {"normal", "enlarged"}
+    assert not phrasing.pairs.unseen_after("unseen", vocabulary)  # nothing known of it
+    structure = report_structure(tokenizer, tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    closed = ClosedVocabulary(structure, vocabulary, pairs=phrasing.pairs)
+    free = ClosedVocabulary(structure, vocabulary)
+    after_is = Position(previous="is", sentence=frozenset({"the", "heart", "is"}), opening=False)
+    assert closed.fits(" normal", after_is) and not closed.fits(" clear", after_is)
+    assert free.fits(" clear", after_is)
+    assert closed.fits(" clear", Position(open_word="are"))  # "are clear": seen
+    assert closed.fits(" The")  # a sentence opens freely

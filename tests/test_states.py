@@ -17,9 +17,13 @@ from mrg.model.findings import FindingsHead
 from mrg.text.labeler import ReportLabeler
 from mrg.text.states import (
     STATE_WIDTH,
+    contradicting_bigrams,
+    described,
     global_normal,
     lead_sentences,
+    naming_prefixes,
     parse_states,
+    spoken_for,
     state_vector,
     states_from_statuses,
     states_of_vector,
@@ -56,6 +60,21 @@ def test_states_as_words_and_as_the_sentences_decoding_forces():
     assert states_words({}) == "Present: none. Possible: none. Absent: none."
     assert lead_sentences(STATES) == "Cardiomegaly. Possible pleural effusion."
     assert lead_sentences({"Pneumothorax": "absent"}) == ""
+
+
+def test_what_a_findings_sentence_speaks_for_and_what_contradicts_it():
+    assert spoken_for({"Cardiomegaly": "possible"}) >= {"heart", "cardiomediastinal", "cardiac"}
+    assert "lungs" not in spoken_for(STATES) and not spoken_for({"Cardiomegaly": "absent"})
+    assert described(["the", "cardiomediastinal", "silhouette", "is", "normal"]) == {
+        "heart",
+        "mediastinum",
+    }
+    assert {"large", "enlarge", "cardiomegal"} <= naming_prefixes(["Cardiomegaly"])
+    pleural = contradicting_bigrams({"Effusion": "present"})
+    assert ("pleural", "disease") in pleural and ("acute", "cardiopulmonary") in pleural
+    lungs = contradicting_bigrams({"Nodule": "possible"})
+    assert ("pleural", "disease") not in lungs and ("acute", "cardiopulmonary") in lungs
+    assert not contradicting_bigrams({"Effusion": "absent"})
 
 
 def test_the_findings_flag_reads_states_and_names_alone_are_present():

@@ -87,18 +87,38 @@ def test_a_finding_not_stated_present_or_possible_is_named_only_to_negate_it(clo
     assert not position(pieces, tokenizer.encode(" No effusion. The")).negated  # a new sentence
 
 
-def test_a_sentence_names_a_finding_once_and_a_large_heart_only_where_stated(closed, tokenizer):
+def test_a_section_names_a_finding_once_and_a_large_heart_only_where_stated(closed, tokenizer):
     from mrg.model.closed_vocabulary import position
     from mrg.text.states import unstated_prefixes
 
     pieces = closed.structure.pieces
     twice = position(pieces, tokenizer.encode(" No effusion or"))
     assert "effusion" in twice.sentence and not closed.fits(" effusion", twice)
-    assert closed.fits(" effusion", position(pieces, tokenizer.encode(" No effusion. No")))
+    again = position(pieces, tokenizer.encode(" No effusion. The heart is normal. No"))
+    assert again.named == {"effusion"} and not closed.fits(" effusion", again)  # "No effusion."
+    impression = position(pieces, tokenizer.encode(" No effusion.\nIMPRESSION: No"))
+    assert not impression.named and closed.fits(" effusion", impression)  # a new section
     assert not closed.fits(" no effusion or effusion")  # within one piece too
     unstated = Rules(unstated=unstated_prefixes({}))  # "The heart is large." names cardiomegaly
     large = ClosedVocabulary(closed.structure, WORDS | {"large"})
     assert not large.fits(" large", rules=unstated) and large.fits(" large")
+
+
+def test_a_section_describes_each_part_once(closed, tokenizer):
+    from mrg.model.closed_vocabulary import position
+
+    pieces = closed.structure.pieces
+    heart = position(pieces, tokenizer.encode(" The heart is normal. The"))
+    assert heart.subject and heart.described == {"heart"}
+    assert not closed.fits(" heart", heart) and closed.fits(" acute", heart)
+    assert not closed.fits(" Heart", position(pieces, tokenizer.encode(" The heart is normal.")))
+    later = position(pieces, tokenizer.encode(" The heart is normal. No"))
+    assert closed.fits(" heart", later)  # "No heart…": not the subject, free
+    spoken = Rules(subjects=frozenset({"heart"}))  # a cardiomegaly's sentence speaks for it
+    assert not closed.fits(
+        " heart", Position(previous="the", sentence=frozenset({"the"}), opening=False), spoken
+    )
+    assert closed.fits(" No", Position(), spoken)
 
 
 def test_the_processor_keeps_only_fitting_tokens(closed, tokenizer):
@@ -232,3 +252,22 @@ def test_no_word_is_written_twice_in_a_row(closed):
     assert longer.fits(" normal", after)  # on the way to "normally"
     assert not longer.fits(".", Position(previous="normal", open_word="normal", opening=False))
     assert longer.fits("ly.", Position(previous="normal", open_word="normal", opening=False))
+
+
+def test_between_words_only_report_punctuation_and_a_compound_half_before_its_other(
+    closed, tokenizer
+):
+    from mrg.model.closed_vocabulary import position
+
+    wider = ClosedVocabulary(closed.structure, WORDS | {"cardio", "mediastinal", "pulmonary"})
+    is_no = position(closed.structure.pieces, tokenizer.encode(" The heart is no"))
+    assert not wider.fits(" acute", is_no) and wider.fits("rmal", is_no)  # "is no" only in
+    there = position(closed.structure.pieces, tokenizer.encode(" There is no"))
+    assert wider.fits(" acute", there)  # "There is no acute…"
+    assert not wider.fits("_", Position(open_word="cardio"))  # "cardio_mediastinal"
+    assert not wider.fits("\t", Position(open_word="normal")) and wider.fits(",")
+    after = Position(previous="cardio", sentence=frozenset({"the", "cardio"}), opening=False)
+    assert wider.fits(" mediastinal", after) and not wider.fits(" pulmonary", after)
+    assert wider.fits(" pulmonary", Position(previous="the", opening=False))
+    assert not wider.fits(".", Position(open_word="cardio"))  # "No acute cardio."
+    assert not wider.fits(".", Position(glued=True)) and wider.fits("\n", Position(glued=True))

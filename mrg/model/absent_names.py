@@ -10,6 +10,10 @@ word is a negation cue:
     where the sentence negates (``NEGATIONS``) and its last word is in ``CUES``, and
     z'_or = z_or + b where it negates and its last word names a finding ("no pneumothorax")
     while an absent finding is still unnamed: the list goes on ("or pleural effusion")
+    z'_No = z_No + b at a sentence's start once the findings describe the heart and the lungs
+    but not the pleura, while an absent finding is unnamed: a radiologist's order ("The heart
+    is normal in size. The lungs are clear. No pleural effusion or pneumothorax."), where the
+    LLM went on to the aorta, the spine and the vessels first
 
 The LLM still chooses every word (a bias, not a forced token): "There is no" may go on
 "evidence of focal lung disease", and "pleural" may go on "space". Only a name whose first
@@ -28,7 +32,14 @@ from transformers import LogitsProcessor
 
 from mrg.model.closed_vocabulary import position
 from mrg.model.decoding import ReportStructure, of_study
-from mrg.text.states import FINDING_PREFIXES, NAMING_PREFIXES, NEGATIONS, unnamed
+from mrg.text.anatomy import unaddressed
+from mrg.text.states import (
+    FINDING_PREFIXES,
+    NAMING_PREFIXES,
+    NEGATIONS,
+    PLEURAL_FINDINGS,
+    unnamed,
+)
 from mrg.text.taxonomy import spoken_name
 
 # the words after which a negated sentence names what it negates: "no", "without", "or" in
@@ -38,7 +49,6 @@ CUES = frozenset({"no", "without", "nor", "or", "of", "and", "focal", "airspace"
 # a sentence on the pleura negates pleural findings only ("The pleural space is free of" goes
 # on with effusion, never "consolidation")
 PLEURA_WORDS = frozenset({"pleura", "pleural"})
-PLEURAL_FINDINGS = frozenset({"Effusion", "Pneumothorax", "Pleural_Thickening"})
 # and a sentence on focal or airspace disease negates the lungs' ("No focal consolidation.")
 FOCAL_WORDS = frozenset({"focal", "airspace"})
 FOCAL_FINDINGS = frozenset({"Consolidation", "Infiltration", "Pneumonia", "Atelectasis"})
@@ -58,7 +68,7 @@ class AbsentNames(LogitsProcessor):
         firsts = {f: encode(f" {spoken_name(f)}")[0] for f in NAMING_PREFIXES}
         # a first token of two letters is a word of its own (" at" of atelectasis): not favoured
         self.first = {f: t for f, t in firsts.items() if len(structure.pieces[t].strip()) >= 3}
-        self.joiner = encode(" or")[0]
+        self.joiner, self.negation = encode(" or")[0], encode(" No")[0]
 
     def favoured(self, row_ids: list[int], absent: list[str]) -> list[int]:
         """The first tokens of the findings of ``absent`` that the next token should name, after
@@ -68,6 +78,11 @@ class AbsentNames(LogitsProcessor):
             return []
         at = position(s.pieces, row_ids)
         last = at.open_word.lower() or at.previous
+        if at.opening and not at.open_word:  # a sentence's start: the pleura's turn?
+            text = s.tokenizer.decode(row_ids[len(s.findings) :])
+            if unaddressed(text) == ["pleura"] and unnamed(absent, text.lower()):
+                return [self.negation]
+            return []
         if not last or not (at.negated or last in NEGATIONS):
             return []
         if at.sentence & PLEURA_WORDS:

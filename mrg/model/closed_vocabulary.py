@@ -5,7 +5,10 @@ word in the vocabulary and the open one on the way to a word of it (read back to
 letter, however many tokens it spans: ``position``); ``Rules`` hold what one study's report
 may not write besides (a finding its lead names, a finding it does not state except to negate
 it, a global-normal statement beside a present or possible finding, a sentence calling a named finding's
-anatomy normal). ``_fits`` is the test of one token at one ``Position``, remembered.
+anatomy normal). Across the sentences of a section (``Position`` reads back to its header) a
+finding is named once and each part of the chest is a sentence's subject once
+(``mrg.text.states.TOPICS``). ``_fits`` is the test of one token at one ``Position``,
+remembered.
 """
 
 from __future__ import annotations
@@ -19,7 +22,15 @@ import torch
 from transformers import LogitsProcessor
 
 from mrg.model.decoding import ReportStructure, of_study
-from mrg.text.states import EXCEPTABLE, EXCEPTING, FINDING_PREFIXES, NEGATIONS
+from mrg.text.phrasing import WordPairs
+from mrg.text.states import (
+    EXCEPTABLE,
+    EXCEPTING,
+    FINDING_PREFIXES,
+    NEGATIONS,
+    described,
+    topic_words,
+)
 from mrg.text.vocabulary import PRIOR_COMPARISON
 
 _LETTER_RUNS = re.compile(r"[A-Za-z]+|[^A-Za-z]+")
@@ -32,8 +43,15 @@ ABBREVIATIONS = frozenset({"ap", "pa", "ct"})
 BODY_HEADER_WORDS = frozenset({"findings"})
 Bigrams = frozenset[tuple[str, str]]  # (word, next word) pairs never written
 _SENTENCE_END = re.compile(r"[.!?:\n]")
+_SECTION_START = re.compile(r"[:\n]")
 _GLUED = re.compile(r"[.!?:]$")  # punctuation that the next word would touch
-_ODD_SPACES = "\t\x0b\x0c\r"
+# the characters between words that reports write ("_", a tab, a vertical tab never)
+_PUNCTUATION = frozenset(" .,;'()-\n")  # and no "/": "cardio/mediastinal"
+_STOPS = frozenset(".,;!?")
+# "is no" and "are no" negate only after "there" ("There is no pneumothorax.")
+COPULAS, EXISTENTIAL = frozenset({"is", "are"}), "there"
+# a word that is one half of a compound a report may write apart: only its other half follows
+COMPOUND_HALVES = {"cardio": "mediastinal"}  # "Cardio mediastinal silhouette" (60 in OpenI)
 
 
 @dataclass(frozen=True)
@@ -45,12 +63,14 @@ class Rules:
     effusion." no); ``bigrams``, (word, next word) pairs never written; ``normal``, (word,
     prefix) pairs: no word with the prefix after the word in one sentence ("heart" …
     "normal…" beside cardiomegaly), though a sentence on the lungs may say ``otherwise``
-    ("The lungs are otherwise clear.")."""
+    ("The lungs are otherwise clear."); ``subjects``, words no sentence opens with (the
+    heart beside a named cardiomegaly: ``mrg.text.states.spoken_for``)."""
 
     stated: frozenset[str] = frozenset()
     unstated: frozenset[str] = frozenset()
     bigrams: Bigrams = frozenset()
     normal: Bigrams = frozenset()
+    subjects: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -58,7 +78,10 @@ class Position:
     """Where the next token goes: the word before the open one (None after punctuation),
     whether the sentence so far negates, the letters of the open word, the sentence's words
     so far, whether the open word is the sentence's first, and whether the text ends with
-    punctuation that a letter would touch ("normal.Density")."""
+    punctuation that a letter would touch ("normal.Density"); and what the section's earlier
+    sentences hold: whether the open word is the sentence's subject (its first word, or the
+    one after an opening "the"), the parts of the chest they describe (``TOPICS``) and the
+    beginnings of the finding names they hold (``FINDING_PREFIXES``)."""
 
     previous: str | None = None
     negated: bool = False
@@ -66,6 +89,9 @@ class Position:
     sentence: frozenset[str] = frozenset()
     opening: bool = True
     glued: bool = False
+    subject: bool = True
+    described: frozenset[str] = frozenset()
+    named: frozenset[str] = frozenset()
 
 
 @lru_cache(maxsize=8)
@@ -77,7 +103,7 @@ def writable(vocabulary: frozenset[str]) -> frozenset[str]:
     return kept | BODY_HEADER_WORDS
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=1024)
 def allowed_words(
     vocabulary: frozenset[str],
     stated: frozenset[str] = frozenset(),
@@ -92,24 +118,32 @@ def allowed_words(
 
 
 @lru_cache(maxsize=1 << 16)
-def _fits(vocabulary: frozenset[str], rules: Rules, at: Position, piece: str) -> bool:
+def _fits(
+    vocabulary: frozenset[str],
+    rules: Rules,
+    at: Position,
+    piece: str,
+    pairs: WordPairs | None = None,
+) -> bool:
     """``ClosedVocabulary.fits``, remembered: a report's steps ask about the same few hundred
     (position, token) pairs again and again (5 ms of a 35 ms step before)."""
     if any(map(str.isdigit, piece)) or not piece.isascii() or "  " in piece or ":" in piece:
         return False  # a colon makes a header of its own ("IMPROVEMENT: Cardiomediastinal")
     if piece and not piece.strip(" "):  # a lone space ("a normal  for"): words bring their own
         return False
-    if any(c in _ODD_SPACES for c in piece):  # a tab or vertical tab between sentences
-        return False
+    if not _PUNCTUATION.issuperset(c for c in piece if not c.isalpha()):
+        return False  # "cardio_mediastinal", a tab or vertical tab between sentences
     previous, negated, sentence = at.previous, at.negated, set(at.sentence)
-    opening, glued = at.opening, at.glued
+    opening, glued, subject = at.opening, at.glued, at.subject
     runs = _LETTER_RUNS.findall(at.open_word + piece)
     for i, run in enumerate(runs):
         if not run[0].isalpha():
             if "-" in run and (i or at.open_word):  # "air-pulmonary", "well-osseous"
                 return False
+            if glued and run[0] in _STOPS or run[0] in _STOPS and previous in COMPOUND_HALVES:
+                return False  # "No acute cardio..", "cardio."
             if _SENTENCE_END.search(run):
-                negated, sentence, opening = False, set(), True
+                negated, sentence, opening, subject = False, set(), True, True
             if run.strip():  # punctuation ends the phrase a bigram belongs to
                 previous = None
             glued = bool(_GLUED.search(run))
@@ -117,10 +151,16 @@ def _fits(vocabulary: frozenset[str], rules: Rules, at: Position, piece: str) ->
         if glued or not _case_fits(run, opening, open_=i == len(runs) - 1):
             return False  # "normal.Density", "No Acute", "IMPROVED", "volumE"
         banned = frozenset(b for a, b in rules.bigrams if a == previous)
+        if previous in COMPOUND_HALVES:  # "cardio" "mediastinal", never "cardio pulmonary"
+            banned |= vocabulary - {COMPOUND_HALVES[previous]}
+        if pairs is not None and previous is not None:  # "within normal limited"
+            banned |= pairs.unseen_after(previous, vocabulary)
+        if subject:  # a part described already, or spoken for by a finding's sentence
+            banned |= rules.subjects | topic_words(at.described)
         excepted = EXCEPTABLE if EXCEPTING in sentence else frozenset()
         normal = (b for a, b in rules.normal if a in sentence and a not in excepted)
         named = frozenset(p for p in FINDING_PREFIXES if any(w.startswith(p) for w in sentence))
-        stated = rules.stated | frozenset(normal) | named
+        stated = rules.stated | frozenset(normal) | named | at.named
         stated = stated if negated else stated | rules.unstated
         words, prefixes = allowed_words(vocabulary, stated, banned)
         word = run.lower()
@@ -128,7 +168,9 @@ def _fits(vocabulary: frozenset[str], rules: Rules, at: Position, piece: str) ->
             return word in prefixes and not _only_toward(words, word, previous)
         if word not in words or word == previous:  # "otherwise otherwise", "pleural pleural"
             return False
-        previous, opening = word, False
+        if word == "no" and previous in COPULAS and EXISTENTIAL not in sentence:
+            return False  # "The cardiomediastinal silhouette is no pneumothorax"
+        previous, opening, subject = word, False, subject and word == "the"
         negated = negated or previous in NEGATIONS
         sentence.add(previous)
     return True
@@ -157,32 +199,47 @@ def _case_fits(run: str, opening: bool, open_: bool) -> bool:
 
 @lru_cache(maxsize=4096)
 def _fitting_anywhere(
-    structure: ReportStructure, vocabulary: frozenset[str], rules: Rules, at: Position
+    structure: ReportStructure,
+    vocabulary: frozenset[str],
+    rules: Rules,
+    at: Position,
+    pairs: WordPairs | None,
 ) -> tuple[int, ...]:
     """Every token of the tokenizer that ``_fits`` at ``at``: the last resort where none of
     the most likely does (tens of ms, once per position)."""
     return tuple(
-        t for t, piece in enumerate(structure.pieces) if _fits(vocabulary, rules, at, piece)
+        t for t, piece in enumerate(structure.pieces) if _fits(vocabulary, rules, at, piece, pairs)
     )
 
 
-def position(pieces: list[str], ids: list[int], limit: int = 64) -> Position:
-    """The ``Position`` at the end of ``ids``, read back to the start of the sentence (or
-    ``limit`` tokens), however many tokens the open word spans."""
+def position(pieces: list[str], ids: list[int], limit: int = 192) -> Position:
+    """The ``Position`` at the end of ``ids``, read back to the start of the section (a
+    header's colon or a newline; or ``limit`` tokens), however many tokens the open word
+    spans."""
     tail = ""
     for token in reversed(ids[-limit:]):
         tail = pieces[token] + tail
-        if _SENTENCE_END.search(tail):
+        if _SECTION_START.search(tail):
             break
-    sentence = _SENTENCE_END.split(tail)[-1]
+    *earlier, sentence = _SENTENCE_END.split(_SECTION_START.split(tail)[-1])
     open_word = _OPEN_WORD.search(sentence).group()
     before = sentence[: len(sentence) - len(open_word)]
     previous = re.search(r"([A-Za-z]+) +$", before)
-    words = frozenset(w.lower() for w in re.findall(r"[A-Za-z]+", before))
-    negated = bool(words & NEGATIONS)
+    ordered = [w.lower() for w in re.findall(r"[A-Za-z]+", before)]
+    words = frozenset(ordered)
     previous_word = previous.group(1).lower() if previous else None
-    glued = bool(_GLUED.search(tail))
-    return Position(previous_word, negated, open_word, words, opening=not words, glued=glued)
+    said = [w.lower() for w in re.findall(r"[A-Za-z]+", " ".join(earlier))]
+    return Position(
+        previous_word,
+        bool(words & NEGATIONS),
+        open_word,
+        words,
+        opening=not words,
+        glued=bool(_GLUED.search(tail)),
+        subject=ordered in ([], ["the"]),
+        described=described(said),
+        named=frozenset(p for p in FINDING_PREFIXES if any(w.startswith(p) for w in said)),
+    )
 
 
 class ClosedVocabulary(LogitsProcessor):
@@ -199,16 +256,27 @@ class ClosedVocabulary(LogitsProcessor):
     one in capitals longer than an abbreviation ("No Acute", "IMPROVED"), nor a word in mixed
     case ("volumE", "IMPRESSIOn"), nor the word just written again ("otherwise otherwise"),
     nor a hyphen joining words (the report vocabulary holds single words: "air-pulmonary",
-    "well-osseous"). Where none of the ``top_k`` fits, the ``wider_k`` most likely are tried
-    (the n-gram ban may have removed the likely ending of a word), then every token of the
-    tokenizer, even one the n-gram ban took: a word is never left unfinished or misspelt.
+    "well-osseous"), nor punctuation reports do not write between words ("_", "/", a tab),
+    nor a stop after a stop ("cardio.."), nor "is no" but after "there" ("The
+    cardiomediastinal silhouette is no pneumothorax"), nor a finding named a second time in the
+    section ("No pneumothorax or pleural effusion. … No pneumothorax."), nor a sentence opening
+    on a part of the chest an earlier one described ("The heart is normal in size. … The
+    cardiomediastinal silhouette is normal."). With ``pairs`` (the phrasing model's word pairs,
+    ``mrg.text.phrasing.WordPairs``) no word follows another that the reports never wrote
+    after it ("within normal limited", "The aorta is a normal central airways"). Where none of
+    the ``top_k`` fits, the ``wider_k`` most likely are tried (the n-gram ban may have
+    removed the likely ending of a word), then every token of the tokenizer, even one the
+    n-gram ban took: a word is never left unfinished or misspelt.
 
     ``rules`` (one ``Rules`` per study, rows laid out as ``ReportStructureProcessor``'s leads)
     hold what else the study's report may not write: after its lead, no word naming a finding
-    the lead named ("Cardiomegaly. No acute cardiomegaly."); a finding its condition does not
-    state present or possible only in a sentence that negates; beside a present or possible finding no
-    global-normal statement (``mrg.text.states.GLOBAL_NORMAL_BIGRAMS``); and beside a present
-    or possible finding no sentence calling its anatomy normal (``NORMAL_ANATOMY``)."""
+    the lead named, in any words ("Cardiomegaly. No acute cardiomegaly.", "The heart is
+    large." beside "Possible cardiomegaly."), nor a sentence on the part its sentence speaks
+    for (the heart); a finding its condition does not state present or possible only in a
+    sentence that negates; beside a present or possible finding no global-normal statement
+    (``mrg.text.states.GLOBAL_NORMAL_BIGRAMS``), and beside a pleural one no "pleural
+    disease"; and beside a present or possible finding no sentence calling its anatomy normal
+    (``NORMAL_ANATOMY``)."""
 
     def __init__(
         self,
@@ -217,8 +285,9 @@ class ClosedVocabulary(LogitsProcessor):
         rules: list[Rules] | None = None,
         top_k: int = 64,
         wider_k: int = 1024,
+        pairs: WordPairs | None = None,
     ):
-        self.structure, self.rules = structure, rules
+        self.structure, self.rules, self.pairs = structure, rules, pairs
         self.top_k, self.wider_k = top_k, wider_k
         self.vocabulary = writable(frozenset(vocabulary))
         excepting = structure.tokenizer(f" {EXCEPTING}", add_special_tokens=False)["input_ids"]
@@ -226,7 +295,7 @@ class ClosedVocabulary(LogitsProcessor):
 
     def fits(self, piece: str, at: Position = Position(), rules: Rules = Rules()) -> bool:
         """Whether ``piece`` may be written at ``at`` under ``rules``."""
-        return _fits(self.vocabulary, rules, at, piece)
+        return _fits(self.vocabulary, rules, at, piece, self.pairs)
 
     def _excepting(
         self, scores: torch.Tensor, keep: list[int], at: Position, rules: Rules
@@ -250,7 +319,7 @@ class ClosedVocabulary(LogitsProcessor):
             rules = of_study(self.rules, row, len(input_ids)) if self.rules else Rules()
             at = position(pieces, row_ids)
             # only the rules' subjects of the sentence matter: the rest would split the cache
-            subjects = frozenset(a for a, _ in rules.normal) | {EXCEPTING}
+            subjects = frozenset(a for a, _ in rules.normal) | {EXCEPTING, EXISTENTIAL}
             names = frozenset(w for w in at.sentence if w.startswith(FINDING_PREFIXES))
             at = dataclasses.replace(at, sentence=at.sentence & subjects | names)
             keep = []
@@ -262,7 +331,8 @@ class ClosedVocabulary(LogitsProcessor):
                     break
             if not keep:
                 anywhere = torch.tensor(
-                    _fitting_anywhere(self.structure, self.vocabulary, rules, at), dtype=torch.long
+                    _fitting_anywhere(self.structure, self.vocabulary, rules, at, self.pairs),
+                    dtype=torch.long,
                 )
                 keep = anywhere[torch.isfinite(scores[row, anywhere.to(scores.device)])].tolist()
                 if not keep and len(anywhere):  # the n-gram ban took the only endings

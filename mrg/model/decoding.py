@@ -135,7 +135,11 @@ class ReportStructureProcessor(LogitsProcessor):
     and the pleura (the lead's sentences count) unless the LLM has written that many words:
     the 135M LLM often closed after the heart and the lungs. With ``absent`` (one list of
     findings per study, laid out as ``leads``), nor before they name each finding its
-    condition states absent: it closed after "No pneumothorax." beside an absent effusion."""
+    condition states absent: it closed after "No pneumothorax." beside an absent effusion.
+
+    ``close_bias`` is added to the log-probability of closing a section wherever it may close
+    at a sentence's end: the LLM, once it has said what the report must, went on describing
+    the aorta, the spine and the vessels (45 words a report, against 36 in OpenI's)."""
 
     def __init__(
         self,
@@ -146,10 +150,11 @@ class ReportStructureProcessor(LogitsProcessor):
         lead_last: bool = False,
         anatomy_words: int = 0,
         absent: list[list[str]] | None = None,
+        close_bias: float = 0.0,
     ):
         self.structure, self.max_new_tokens, self.reserve = structure, max_new_tokens, reserve
         self.leads, self.lead_last, self.anatomy_words = leads, lead_last, anatomy_words
-        self.absent = absent
+        self.absent, self.close_bias = absent, close_bias
 
     def _lead(self, row: int, rows: int) -> list[int]:
         """The findings' sentences of ``row`` ([] where there are none)."""
@@ -226,9 +231,9 @@ class ReportStructureProcessor(LogitsProcessor):
                 if left <= 0 or (left <= reserve and at_stop):
                     _force(out, then)
                 elif at_stop and self.may_close(row_ids[len(findings) :], lead, absent(row)):
-                    out[then] = close
+                    out[then] = close + self.close_bias
             else:  # impression: closing it ends the report
-                out[s.eos_id] = close
+                out[s.eos_id] = close + self.close_bias * s.ends_sentence(row_ids)
         return scores
 
 

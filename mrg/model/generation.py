@@ -36,15 +36,16 @@ from mrg.text.states import (
     ABSENT,
     HEDGES,
     FindingStates,
-    global_normal_bigrams,
+    contradicting_bigrams,
     lead_sentences,
     named,
+    naming_prefixes,
     normal_anatomy,
+    spoken_for,
     states_of_vector,
     unstated_prefixes,
     with_state,
 )
-from mrg.text.taxonomy import naming_words
 
 
 class ReportGeneration:
@@ -135,7 +136,9 @@ class ReportGeneration:
             choosing.append(TopPLogitsWarper(decoding.top_p))
         if decoding.closed_vocabulary and self.report_vocabulary:
             rules = None if states is None else [self._rules(s, bool(leads)) for s in states]
-            choosing.append(ClosedVocabulary(structure, self.report_vocabulary, rules))
+            phrasing = self.report_phrasing
+            pairs = phrasing.pairs if decoding.word_pairs and phrasing else None
+            choosing.append(ClosedVocabulary(structure, self.report_vocabulary, rules, pairs=pairs))
             if decoding.phrasing_weight and self.report_phrasing:
                 choosing.append(
                     PhrasingFusion(structure, self.report_phrasing, decoding.phrasing_weight)
@@ -147,19 +150,25 @@ class ReportGeneration:
             lead_last=decoding.lead_last,
             anatomy_words=decoding.anatomy_words,
             absent=absent,
+            close_bias=decoding.close_bias,
         )
         return LogitsProcessorList([UnlessForced(choosing, shape), shape])
 
     def _rules(self, states: FindingStates, lead: bool) -> Rules:
-        """What a report written from ``states`` may not write (``mrg.model.decoding.Rules``):
-        with a lead, the findings it names, or a hedge, outside it; a states model, a finding
-        it does not state present or possible except to negate it, or a sentence calling the
-        anatomy of one it does normal; beside a present or possible finding, a global-normal statement."""
+        """What a report written from ``states`` may not write (``mrg.model.closed_vocabulary.
+        Rules``): with a lead, the findings it names (in any words: "The heart is large."
+        beside "Possible cardiomegaly."), or a hedge, outside it, nor a sentence on the part
+        its findings' sentences speak for; a states model, a finding it does not state
+        present or possible except to negate it, or a sentence calling the anatomy of one it
+        does normal; beside a present or possible finding, a global-normal statement (and
+        beside a pleural one, "no pleural disease")."""
+        found = named(states)
         return Rules(
-            stated=naming_words(named(states)) | HEDGES if lead else frozenset(),
+            stated=naming_prefixes(found) | HEDGES if lead else frozenset(),
             unstated=unstated_prefixes(states) if self.config.uses_states else frozenset(),
-            bigrams=global_normal_bigrams(states),
+            bigrams=contradicting_bigrams(states),
             normal=normal_anatomy(states) if self.config.uses_states else frozenset(),
+            subjects=spoken_for(states) if lead else frozenset(),
         )
 
     @torch.inference_mode()

@@ -68,6 +68,25 @@ class _Next:
         return self.cumulative[hi] - self.cumulative[lo]
 
 
+class WordPairs:
+    """The word pairs of a report corpus: after each word, the words its reports wrote next.
+    Hashed by identity (one per ``Phrasing``), so that a decoding cache may key on it."""
+
+    def __init__(self, after: dict[str, frozenset[str]]):
+        self.after = after
+
+    def unseen_after(self, word: str, vocabulary: frozenset[str]) -> frozenset[str]:
+        """The words of ``vocabulary`` the reports never wrote right after ``word`` (none for a
+        word the reports never wrote: nothing is known of it)."""
+        return _unseen_after(self, word, vocabulary)
+
+
+@lru_cache(maxsize=4096)
+def _unseen_after(pairs: WordPairs, word: str, vocabulary: frozenset[str]) -> frozenset[str]:
+    followers = pairs.after.get(word)
+    return frozenset() if followers is None else vocabulary - followers
+
+
 class Phrasing:
     """Trigram counts of report sections and the discounted model over them (module docstring)."""
 
@@ -89,6 +108,9 @@ class Phrasing:
             self._cumulative.append(self._cumulative[-1] + unigrams[w] + 1)
         self._after_word = {v: _Next(dict(c), discount) for v, c in bigrams.items()}
         self._after_pair = {k: _Next(c, discount) for k, c in self.trigrams.items()}
+        self.pairs = WordPairs(
+            {v: frozenset(filter(str.isalpha, c)) for v, c in bigrams.items() if v.isalpha()}
+        )
         self._mass = lru_cache(maxsize=1 << 16)(self._mass_uncached)
         self.increment = lru_cache(maxsize=1 << 16)(self._increment)
 

@@ -116,6 +116,68 @@ NORMAL_ANATOMY = {
 }
 
 
+# the words a findings sentence describes a part of the chest with, and the parts: a section
+# describes each part once ("The heart is normal in size." and, two sentences on, "The
+# cardiomediastinal silhouette is normal.", "The heart size and contour are normal.")
+_HEART, _MEDIASTINUM = frozenset({"heart"}), frozenset({"mediastinum"})
+_BONES, _VESSELS = frozenset({"bones"}), frozenset({"vessels"})
+TOPICS = {
+    "heart": _HEART,
+    "cardiac": _HEART,
+    "cardiomediastinal": _HEART | _MEDIASTINUM,
+    "cardio": _HEART | _MEDIASTINUM,  # "The cardio mediastinal silhouette"
+    "cardiopulmonary": _HEART | _MEDIASTINUM,  # "The cardiopulmonary silhouette"
+    "mediastinum": _MEDIASTINUM,
+    "mediastinal": _MEDIASTINUM,
+    "lungs": frozenset({"lungs"}),
+    "lung": frozenset({"lungs"}),
+    "pulmonary": _VESSELS,
+    "vasculature": _VESSELS,
+    "vascularity": _VESSELS,
+    "aorta": frozenset({"aorta"}),
+    "aortic": frozenset({"aorta"}),
+    "osseous": _BONES,
+    "bony": _BONES,
+    "bones": _BONES,
+    "skeletal": _BONES,
+    "thoracic": _BONES,
+    "spine": _BONES,
+}
+# a present or possible finding's sentence speaks for its part: no sentence of the LLM's has
+# that part as its subject ("The heart is large." beside "Possible cardiomegaly." affirms it,
+# and "The heart is normal" is ruled out); the lungs have "otherwise" (``EXCEPTING``)
+FINDING_TOPICS = {"Cardiomegaly": "heart"}
+# (word, next word) pairs that call the pleura normal as a whole: never beside a pleural finding
+# ("There is no pneumothorax or pleural disease." beside a present effusion)
+PLEURAL_NORMAL_BIGRAMS = frozenset(
+    ("pleural", b)
+    for b in ("disease", "abnormality", "abnormalities", "process", "space", "spaces", "fluid")
+)
+PLEURAL_FINDINGS = frozenset({"Effusion", "Pneumothorax", "Pleural_Thickening"})
+
+
+def described(words: Iterable[str]) -> frozenset[str]:
+    """The parts of the chest (``TOPICS``) that ``words`` describe."""
+    return frozenset(part for w in words for part in TOPICS.get(w, ()))
+
+
+def topic_words(parts: Iterable[str]) -> frozenset[str]:
+    """The words (``TOPICS``) that describe any of ``parts``."""
+    parts = frozenset(parts)
+    return frozenset(w for w, of in TOPICS.items() if of & parts)
+
+
+def spoken_for(states: Mapping[str, str]) -> frozenset[str]:
+    """The words no sentence of the LLM's opens with, for ``states``: the parts its present or
+    possible findings' sentences speak for (``FINDING_TOPICS``)."""
+    return topic_words(FINDING_TOPICS[f] for f in named(states) if f in FINDING_TOPICS)
+
+
+def naming_prefixes(findings: Iterable[str]) -> frozenset[str]:
+    """Every beginning of a word that names one of ``findings`` (``NAMING_PREFIXES``)."""
+    return frozenset(p for f in findings for p in NAMING_PREFIXES[f])
+
+
 def named(states: Mapping[str, str]) -> list[str]:
     """The findings ``states`` names as found: present or possible, in ChestX-ray14 order."""
     return [f for f in FINDINGS14 if states.get(f) in (PRESENT, POSSIBLE)]
@@ -140,6 +202,14 @@ def unstated_prefixes(states: Mapping[str, str]) -> frozenset[str]:
     return frozenset(
         p for f, prefixes in NAMING_PREFIXES.items() if f not in found for p in prefixes
     )
+
+
+def contradicting_bigrams(states: Mapping[str, str]) -> frozenset[tuple[str, str]]:
+    """The (word, next word) pairs decoding must not write for ``states``: a global-normal
+    statement beside a present or possible finding (``global_normal_bigrams``), and the pleura
+    called normal as a whole beside a pleural one (``PLEURAL_NORMAL_BIGRAMS``)."""
+    pleural = PLEURAL_NORMAL_BIGRAMS if PLEURAL_FINDINGS & set(named(states)) else frozenset()
+    return global_normal_bigrams(states) | pleural
 
 
 def global_normal_bigrams(states: Mapping[str, str]) -> frozenset[tuple[str, str]]:
