@@ -53,6 +53,7 @@ def test_a_word_may_be_begun_only_toward_a_vocabulary_word_and_ended_only_as_one
     assert not closed.fits(" B", inside)  # no capital that no abbreviation begins with
     abbreviations = ClosedVocabulary(closed.structure, WORDS | {"ap"})
     assert abbreviations.fits(" AP.", inside) and not abbreviations.fits(" Ap", inside)
+    assert abbreviations.fits(" A", inside) and not closed.fits(" A", inside)  # toward "AP"
     assert not closed.fits(" NORMAL") and not closed.fits("AL", Position(open_word="NORM"))
     assert not closed.fits("al", Position(open_word="NORM"))  # nor capitals, then small letters
     assert not closed.fits(" normal.The") and not closed.fits("The", Position(glued=True))
@@ -182,11 +183,12 @@ def test_beside_a_present_or_possible_finding_no_global_normal_statement_is_begu
     rules = Rules(bigrams=global_normal_bigrams({"Effusion": "present"}))
     assert global_normal_bigrams({"Effusion": "possible"}) == rules.bigrams  # a hedge too
     assert global_normal_bigrams({"Effusion": "absent"}) == frozenset()
-    assert closed.fits(" acute", Position(previous="no"), rules)  # "no acute" is fine alone
+    assert not closed.fits(" acute", Position(previous="no"), rules)  # "No acute cardiac."
+    assert closed.fits(" acute", Position(previous="no"))  # fine where nothing is named
     words = frozenset(WORDS | {"cardiopulmonary", "abnormality", "pulmonary"})
     closed = ClosedVocabulary(closed.structure, words)
     assert not closed.fits(" cardiopulmonary", Position(previous="acute"), rules)
-    within = Position(previous="no", open_word="acute")  # the pair within one piece
+    within = Position(previous="the", open_word="acute", opening=False)  # within one piece
     assert not closed.fits(" cardiop", within, rules)
     assert closed.fits(" cardiom", within, rules)  # on the way to cardiomegaly
     assert closed.fits(" pulmonary", Position(previous="acute"), rules)

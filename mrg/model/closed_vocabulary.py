@@ -164,6 +164,9 @@ def _fits(
         stated = stated if negated else stated | rules.unstated
         words, prefixes = allowed_words(vocabulary, stated, banned)
         word = run.lower()
+        capitals = run.isupper() and (len(run) > 1 or not opening)
+        if capitals and not any(a.startswith(word) and a in words for a in ABBREVIATIONS):
+            return False  # "No acute cardiac A…": no abbreviation may follow "cardiac"
         if i == len(runs) - 1:
             return word in prefixes and not _only_toward(words, word, previous)
         if word not in words or word == previous:  # "otherwise otherwise", "pleural pleural"

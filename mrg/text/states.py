@@ -38,9 +38,12 @@ GLOBAL_NORMAL = re.compile(
 )
 # (word, next word) pairs that make a global-normal statement; banned after a present finding
 GLOBAL_NORMAL_BIGRAMS = {
+    "no": frozenset({"acute"}),  # beside a finding "No acute …" ended "No acute cardiac."
     "acute": frozenset(
         {
             "cardiopulmonary",
+            "cardiac",
+            "cardio",
             "cardiothoracic",
             "intrathoracic",
             "abnormality",
