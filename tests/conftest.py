@@ -223,3 +223,31 @@ def hub_cache(cache: Path, repo_id: str, files: dict[str, Path], commit: str | N
         (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
         (snapshot / name).symlink_to(Path(source).resolve())
     return snapshot
+
+
+# ----------------------------------------------------------------------------- process exit
+
+_EXIT_STATUS: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _EXIT_STATUS.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """End the process with pytest's status once its report is written, skipping the
+    interpreter's teardown: there PyTorch's static destructors can meet a thread still inside
+    a kernel and abort ("terminate called without an active exception", exit 134) after every
+    test passed. The threads still alive are named first, so one of ours would show."""
+    import threading
+
+    from mrg.batching.batcher import _stop_all
+
+    _stop_all()  # the batchers' own exit handler, run now rather than after os._exit skips it
+    alive = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    if alive:
+        sys.stderr.write(f"threads alive at exit: {', '.join(sorted(alive))}\n")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_EXIT_STATUS[-1] if _EXIT_STATUS else 0)

@@ -10,7 +10,7 @@ from mrg.model import MRGModel
 from mrg.model.closed_vocabulary import ClosedVocabulary, Position, Rules
 from mrg.model.decoding import report_structure
 from mrg.text.sections import split_sections
-from mrg.text.taxonomy import naming_words
+from mrg.text.states import naming_prefixes
 from mrg.text.vocabulary import VOCABULARY_NAME, report_vocabulary, words
 
 WORDS = frozenset({"the", "heart", "is", "normal", "no", "acute", "cardiomegaly", "effusion"})
@@ -64,11 +64,13 @@ def test_a_word_may_be_begun_only_toward_a_vocabulary_word_and_ended_only_as_one
 
 
 def test_after_the_findings_lead_no_word_names_them_again(closed):
-    stated = naming_words(["Cardiomegaly", "Effusion"])
-    assert stated == {"cardiomegaly", "effusion"}
+    stated = naming_prefixes(["Cardiomegaly", "Effusion"])
+    assert {"cardiomegal", "effusion", "large"} <= stated
     rules = Rules(stated=stated)
     assert closed.fits(" cardi") and not closed.fits(" cardiomeg", rules=rules)
     assert not closed.fits(" effusion", rules=rules) and closed.fits(" heart", rules=rules)
+    wider = ClosedVocabulary(closed.structure, WORDS | {"large"})
+    assert wider.fits(" large") and not wider.fits(" large", rules=rules)  # "The heart is large."
 
 
 def test_a_finding_not_stated_present_or_possible_is_named_only_to_negate_it(closed, tokenizer):
@@ -204,6 +206,15 @@ def test_where_no_likely_token_fits_any_fitting_token_is_taken(closed, tokenizer
     assert out[0].argmax() == heart and torch.isinf(out[0, rehab]) and torch.isinf(out[0, five])
 
 
+def test_where_no_token_fits_the_rules_one_that_fits_the_vocabulary_is_taken(closed, tokenizer):
+    """A row is never left unmasked: " The hear" can only become "heart", which the rules ban."""
+    banned = ClosedVocabulary(closed.structure, WORDS, rules=[Rules(stated=frozenset({"heart"}))])
+    ids = tokenizer.encode(" The hear")
+    out = banned(torch.tensor([ids]), torch.zeros(1, len(tokenizer)))
+    kept = [tokenizer.decode([t]) for t in torch.isfinite(out[0]).nonzero().flatten().tolist()]
+    assert kept and all(("hear" + k).lower().startswith("heart") for k in kept), kept
+
+
 def test_no_hyphen_joins_two_words(closed):
     assert not closed.fits("-", Position(open_word="heart"))  # "heart-normal"
     assert not closed.fits(" heart-normal")
@@ -273,3 +284,5 @@ def test_between_words_only_report_punctuation_and_a_compound_half_before_its_ot
     assert wider.fits(" pulmonary", Position(previous="the", opening=False))
     assert not wider.fits(".", Position(open_word="cardio"))  # "No acute cardio."
     assert not wider.fits(".", Position(glued=True)) and wider.fits("\n", Position(glued=True))
+    assert not wider.fits("..", Position(open_word="normal")) and wider.fits(".")  # one token
+    assert not wider.fits(". .", Position(open_word="normal")) and not wider.fits(".,")

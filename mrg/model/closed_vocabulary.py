@@ -140,33 +140,25 @@ def _fits(
         if not run[0].isalpha():
             if "-" in run and (i or at.open_word):  # "air-pulmonary", "well-osseous"
                 return False
-            if glued and run[0] in _STOPS or run[0] in _STOPS and previous in COMPOUND_HALVES:
-                return False  # "No acute cardio..", "cardio."
+            stops = sum(c in _STOPS for c in run)
+            if stops and (glued or stops > 1 or previous in COMPOUND_HALVES):
+                return False  # "No acute cardio..", "normal. .", "cardio."
             if _SENTENCE_END.search(run):
                 negated, sentence, opening, subject = False, set(), True, True
             if run.strip():  # punctuation ends the phrase a bigram belongs to
                 previous = None
             glued = bool(_GLUED.search(run))
             continue
-        if glued or not _case_fits(run, opening, open_=i == len(runs) - 1):
-            return False  # "normal.Density", "No Acute", "IMPROVED", "volumE"
-        banned = frozenset(b for a, b in rules.bigrams if a == previous)
-        if previous in COMPOUND_HALVES:  # "cardio" "mediastinal", never "cardio pulmonary"
-            banned |= vocabulary - {COMPOUND_HALVES[previous]}
-        if pairs is not None and previous is not None:  # "within normal limited"
-            banned |= pairs.unseen_after(previous, vocabulary)
-        if subject:  # a part described already, or spoken for by a finding's sentence
-            banned |= rules.subjects | topic_words(at.described)
+        banned = _banned(vocabulary, rules, previous, at.described if subject else None, pairs)
         excepted = EXCEPTABLE if EXCEPTING in sentence else frozenset()
         normal = (b for a, b in rules.normal if a in sentence and a not in excepted)
         named = frozenset(p for p in FINDING_PREFIXES if any(w.startswith(p) for w in sentence))
         stated = rules.stated | frozenset(normal) | named | at.named
         stated = stated if negated else stated | rules.unstated
         words, prefixes = allowed_words(vocabulary, stated, banned)
+        if glued or not _case_fits(run, opening, words, open_=i == len(runs) - 1):
+            return False  # "normal.Density", "No Acute", "IMPROVED", "volumE", "cardiac A…"
         word = run.lower()
-        capitals = run.isupper() and (len(run) > 1 or not opening)
-        if capitals and not any(a.startswith(word) and a in words for a in ABBREVIATIONS):
-            return False  # "No acute cardiac A…": no abbreviation may follow "cardiac"
         if i == len(runs) - 1:
             return word in prefixes and not _only_toward(words, word, previous)
         if word not in words or word == previous:  # "otherwise otherwise", "pleural pleural"
@@ -188,16 +180,42 @@ def _only_toward(words: frozenset[str], prefix: str, previous: str | None) -> bo
     return not any(w != previous and w.startswith(prefix) for w in words)
 
 
-def _case_fits(run: str, opening: bool, open_: bool) -> bool:
+@lru_cache(maxsize=4096)
+def _banned(
+    vocabulary: frozenset[str],
+    rules: Rules,
+    previous: str | None,
+    subject: frozenset[str] | None,
+    pairs: WordPairs | None,
+) -> frozenset[str]:
+    """The words that may not follow ``previous``: the rules' bigrams, all but the other half
+    of a compound ("cardio" "mediastinal", never "cardio pulmonary"), the words the phrasing
+    model's reports never wrote after it ("within normal limited"); and where the word is the
+    sentence's subject (``subject``: the parts described already; None elsewhere), the parts described
+    already and those a finding's sentence speaks for. Remembered: one object per position,
+    so ``allowed_words``'s key hashes once (the last resort asks ~49k tokens at one position)."""
+    banned = frozenset(b for a, b in rules.bigrams if a == previous)
+    if previous in COMPOUND_HALVES:
+        banned |= vocabulary - {COMPOUND_HALVES[previous]}
+    if pairs is not None and previous is not None:
+        banned |= pairs.unseen_after(previous, vocabulary)
+    if subject is not None:
+        banned |= rules.subjects | topic_words(subject)
+    return banned
+
+
+def _case_fits(run: str, opening: bool, words: frozenset[str], open_: bool) -> bool:
     """Whether the letters ``run`` are cased as a report writes a word: small; Capitalised
-    where it opens a sentence; or in capitals on the way to (``open_``) or being one of the
-    ``ABBREVIATIONS``."""
+    where it opens a sentence; or in capitals being (or, ``open_``, on the way to) one of the
+    ``ABBREVIATIONS`` that ``words`` allow here ("No acute cardiac A…": none follows
+    "cardiac")."""
     if run.islower() or opening and run[0].isupper() and (run[1:].islower() or len(run) == 1):
         return True
     small = run.lower()
     if not run.isupper():
         return False
-    return any(a.startswith(small) for a in ABBREVIATIONS) if open_ else small in ABBREVIATIONS
+    allowed = ABBREVIATIONS & words
+    return any(a.startswith(small) for a in allowed) if open_ else small in allowed
 
 
 @lru_cache(maxsize=4096)
@@ -251,7 +269,8 @@ class ClosedVocabulary(LogitsProcessor):
     Of each row's ``top_k`` most likely tokens, those are kept whose text, appended to the
     word being written (read back to its first letter, however many tokens it spans), leaves
     every finished word in ``vocabulary`` and the open one a prefix of a word in it; all other
-    tokens get −∞. Other punctuation is free; digits and non-ASCII letters are never written
+    tokens get −∞. Punctuation is what reports write between words (" .,;'()-" and a
+    newline); digits and non-ASCII letters are never written
     (nothing here measures a size or knows a date), nor a lone or doubled space, nor a colon
     (a header of its own: "IMPROVEMENT: Cardiomediastinal"), nor a word touching the full stop
     before it ("normal.Density"), nor a word that compares with a prior study
@@ -269,7 +288,8 @@ class ClosedVocabulary(LogitsProcessor):
     after it ("within normal limited", "The aorta is a normal central airways"). Where none of
     the ``top_k`` fits, the ``wider_k`` most likely are tried (the n-gram ban may have
     removed the likely ending of a word), then every token of the tokenizer, even one the
-    n-gram ban took: a word is never left unfinished or misspelt.
+    n-gram ban took: a word is never left unfinished or misspelt (and where none fits under
+    the study's rules and the word pairs, one that fits the vocabulary and the form alone).
 
     ``rules`` (one ``Rules`` per study, rows laid out as ``ReportStructureProcessor``'s leads)
     hold what else the study's report may not write: after its lead, no word naming a finding
@@ -299,6 +319,13 @@ class ClosedVocabulary(LogitsProcessor):
     def fits(self, piece: str, at: Position = Position(), rules: Rules = Rules()) -> bool:
         """Whether ``piece`` may be written at ``at`` under ``rules``."""
         return _fits(self.vocabulary, rules, at, piece, self.pairs)
+
+    def _anywhere(self, at: Position, rules: Rules) -> tuple[int, ...]:
+        """Every token that fits at ``at``; where none does under the study's ``rules`` and
+        the word pairs, every token that fits the vocabulary and the form alone (never seen
+        on the shipped checkpoints; a row left unmasked would write anything)."""
+        fitting = _fitting_anywhere(self.structure, self.vocabulary, rules, at, self.pairs)
+        return fitting or _fitting_anywhere(self.structure, self.vocabulary, Rules(), at, None)
 
     def _excepting(
         self, scores: torch.Tensor, keep: list[int], at: Position, rules: Rules
@@ -333,11 +360,9 @@ class ClosedVocabulary(LogitsProcessor):
                 if keep:
                     break
             if not keep:
-                anywhere = torch.tensor(
-                    _fitting_anywhere(self.structure, self.vocabulary, rules, at, self.pairs),
-                    dtype=torch.long,
-                )
-                keep = anywhere[torch.isfinite(scores[row, anywhere.to(scores.device)])].tolist()
+                anywhere = torch.tensor(self._anywhere(at, rules), dtype=torch.long)
+                alive = torch.isfinite(scores[row, anywhere.to(scores.device)]).cpu()
+                keep = anywhere[alive].tolist()
                 if not keep and len(anywhere):  # the n-gram ban took the only endings
                     scores[row].fill_(float("-inf"))
                     scores[row, anywhere.to(scores.device)] = 0.0

@@ -96,8 +96,3 @@ def findings_sentences(named: Iterable[str]) -> str:
     ("" for none)."""
     return " ".join(f"{spoken_name(f).capitalize()}." for f in FINDINGS14 if f in set(named))
 
-
-def naming_words(named: Iterable[str]) -> frozenset[str]:
-    """The word that names each finding in its sentence: ``Cardiomegaly`` → ``cardiomegaly``,
-    ``Effusion`` → ``effusion``, ``Pleural_Thickening`` → ``thickening``."""
-    return frozenset(spoken_name(f).split()[-1] for f in named)
