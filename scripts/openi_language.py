@@ -2,7 +2,9 @@
 each written from its own labeler states with the card's fixed image, beside the fixed normal
 template on the same reports: the quick loop for a decoding choice (80–110 s for 40 reports on
 2 cores). Reads the references from ``runs/card/states/prompt-wise.json``
-(``scripts/build_model_card.py`` writes it).
+(``scripts/build_model_card.py`` writes it) or, where the card has not run, draws them as the
+card does (the held-out OpenI reports of ``fidelity_sample``; the NIH pairs are rebuilt under
+``runs/openi-language``, about a minute).
 
     python scripts/openi_language.py assets/checkpoints/prompt-wise --reports 40 \\
         --decoding '{"phrasing_weight": 0.5}' --out rows.json
@@ -18,8 +20,12 @@ from pathlib import Path
 import torch
 
 from mrg.config import Decoding
+from mrg.data.datasets import load_annotation
+from mrg.data.language import HeldOut, report_corpus
+from mrg.data.pairs import build_pairs
 from mrg.data.study import batch_tensors, study_from_sources
-from mrg.evaluation.fidelity import language_fidelity
+from mrg.environment import setting
+from mrg.evaluation.fidelity import fidelity_sample, language_fidelity
 from mrg.evaluation.metrics import nlg_scores
 from mrg.evaluation.states_card import NORMAL_TEMPLATE
 from mrg.model import MRGModel
@@ -30,6 +36,23 @@ CARD_ROWS = ROOT / "runs" / "card" / "states" / "prompt-wise.json"
 FIXED_IMAGE = ROOT / "assets" / "examples" / "00004934_000.png"  # the card's
 
 
+def card_references() -> list[str]:
+    """The card's held-out OpenI references, from its cache or drawn as it draws them."""
+    if CARD_ROWS.is_file():
+        return [r["reference"] for r in json.loads(CARD_ROWS.read_text())["rows"]]
+    shared = Path(setting("MRG_SHARED_DATA"))
+    reports = shared / "iu_xray" / "NLMCXR_reports.tgz"
+    record = json.loads((ROOT / "assets" / "training_record.json").read_text())
+    annotation = ROOT / "runs" / "openi-language" / "annotation.json"
+    build_pairs(shared / "nih_cxr14", reports, annotation, record.get("reports_per_image", 1))
+    held_out = HeldOut.from_records(load_annotation(annotation, shared / "nih_cxr14" / "images"))
+    held_out.update(
+        HeldOut.from_records(load_annotation(shared / "iu_xray" / "annotation.json", "."))
+    )
+    corpus = report_corpus(reports, held_out)
+    return fidelity_sample(corpus.val + corpus.held_out_texts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
@@ -38,8 +61,7 @@ def main() -> None:
     parser.add_argument("--out", help="write the rows (reference, states, generated) here")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    references = [r["reference"] for r in json.loads(CARD_ROWS.read_text())["rows"]]
-    references = references[: args.reports]
+    references = card_references()[: args.reports]
     decoding = Decoding(**json.loads(args.decoding)).validate()
     model = MRGModel.from_pretrained(args.checkpoint).eval()
     image = batch_tensors([study_from_sources(FIXED_IMAGE)], 224, 1)

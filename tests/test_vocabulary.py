@@ -132,6 +132,19 @@ def test_the_processor_keeps_only_fitting_tokens(closed, tokenizer):
     assert out[0].argmax() == heart and torch.isinf(out[0, bad])
 
 
+def test_a_row_whose_next_token_is_forced_is_left_as_it_is(closed, tokenizer):
+    """The structure overwrites a forced row after: no search there (a lead's word fits none of
+    the rules that follow it, and every token was searched)."""
+    scores = torch.zeros(2, len(tokenizer))
+    bad = tokenizer.encode(" rehab")[0]
+    scores[:, bad] = 9.0
+    forced_first = ClosedVocabulary(
+        closed.structure, WORDS, forced=lambda ids, row, rows: 0 if row == 0 else None
+    )
+    out = forced_first(torch.empty(2, 0, dtype=torch.long), scores.clone())
+    assert torch.equal(out[0], scores[0]) and torch.isinf(out[1, bad])
+
+
 def test_the_vocabulary_is_saved_beside_the_weights_and_constrains_generation(
     make_tiny_model, tmp_path
 ):

@@ -123,6 +123,15 @@ class ReportGeneration:
         if decoding.absent_bias and states is not None and self.config.uses_states:
             absent = [with_state(study, ABSENT) for study in states]
             choosing.append(AbsentNames(structure, absent, decoding.absent_bias))
+        shape = ReportStructureProcessor(
+            structure,
+            decoding.max_new_tokens,
+            leads=leads,
+            lead_last=decoding.lead_last,
+            anatomy_words=decoding.anatomy_words,
+            absent=absent,
+            close_bias=decoding.close_bias,
+        )
         if decoding.repetition_penalty != 1.0:
             choosing.append(
                 OnBody(RepetitionPenaltyLogitsProcessor(decoding.repetition_penalty), structure)
@@ -138,20 +147,15 @@ class ReportGeneration:
             rules = None if states is None else [self._rules(s, bool(leads)) for s in states]
             phrasing = self.report_phrasing
             pairs = phrasing.pairs if decoding.word_pairs and phrasing else None
-            choosing.append(ClosedVocabulary(structure, self.report_vocabulary, rules, pairs=pairs))
+            choosing.append(
+                ClosedVocabulary(
+                    structure, self.report_vocabulary, rules, pairs=pairs, forced=shape.forced
+                )
+            )
             if decoding.phrasing_weight and self.report_phrasing:
                 choosing.append(
                     PhrasingFusion(structure, self.report_phrasing, decoding.phrasing_weight)
                 )
-        shape = ReportStructureProcessor(
-            structure,
-            decoding.max_new_tokens,
-            leads=leads,
-            lead_last=decoding.lead_last,
-            anatomy_words=decoding.anatomy_words,
-            absent=absent,
-            close_bias=decoding.close_bias,
-        )
         return LogitsProcessorList([UnlessForced(choosing, shape), shape])
 
     def _rules(self, states: FindingStates, lead: bool) -> Rules:

@@ -95,4 +95,3 @@ def findings_sentences(named: Iterable[str]) -> str:
     """The findings as the sentences a report begins with: ``Cardiomegaly. Pleural effusion.``
     ("" for none)."""
     return " ".join(f"{spoken_name(f).capitalize()}." for f in FINDINGS14 if f in set(named))
-
