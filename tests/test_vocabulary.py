@@ -210,6 +210,22 @@ def test_beside_a_present_or_possible_finding_no_global_normal_statement_is_begu
     assert closed.fits(" cardiopulmonary", Position(previous="acute"))  # no finding present
 
 
+def test_the_findings_describe_and_the_impression_concludes(closed, tokenizer):
+    """ "No acute cardiopulmonary abnormality." is the impression's, whatever the states: at the
+    end of the findings it left the impression "No active disease."."""
+    structure = closed.structure
+    (acute,) = tokenizer.encode(" acute")
+    body = tokenizer.encode(" The heart is normal. No")
+
+    def chosen(ids):
+        scores = torch.zeros(1, len(tokenizer))
+        scores[0, acute] = 9.0
+        return closed(torch.tensor([ids]), scores)[0].argmax().item()
+
+    assert chosen(structure.findings + body) != acute
+    assert chosen(structure.findings + body[:-1] + structure.impression + body[-1:]) == acute
+
+
 def test_where_no_likely_token_fits_any_fitting_token_is_taken(closed, tokenizer):
     narrow = ClosedVocabulary(closed.structure, WORDS, top_k=1, wider_k=2)
     scores = torch.full((1, len(tokenizer)), float("-inf"))

@@ -28,6 +28,7 @@ from mrg.text.states import (
     EXCEPTABLE,
     EXCEPTING,
     FINDING_PREFIXES,
+    GLOBAL_NORMAL_PAIRS,
     NEGATIONS,
     described,
     topic_words,
@@ -302,7 +303,9 @@ class ClosedVocabulary(LogitsProcessor):
     large." beside "Possible cardiomegaly."), nor a sentence on the part its sentence speaks
     for (the heart); a finding its condition does not state present or possible only in a
     sentence that negates; beside a present or possible finding no global-normal statement
-    (``mrg.text.states.GLOBAL_NORMAL_BIGRAMS``), and beside a pleural one no "pleural
+    (``mrg.text.states.GLOBAL_NORMAL_BIGRAMS``; in the findings never, whatever the states: the
+    conclusion is the impression's, and "No acute cardiopulmonary abnormality." at the end of
+    the findings left the impression "No active disease."), and beside a pleural one no "pleural
     disease"; and beside a present or possible finding no sentence calling its anatomy normal
     (``NORMAL_ANATOMY``)."""
 
@@ -355,6 +358,8 @@ class ClosedVocabulary(LogitsProcessor):
             if self.forced is not None and self.forced(row_ids, row, len(input_ids)) is not None:
                 continue  # a header's or a lead's token: overwritten after, and often banned here
             rules = of_study(self.rules, row, len(input_ids)) if self.rules else Rules()
+            if self.structure.impression_start(row_ids) is None:  # the findings describe
+                rules = dataclasses.replace(rules, bigrams=rules.bigrams | GLOBAL_NORMAL_PAIRS)
             at = position(pieces, row_ids)
             # only the rules' subjects of the sentence matter: the rest would split the cache
             subjects = frozenset(a for a, _ in rules.normal) | {EXCEPTING, EXISTENTIAL}

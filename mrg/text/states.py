@@ -59,6 +59,10 @@ GLOBAL_NORMAL_BIGRAMS = {
     "negative": frozenset({"chest"}),
 }
 
+# all of them as (word, next word) pairs: never beside a finding, and never in the findings,
+# where a radiologist describes (the conclusion is the impression's)
+GLOBAL_NORMAL_PAIRS = frozenset((a, b) for a, nexts in GLOBAL_NORMAL_BIGRAMS.items() for b in nexts)
+
 
 # the beginnings of words that hedge ("possible", "possibly"): a report whose findings the
 # head states writes its hedges in the lead alone
@@ -220,9 +224,7 @@ def global_normal_bigrams(states: Mapping[str, str]) -> frozenset[tuple[str, str
     statements where a finding is present or possible (a hedge beside "No acute
     cardiopulmonary abnormality." reads as a contradiction, and "The heart is large." beside a
     possible cardiomegaly reads as present), none otherwise."""
-    if not {PRESENT, POSSIBLE} & set(states.values()):
-        return frozenset()
-    return frozenset((a, b) for a, nexts in GLOBAL_NORMAL_BIGRAMS.items() for b in nexts)
+    return GLOBAL_NORMAL_PAIRS if {PRESENT, POSSIBLE} & set(states.values()) else frozenset()
 
 
 def state_vector(states: Mapping[str, str]) -> list[float]:
