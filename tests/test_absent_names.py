@@ -71,7 +71,9 @@ def test_a_states_model_decodes_with_the_bias_and_without_it_when_off(tiny_llm, 
         Decoding(absent_bias=-1.0).validate()
 
 
-def test_once_heart_and_lungs_are_described_a_sentence_opens_on_the_pleura(structure, tokenizer):
+def test_once_the_lungs_are_described_sentences_open_on_the_negations(structure, tokenizer):
+    """A radiologist's order: heart, lungs, then what is absent, before the aorta and the spine
+    (after them the findings ran on to their word cap, and the cap cut the negations)."""
     names = AbsentNames(structure, [["Effusion"]], bias=6.0)
     negation = first(tokenizer, " No")
 
@@ -83,6 +85,7 @@ def test_once_heart_and_lungs_are_described_a_sentence_opens_on_the_pleura(struc
     assert favoured(" The heart is normal. The lungs are clear.", absent=["Atelectasis"]) == {
         negation
     }
-    assert favoured(" The heart is normal. The lungs are clear. No pneumothorax.") == set()
+    assert favoured(" The heart is normal. The lungs are clear. No pneumothorax.") == {negation}
+    assert favoured(" The lungs are clear.") == {negation}  # the heart may come after
     done = " The heart is normal. The lungs are clear. No pleural effusion."
     assert favoured(done) == set()  # named already

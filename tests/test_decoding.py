@@ -174,6 +174,24 @@ def test_a_lead_last_closes_the_findings_the_llm_wrote(structure, tokenizer):
     assert short(torch.tensor([late]), torch.zeros(1, len(tokenizer)))[0].argmax() == lead[0]
 
 
+def test_past_anatomy_words_the_findings_close_at_the_next_sentence_end(structure, tokenizer):
+    """Left to the budget, one ran on to be cut mid-word ("… is normal without medi Pleural
+    effusion.")."""
+    shape = ReportStructureProcessor(structure, max_new_tokens=100, anatomy_words=12)
+    wants_on = torch.zeros(1, len(tokenizer))
+    (the,) = tokenizer.encode(" The")
+    wants_on[0, the] = 10.0
+
+    def next_token(findings: str) -> int:
+        ids = torch.tensor([structure.findings + tokenizer.encode(findings)])
+        return shape(ids, wants_on.clone())[0].argmax().item()
+
+    long = " The heart is normal in size and appearance. The bones are normal."
+    assert next_token(long) == structure.impression[0]
+    assert next_token(long[:-1]) != structure.impression[0]  # not inside a sentence
+    assert next_token(" The heart is normal. The lungs are clear.") == the  # 8 words: on
+
+
 def test_the_findings_close_only_once_heart_lungs_and_pleura_are_addressed(structure, tokenizer):
     shape = ReportStructureProcessor(structure, max_new_tokens=100, anatomy_words=12)
     wants_to_close = torch.zeros(1, len(tokenizer))

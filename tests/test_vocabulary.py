@@ -122,6 +122,22 @@ def test_a_section_describes_each_part_once(closed, tokenizer):
         " heart", Position(previous="the", sentence=frozenset({"the"}), opening=False), spoken
     )
     assert closed.fits(" No", Position(), spoken)
+    lungs = ClosedVocabulary(closed.structure, WORDS | {"lungs", "lung", "right", "clear"})
+    right = position(pieces, tokenizer.encode(" The lungs are clear. The right"))
+    assert right.subject and not lungs.fits(" lung", right)  # "The right lung is normal."
+    assert lungs.fits(
+        " lung", position(pieces, tokenizer.encode(" The heart is normal. The right"))
+    )
+
+
+def test_once_consolidation_is_named_no_sentence_says_it_again_in_other_words(closed, tokenizer):
+    from mrg.model.closed_vocabulary import position
+
+    words = ClosedVocabulary(closed.structure, WORDS | {"consolidation", "focal", "airspace"})
+    pieces = closed.structure.pieces
+    after = position(pieces, tokenizer.encode(" No focal consolidation. No focal"))
+    assert not words.fits(" airspace", after)  # "No evidence of focal airspace disease."
+    assert words.fits(" airspace", position(pieces, tokenizer.encode(" The heart is normal. No")))
 
 
 def test_the_processor_keeps_only_fitting_tokens(closed, tokenizer):

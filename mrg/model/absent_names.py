@@ -10,10 +10,10 @@ word is a negation cue:
     where the sentence negates (``NEGATIONS``) and its last word is in ``CUES``, and
     z'_or = z_or + b where it negates and its last word names a finding ("no pneumothorax")
     while an absent finding is still unnamed: the list goes on ("or pleural effusion")
-    z'_No = z_No + b at a sentence's start once the findings describe the heart and the lungs
-    but not the pleura, while an absent finding is unnamed: a radiologist's order ("The heart
-    is normal in size. The lungs are clear. No pleural effusion or pneumothorax."), where the
-    LLM went on to the aorta, the spine and the vessels first
+    z'_No = z_No + b at a sentence's start once the findings describe the lungs, while an
+    absent finding is unnamed: a radiologist's order ("The heart is normal in size. The lungs
+    are clear. No pleural effusion or pneumothorax. No focal consolidation."), where the LLM
+    went on to the aorta, the spine and the vessels first
 
 The LLM still chooses every word (a bias, not a forced token): "There is no" may go on
 "evidence of focal lung disease", and "pleural" may go on "space". Only a name whose first
@@ -78,9 +78,9 @@ class AbsentNames(LogitsProcessor):
             return []
         at = position(s.pieces, row_ids)
         last = at.open_word.lower() or at.previous
-        if at.opening and not at.open_word:  # a sentence's start: the pleura's turn?
+        if at.opening and not at.open_word:  # a sentence's start: the negations' turn?
             text = s.tokenizer.decode(row_ids[len(s.findings) :])
-            if unaddressed(text) == ["pleura"] and unnamed(absent, text.lower()):
+            if "lungs" not in unaddressed(text) and unnamed(absent, text.lower()):
                 return [self.negation]
             return []
         if not last or not (at.negated or last in NEGATIONS):

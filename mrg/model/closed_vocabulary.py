@@ -31,6 +31,7 @@ from mrg.text.states import (
     GLOBAL_NORMAL_PAIRS,
     NEGATIONS,
     described,
+    restating,
     topic_words,
 )
 from mrg.text.vocabulary import PRIOR_COMPARISON
@@ -52,6 +53,8 @@ _PUNCTUATION = frozenset(" .,;'()-\n")  # and no "/": "cardio/mediastinal"
 _STOPS = frozenset(".,;!?")
 # "is no" and "are no" negate only after "there" ("There is no pneumothorax.")
 COPULAS, EXISTENTIAL = frozenset({"is", "are"}), "there"
+# the words before a sentence's subject ("The right lung is clear." after "The lungs are clear.")
+SUBJECT_MODIFIERS = frozenset({"the", "right", "left", "both", "bilateral", "upper", "lower"})
 # a word that is one half of a compound a report may write apart: only its other half follows
 COMPOUND_HALVES = {"cardio": "mediastinal"}  # "Cardio mediastinal silhouette" (60 in OpenI)
 
@@ -82,7 +85,7 @@ class Position:
     so far, whether the open word is the sentence's first, and whether the text ends with
     punctuation that a letter would touch ("normal.Density"); and what the section's earlier
     sentences hold: whether the open word is the sentence's subject (its first word, or the
-    one after an opening "the"), the parts of the chest they describe (``TOPICS``) and the
+    ones after an opening "the", "right", "left", "both", "bilateral", "upper", "lower"), the parts of the chest they describe (``TOPICS``) and the
     beginnings of the finding names they hold (``FINDING_PREFIXES``)."""
 
     previous: str | None = None
@@ -156,6 +159,7 @@ def _fits(
         normal = (b for a, b in rules.normal if a in sentence and a not in excepted)
         named = frozenset(p for p in FINDING_PREFIXES if any(w.startswith(p) for w in sentence))
         stated = rules.stated | frozenset(normal) | named | at.named
+        stated |= restating(named | at.named)
         stated = stated if negated else stated | rules.unstated
         words, prefixes = allowed_words(vocabulary, stated, banned)
         if glued or not _case_fits(run, opening, words, open_=i == len(runs) - 1):
@@ -167,7 +171,7 @@ def _fits(
             return False
         if word == "no" and previous in COPULAS and EXISTENTIAL not in sentence:
             return False  # "The cardiomediastinal silhouette is no pneumothorax"
-        previous, opening, subject = word, False, subject and word == "the"
+        previous, opening, subject = word, False, subject and word in SUBJECT_MODIFIERS
         negated = negated or previous in NEGATIONS
         sentence.add(previous)
     return True
@@ -259,7 +263,7 @@ def position(pieces: list[str], ids: list[int], limit: int = 192) -> Position:
         words,
         opening=not words,
         glued=bool(_GLUED.search(tail)),
-        subject=ordered in ([], ["the"]),
+        subject=all(w in SUBJECT_MODIFIERS for w in ordered),
         described=described(said),
         named=frozenset(p for p in FINDING_PREFIXES if any(w.startswith(p) for w in said)),
     )

@@ -14,7 +14,7 @@ An answer is ``FINDINGS: …⏎IMPRESSION: …`` and nothing else:
   closes only after its first word, the findings only at a sentence end ("The aorta is a
   normal" closed one), and (``anatomy_words``) only once they
   address the heart, the lungs and the pleura (``mrg.text.anatomy``), or after that many
-  words of the LLM's;
+  words of the LLM's, and then they close at the next sentence end;
 * in the impression, the probability of a newline moves to EOS, so the report stops at the
   end of the impression (and not before its first token);
 * no section writes a header of its own: ``:`` is banned right after "findings" or
@@ -176,6 +176,15 @@ class ReportStructureProcessor(LogitsProcessor):
         text = f"{own_text} {decode(lead)}"
         return not unnamed(absent, text.lower()) and not unaddressed(text)
 
+    def _rambled(self, row_ids: list[int], findings: list[int]) -> bool:
+        """Whether the LLM's findings hold ``anatomy_words`` words: they close at the next
+        sentence end (left to the budget, one ran on to be cut mid-word: "The left lower lobe,
+        which is normal, is normal without medi Pleural effusion.")."""
+        if not self.anatomy_words:
+            return False
+        own = self.structure.tokenizer.decode(row_ids[len(findings) :])
+        return len(own.split()) >= self.anatomy_words
+
     def forced(self, row_ids: list[int], row: int, rows: int) -> int | None:
         """The token ``row`` must take next whatever the LLM says: a header's, a lead's, or
         the end after a lead's impression; None where the LLM chooses."""
@@ -228,7 +237,7 @@ class ReportStructureProcessor(LogitsProcessor):
                 then = lead[0] if last else header[0]
                 left = self.max_new_tokens - n - len(header + lead) - len(lead) * last - reserve
                 at_stop = s.ends_sentence(row_ids)
-                if left <= 0 or (left <= reserve and at_stop):
+                if left <= 0 or at_stop and (left <= reserve or self._rambled(row_ids, findings)):
                     _force(out, then)
                 elif at_stop and self.may_close(row_ids[len(findings) :], lead, absent(row)):
                     out[then] = close + self.close_bias

@@ -86,6 +86,10 @@ NAMING_PREFIXES = {
     "Pleural_Thickening": ("thickening",),
     "Hernia": ("hernia",),
 }
+# words that say again what a finding's sentence said: not written in a section once the
+# finding is named ("No focal consolidation. No evidence of focal airspace disease."); they
+# name no finding themselves (the labeler reads none in "airspace disease")
+RESTATING = {"consolidat": frozenset({"airspace", "air"})}  # "air space disease"
 # all of them: a sentence names a finding once ("no pneumothorax or pneumothorax" is never written)
 FINDING_PREFIXES = tuple(sorted({p for prefixes in NAMING_PREFIXES.values() for p in prefixes}))
 
@@ -138,6 +142,8 @@ TOPICS = {
     "mediastinal": _MEDIASTINUM,
     "lungs": frozenset({"lungs"}),
     "lung": frozenset({"lungs"}),
+    "lobe": frozenset({"lungs"}),  # "The right upper lobe is clear." after "The lungs are clear."
+    "lobes": frozenset({"lungs"}),
     "pulmonary": _VESSELS,
     "vasculature": _VESSELS,
     "vascularity": _VESSELS,
@@ -166,6 +172,12 @@ PLEURAL_FINDINGS = frozenset({"Effusion", "Pneumothorax", "Pleural_Thickening"})
 def described(words: Iterable[str]) -> frozenset[str]:
     """The parts of the chest (``TOPICS``) that ``words`` describe."""
     return frozenset(part for w in words for part in TOPICS.get(w, ()))
+
+
+def restating(named: Iterable[str]) -> frozenset[str]:
+    """The words (``RESTATING``) that say again what the findings ``named`` (by their
+    ``FINDING_PREFIXES``) said."""
+    return frozenset(w for p in named for w in RESTATING.get(p, ()))
 
 
 def topic_words(parts: Iterable[str]) -> frozenset[str]:
