@@ -85,8 +85,8 @@ class Position:
     so far, whether the open word is the sentence's first, and whether the text ends with
     punctuation that a letter would touch ("normal.Density"); and what the section's earlier
     sentences hold: whether the open word is the sentence's subject (its first word, or the
-    ones after an opening "the", "right", "left", "both", "bilateral", "upper", "lower"), the parts of the chest they describe (``TOPICS``) and the
-    beginnings of the finding names they hold (``FINDING_PREFIXES``)."""
+    one after ``SUBJECT_MODIFIERS``: "The right lung"), the parts of the chest they describe
+    (``TOPICS``) and the beginnings of the finding names they hold (``FINDING_PREFIXES``)."""
 
     previous: str | None = None
     negated: bool = False
@@ -197,9 +197,10 @@ def _banned(
     """The words that may not follow ``previous``: the rules' bigrams, all but the other half
     of a compound ("cardio" "mediastinal", never "cardio pulmonary"), the words the phrasing
     model's reports never wrote after it ("within normal limited"); and where the word is the
-    sentence's subject (``subject``: the parts described already; None elsewhere), the parts described
-    already and those a finding's sentence speaks for. Remembered: one object per position,
-    so ``allowed_words``'s key hashes once (the last resort asks ~49k tokens at one position)."""
+    sentence's subject (``subject``: the parts described already; None elsewhere), the parts
+    described already and those a finding's sentence speaks for. Remembered: one object per
+    position, so ``allowed_words``'s key hashes once (the last resort asks ~49k tokens at one
+    position)."""
     banned = frozenset(b for a, b in rules.bigrams if a == previous)
     if previous in COMPOUND_HALVES:
         banned |= vocabulary - {COMPOUND_HALVES[previous]}
