@@ -1,7 +1,8 @@
 """State fidelity, BLEU-4 and CIDEr of one checkpoint on the model card's held-out OpenI reports,
 each written from its own labeler states with the card's fixed image, beside the fixed normal
 template on the same reports: the quick loop for a decoding choice (80–110 s for 40 reports on
-2 cores). Reads the references from ``runs/card/states/prompt-wise.json``
+2 cores). ``--dev`` draws 130 other held-out reports the same way, which the card does not
+score: tune there, and read the card's once. Reads the references from ``runs/card/states/prompt-wise.json``
 (``scripts/build_model_card.py`` writes it) or, where the card has not run, draws them as the
 card does (the held-out OpenI reports of ``fidelity_sample``; the NIH pairs are rebuilt under
 ``runs/openi-language``, about a minute).
@@ -36,10 +37,9 @@ CARD_ROWS = ROOT / "runs" / "card" / "states" / "prompt-wise.json"
 FIXED_IMAGE = ROOT / "assets" / "examples" / "00004934_000.png"  # the card's
 
 
-def card_references() -> list[str]:
-    """The card's held-out OpenI references, from its cache or drawn as it draws them."""
-    if CARD_ROWS.is_file():
-        return [r["reference"] for r in json.loads(CARD_ROWS.read_text())["rows"]]
+def held_out_texts() -> list[str]:
+    """The held-out OpenI report texts the card samples from (the NIH pairs are rebuilt under
+    ``runs/openi-language``, about a minute)."""
     shared = Path(setting("MRG_SHARED_DATA"))
     reports = shared / "iu_xray" / "NLMCXR_reports.tgz"
     record = json.loads((ROOT / "assets" / "training_record.json").read_text())
@@ -50,7 +50,22 @@ def card_references() -> list[str]:
         HeldOut.from_records(load_annotation(shared / "iu_xray" / "annotation.json", "."))
     )
     corpus = report_corpus(reports, held_out)
-    return fidelity_sample(corpus.val + corpus.held_out_texts)
+    return corpus.val + corpus.held_out_texts
+
+
+def card_references() -> list[str]:
+    """The card's held-out OpenI references, from its cache or drawn as it draws them."""
+    if CARD_ROWS.is_file():
+        return [r["reference"] for r in json.loads(CARD_ROWS.read_text())["rows"]]
+    return fidelity_sample(held_out_texts())
+
+
+def dev_references() -> list[str]:
+    """Held-out OpenI references the card does not score, drawn as it draws its own (the next
+    100 that name a finding and the next 30 that name none): where decoding is tuned."""
+    card = set(card_references())
+    drawn = fidelity_sample(held_out_texts(), abnormals=200, normals=60)
+    return [t for t in drawn if t not in card]
 
 
 def main() -> None:
@@ -59,9 +74,12 @@ def main() -> None:
     parser.add_argument("--reports", type=int, default=130)
     parser.add_argument("--decoding", default="{}", help="Decoding fields as JSON")
     parser.add_argument("--out", help="write the rows (reference, states, generated) here")
+    parser.add_argument(
+        "--dev", action="store_true", help="the held-out reports the card does not score"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
-    references = card_references()[: args.reports]
+    references = (dev_references() if args.dev else card_references())[: args.reports]
     decoding = Decoding(**json.loads(args.decoding)).validate()
     model = MRGModel.from_pretrained(args.checkpoint).eval()
     image = batch_tensors([study_from_sources(FIXED_IMAGE)], 224, 1)

@@ -89,3 +89,8 @@ def test_once_the_lungs_are_described_sentences_open_on_the_negations(structure,
     assert favoured(" The lungs are clear.") == {negation}  # the heart may come after
     done = " The heart is normal. The lungs are clear. No pleural effusion."
     assert favoured(done) == set()  # named already
+    # with nothing stated absent, the pleura still comes next (15 of 130 held-out OpenI reports
+    # went on to the aorta, the spine and the vessels and never reached it)
+    assert favoured(" The heart is normal. The lungs are clear.", absent=()) == {negation}
+    assert favoured(" The lungs are clear. No pneumothorax.", absent=()) == set()
+    assert favoured(" The lungs are clear. There is no", absent=()) == set()  # nothing to name

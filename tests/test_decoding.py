@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import random_batch
-from transformers import RepetitionPenaltyLogitsProcessor
+from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
 
 from mrg.config import Decoding
 from mrg.evaluation.text_quality import has_loop, well_formed
@@ -76,6 +76,22 @@ def test_the_repetition_penalty_never_sees_the_headers(structure, tokenizer):
     scores = torch.ones(1, len(tokenizer))
     out = penalty(ids, scores.clone())
     assert torch.equal(out, torch.ones(1, len(tokenizer)))
+
+
+def test_the_ngram_ban_never_spans_the_two_sections(structure, tokenizer):
+    """After "… disease. No focal airspace disease." the impression may open on " No" (the
+    findings' "disease. No" banned it, and the impression read "Heart size and contour."),
+    while a trigram written whole in the findings stays banned in the impression."""
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    findings = structure.findings + encode(" No effusion or disease. No focal disease.")
+    no, focal = encode(" No")[0], encode(" focal")[0]
+    for apart, banned in ((False, True), (True, False)):
+        ban = OnBody(NoRepeatNGramLogitsProcessor(3), structure, apart=apart)
+        out = ban(torch.tensor([findings + structure.impression]), torch.zeros(1, len(tokenizer)))
+        assert (out[0, no] == float("-inf")) == banned
+    ban = OnBody(NoRepeatNGramLogitsProcessor(3), structure, apart=True)
+    ids = torch.tensor([findings + structure.impression + encode(" disease. No")])
+    assert ban(ids, torch.zeros(1, len(tokenizer)))[0, focal] == float("-inf")
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])

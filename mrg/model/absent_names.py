@@ -11,9 +11,10 @@ word is a negation cue:
     z'_or = z_or + b where it negates and its last word names a finding ("no pneumothorax")
     while an absent finding is still unnamed: the list goes on ("or pleural effusion")
     z'_No = z_No + b at a sentence's start once the findings describe the lungs, while an
-    absent finding is unnamed: a radiologist's order ("The heart is normal in size. The lungs
-    are clear. No pleural effusion or pneumothorax. No focal consolidation."), where the LLM
-    went on to the aorta, the spine and the vessels first
+    absent finding is unnamed or the pleura unaddressed: a radiologist's order ("The heart is
+    normal in size. The lungs are clear. No pleural effusion or pneumothorax. No focal
+    consolidation."), where the LLM went on to the aorta, the spine and the vessels first
+    (and, with nothing stated absent, 15 of 130 held-out OpenI reports never reached the pleura)
 
 The LLM still chooses every word (a bias, not a forced token): "There is no" may go on
 "evidence of focal lung disease", and "pleural" may go on "space". Only a name whose first
@@ -74,14 +75,17 @@ class AbsentNames(LogitsProcessor):
         """The first tokens of the findings of ``absent`` that the next token should name, after
         the findings' ``row_ids`` (none outside the findings, or after no cue)."""
         s = self.structure
-        if not absent or len(row_ids) <= len(s.findings) or s.impression_start(row_ids) is not None:
+        if len(row_ids) <= len(s.findings) or s.impression_start(row_ids) is not None:
             return []
         at = position(s.pieces, row_ids)
         last = at.open_word.lower() or at.previous
         if at.opening and not at.open_word:  # a sentence's start: the negations' turn?
             text = s.tokenizer.decode(row_ids[len(s.findings) :])
-            if "lungs" not in unaddressed(text) and unnamed(absent, text.lower()):
+            left = unaddressed(text)
+            if "lungs" not in left and ("pleura" in left or unnamed(absent, text.lower())):
                 return [self.negation]
+            return []
+        if not absent:
             return []
         if not last or not (at.negated or last in NEGATIONS):
             return []

@@ -82,12 +82,14 @@ class ReportStructure:
         except ValueError:
             return None
 
-    def body_ids(self, ids: list[int]) -> list[int]:
-        """``ids`` without the two headers: the words the model chose."""
+    def body_ids(self, ids: list[int], apart: bool = False) -> list[int]:
+        """``ids`` without the two headers: the words the model chose (``apart``: the sections
+        joined by the header's newline, a token no body holds)."""
         start = self.impression_start(ids)
         if start is None:
             return ids[len(self.findings) :]
-        return ids[len(self.findings) : start] + ids[start + len(self.impression) :]
+        joint = self.impression[:1] if apart else []
+        return ids[len(self.findings) : start] + joint + ids[start + len(self.impression) :]
 
     def ends_sentence(self, ids: list[int]) -> bool:
         """Whether the text of ``ids`` ends with a full stop (or ! or ?)."""
@@ -262,14 +264,18 @@ class UnlessForced(LogitsProcessor):
 
 
 class OnBody(LogitsProcessor):
-    """Applies a ``transformers`` processor that reads past ids to each row's body ids only."""
+    """Applies a ``transformers`` processor that reads past ids to each row's body ids only;
+    ``apart``: with the sections kept apart, so that the n-gram ban never matches across
+    them (the findings' "disease. No" banned the impression's first " No" after "… airspace
+    disease.", and it read "Heart size and contour.")."""
 
-    def __init__(self, processor: LogitsProcessor, structure: ReportStructure):
-        self.processor, self.structure = processor, structure
+    def __init__(self, processor: LogitsProcessor, structure: ReportStructure, apart: bool = False):
+        self.processor, self.structure, self.apart = processor, structure, apart
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         for row, row_ids in enumerate(input_ids.tolist()):
-            body = torch.tensor([self.structure.body_ids(row_ids)], device=input_ids.device)
+            body = self.structure.body_ids(row_ids, self.apart)
+            body = torch.tensor([body], device=input_ids.device)
             if body.shape[1]:
                 scores[row : row + 1] = self.processor(body, scores[row : row + 1])
         return scores

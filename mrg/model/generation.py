@@ -138,7 +138,11 @@ class ReportGeneration:
             )
         if decoding.no_repeat_ngram_size:
             choosing.append(
-                OnBody(NoRepeatNGramLogitsProcessor(decoding.no_repeat_ngram_size), structure)
+                OnBody(
+                    NoRepeatNGramLogitsProcessor(decoding.no_repeat_ngram_size),
+                    structure,
+                    apart=True,
+                )
             )
         if decoding.strategy == "sample":
             choosing.append(TemperatureLogitsWarper(decoding.temperature))
