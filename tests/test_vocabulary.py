@@ -130,13 +130,16 @@ def test_a_section_describes_each_part_once(closed, tokenizer):
     )
 
 
-def test_once_consolidation_is_named_no_sentence_says_it_again_in_other_words(closed, tokenizer):
+def test_once_consolidation_or_infiltrates_are_named_no_sentence_says_it_again(closed, tokenizer):
     from mrg.model.closed_vocabulary import position
 
-    words = ClosedVocabulary(closed.structure, WORDS | {"consolidation", "focal", "airspace"})
+    extra = {"consolidation", "focal", "airspace", "infiltrates"}
+    words = ClosedVocabulary(closed.structure, WORDS | extra)
     pieces = closed.structure.pieces
     after = position(pieces, tokenizer.encode(" No focal consolidation. No focal"))
     assert not words.fits(" airspace", after)  # "No evidence of focal airspace disease."
+    after = position(pieces, tokenizer.encode(" No focal infiltrates. No focal"))
+    assert not words.fits(" airspace", after)  # nor after infiltrates
     assert words.fits(" airspace", position(pieces, tokenizer.encode(" The heart is normal. No")))
 
 

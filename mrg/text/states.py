@@ -87,9 +87,11 @@ NAMING_PREFIXES = {
     "Hernia": ("hernia",),
 }
 # words that say again what a finding's sentence said: not written in a section once the
-# finding is named ("No focal consolidation. No evidence of focal airspace disease."); they
-# name no finding themselves (the labeler reads none in "airspace disease")
-RESTATING = {"consolidat": frozenset({"airspace", "air"})}  # "air space disease"
+# finding is named ("No focal consolidation. No evidence of focal airspace disease.", "No
+# focal infiltrates. No evidence of focal airspace disease."); they name no finding
+# themselves (the labeler reads none in "airspace disease")
+_AIRSPACE = frozenset({"airspace", "air"})  # "air space disease"
+RESTATING = {"consolidat": _AIRSPACE, "infiltrat": _AIRSPACE}
 # all of them: a sentence names a finding once ("no pneumothorax or pneumothorax" is never written)
 FINDING_PREFIXES = tuple(sorted({p for prefixes in NAMING_PREFIXES.values() for p in prefixes}))
 
