@@ -60,6 +60,8 @@ def test_states_as_words_and_as_the_sentences_decoding_forces():
     assert states_words({}) == "Present: none. Possible: none. Absent: none."
     assert lead_sentences(STATES) == "Cardiomegaly. Possible pleural effusion."
     assert lead_sentences({"Pneumothorax": "absent"}) == ""
+    hernia_nodule = {"Hernia": "present", "Nodule": "possible"}
+    assert lead_sentences(hernia_nodule) == "Hiatal hernia. Possible pulmonary nodule."
 
 
 def test_what_a_findings_sentence_speaks_for_and_what_contradicts_it():

@@ -177,6 +177,12 @@ def _fits(
     return True
 
 
+@lru_cache(maxsize=256)
+def _describing(rules: Rules) -> Rules:
+    """``rules`` in the findings: no global-normal statement there, whatever the states."""
+    return dataclasses.replace(rules, bigrams=rules.bigrams | GLOBAL_NORMAL_PAIRS)
+
+
 @lru_cache(maxsize=4096)
 def _only_toward(words: frozenset[str], prefix: str, previous: str | None) -> bool:
     """Whether every word of ``words`` that begins with ``prefix`` is ``previous``: the open
@@ -364,7 +370,7 @@ class ClosedVocabulary(LogitsProcessor):
                 continue  # a header's or a lead's token: overwritten after, and often banned here
             rules = of_study(self.rules, row, len(input_ids)) if self.rules else Rules()
             if self.structure.impression_start(row_ids) is None:  # the findings describe
-                rules = dataclasses.replace(rules, bigrams=rules.bigrams | GLOBAL_NORMAL_PAIRS)
+                rules = _describing(rules)
             at = position(pieces, row_ids)
             # only the rules' subjects of the sentence matter: the rest would split the cache
             subjects = frozenset(a for a, _ in rules.normal) | {EXCEPTING, EXISTENTIAL}

@@ -168,24 +168,20 @@ class ReportStructureProcessor(LogitsProcessor):
         """Whether findings of ``own`` (the LLM's tokens) and ``lead`` (forced, before or
         after them) may close: always without ``anatomy_words``, else once they address the
         heart, the lungs and the pleura and name each finding of ``absent`` (in any words:
-        ``NAMING_PREFIXES``), or ``own`` holds that many words."""
+        ``NAMING_PREFIXES``). Past ``anatomy_words`` words they must (``rambled``)."""
         if not self.anatomy_words:
             return True
-        decode = self.structure.tokenizer.decode
-        own_text = decode(own)
-        if len(own_text.split()) >= self.anatomy_words:
-            return True
-        text = f"{own_text} {decode(lead)}"
+        text = self.structure.tokenizer.decode(own + lead)
         return not unnamed(absent, text.lower()) and not unaddressed(text)
 
-    def _rambled(self, row_ids: list[int], findings: list[int]) -> bool:
-        """Whether the LLM's findings hold ``anatomy_words`` words: they close at the next
-        sentence end (left to the budget, one ran on to be cut mid-word: "The left lower lobe,
-        which is normal, is normal without medi Pleural effusion.")."""
+    def rambled(self, own: list[int]) -> bool:
+        """Whether ``own`` (the LLM's findings tokens) holds ``anatomy_words`` words: the
+        findings close at the next sentence end (left to the budget, one ran on to be cut
+        mid-word: "The left lower lobe, which is normal, is normal without medi Pleural
+        effusion.")."""
         if not self.anatomy_words:
             return False
-        own = self.structure.tokenizer.decode(row_ids[len(findings) :])
-        return len(own.split()) >= self.anatomy_words
+        return len(self.structure.tokenizer.decode(own).split()) >= self.anatomy_words
 
     def forced(self, row_ids: list[int], row: int, rows: int) -> int | None:
         """The token ``row`` must take next whatever the LLM says: a header's, a lead's, or
@@ -238,10 +234,10 @@ class ReportStructureProcessor(LogitsProcessor):
                 reserve = min(self.reserve, self.max_new_tokens // 4)
                 then = lead[0] if last else header[0]
                 left = self.max_new_tokens - n - len(header + lead) - len(lead) * last - reserve
-                at_stop = s.ends_sentence(row_ids)
-                if left <= 0 or at_stop and (left <= reserve or self._rambled(row_ids, findings)):
+                at_stop, own = s.ends_sentence(row_ids), row_ids[len(findings) :]
+                if left <= 0 or at_stop and (left <= reserve or self.rambled(own)):
                     _force(out, then)
-                elif at_stop and self.may_close(row_ids[len(findings) :], lead, absent(row)):
+                elif at_stop and self.may_close(own, lead, absent(row)):
                     out[then] = close + self.close_bias
             else:  # impression: closing it ends the report
                 out[s.eos_id] = close + self.close_bias * s.ends_sentence(row_ids)

@@ -274,6 +274,11 @@ def check(states: Mapping[str, str]) -> None:
             raise ValueError(f"unknown state {state!r} of {finding}; choose from {STATES}")
 
 
+# a finding's sentence names it as a report does where the condition's word says less
+# ("Hernia.", "Possible nodule."); ChestX-ray14's hernias are hiatal hernias
+LEAD_NAMES = {"Hernia": "hiatal hernia", "Edema": "pulmonary edema", "Nodule": "pulmonary nodule"}
+
+
 def with_state(states: Mapping[str, str], state: str) -> list[str]:
     """The findings of ``states`` in ``state``, in ChestX-ray14 order."""
     return [f for f in FINDINGS14 if states.get(f) == state]
@@ -293,12 +298,13 @@ def states_words(states: Mapping[str, str]) -> str:
 
 def lead_sentences(states: Mapping[str, str], order: Iterable[str] | None = None) -> str:
     """One sentence per present or possible finding, present first: ``Cardiomegaly. Possible
-    pleural effusion.`` ("" for none). ``order`` (most important first) sorts within a state."""
+    pleural effusion.`` ("" for none), each finding named as reports name it (``LEAD_NAMES``).
+    ``order`` (most important first) sorts within a state."""
     ranked = list(order) if order is not None else list(FINDINGS14)
     sentences = []
     for state in (PRESENT, POSSIBLE):
         for finding in sorted(with_state(states, state), key=ranked.index):
-            name = spoken_name(finding)
+            name = LEAD_NAMES.get(finding, spoken_name(finding))
             sentences.append(f"{name.capitalize()}." if state == PRESENT else f"Possible {name}.")
     return " ".join(sentences)
 
