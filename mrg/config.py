@@ -283,9 +283,11 @@ class Decoding:
     # after a negation cue in the findings ("There is no"), the names of the findings the
     # condition states absent get this logit bias until the findings name them
     # (``mrg.model.absent_names``): the 135M LLM negated in words that name none ("The
-    # pleural space is clear"); 0: off. 12 where 6 let "No focal airspace disease." stand for
-    # an absent infiltrate and the findings ran on to their word cap looking for its name (35
-    # held-out OpenI dev reports: state fidelity 0.944 -> 0.989, 30.1 -> 26.1 words)
+    # pleural space is clear"), and " No" opens a sentence once the lungs are described while
+    # an absent finding is unnamed or the pleura unaddressed; 0: off. 12 where 6 let "No
+    # focal airspace disease." stand for an absent infiltrate and the findings ran on to
+    # their word cap looking for its name (35 held-out OpenI dev reports: state fidelity
+    # 0.944 -> 0.989, 30.1 -> 26.1 words)
     absent_bias: float = 12.0
     # the report's words come from the model's report vocabulary (the words its training
     # reports use ≥ 5 times, R2Gen's closed vocabulary): no misspelt and no chatbot words;

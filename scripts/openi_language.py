@@ -1,11 +1,13 @@
 """State fidelity, BLEU-4 and CIDEr of one checkpoint on the model card's held-out OpenI reports,
 each written from its own labeler states with the card's fixed image, beside the fixed normal
 template on the same reports: the quick loop for a decoding choice (80–110 s for 40 reports on
-2 cores). ``--dev`` draws 130 other held-out reports the same way, which the card does not
-score: tune there, and read the card's once. Reads the references from ``runs/card/states/prompt-wise.json``
-(``scripts/build_model_card.py`` writes it) or, where the card has not run, draws them as the
-card does (the held-out OpenI reports of ``fidelity_sample``; the NIH pairs are rebuilt under
-``runs/openi-language``, about a minute).
+2 cores). ``--dev`` draws other held-out reports the same way, which the card does not
+score (35 of them, 11 naming a finding: the card takes nearly every short abnormal one):
+tune there, and read the card's once. Reads the references from
+``runs/card/states/prompt-wise.json`` (``scripts/build_model_card.py`` writes it) or, where
+the card has not run, draws them as the card does (the held-out OpenI reports of
+``fidelity_sample``; the NIH pairs are rebuilt under ``runs/openi-language``, about a
+minute).
 
     python scripts/openi_language.py assets/checkpoints/prompt-wise --reports 40 \\
         --decoding '{"phrasing_weight": 0.5}' --out rows.json
@@ -61,8 +63,8 @@ def card_references() -> list[str]:
 
 
 def dev_references() -> list[str]:
-    """Held-out OpenI references the card does not score, drawn as it draws its own (the next
-    100 that name a finding and the next 30 that name none): where decoding is tuned."""
+    """Held-out OpenI references the card does not score, drawn as it draws its own (up to
+    the next 100 that name a finding and 30 that name none): where decoding is tuned."""
     card = set(card_references())
     drawn = fidelity_sample(held_out_texts(), abnormals=200, normals=60)
     return [t for t in drawn if t not in card]
@@ -80,6 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     references = (dev_references() if args.dev else card_references())[: args.reports]
+    print(f"{len(references)} held-out OpenI reports{' (dev)' if args.dev else ''}")
     decoding = Decoding(**json.loads(args.decoding)).validate()
     model = MRGModel.from_pretrained(args.checkpoint).eval()
     image = batch_tensors([study_from_sources(FIXED_IMAGE)], 224, 1)

@@ -94,3 +94,7 @@ def test_once_the_lungs_are_described_sentences_open_on_the_negations(structure,
     assert favoured(" The heart is normal. The lungs are clear.", absent=()) == {negation}
     assert favoured(" The lungs are clear. No pneumothorax.", absent=()) == set()
     assert favoured(" The lungs are clear. There is no", absent=()) == set()  # nothing to name
+    # a stated pleural finding's sentence speaks for the pleura (its lead comes after)
+    ids = structure.findings + tokenizer.encode(" The heart is normal. The lungs are clear.")
+    assert names.favoured(ids, [], named=["Effusion"]) == []
+    assert names.favoured(ids, [], named=["Nodule"]) == [negation]

@@ -92,6 +92,11 @@ def test_the_ngram_ban_never_spans_the_two_sections(structure, tokenizer):
     ban = OnBody(NoRepeatNGramLogitsProcessor(3), structure, apart=True)
     ids = torch.tensor([findings + structure.impression + encode(" disease. No")])
     assert ban(ids, torch.zeros(1, len(tokenizer)))[0, focal] == float("-inf")
+    # the sections' joint is no close: an impression ending as the findings did may close
+    ids = torch.tensor([findings + structure.impression + encode(" Focal disease.")])
+    out = ban(ids, torch.zeros(1, len(tokenizer)))
+    assert torch.isfinite(out[0, structure.newline_ids]).all()
+    assert structure.separator not in structure.newline_ids.tolist() + [structure.eos_id]
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "beam", "sample"])

@@ -140,6 +140,8 @@ def test_once_consolidation_or_infiltrates_are_named_no_sentence_says_it_again(c
     assert not words.fits(" airspace", after)  # "No evidence of focal airspace disease."
     after = position(pieces, tokenizer.encode(" No focal infiltrates. No focal"))
     assert not words.fits(" airspace", after)  # nor after infiltrates
+    lead = Rules(stated=frozenset({"infiltrat"}))  # "Possible infiltrate." closes the findings
+    assert not words.fits(" airspace", position(pieces, tokenizer.encode(" No focal")), lead)
     assert words.fits(" airspace", position(pieces, tokenizer.encode(" The heart is normal. No")))
 
 

@@ -28,6 +28,8 @@ named (or ``anatomy_words`` words).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from transformers import LogitsProcessor
 
@@ -61,19 +63,31 @@ NAMES = tuple(p for p in FINDING_PREFIXES if p != "large")
 class AbsentNames(LogitsProcessor):
     """Adds ``bias`` to the names of each study's absent findings after a negation cue (see the
     module docstring). ``absent`` holds one list of findings per study, rows laid out as
-    ``ReportStructureProcessor``'s leads."""
+    ``ReportStructureProcessor``'s leads, and ``named`` (laid out alike) each study's present
+    or possible findings: where one is pleural, its sentence speaks for the pleura, and no
+    " No" is favoured for it (the lead comes after the LLM's findings, and "No" there went on
+    to negate the effusion the study states)."""
 
-    def __init__(self, structure: ReportStructure, absent: list[list[str]], bias: float):
-        self.structure, self.absent, self.bias = structure, absent, bias
+    def __init__(
+        self,
+        structure: ReportStructure,
+        absent: list[list[str]],
+        bias: float,
+        named: list[list[str]] | None = None,
+    ):
+        self.structure, self.absent, self.bias, self.named = structure, absent, bias, named
         encode = lambda text: structure.tokenizer(text, add_special_tokens=False)["input_ids"]
         firsts = {f: encode(f" {spoken_name(f)}")[0] for f in NAMING_PREFIXES}
         # a first token of two letters is a word of its own (" at" of atelectasis): not favoured
         self.first = {f: t for f, t in firsts.items() if len(structure.pieces[t].strip()) >= 3}
         self.joiner, self.negation = encode(" or")[0], encode(" No")[0]
 
-    def favoured(self, row_ids: list[int], absent: list[str]) -> list[int]:
+    def favoured(
+        self, row_ids: list[int], absent: list[str], named: Sequence[str] = ()
+    ) -> list[int]:
         """The first tokens of the findings of ``absent`` that the next token should name, after
-        the findings' ``row_ids`` (none outside the findings, or after no cue)."""
+        the findings' ``row_ids`` (none outside the findings, or after no cue); ``named``: the
+        study's present or possible findings."""
         s = self.structure
         if len(row_ids) <= len(s.findings) or s.impression_start(row_ids) is not None:
             return []
@@ -82,7 +96,8 @@ class AbsentNames(LogitsProcessor):
         if at.opening and not at.open_word:  # a sentence's start: the negations' turn?
             text = s.tokenizer.decode(row_ids[len(s.findings) :])
             left = unaddressed(text)
-            if "lungs" not in left and ("pleura" in left or unnamed(absent, text.lower())):
+            pleura = "pleura" in left and not PLEURAL_FINDINGS.intersection(named)
+            if "lungs" not in left and (pleura or unnamed(absent, text.lower())):
                 return [self.negation]
             return []
         if not absent:
@@ -104,7 +119,8 @@ class AbsentNames(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         rows = input_ids.tolist()
         for row, row_ids in enumerate(rows):
-            tokens = self.favoured(row_ids, of_study(self.absent, row, len(rows)))
+            named = of_study(self.named, row, len(rows)) if self.named else ()
+            tokens = self.favoured(row_ids, of_study(self.absent, row, len(rows)), named)
             if tokens:
                 scores[row, tokens] += self.bias
         return scores

@@ -159,7 +159,7 @@ def _fits(
         normal = (b for a, b in rules.normal if a in sentence and a not in excepted)
         named = frozenset(p for p in FINDING_PREFIXES if any(w.startswith(p) for w in sentence))
         stated = rules.stated | frozenset(normal) | named | at.named
-        stated |= restating(named | at.named)
+        stated |= restating(named | at.named | rules.stated)  # and the lead's, after or not
         stated = stated if negated else stated | rules.unstated
         words, prefixes = allowed_words(vocabulary, stated, banned)
         if glued or not _case_fits(run, opening, words, open_=i == len(runs) - 1):

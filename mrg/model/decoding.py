@@ -74,6 +74,11 @@ class ReportStructure:
         self.not_spaced = torch.tensor([not (p[:1] == " " and p[1:2].strip()) for p in pieces])
         if self.impression[0] not in set(self.newline_ids.tolist()):
             raise ValueError("the tokenizer merges the newline before IMPRESSION with other text")
+        # a token no body holds and no section closes with: joins the sections apart
+        closing = set(self.newline_ids.tolist()) | {eos_id}
+        self.separator = min(set(tokenizer.all_special_ids) - closing, default=-1)
+        if self.separator < 0:
+            raise ValueError("the tokenizer has no special token besides the end of text")
 
     def impression_start(self, ids: list[int]) -> int | None:
         """Index of the ``⏎IMPRESSION:`` header in ``ids`` (its newline occurs nowhere else)."""
@@ -84,11 +89,11 @@ class ReportStructure:
 
     def body_ids(self, ids: list[int], apart: bool = False) -> list[int]:
         """``ids`` without the two headers: the words the model chose (``apart``: the sections
-        joined by the header's newline, a token no body holds)."""
+        joined by ``separator``)."""
         start = self.impression_start(ids)
         if start is None:
             return ids[len(self.findings) :]
-        joint = self.impression[:1] if apart else []
+        joint = [self.separator] if apart else []
         return ids[len(self.findings) : start] + joint + ids[start + len(self.impression) :]
 
     def ends_sentence(self, ids: list[int]) -> bool:

@@ -88,9 +88,10 @@ NAMING_PREFIXES = {
 }
 # words that say again what a finding's sentence said: not written in a section once the
 # finding is named ("No focal consolidation. No evidence of focal airspace disease.", "No
-# focal infiltrates. No evidence of focal airspace disease."); they name no finding
-# themselves (the labeler reads none in "airspace disease")
-_AIRSPACE = frozenset({"airspace", "air"})  # "air space disease"
+# focal infiltrates. No evidence of focal airspace disease.", "No evidence of focal lung
+# opacity. Possible infiltrate."); they name no finding themselves (the labeler reads none in
+# "airspace disease" or "opacity")
+_AIRSPACE = frozenset({"airspace", "air", "opacity", "opacities", "opacification"})
 RESTATING = {"consolidat": _AIRSPACE, "infiltrat": _AIRSPACE}
 # all of them: a sentence names a finding once ("no pneumothorax or pneumothorax" is never written)
 FINDING_PREFIXES = tuple(sorted({p for prefixes in NAMING_PREFIXES.values() for p in prefixes}))
