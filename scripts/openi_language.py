@@ -55,19 +55,20 @@ def held_out_texts() -> list[str]:
     return corpus.val + corpus.held_out_texts
 
 
-def card_references() -> list[str]:
-    """The card's held-out OpenI references, from its cache or drawn as it draws them."""
+def card_references(texts: list[str] | None = None) -> list[str]:
+    """The card's held-out OpenI references, from its cache or drawn as it draws them from
+    ``texts`` (``held_out_texts()`` where not given)."""
     if CARD_ROWS.is_file():
         return [r["reference"] for r in json.loads(CARD_ROWS.read_text())["rows"]]
-    return fidelity_sample(held_out_texts())
+    return fidelity_sample(held_out_texts() if texts is None else texts)
 
 
 def dev_references() -> list[str]:
     """Held-out OpenI references the card does not score, drawn as it draws its own (up to
     the next 100 that name a finding and 30 that name none): where decoding is tuned."""
-    card = set(card_references())
-    drawn = fidelity_sample(held_out_texts(), abnormals=200, normals=60)
-    return [t for t in drawn if t not in card]
+    texts = held_out_texts()
+    card = set(card_references(texts))
+    return [t for t in fidelity_sample(texts, abnormals=200, normals=60) if t not in card]
 
 
 def main() -> None:

@@ -76,8 +76,8 @@ class ReportStructure:
             raise ValueError("the tokenizer merges the newline before IMPRESSION with other text")
         # a token no body holds and no section closes with: joins the sections apart
         closing = set(self.newline_ids.tolist()) | {eos_id}
-        self.separator = min(set(tokenizer.all_special_ids) - closing, default=-1)
-        if self.separator < 0:
+        self.separator = min(set(tokenizer.all_special_ids) - closing, default=None)
+        if self.separator is None:
             raise ValueError("the tokenizer has no special token besides the end of text")
 
     def impression_start(self, ids: list[int]) -> int | None:

@@ -122,8 +122,8 @@ class ReportGeneration:
         absent = None
         if decoding.absent_bias and states is not None and self.config.uses_states:
             absent = [with_state(study, ABSENT) for study in states]
-            stated = [named(study) for study in states]
-            choosing.append(AbsentNames(structure, absent, decoding.absent_bias, stated))
+            found = [named(study) for study in states]
+            choosing.append(AbsentNames(structure, absent, decoding.absent_bias, found))
         shape = ReportStructureProcessor(
             structure,
             decoding.max_new_tokens,

@@ -91,8 +91,8 @@ NAMING_PREFIXES = {
 # focal infiltrates. No evidence of focal airspace disease.", "No evidence of focal lung
 # opacity. Possible infiltrate."); they name no finding themselves (the labeler reads none in
 # "airspace disease" or "opacity")
-_AIRSPACE = frozenset({"airspace", "air", "opacity", "opacities", "opacification"})
-RESTATING = {"consolidat": _AIRSPACE, "infiltrat": _AIRSPACE}
+_AIRSPACE_OPACITY = frozenset({"airspace", "air", "opacity", "opacities", "opacification"})
+RESTATING = {"consolidat": _AIRSPACE_OPACITY, "infiltrat": _AIRSPACE_OPACITY}
 # all of them: a sentence names a finding once ("no pneumothorax or pneumothorax" is never written)
 FINDING_PREFIXES = tuple(sorted({p for prefixes in NAMING_PREFIXES.values() for p in prefixes}))
 
