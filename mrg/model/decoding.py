@@ -13,8 +13,10 @@ An answer is ``FINDINGS: …⏎IMPRESSION: …`` and nothing else:
   budget are left, and wherever the findings stand at ``reserve``); a section
   closes only after its first word, the findings only at a sentence end ("The aorta is a
   normal" closed one), and (``anatomy_words``) only once they
-  address the heart, the lungs and the pleura (``mrg.text.anatomy``), or after that many
-  words of the LLM's, and then they close at the next sentence end;
+  address the heart, the lungs and the pleura (``mrg.text.anatomy``) and describe the
+  ``parts`` (the mediastinum and the bones: ``mrg.model.normal_anatomy``), or after that many
+  words of the LLM's, and then they close at the next sentence end (with ``parts``, once
+  every part is described too);
 * in the impression, the probability of a newline moves to EOS, so the report stops at the
   end of the impression (and not before its first token);
 * no section writes a header of its own: ``:`` is banned right after "findings" or
@@ -42,7 +44,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokeniz
 
 from mrg.text.anatomy import unaddressed
 from mrg.text.sections import FINDINGS, format_report
-from mrg.text.states import unnamed
+from mrg.text.states import described, unnamed
 
 _HEADER_WORD_AT_END = re.compile(r"(findings|impression)\s*$", re.IGNORECASE)
 
@@ -144,6 +146,11 @@ class ReportStructureProcessor(LogitsProcessor):
     findings per study, laid out as ``leads``), nor before they name each finding its
     condition states absent: it closed after "No pneumothorax." beside an absent effusion.
 
+    With ``parts`` (of ``mrg.text.states.TOPICS``) the findings also describe those parts
+    before they close, and close at the first sentence end where they may: the LLM, made to
+    go on past the heart, the lungs and the pleura, rambled ("The aorta is a small right upper
+    lobe.") once it had described them.
+
     ``close_bias`` is added to the log-probability of closing a section wherever it may close
     at a sentence's end: the LLM, once it has said what the report must, went on describing
     the aorta, the spine and the vessels (45 words a report, against 36 in OpenI's)."""
@@ -158,12 +165,13 @@ class ReportStructureProcessor(LogitsProcessor):
         anatomy_words: int = 0,
         absent: list[list[str]] | None = None,
         close_bias: float = 0.0,
+        parts: Sequence[str] = (),
     ):
         self.structure, self.max_new_tokens, self.reserve = structure, max_new_tokens, reserve
         self.leads, self.lead_last, self.anatomy_words = leads, lead_last, anatomy_words
-        self.absent, self.close_bias = absent, close_bias
+        self.absent, self.close_bias, self.parts = absent, close_bias, tuple(parts)
 
-    def _lead(self, row: int, rows: int) -> list[int]:
+    def lead(self, row: int, rows: int) -> list[int]:
         """The findings' sentences of ``row`` ([] where there are none)."""
         if not self.leads:
             return []
@@ -172,12 +180,24 @@ class ReportStructureProcessor(LogitsProcessor):
     def may_close(self, own: list[int], lead: list[int], absent: Sequence[str] = ()) -> bool:
         """Whether findings of ``own`` (the LLM's tokens) and ``lead`` (forced, before or
         after them) may close: always without ``anatomy_words``, else once they address the
-        heart, the lungs and the pleura and name each finding of ``absent`` (in any words:
-        ``NAMING_PREFIXES``). Past ``anatomy_words`` words they must (``rambled``)."""
+        heart, the lungs and the pleura, name each finding of ``absent`` (in any words:
+        ``NAMING_PREFIXES``) and describe the ``parts``. Past ``anatomy_words`` words they must
+        (``rambled``)."""
         if not self.anatomy_words:
             return True
         text = self.structure.tokenizer.decode(own + lead)
+        return self.essential(text, absent) and not self.undescribed(text)
+
+    @staticmethod
+    def essential(text: str, absent: Sequence[str] = ()) -> bool:
+        """Whether findings ``text`` address the heart, the lungs and the pleura, and name each
+        finding of ``absent``."""
         return not unnamed(absent, text.lower()) and not unaddressed(text)
+
+    def undescribed(self, text: str) -> list[str]:
+        """The ``parts`` (of ``mrg.text.states.TOPICS``) that findings ``text`` do not describe."""
+        said = described(re.findall(r"[a-z]+", text.lower()))
+        return [part for part in self.parts if part not in said]
 
     def rambled(self, own: list[int]) -> bool:
         """Whether ``own`` (the LLM's findings tokens) holds ``anatomy_words`` words: the
@@ -192,7 +212,7 @@ class ReportStructureProcessor(LogitsProcessor):
         """The token ``row`` must take next whatever the LLM says: a header's, a lead's, or
         the end after a lead's impression; None where the LLM chooses."""
         s = self.structure
-        lead = self._lead(row, rows)
+        lead = self.lead(row, rows)
         opening, n = s.findings + ([] if self.lead_last else lead), len(row_ids)
         if n < len(opening):
             return opening[n]
@@ -220,7 +240,7 @@ class ReportStructureProcessor(LogitsProcessor):
             if token is not None:
                 _force(out, token)
                 continue
-            lead = self._lead(row, len(input_ids))
+            lead = self.lead(row, len(input_ids))
             last = self.lead_last and bool(lead)
             findings = s.findings + ([] if last else lead)
             start = s.impression_start(row_ids)
@@ -243,7 +263,10 @@ class ReportStructureProcessor(LogitsProcessor):
                 if left <= 0 or at_stop and (left <= reserve or self.rambled(own)):
                     _force(out, then)
                 elif at_stop and self.may_close(own, lead, absent(row)):
-                    out[then] = close + self.close_bias
+                    if self.parts:  # a radiologist's whole chest described: they close
+                        _force(out, then)
+                    else:
+                        out[then] = close + self.close_bias
             else:  # impression: closing it ends the report
                 out[s.eos_id] = close + self.close_bias * s.ends_sentence(row_ids)
         return scores

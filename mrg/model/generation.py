@@ -30,6 +30,7 @@ from mrg.model.decoding import (
     UnlessForced,
     report_structure,
 )
+from mrg.model.normal_anatomy import OPENERS, NormalAnatomy
 from mrg.model.phrasing_fusion import PhrasingFusion
 from mrg.model.prompting import Context, positions_from_mask, text_increments
 from mrg.text.states import (
@@ -132,6 +133,7 @@ class ReportGeneration:
             anatomy_words=decoding.anatomy_words,
             absent=absent,
             close_bias=decoding.close_bias,
+            parts=tuple(OPENERS) if decoding.describe_bias and decoding.anatomy_words else (),
         )
         if decoding.repetition_penalty != 1.0:
             choosing.append(
@@ -161,6 +163,8 @@ class ReportGeneration:
                 choosing.append(
                     PhrasingFusion(structure, self.report_phrasing, decoding.phrasing_weight)
                 )
+        if shape.parts:
+            choosing.append(NormalAnatomy(shape, decoding.describe_bias))
         return LogitsProcessorList([UnlessForced(choosing, shape), shape])
 
     def _rules(self, states: FindingStates, lead: bool) -> Rules:

@@ -1,0 +1,74 @@
+"""Once the heart, lungs and pleura are addressed, the mediastinum and the bones are described,
+and then the findings close."""
+
+import pytest
+import torch
+
+from mrg.model.decoding import ReportStructureProcessor, report_structure
+from mrg.model.normal_anatomy import OPENERS, NormalAnatomy
+
+ESSENTIALS = " The heart is normal. The lungs are clear. No pleural effusion."
+
+
+@pytest.fixture
+def structure(tokenizer):
+    return report_structure(tokenizer, tokenizer.convert_tokens_to_ids("<|im_end|>"))
+
+
+def ids(structure, tokenizer, findings: str) -> list[int]:
+    return structure.findings + tokenizer.encode(findings)
+
+
+def test_the_findings_close_once_every_part_is_described_and_then_must(structure, tokenizer):
+    shape = ReportStructureProcessor(
+        structure, max_new_tokens=100, anatomy_words=40, parts=tuple(OPENERS)
+    )
+    wants_on = torch.zeros(1, len(tokenizer))
+    (the,) = tokenizer.encode(" The")
+    wants_on[0, the] = 10.0
+
+    def next_token(findings: str) -> int:
+        row = torch.tensor([ids(structure, tokenizer, findings)])
+        return shape(row, wants_on.clone())[0].argmax().item()
+
+    assert shape.undescribed(ESSENTIALS) == ["mediastinum", "bones"]
+    assert next_token(ESSENTIALS) == the  # the mediastinum and the bones are left
+    mediastinum = f"{ESSENTIALS} The mediastinum is unremarkable."
+    assert shape.undescribed(mediastinum) == ["bones"]
+    assert next_token(mediastinum) == the
+    # described in the LLM's own words, the chest is whole: the findings close, though the
+    # LLM would go on
+    whole = f"{mediastinum} The thoracic spine is normal."
+    assert next_token(whole) == structure.impression[0]
+    # without parts, the LLM's wish goes on
+    plain = ReportStructureProcessor(structure, max_new_tokens=100, anatomy_words=40)
+    assert (
+        plain(torch.tensor([ids(structure, tokenizer, whole)]), wants_on.clone())[0].argmax() == the
+    )
+
+
+def test_the_close_opens_the_next_part_and_its_opener_is_favoured(structure, tokenizer):
+    shape = ReportStructureProcessor(
+        structure, max_new_tokens=100, anatomy_words=40, parts=tuple(OPENERS)
+    )
+    anatomy = NormalAnatomy(shape, bias=5.0)
+    mediastinum = tokenizer(f" {OPENERS['mediastinum']}", add_special_tokens=False)["input_ids"]
+    bones = tokenizer(f" {OPENERS['bones']}", add_special_tokens=False)["input_ids"]
+
+    def scores(findings: str) -> torch.Tensor:
+        base = torch.full((1, len(tokenizer)), -20.0)
+        base[0, structure.eos_id] = 3.0  # the LLM would close
+        return anatomy(torch.tensor([ids(structure, tokenizer, findings)]), base)[0]
+
+    at_start = scores(ESSENTIALS)
+    # the first token of the mediastinum's opener takes the probability of closing
+    assert at_start[mediastinum[0]] == pytest.approx(3.0, abs=1e-3)
+    assert (at_start != -20).sum() == 2  # that token and the end of text, untouched
+    within = scores(f"{ESSENTIALS}{tokenizer.decode(mediastinum[:2])}")
+    assert within[mediastinum[2]] == -15.0  # its next token: the bias
+    then = scores(f"{ESSENTIALS} The mediastinum is unremarkable.{tokenizer.decode(bones[:1])}")
+    assert then[bones[1]] == -15.0  # the next part: the bones
+    untouched = lambda findings: (scores(findings) != -20).sum() == 1  # the end of text only
+    assert untouched(" The heart is normal. The lungs are clear.")  # the pleura is left
+    assert untouched(f"{ESSENTIALS} There is")  # the LLM left the opener
+    assert untouched(f"{ESSENTIALS} The mediastinum is normal. The bones are intact.")
