@@ -72,3 +72,17 @@ def test_the_close_opens_the_next_part_and_its_opener_is_favoured(structure, tok
     assert untouched(" The heart is normal. The lungs are clear.")  # the pleura is left
     assert untouched(f"{ESSENTIALS} There is")  # the LLM left the opener
     assert untouched(f"{ESSENTIALS} The mediastinum is normal. The bones are intact.")
+
+
+def test_an_opener_is_followed_to_its_end_though_its_words_describe_the_part(structure, tokenizer):
+    """ "The bony" describes the bones: read on the sentence so far, the bias stopped there
+    and the LLM wrote "The bony abnormalities are within normal limits."."""
+    shape = ReportStructureProcessor(
+        structure, max_new_tokens=100, anatomy_words=40, parts=tuple(OPENERS)
+    )
+    anatomy = NormalAnatomy(shape, bias=5.0)
+    bones = tokenizer(f" {OPENERS['bones']}", add_special_tokens=False)["input_ids"]
+    said = f"{ESSENTIALS} The mediastinum is unremarkable."
+    for k in range(1, len(bones)):
+        row = torch.tensor([structure.findings + tokenizer.encode(said) + bones[:k]])
+        assert anatomy(row, torch.zeros(1, len(tokenizer)))[0, bones[k]] == 5.0

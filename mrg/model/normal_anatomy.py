@@ -54,13 +54,16 @@ class NormalAnatomy(LogitsProcessor):
         own = row_ids[len(findings) :]
         if not own or shape.lead_last and lead and lead[0] in own:
             return (), 0
-        text = s.tokenizer.decode(own + lead)
-        absent = of_study(shape.absent, row, rows) if shape.absent else ()
-        left = shape.undescribed(text)
-        if not left or not shape.essential(text, absent):
-            return (), 0
         stops = [i for i, t in enumerate(own) if s.pieces[t].rstrip().endswith((".", "!", "?"))]
-        sentence = tuple(own[stops[-1] + 1 :]) if stops else tuple(own)
+        if not stops:
+            return (), 0
+        # the sentences written so far ("The bony" describes the bones before it says how)
+        said = s.tokenizer.decode(own[: stops[-1] + 1] + lead)
+        absent = of_study(shape.absent, row, rows) if shape.absent else ()
+        left = shape.undescribed(said)
+        if not left or not shape.essential(said, absent):
+            return (), 0
+        sentence = tuple(own[stops[-1] + 1 :])
         opener = self.openers[left[0]]
         n = len(sentence)
         return (opener, n) if len(opener) > n and opener[:n] == sentence else ((), 0)
