@@ -42,7 +42,7 @@ class NormalAnatomy(LogitsProcessor):
         encode = lambda text: tuple(tokenizer(f" {text}", add_special_tokens=False)["input_ids"])
         self.openers = {part: encode(OPENERS[part]) for part in shape.parts}
 
-    def favoured(self, row_ids: list[int], row: int, rows: int) -> tuple[int, ...]:
+    def favoured(self, row_ids: list[int], row: int, rows: int) -> tuple[tuple[int, ...], int]:
         """The opener ``row``'s next token continues and how many of its tokens the sentence
         holds; ((), 0) outside the findings, before they are otherwise complete, once every part
         is described, or where the sentence left the opener."""
@@ -54,18 +54,21 @@ class NormalAnatomy(LogitsProcessor):
         own = row_ids[len(findings) :]
         if not own or shape.lead_last and lead and lead[0] in own:
             return (), 0
-        stops = [i for i, t in enumerate(own) if s.pieces[t].rstrip().endswith((".", "!", "?"))]
-        if not stops:
-            return (), 0
+        stop = max(
+            (i for i, t in enumerate(own) if s.pieces[t].rstrip().endswith((".", "!", "?"))),
+            default=None,
+        )
+        sentence = tuple(own[stop + 1 :]) if stop is not None else ()
+        n = len(sentence)
+        if stop is None or not any(o[:n] == sentence and len(o) > n for o in self.openers.values()):
+            return (), 0  # checked first: decoding the text below is the step's dearest part
         # the sentences written so far ("The bony" describes the bones before it says how)
-        said = s.tokenizer.decode(own[: stops[-1] + 1] + lead)
+        said = s.tokenizer.decode(own[: stop + 1] + lead)
         absent = of_study(shape.absent, row, rows) if shape.absent else ()
         left = shape.undescribed(said)
         if not left or not shape.essential(said, absent):
             return (), 0
-        sentence = tuple(own[stops[-1] + 1 :])
         opener = self.openers[left[0]]
-        n = len(sentence)
         return (opener, n) if len(opener) > n and opener[:n] == sentence else ((), 0)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
