@@ -3,7 +3,9 @@ and then the findings close."""
 
 import pytest
 import torch
+from conftest import tiny_model_config
 
+from mrg.config import Decoding
 from mrg.model.decoding import ReportStructureProcessor, report_structure
 from mrg.model.normal_anatomy import OPENERS, NormalAnatomy
 
@@ -86,3 +88,21 @@ def test_an_opener_is_followed_to_its_end_though_its_words_describe_the_part(str
     for k in range(1, len(bones)):
         row = torch.tensor([structure.findings + tokenizer.encode(said) + bones[:k]])
         assert anatomy(row, torch.zeros(1, len(tokenizer)))[0, bones[k]] == 5.0
+
+
+def test_the_model_decodes_with_the_parts_and_without_them_when_off(tiny_llm, tokenizer):
+    from mrg.model import MRGModel
+
+    model = MRGModel(tiny_model_config("prompt-wise"), tiny_llm, tokenizer).eval()
+
+    def built(decoding: Decoding) -> tuple[set[str], tuple[str, ...]]:
+        choosing, shape = model.processors(decoding)
+        return {type(p).__name__ for p in choosing.processors}, shape.parts
+
+    kinds, parts = built(Decoding())
+    assert "NormalAnatomy" in kinds and parts == tuple(OPENERS)
+    for off in (Decoding(describe_bias=0.0), Decoding(anatomy_words=0)):
+        kinds, parts = built(off)
+        assert "NormalAnatomy" not in kinds and parts == ()
+    with pytest.raises(ValueError, match="describe_bias"):
+        Decoding(describe_bias=-1.0).validate()
