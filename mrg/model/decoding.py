@@ -77,7 +77,8 @@ class ReportStructure:
         if self.impression[0] not in set(self.newline_ids.tolist()):
             raise ValueError("the tokenizer merges the newline before IMPRESSION with other text")
         # a token no body holds and no section closes with: joins the sections apart
-        closing = set(self.newline_ids.tolist()) | {eos_id}
+        self.closing_ids = torch.cat([self.newline_ids, self.newline_ids.new_tensor([eos_id])])
+        closing = set(self.closing_ids.tolist())
         self.separator = min(set(tokenizer.all_special_ids) - closing, default=None)
         if self.separator is None:
             raise ValueError("the tokenizer has no special token besides the end of text")
@@ -100,7 +101,11 @@ class ReportStructure:
 
     def ends_sentence(self, ids: list[int]) -> bool:
         """Whether the text of ``ids`` ends with a full stop (or ! or ?)."""
-        return self.pieces[ids[-1]].rstrip().endswith((".", "!", "?"))
+        return self.is_stop(ids[-1])
+
+    def is_stop(self, token: int) -> bool:
+        """Whether ``token``'s text ends a sentence (a full stop, ! or ?)."""
+        return self.pieces[token].rstrip().endswith((".", "!", "?"))
 
     def ends_with_header_word(self, ids: list[int]) -> bool:
         return bool(_HEADER_WORD_AT_END.search(self.tokenizer.decode(ids[-4:])))
@@ -232,7 +237,7 @@ class ReportStructureProcessor(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         s = self.structure
         header = s.impression
-        newline = s.newline_ids.to(scores.device)
+        closing = s.closing_ids.to(scores.device)
         absent = lambda row: of_study(self.absent, row, len(input_ids)) if self.absent else ()
         for row, row_ids in enumerate(input_ids.tolist()):
             out, n = scores[row], len(row_ids)
@@ -246,7 +251,6 @@ class ReportStructureProcessor(LogitsProcessor):
             start = s.impression_start(row_ids)
             if s.ends_with_header_word(row_ids):
                 out[s.colon_ids.to(scores.device)] = float("-inf")
-            closing = torch.cat([newline, newline.new_tensor([s.eos_id])])
             close = torch.logsumexp(out[closing], dim=0)
             out[closing] = float("-inf")
             if last and start is None:  # the lead's first token: only as the close

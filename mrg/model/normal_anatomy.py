@@ -54,10 +54,7 @@ class NormalAnatomy(LogitsProcessor):
         own = row_ids[len(findings) :]
         if not own or shape.lead_last and lead and lead[0] in own:
             return (), 0
-        stop = max(
-            (i for i, t in enumerate(own) if s.pieces[t].rstrip().endswith((".", "!", "?"))),
-            default=None,
-        )
+        stop = max((i for i, t in enumerate(own) if s.is_stop(t)), default=None)
         sentence = tuple(own[stop + 1 :]) if stop is not None else ()
         n = len(sentence)
         if stop is None or not any(o[:n] == sentence and len(o) > n for o in self.openers.values()):
@@ -73,8 +70,7 @@ class NormalAnatomy(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         rows = input_ids.tolist()
-        s = self.shape.structure
-        closing = torch.cat([s.newline_ids, s.newline_ids.new_tensor([s.eos_id])]).to(scores.device)
+        closing = self.shape.structure.closing_ids.to(scores.device)
         for row, row_ids in enumerate(rows):
             opener, n = self.favoured(row_ids, row, len(rows))
             if not opener:
