@@ -308,8 +308,8 @@ class Decoding:
     close_bias: float = 0.0
     # with ``anatomy_words``, the findings also describe the mediastinum and the bones, as 67 %
     # and 57 % of OpenI's training reports do, and close once they have: where the LLM would
-    # close before, its close opens "The mediastinum is" / "The bony structures are", whose
-    # later tokens gain this bias (``mrg.model.normal_anatomy``); 0: off. Without it the LLM
+    # close before, its next sentence opens "The mediastinum is" / "The bony structures are",
+    # whose later tokens gain this bias (``mrg.model.normal_anatomy``); 0: off. Without it the LLM
     # described them in 30 % and 9 % of held-out OpenI reports, and the shortest NIH reports
     # (cardiomegaly's) held 19-24 words; 12 (64 NIH validation images: 25-60 words in 100 %)
     describe_bias: float = 12.0

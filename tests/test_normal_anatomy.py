@@ -49,28 +49,35 @@ def test_the_findings_close_once_every_part_is_described_and_then_must(structure
     )
 
 
-def test_the_close_opens_the_next_part_and_its_opener_is_favoured(structure, tokenizer):
+def test_the_next_sentence_opens_the_next_part_and_its_opener_is_favoured(structure, tokenizer):
+    """Once the findings are otherwise complete, the next sentence opens the first part left:
+    where the LLM preferred another negation, it wrote "No focal areas of pulmonary edema."."""
     shape = ReportStructureProcessor(
         structure, max_new_tokens=100, anatomy_words=40, parts=tuple(OPENERS)
     )
     anatomy = NormalAnatomy(shape, bias=5.0)
     mediastinum = tokenizer(f" {OPENERS['mediastinum']}", add_special_tokens=False)["input_ids"]
     bones = tokenizer(f" {OPENERS['bones']}", add_special_tokens=False)["input_ids"]
+    (no,) = tokenizer.encode(" No")
 
     def scores(findings: str) -> torch.Tensor:
         base = torch.full((1, len(tokenizer)), -20.0)
-        base[0, structure.eos_id] = 3.0  # the LLM would close
+        base[0, structure.eos_id] = 3.0  # the LLM would close,
+        base[0, no] = 4.0  # or rather negate once more
         return anatomy(torch.tensor([ids(structure, tokenizer, findings)]), base)[0]
 
     at_start = scores(ESSENTIALS)
-    # the first token of the mediastinum's opener takes the probability of closing
-    assert at_start[mediastinum[0]] == pytest.approx(3.0, abs=1e-3)
-    assert (at_start != -20).sum() == 2  # that token and the end of text, untouched
+    # the first token of the mediastinum's opener takes the row's whole probability
+    assert at_start.argmax() == mediastinum[0]
+    assert torch.isinf(at_start).sum() == len(tokenizer) - 1
+    assert at_start[mediastinum[0]] == pytest.approx(
+        float(torch.logaddexp(*torch.tensor([3.0, 4.0]))), abs=1e-2
+    )
     within = scores(f"{ESSENTIALS}{tokenizer.decode(mediastinum[:2])}")
     assert within[mediastinum[2]] == -15.0  # its next token: the bias
     then = scores(f"{ESSENTIALS} The mediastinum is unremarkable.{tokenizer.decode(bones[:1])}")
     assert then[bones[1]] == -15.0  # the next part: the bones
-    untouched = lambda findings: (scores(findings) != -20).sum() == 1  # the end of text only
+    untouched = lambda findings: (scores(findings) != -20).sum() == 2  # the close and " No"
     assert untouched(" The heart is normal. The lungs are clear.")  # the pleura is left
     assert untouched(f"{ESSENTIALS} There is")  # the LLM left the opener
     assert untouched(f"{ESSENTIALS} The mediastinum is normal. The bones are intact.")
@@ -101,6 +108,12 @@ def test_the_model_decodes_with_the_parts_and_without_them_when_off(tiny_llm, to
 
     kinds, parts = built(Decoding())
     assert "NormalAnatomy" in kinds and parts == tuple(OPENERS)
+    # before the closed vocabulary, which keeps the LLM's top tokens only: after it, the
+    # opener's next token was gone before its bias ("The mediastinum is unremarkable. The
+    # aorta is a small right upper lobe.")
+    model.report_vocabulary = frozenset({"the", "heart", "is", "normal"})
+    order = [type(p).__name__ for p in model.processors(Decoding())[0].processors]
+    assert order.index("NormalAnatomy") < order.index("ClosedVocabulary")
     for off in (Decoding(describe_bias=0.0), Decoding(anatomy_words=0)):
         kinds, parts = built(off)
         assert "NormalAnatomy" not in kinds and parts == ()

@@ -150,6 +150,8 @@ class ReportGeneration:
         if decoding.strategy == "sample":
             choosing.append(TemperatureLogitsWarper(decoding.temperature))
             choosing.append(TopPLogitsWarper(decoding.top_p))
+        if shape.parts:  # before the closed vocabulary, whose search reads the top tokens only
+            choosing.append(NormalAnatomy(shape, decoding.describe_bias))
         if decoding.closed_vocabulary and self.report_vocabulary:
             rules = None if states is None else [self._rules(s, bool(leads)) for s in states]
             phrasing = self.report_phrasing
@@ -163,8 +165,6 @@ class ReportGeneration:
                 choosing.append(
                     PhrasingFusion(structure, self.report_phrasing, decoding.phrasing_weight)
                 )
-        if shape.parts:
-            choosing.append(NormalAnatomy(shape, decoding.describe_bias))
         return LogitsProcessorList([UnlessForced(choosing, shape), shape])
 
     def _rules(self, states: FindingStates, lead: bool) -> Rules:

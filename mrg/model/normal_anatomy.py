@@ -6,17 +6,19 @@ heart, the lungs and the pleura, the frozen 135M LLM described the mediastinum i
 bones in 9 % of held-out OpenI reports, and closed; made to write more words, it rambled ("The
 aorta is a small right upper lobe.", "No pleural air space disease."). So, once the findings are
 otherwise complete (they, with their lead, address the heart, the lungs and the pleura and name
-every absent finding: ``ReportStructureProcessor.essential``), the first part of ``OPENERS``
-they do not describe yet is opened where the LLM would close:
+every absent finding: ``ReportStructureProcessor.essential``), the next sentence opens the first
+part of ``OPENERS`` they do not describe yet:
 
-    z'_o1 = log(exp(z_o1) + Σ_{c closes} exp(z_c))   at a sentence's start
-    z'_ok = z_ok + b                                  while the sentence so far is o_1 … o_{k-1}
+    z'_o1 = logsumexp_v z_v,  z'_v = −∞ (v ≠ o1)   at a sentence's start
+    z'_ok = z_ok + b                               while the sentence so far is o_1 … o_{k-1}
 
 where o is the part's opener ("The mediastinum is"). ``ReportStructureProcessor`` forbids the
 close until every part is described (or ``anatomy_words`` words), and then makes it. The LLM
 chooses the sentence's end ("unremarkable.") under the closed vocabulary and the phrasing model,
 and may describe a part in its own words ("The thoracic spine is normal."); where it leaves an
-opener, nothing is favoured until the next sentence. The openers are common beginnings in the
+opener, nothing is favoured until the next sentence. (Given only the probability of closing,
+the LLM negated once more where every absent finding was named: "No focal areas of pulmonary
+edema.", "No evidence of focal areas.".) The openers are common beginnings in the
 training reports that need no "No acute", which the findings never write
 (``mrg.model.closed_vocabulary``).
 """
@@ -70,16 +72,15 @@ class NormalAnatomy(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         rows = input_ids.tolist()
-        closing = self.shape.structure.closing_ids.to(scores.device)
         for row, row_ids in enumerate(rows):
             opener, n = self.favoured(row_ids, row, len(rows))
             if not opener:
                 continue
             token = opener[n]
-            if n == 0:  # closing, which the undescribed part forbids, opens it instead
-                scores[row, token] = torch.logaddexp(
-                    scores[row, token], torch.logsumexp(scores[row, closing], 0)
-                )
+            if n == 0:  # the sentence opens the part: the row's whole mass on the opener's start
+                mass = torch.logsumexp(scores[row], 0)
+                scores[row] = float("-inf")
+                scores[row, token] = mass
             else:
                 scores[row, token] += self.bias
         return scores
