@@ -108,12 +108,13 @@ def test_the_model_decodes_with_the_parts_and_without_them_when_off(tiny_llm, to
 
     kinds, parts = built(Decoding())
     assert "NormalAnatomy" in kinds and parts == tuple(OPENERS)
-    # before the closed vocabulary, which keeps the LLM's top tokens only: after it, the
-    # opener's next token was gone before its bias ("The mediastinum is unremarkable. The
-    # aorta is a small right upper lobe.")
+    # before the closed vocabulary and top-p, which keep the LLM's top tokens only: after
+    # them, the opener's next token was gone before its bias ("The mediastinum is
+    # unremarkable. The aorta is a small right upper lobe.")
     model.report_vocabulary = frozenset({"the", "heart", "is", "normal"})
-    order = [type(p).__name__ for p in model.processors(Decoding())[0].processors]
-    assert order.index("NormalAnatomy") < order.index("ClosedVocabulary")
+    order = [type(p).__name__ for p in model.processors(Decoding(strategy="sample"))[0].processors]
+    for later in ("TopPLogitsWarper", "ClosedVocabulary"):
+        assert order.index("NormalAnatomy") < order.index(later)
     for off in (Decoding(describe_bias=0.0), Decoding(anatomy_words=0)):
         kinds, parts = built(off)
         assert "NormalAnatomy" not in kinds and parts == ()

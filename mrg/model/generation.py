@@ -147,11 +147,11 @@ class ReportGeneration:
                     apart=True,
                 )
             )
+        if shape.parts:  # before top-p and the closed vocabulary, which keep the top tokens only
+            choosing.append(NormalAnatomy(shape, decoding.describe_bias))
         if decoding.strategy == "sample":
             choosing.append(TemperatureLogitsWarper(decoding.temperature))
             choosing.append(TopPLogitsWarper(decoding.top_p))
-        if shape.parts:  # before the closed vocabulary, whose search reads the top tokens only
-            choosing.append(NormalAnatomy(shape, decoding.describe_bias))
         if decoding.closed_vocabulary and self.report_vocabulary:
             rules = None if states is None else [self._rules(s, bool(leads)) for s in states]
             phrasing = self.report_phrasing
