@@ -84,8 +84,8 @@ def test_the_next_sentence_opens_the_next_part_and_its_opener_is_favoured(struct
 
 
 def test_an_opener_is_followed_to_its_end_though_its_words_describe_the_part(structure, tokenizer):
-    """ "The bony" describes the bones: read on the sentence so far, the bias stopped there
-    and the LLM wrote "The bony abnormalities are within normal limits."."""
+    """ "bony" describes the bones: read on the sentence so far, the bias stopped there (the
+    LLM wrote "The bony abnormalities are within normal limits." after "The bony")."""
     shape = ReportStructureProcessor(
         structure, max_new_tokens=100, anatomy_words=40, parts=tuple(OPENERS)
     )
@@ -120,3 +120,49 @@ def test_the_model_decodes_with_the_parts_and_without_them_when_off(tiny_llm, to
         assert "NormalAnatomy" not in kinds and parts == ()
     with pytest.raises(ValueError, match="describe_bias"):
         Decoding(describe_bias=-1.0).validate()
+
+
+def test_the_closed_vocabulary_keeps_the_openers_token_that_its_rules_ban(structure, tokenizer):
+    """The bones' opener is "No acute bony" (OpenI's most frequent bones sentence, "No acute
+    bony abnormality."), and the findings write "No acute" nowhere else: the closed vocabulary
+    keeps the token the opener favours, and only where it favours it."""
+    from mrg.model.closed_vocabulary import ClosedVocabulary
+
+    shape = ReportStructureProcessor(
+        structure, max_new_tokens=100, anatomy_words=40, parts=tuple(OPENERS)
+    )
+    anatomy = NormalAnatomy(shape, bias=5.0)
+    words = frozenset(
+        [
+            "the",
+            "heart",
+            "is",
+            "normal",
+            "lungs",
+            "are",
+            "clear",
+            "no",
+            "pleural",
+            "effusion",
+            "mediastinum",
+            "unremarkable",
+            "acute",
+            "bony",
+            "abnormality",
+            "cardiopulmonary",
+        ]
+    )
+    opened = ClosedVocabulary(structure, words, forced=shape.forced, opening=anatomy.next)
+    plain = ClosedVocabulary(structure, words, forced=shape.forced)
+    (acute,) = tokenizer.encode(" acute")
+
+    def kept(closed: ClosedVocabulary, findings: str) -> bool:
+        row = torch.tensor([ids(structure, tokenizer, findings)])
+        return bool(torch.isfinite(closed(row, torch.zeros(1, len(tokenizer)))[0, acute]))
+
+    ready = f"{ESSENTIALS} The mediastinum is unremarkable. No"
+    assert anatomy.next(ids(structure, tokenizer, ready), 0, 1) == acute
+    assert kept(opened, ready) and not kept(plain, ready)
+    # the LLM's own "No acute" before the findings are complete stays banned
+    assert not kept(opened, " The heart is normal. No")
+    assert anatomy.next(ids(structure, tokenizer, " The heart is normal. No"), 0, 1) is None

@@ -118,7 +118,8 @@ def test_the_phrasing_travels_with_the_checkpoint_and_steers_decoding(make_tiny_
 
 
 def test_the_word_pairs_the_reports_never_wrote_are_never_written(phrasing, tokenizer):
-    from mrg.model.closed_vocabulary import ClosedVocabulary, Position
+    from mrg.model.closed_vocabulary import ClosedVocabulary
+    from mrg.text.position import Position
 
     vocabulary = frozenset({"the", "heart", "is", "normal", "clear", "lungs", "are", "limits"})
     assert phrasing.pairs.unseen_after("is", vocabulary) == vocabulary - {"normal", "enlarged"}

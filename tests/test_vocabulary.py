@@ -7,8 +7,9 @@ from conftest import random_batch
 
 from mrg.config import Decoding
 from mrg.model import MRGModel
-from mrg.model.closed_vocabulary import ClosedVocabulary, Position, Rules
+from mrg.model.closed_vocabulary import ClosedVocabulary, Rules
 from mrg.model.decoding import report_structure
+from mrg.text.position import Position
 from mrg.text.sections import split_sections
 from mrg.text.states import naming_prefixes
 from mrg.text.vocabulary import VOCABULARY_NAME, report_vocabulary, words
@@ -74,7 +75,7 @@ def test_after_the_findings_lead_no_word_names_them_again(closed):
 
 
 def test_a_finding_not_stated_present_or_possible_is_named_only_to_negate_it(closed, tokenizer):
-    from mrg.model.closed_vocabulary import position
+    from mrg.text.position import position
     from mrg.text.states import unstated_prefixes
 
     rules = Rules(unstated=unstated_prefixes({"Effusion": "absent", "Edema": "possible"}))
@@ -91,7 +92,7 @@ def test_a_finding_not_stated_present_or_possible_is_named_only_to_negate_it(clo
 
 
 def test_a_section_names_a_finding_once_and_a_large_heart_only_where_stated(closed, tokenizer):
-    from mrg.model.closed_vocabulary import position
+    from mrg.text.position import position
     from mrg.text.states import unstated_prefixes
 
     pieces = closed.structure.pieces
@@ -108,7 +109,7 @@ def test_a_section_names_a_finding_once_and_a_large_heart_only_where_stated(clos
 
 
 def test_a_section_describes_each_part_once(closed, tokenizer):
-    from mrg.model.closed_vocabulary import position
+    from mrg.text.position import position
 
     pieces = closed.structure.pieces
     heart = position(pieces, tokenizer.encode(" The heart is normal. The"))
@@ -131,7 +132,7 @@ def test_a_section_describes_each_part_once(closed, tokenizer):
 
 
 def test_once_consolidation_or_infiltrates_are_named_no_sentence_says_it_again(closed, tokenizer):
-    from mrg.model.closed_vocabulary import position
+    from mrg.text.position import position
 
     extra = {"consolidation", "focal", "airspace", "infiltrates"}
     words = ClosedVocabulary(closed.structure, WORDS | extra)
@@ -194,7 +195,7 @@ def finished_words(report: str) -> list[str]:
 def test_the_word_being_built_is_read_back_to_its_first_letter_however_many_tokens_it_spans(
     closed, tokenizer
 ):
-    from mrg.model.closed_vocabulary import position
+    from mrg.text.position import position
 
     pieces = closed.structure.pieces
     ids = tokenizer.encode(" No acute cardiomediastinalmallostenokarboxolakemalosteno")
@@ -272,7 +273,7 @@ def test_no_hyphen_joins_two_words(closed):
 
 
 def test_otherwise_lets_a_sentence_call_the_rest_of_an_anatomy_normal(closed, tokenizer):
-    from mrg.model.closed_vocabulary import position
+    from mrg.text.position import position
     from mrg.text.states import normal_anatomy
 
     words = frozenset(WORDS | {"lungs", "are", "clear", "otherwise", "pleural"})
@@ -320,7 +321,7 @@ def test_no_word_is_written_twice_in_a_row(closed):
 def test_between_words_only_report_punctuation_and_a_compound_half_before_its_other(
     closed, tokenizer
 ):
-    from mrg.model.closed_vocabulary import position
+    from mrg.text.position import position
 
     wider = ClosedVocabulary(closed.structure, WORDS | {"cardio", "mediastinal", "pulmonary"})
     is_no = position(closed.structure.pieces, tokenizer.encode(" The heart is no"))

@@ -33,9 +33,9 @@ from collections.abc import Sequence
 import torch
 from transformers import LogitsProcessor
 
-from mrg.model.closed_vocabulary import position
 from mrg.model.decoding import ReportStructure, of_study
 from mrg.text.anatomy import unaddressed
+from mrg.text.position import position
 from mrg.text.states import (
     FINDING_PREFIXES,
     NAMING_PREFIXES,

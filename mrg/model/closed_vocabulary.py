@@ -5,7 +5,7 @@ word in the vocabulary and the open one on the way to a word of it (read back to
 letter, however many tokens it spans: ``position``); ``Rules`` hold what one study's report
 may not write besides (a finding its lead names, a finding it does not state except to negate
 it, a global-normal statement beside a present or possible finding, a sentence calling a named finding's
-anatomy normal). Across the sentences of a section (``Position`` reads back to its header) a
+anatomy normal). Across the sentences of a section (``mrg.text.position`` reads back to its header) a
 finding is named once and each part of the chest is a sentence's subject once
 (``mrg.text.states.TOPICS``). ``_fits`` is the test of one token at one ``Position``,
 remembered.
@@ -24,20 +24,26 @@ from transformers import LogitsProcessor
 
 from mrg.model.decoding import ReportStructure, of_study
 from mrg.text.phrasing import WordPairs
+from mrg.text.position import (
+    GLUED,
+    SENTENCE_END,
+    SENTENCE_START,
+    SUBJECT_MODIFIERS,
+    Position,
+    position,
+)
 from mrg.text.states import (
     EXCEPTABLE,
     EXCEPTING,
     FINDING_PREFIXES,
     GLOBAL_NORMAL_PAIRS,
     NEGATIONS,
-    described,
     restating,
     topic_words,
 )
 from mrg.text.vocabulary import PRIOR_COMPARISON
 
 _LETTER_RUNS = re.compile(r"[A-Za-z]+|[^A-Za-z]+")
-_OPEN_WORD = re.compile(r"[A-Za-z]*$")
 # the abbreviations a report writes in capitals inside a sentence (the views, CT)
 ABBREVIATIONS = frozenset({"ap", "pa", "ct"})
 
@@ -45,16 +51,11 @@ ABBREVIATIONS = frozenset({"ap", "pa", "ct"})
 # counts none of the two (every target has both headers), and "Impression." in the body is noise
 BODY_HEADER_WORDS = frozenset({"findings"})
 Bigrams = frozenset[tuple[str, str]]  # (word, next word) pairs never written
-_SENTENCE_END = re.compile(r"[.!?:\n]")
-_SECTION_START = re.compile(r"[:\n]")
-_GLUED = re.compile(r"[.!?:]$")  # punctuation that the next word would touch
 # the characters between words that reports write ("_", a tab, a vertical tab never)
 _PUNCTUATION = frozenset(" .,;'()-\n")  # and no "/": "cardio/mediastinal"
 _STOPS = frozenset(".,;!?")
 # "is no" and "are no" negate only after "there" ("There is no pneumothorax.")
 COPULAS, EXISTENTIAL = frozenset({"is", "are"}), "there"
-# the words before a sentence's subject ("The right lung is clear." after "The lungs are clear.")
-SUBJECT_MODIFIERS = frozenset({"the", "right", "left", "both", "bilateral", "upper", "lower"})
 # a word that is one half of a compound a report may write apart: only its other half follows
 COMPOUND_HALVES = {"cardio": "mediastinal"}  # "Cardio mediastinal silhouette" (60 in OpenI)
 
@@ -76,27 +77,6 @@ class Rules:
     bigrams: Bigrams = frozenset()
     normal: Bigrams = frozenset()
     subjects: frozenset[str] = frozenset()
-
-
-@dataclass(frozen=True)
-class Position:
-    """Where the next token goes: the word before the open one (None after punctuation),
-    whether the sentence so far negates, the letters of the open word, the sentence's words
-    so far, whether the open word is the sentence's first, and whether the text ends with
-    punctuation that a letter would touch ("normal.Density"); and what the section's earlier
-    sentences hold: whether the open word is the sentence's subject (its first word, or the
-    one after ``SUBJECT_MODIFIERS``: "The right lung"), the parts of the chest they describe
-    (``TOPICS``) and the beginnings of the finding names they hold (``FINDING_PREFIXES``)."""
-
-    previous: str | None = None
-    negated: bool = False
-    open_word: str = ""
-    sentence: frozenset[str] = frozenset()
-    opening: bool = True
-    glued: bool = False
-    subject: bool = True
-    described: frozenset[str] = frozenset()
-    named: frozenset[str] = frozenset()
 
 
 @lru_cache(maxsize=8)
@@ -148,11 +128,11 @@ def _fits(
             stops = sum(c in _STOPS for c in run)
             if stops and (glued or stops > 1 or previous in COMPOUND_HALVES):
                 return False  # "No acute cardio..", "normal. .", "cardio."
-            if _SENTENCE_END.search(run):
+            if SENTENCE_END.search(run):
                 negated, sentence, opening, subject = False, set(), True, True
             if run.strip():  # punctuation ends the phrase a bigram belongs to
                 previous = None
-            glued = bool(_GLUED.search(run))
+            glued = bool(GLUED.search(run))
             continue
         banned = _banned(vocabulary, rules, previous, at.described if subject else None, pairs)
         excepted = EXCEPTABLE if EXCEPTING in sentence else frozenset()
@@ -246,36 +226,6 @@ def _fitting_anywhere(
     )
 
 
-def position(pieces: list[str], ids: list[int], limit: int = 192) -> Position:
-    """The ``Position`` at the end of ``ids``, read back to the start of the section (a
-    header's colon or a newline; or ``limit`` tokens), however many tokens the open word
-    spans."""
-    tail = ""
-    for token in reversed(ids[-limit:]):
-        tail = pieces[token] + tail
-        if _SECTION_START.search(tail):
-            break
-    *earlier, sentence = _SENTENCE_END.split(_SECTION_START.split(tail)[-1])
-    open_word = _OPEN_WORD.search(sentence).group()
-    before = sentence[: len(sentence) - len(open_word)]
-    previous = re.search(r"([A-Za-z]+) +$", before)
-    ordered = [w.lower() for w in re.findall(r"[A-Za-z]+", before)]
-    words = frozenset(ordered)
-    previous_word = previous.group(1).lower() if previous else None
-    said = [w.lower() for w in re.findall(r"[A-Za-z]+", " ".join(earlier))]
-    return Position(
-        previous_word,
-        bool(words & NEGATIONS),
-        open_word,
-        words,
-        opening=not words,
-        glued=bool(_GLUED.search(tail)),
-        subject=all(w in SUBJECT_MODIFIERS for w in ordered),
-        described=described(said),
-        named=frozenset(p for p in FINDING_PREFIXES if any(w.startswith(p) for w in said)),
-    )
-
-
 class ClosedVocabulary(LogitsProcessor):
     """Masks every token that would make a word outside ``vocabulary``: a whole-word constraint.
 
@@ -306,7 +256,9 @@ class ClosedVocabulary(LogitsProcessor):
 
     ``forced`` (``ReportStructureProcessor.forced``) names the rows whose next token is forced:
     they are left as they are (a lead's "Cardiomegaly." fits none of the rules that follow it,
-    and searching every token there took half of a batch's decoding time).
+    and searching every token there took half of a batch's decoding time). ``opening``
+    (``NormalAnatomy.next``) names the token a row's opener favours next: it is kept whatever
+    the rules say ("No acute bony", where the findings write "No acute" nowhere else).
 
     ``rules`` (one ``Rules`` per study, rows laid out as ``ReportStructureProcessor``'s leads)
     hold what else the study's report may not write: after its lead, no word naming a finding
@@ -329,14 +281,16 @@ class ClosedVocabulary(LogitsProcessor):
         wider_k: int = 1024,
         pairs: WordPairs | None = None,
         forced: Callable[[list[int], int, int], int | None] | None = None,
+        opening: Callable[[list[int], int, int], int | None] | None = None,
     ):
         self.structure, self.rules, self.pairs, self.forced = structure, rules, pairs, forced
+        self.opening = opening
         self.top_k, self.wider_k = top_k, wider_k
         self.vocabulary = writable(frozenset(vocabulary))
         excepting = structure.tokenizer(f" {EXCEPTING}", add_special_tokens=False)["input_ids"]
         self.excepting = excepting[0] if len(excepting) == 1 else None
 
-    def fits(self, piece: str, at: Position = Position(), rules: Rules = Rules()) -> bool:
+    def fits(self, piece: str, at: Position = SENTENCE_START, rules: Rules = Rules()) -> bool:
         """Whether ``piece`` may be written at ``at`` under ``rules``."""
         return _fits(self.vocabulary, rules, at, piece, self.pairs)
 
@@ -393,6 +347,9 @@ class ClosedVocabulary(LogitsProcessor):
                     continue
             if rules.normal and self.excepting is not None:
                 keep = self._excepting(scores[row], keep, at, rules)
+            opener = self.opening(row_ids, row, len(input_ids)) if self.opening else None
+            if opener is not None and opener not in keep:
+                keep.append(opener)
             if keep:
                 kept = scores[row, keep].clone()
                 scores[row].fill_(float("-inf"))

@@ -147,8 +147,9 @@ class ReportGeneration:
                     apart=True,
                 )
             )
-        if shape.parts:  # before top-p and the closed vocabulary, which keep the top tokens only
-            choosing.append(NormalAnatomy(shape, decoding.describe_bias))
+        anatomy = NormalAnatomy(shape, decoding.describe_bias) if shape.parts else None
+        if anatomy:  # before top-p and the closed vocabulary, which keep the top tokens only
+            choosing.append(anatomy)
         if decoding.strategy == "sample":
             choosing.append(TemperatureLogitsWarper(decoding.temperature))
             choosing.append(TopPLogitsWarper(decoding.top_p))
@@ -158,7 +159,12 @@ class ReportGeneration:
             pairs = phrasing.pairs if decoding.word_pairs and phrasing else None
             choosing.append(
                 ClosedVocabulary(
-                    structure, self.report_vocabulary, rules, pairs=pairs, forced=shape.forced
+                    structure,
+                    self.report_vocabulary,
+                    rules,
+                    pairs=pairs,
+                    forced=shape.forced,
+                    opening=anatomy.next if anatomy else None,
                 )
             )
             if decoding.phrasing_weight and self.report_phrasing:

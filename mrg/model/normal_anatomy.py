@@ -18,9 +18,11 @@ chooses the sentence's end ("unremarkable.") under the closed vocabulary and the
 and may describe a part in its own words ("The thoracic spine is normal."); where it leaves an
 opener, nothing is favoured until the next sentence. (Given only the probability of closing,
 the LLM negated once more where every absent finding was named: "No focal areas of pulmonary
-edema.", "No evidence of focal areas.".) The openers are common beginnings in the
-training reports that need no "No acute", which the findings never write
-(``mrg.model.closed_vocabulary``).
+edema.", "No evidence of focal areas.".) Each opener begins its part's most frequent
+sentence in OpenI's reports: "The mediastinum is unremarkable." (135 of 3,955 reports), "No
+acute bony abnormality." (73, and 51 "… abnormalities."; "The bony structures are normal.",
+which the LLM wrote after "The bony structures are", in 2). The findings never write "No acute"
+elsewhere (``mrg.model.closed_vocabulary``), which keeps the opener's next token (``next``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from transformers import LogitsProcessor
 
 from mrg.model.decoding import ReportStructureProcessor, of_study
 
-OPENERS = {"mediastinum": "The mediastinum is", "bones": "The bony structures are"}
+OPENERS = {"mediastinum": "The mediastinum is", "bones": "No acute bony"}
 
 
 class NormalAnatomy(LogitsProcessor):
@@ -69,6 +71,11 @@ class NormalAnatomy(LogitsProcessor):
             return (), 0
         opener = self.openers[left[0]]
         return (opener, n) if len(opener) > n and opener[:n] == sentence else ((), 0)
+
+    def next(self, row_ids: list[int], row: int, rows: int) -> int | None:
+        """The opener's token ``row`` is favoured to take next; None where none is."""
+        opener, n = self.favoured(row_ids, row, rows)
+        return opener[n] if opener else None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         rows = input_ids.tolist()
