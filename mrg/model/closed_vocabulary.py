@@ -2,12 +2,12 @@
 
 ``ClosedVocabulary`` keeps, of each row's likeliest tokens, those that leave every finished
 word in the vocabulary and the open one on the way to a word of it (read back to its first
-letter, however many tokens it spans: ``position``); ``Rules`` hold what one study's report
-may not write besides (a finding its lead names, a finding it does not state except to negate
-it, a global-normal statement beside a present or possible finding, a sentence calling a named finding's
-anatomy normal). Across the sentences of a section (``mrg.text.position`` reads back to its header) a
-finding is named once and each part of the chest is a sentence's subject once
-(``mrg.text.states.TOPICS``). ``_fits`` is the test of one token at one ``Position``,
+letter, however many tokens it spans: ``mrg.text.position``); ``Rules`` hold what one study's
+report may not write besides (a finding its lead names, a finding it does not state except to
+negate it, a global-normal statement beside a present or possible finding, a sentence calling
+a named finding's anatomy normal). Across the sentences of a section (``position`` reads back
+to its header) a finding is named once and each part of the chest is a sentence's subject
+once (``mrg.text.states.TOPICS``). ``_fits`` is the test of one token at one ``Position``,
 remembered.
 """
 
