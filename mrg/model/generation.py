@@ -148,7 +148,8 @@ class ReportGeneration:
                 )
             )
         anatomy = NormalAnatomy(shape, decoding.describe_bias) if shape.parts else None
-        if anatomy:  # before top-p and the closed vocabulary, which keep the top tokens only
+        # before top-p and the closed vocabulary, which keep the top tokens only
+        if anatomy is not None:
             choosing.append(anatomy)
         if decoding.strategy == "sample":
             choosing.append(TemperatureLogitsWarper(decoding.temperature))
@@ -164,7 +165,7 @@ class ReportGeneration:
                     rules,
                     pairs=pairs,
                     forced=shape.forced,
-                    opening=anatomy.next if anatomy else None,
+                    opening=anatomy.next if anatomy is not None else None,
                 )
             )
             if decoding.phrasing_weight and self.report_phrasing:

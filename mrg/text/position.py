@@ -38,6 +38,9 @@ class Position:
     named: frozenset[str] = frozenset()
 
 
+SENTENCE_START = Position()  # a section's first sentence, before its first word
+
+
 def position(pieces: list[str], ids: list[int], limit: int = 192) -> Position:
     """The ``Position`` at the end of ``ids``, read back to the start of the section (a
     header's colon or a newline; or ``limit`` tokens), however many tokens the open word
@@ -66,6 +69,3 @@ def position(pieces: list[str], ids: list[int], limit: int = 192) -> Position:
         described=described(said),
         named=frozenset(p for p in FINDING_PREFIXES if any(w.startswith(p) for w in said)),
     )
-
-
-SENTENCE_START = Position()  # a section's first sentence, before its first word
