@@ -254,6 +254,10 @@ def config_from_dict(cls, data: dict[str, Any], prefix: str = ""):
     return cls(**kwargs)
 
 
+# where a findings-conditioned report's findings' sentences go (``mrg.model.decoding``)
+LEAD_PLACES = ("start", "heart", "end")
+
+
 @dataclass(frozen=True)
 class Decoding:
     """Decoding options. ``beam`` is not streamable; ``greedy`` and ``sample`` are."""
@@ -270,10 +274,12 @@ class Decoding:
     # sentences (label fidelity against the words alone: assets/MODEL_CARD.md); no effect
     # on a model not conditioned on findings, or on a report that names none
     lead_with_findings: bool = True
-    # the findings' sentences close the findings instead of opening them: the LLM describes
-    # the chest first (after a forced lead the 135M LLM wrote lists of negations: 15 words,
-    # heart, lungs and pleura all addressed in 4 % of test reports)
-    lead_last: bool = True
+    # where the findings' sentences go (``LEAD_PLACES``): "start", right after the header
+    # (the 135M LLM went on in lists of negations: 15 words, heart, lungs and pleura all
+    # addressed in 4 % of test reports); "end", where the LLM closes its findings (its "The
+    # lungs are otherwise clear." came before the finding it excepts); "heart", after its
+    # sentence on the heart, as a radiologist orders them (first where they speak for it)
+    lead_at: str = "heart"
     # the findings close only once they address the heart, the lungs and the pleura
     # (``mrg.text.anatomy``; a forced finding's sentence counts), or after this many words
     # the LLM chose, and then at the next sentence end; 0: off (without it, all three in 57 %
@@ -324,6 +330,10 @@ class Decoding:
         if self.strategy not in ("greedy", "beam", "sample"):
             raise ValueError(
                 f"decoding strategy must be greedy, beam or sample, got {self.strategy!r}"
+            )
+        if self.lead_at not in LEAD_PLACES:
+            raise ValueError(
+                f"lead_at must be one of {', '.join(LEAD_PLACES)}, not {self.lead_at!r}"
             )
         if not 1 <= self.max_new_tokens <= 1024:
             raise ValueError(f"max_new_tokens must be in [1, 1024], got {self.max_new_tokens}")

@@ -171,9 +171,9 @@ def test_the_llm_s_choices_are_skipped_only_where_every_token_is_forced(structur
     assert calls == [1, 2]
 
 
-def test_a_lead_last_closes_the_findings_the_llm_wrote(structure, tokenizer):
+def test_a_lead_at_the_end_closes_the_findings_the_llm_wrote(structure, tokenizer):
     lead = tokenizer(" Possible nodule.", add_special_tokens=False)["input_ids"]
-    shape = ReportStructureProcessor(structure, max_new_tokens=100, leads=[lead], lead_last=True)
+    shape = ReportStructureProcessor(structure, max_new_tokens=100, leads=[lead], lead_at="end")
     scores = torch.zeros(1, len(tokenizer))
     scores[0, lead[0]] = 10.0
     first = shape(torch.tensor([structure.findings]), scores.clone())
@@ -190,9 +190,45 @@ def test_a_lead_last_closes_the_findings_the_llm_wrote(structure, tokenizer):
     text = tokenizer.decode(ids)
     assert text == "FINDINGS: The heart is normal. Possible nodule.\nIMPRESSION: Possible nodule."
     # near the end of the budget the lead begins whatever the LLM says
-    short = ReportStructureProcessor(structure, max_new_tokens=24, leads=[lead], lead_last=True)
+    short = ReportStructureProcessor(structure, max_new_tokens=24, leads=[lead], lead_at="end")
     late = structure.findings + [1234] * 10
     assert short(torch.tensor([late]), torch.zeros(1, len(tokenizer)))[0].argmax() == lead[0]
+
+
+def test_a_lead_after_the_heart_follows_its_sentence_and_the_llm_goes_on(structure, tokenizer):
+    """A radiologist's order: "The heart is normal. Possible nodule. The lungs are otherwise
+    clear." (at the end, "The lungs are otherwise clear." came before the nodule it excepts)."""
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    lead = encode(" Possible nodule.")
+    shape = ReportStructureProcessor(structure, max_new_tokens=100, leads=[lead], lead_at="heart")
+    assert shape.forced(structure.findings, 0, 1) is None  # the LLM opens its findings
+    assert shape.forced(structure.findings + encode(" The heart is normal"), 0, 1) is None
+    heart = structure.findings + encode(" The heart is normal.")
+    assert shape.forced(heart, 0, 1) == lead[0]  # its sentence on the heart ends: the lead
+    lungs_first = structure.findings + encode(" The lungs are clear.")
+    assert shape.forced(lungs_first, 0, 1) is None  # not yet: the heart is unaddressed
+    ids = heart + lead[:1]
+    while (token := shape.forced(ids, 0, 1)) is not None:
+        ids.append(token)
+    assert ids == heart + lead  # the LLM goes on after the lead
+    assert shape.own(ids + encode(" The lungs"), lead) == encode(" The heart is normal. The lungs")
+    closing = torch.zeros(1, len(tokenizer))
+    closing[0, structure.eos_id] = 10.0  # the LLM would close its findings here
+    after = ids + encode(" The lungs are otherwise clear.")
+    out = shape(torch.tensor([after]), closing.clone())
+    assert out[0].argmax() == structure.impression[0]  # the impression, not the lead again
+    ids = after + structure.impression[:1]
+    while (token := shape.forced(ids, 0, 1)) is not None and token != structure.eos_id:
+        ids.append(token)
+    assert tokenizer.decode(ids).endswith("clear.\nIMPRESSION: Possible nodule.")
+    # a lead that speaks for the heart opens the findings; one the LLM closes before its
+    # heart is addressed comes at the close, as at the end
+    cardiomegaly = encode(" Cardiomegaly.")
+    first = ReportStructureProcessor(
+        structure, max_new_tokens=100, leads=[cardiomegaly], lead_at="heart"
+    )
+    assert first.forced(structure.findings, 0, 1) == cardiomegaly[0]
+    assert shape(torch.tensor([lungs_first]), closing.clone())[0].argmax() == lead[0]
 
 
 def test_past_anatomy_words_the_findings_close_at_the_next_sentence_end(structure, tokenizer):
@@ -244,7 +280,7 @@ def test_the_findings_close_only_once_heart_lungs_and_pleura_are_addressed(struc
 def test_a_lead_s_sentences_address_anatomy_too(structure, tokenizer):
     lead = tokenizer(" Pleural effusion.", add_special_tokens=False)["input_ids"]
     shape = ReportStructureProcessor(
-        structure, max_new_tokens=100, leads=[lead], lead_last=True, anatomy_words=40
+        structure, max_new_tokens=100, leads=[lead], lead_at="end", anatomy_words=40
     )
     wants_to_close = torch.zeros(1, len(tokenizer))
     wants_to_close[0, structure.eos_id] = 10.0

@@ -258,5 +258,5 @@ def test_generate_findings_flag_and_json_on_the_shipped_checkpoints(test_images,
     given = {"Cardiomegaly": "present", "Effusion": "possible", "Pneumothorax": "absent"}
     assert payload["findings_head"]["states"] == given
     findings, impression = payload["text"].split("\nIMPRESSION: ")
-    lead = "Cardiomegaly. Possible pleural effusion."  # closes the findings the LLM wrote
-    assert findings.endswith(f" {lead}") and impression == lead
+    lead = "Cardiomegaly. Possible pleural effusion."  # speaks for the heart: opens them
+    assert findings.startswith(f"FINDINGS: {lead} The lungs are") and impression == lead

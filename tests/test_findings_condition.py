@@ -93,17 +93,18 @@ def test_language_stage_trains_the_findings_code_not_the_visual_one(tiny_llm, to
     assert len(FINDINGS14) + 1 == model.customizer.affine.trunk.findings.in_features
 
 
-@pytest.mark.parametrize("lead_last", [False, True])
-def test_a_report_can_lead_with_its_findings(tiny_llm, tokenizer, lead_last):
+@pytest.mark.parametrize("lead_at", ["start", "heart", "end"])
+def test_a_report_can_lead_with_its_findings(tiny_llm, tokenizer, lead_at):
     model = conditioned(tiny_llm, tokenizer).eval()
-    decoding = Decoding(max_new_tokens=30, lead_with_findings=True, lead_last=lead_last)
+    decoding = Decoding(max_new_tokens=30, lead_with_findings=True, lead_at=lead_at)
     y = y_of(["Cardiomegaly", "Effusion"], [])
     texts = model.generate(random_batch(), decoding, y)
     findings, impression = texts[0].split("\nIMPRESSION:")
     lead = "Cardiomegaly. Pleural effusion."
-    # first: the findings open with the lead; last: the LLM writes, then the lead closes them
-    assert findings.startswith(f"FINDINGS: {lead}") != lead_last
-    assert findings.endswith(f" {lead}") == lead_last
+    # at the start, and after the heart where the lead speaks for it: the findings open with
+    # the lead; at the end: the LLM writes, then the lead closes them
+    assert findings.startswith(f"FINDINGS: {lead}") == (lead_at != "end")
+    assert findings.endswith(f" {lead}") == (lead_at == "end")
     # the impression of a report that names findings is their sentences, and nothing else
     assert impression == f" {lead}"
     assert texts[1].startswith("FINDINGS:") and "IMPRESSION:" in texts[1]

@@ -166,3 +166,32 @@ def test_the_closed_vocabulary_keeps_the_openers_token_that_its_rules_ban(struct
     # the LLM's own "No acute" before the findings are complete stays banned
     assert not kept(opened, " The heart is normal. No")
     assert anatomy.next(ids(structure, tokenizer, " The heart is normal. No"), 0, 1) is None
+
+
+def test_after_a_lead_the_next_sentence_opens_the_lungs(structure, tokenizer):
+    """After the heart and the findings' sentences, "The lungs are otherwise clear." (the LLM
+    negated in lists instead: "No focal lung mass.")."""
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    lead = encode(" Possible infiltrate.")
+    shape = ReportStructureProcessor(
+        structure,
+        max_new_tokens=100,
+        leads=[lead],
+        lead_at="heart",
+        anatomy_words=40,
+        parts=tuple(OPENERS),
+    )
+    anatomy = NormalAnatomy(shape, bias=5.0)
+    lungs = encode(" The lungs are")
+    heart = ids(structure, tokenizer, " The heart is normal.") + lead
+    assert anatomy.favoured(heart, 0, 1) == (tuple(lungs), 0)
+    assert anatomy.next(heart + lungs[:1], 0, 1) == lungs[1]
+    # not before the lead, and not once the LLM's own words describe the lungs
+    assert anatomy.favoured(heart[: -len(lead)], 0, 1) == ((), 0)
+    described = heart + encode(" The lungs are otherwise clear.")
+    assert anatomy.favoured(described, 0, 1) == ((), 0)
+    # a lead at the end: no lungs opener
+    end = ReportStructureProcessor(
+        structure, max_new_tokens=100, leads=[lead], lead_at="end", parts=tuple(OPENERS)
+    )
+    assert "lungs" not in NormalAnatomy(end, bias=5.0).openers

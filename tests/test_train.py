@@ -456,6 +456,7 @@ def test_a_states_model_trains_on_each_reports_states_with_the_forced_sentences_
 
     text = reloaded.generate(random_batch(1, 1), Decoding(max_new_tokens=40), condition)[0]
     findings, impression = text.split("\nIMPRESSION: ")
-    # decoding writes the forced sentences where the LLM closes its findings (lead_last)
-    assert findings.endswith(" Cardiomegaly. Possible pleural effusion.")
+    # decoding writes the forced sentences after the heart's (lead_at), here first: they
+    # speak for the heart
+    assert findings.startswith("FINDINGS: Cardiomegaly. Possible pleural effusion.")
     assert impression == "Cardiomegaly. Possible pleural effusion."

@@ -38,8 +38,9 @@ def test_the_first_read_deletes_and_later_reads_share_the_bytes(folder):
 
 def test_a_file_gradio_has_not_moved_yet_is_waited_for(folder):
     reader = UploadReader(wait_s=5, folder=lambda: folder.resolve())
-    upload = folder / "late.png"
-    timer = threading.Timer(0.2, upload.write_bytes, args=(b"late",))
+    upload, moving = folder / "late.png", folder.parent / "late.part"
+    moving.write_bytes(b"late")  # Gradio moves a finished file in: it appears whole
+    timer = threading.Timer(0.2, moving.replace, args=(upload,))
     timer.start()
     assert reader.read(upload) == b"late"
     timer.join()

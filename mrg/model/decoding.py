@@ -5,8 +5,10 @@ An answer is ``FINDINGS: …⏎IMPRESSION: …`` and nothing else:
 * the first tokens are forced to ``FINDINGS:``, and the first token after a header starts
   with a space, as in every training target; a findings-conditioned report's findings
   sentences (``leads``: one per present or possible finding) are forced, and make its
-  impression: right after ``FINDINGS:``, or (``lead_last``) where the LLM closes its own
-  findings, so that it describes the rest of the chest first;
+  impression: right after ``FINDINGS:`` (``lead_at="start"``), after the LLM's sentence on the
+  heart (``"heart"``, as a radiologist orders them: "The heart is normal in size. Possible
+  infiltrate. The lungs are otherwise clear."), or where the LLM closes its own findings
+  (``"end"``);
 * in the findings, a newline or EOS never appears as such: their probability is the
   probability of closing the findings, and it moves to the forced ``⏎IMPRESSION:`` header
   (which is also forced at the first sentence end once only ``2 · reserve`` tokens of the
@@ -42,6 +44,7 @@ from functools import lru_cache
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 
+from mrg.config import LEAD_PLACES
 from mrg.text.anatomy import unaddressed
 from mrg.text.sections import FINDINGS, format_report
 from mrg.text.states import described, unnamed
@@ -138,12 +141,17 @@ class ReportStructureProcessor(LogitsProcessor):
     to call them "unremarkable" and, after the states, "Tuberculosis." in 33 of 98 test
     reports). A report that names none is written freely.
 
-    With ``lead_last`` the LLM writes its findings first, and the probability of closing them
-    goes to the lead's first token instead of the impression header: the lead closes the
-    findings. That token is never written otherwise, so its first place in the findings is
-    where the lead began (stateless, like every processor here). After a forced lead the
-    135M LLM went on in its style, a list of negations ("Possible infiltrate. Possible nodule.
-    No focal airspace."); before it, it describes the chest as in a report.
+    ``lead_at`` says where the lead goes. ``"start"``: right after the header; the 135M LLM
+    went on in its style, a list of negations ("Possible infiltrate. Possible nodule. No focal
+    airspace."). ``"end"``: the LLM writes its findings first, and the probability of closing
+    them goes to the lead's first token instead of the impression header: the lead closes the
+    findings; before it, the LLM describes the chest as in a report, but its "The lungs are
+    otherwise clear." then came before the infiltrate it excepts. ``"heart"``: at the first
+    sentence end where the findings address the heart (the lead's sentences count: a
+    cardiomegaly's lead opens the findings), or at the close if that comes first; the LLM
+    goes on after it and closes the findings itself. The lead's first token is never written
+    otherwise, so its first place in the findings is where the lead began (stateless, like
+    every processor here).
 
     With ``anatomy_words`` the findings cannot close before they address the heart, the lungs
     and the pleura (the lead's sentences count) unless the LLM has written that many words:
@@ -166,14 +174,16 @@ class ReportStructureProcessor(LogitsProcessor):
         max_new_tokens: int,
         reserve: int = 16,
         leads: list[list[int]] | None = None,
-        lead_last: bool = False,
+        lead_at: str = "start",
         anatomy_words: int = 0,
         absent: list[list[str]] | None = None,
         close_bias: float = 0.0,
         parts: Sequence[str] = (),
     ):
         self.structure, self.max_new_tokens, self.reserve = structure, max_new_tokens, reserve
-        self.leads, self.lead_last, self.anatomy_words = leads, lead_last, anatomy_words
+        if lead_at not in LEAD_PLACES:
+            raise ValueError(f"lead_at must be one of {LEAD_PLACES}, not {lead_at!r}")
+        self.leads, self.lead_at, self.anatomy_words = leads, lead_at, anatomy_words
         self.absent, self.close_bias, self.parts = absent, close_bias, tuple(parts)
 
     def lead(self, row: int, rows: int) -> list[int]:
@@ -181,6 +191,41 @@ class ReportStructureProcessor(LogitsProcessor):
         if not self.leads:
             return []
         return of_study(self.leads, row, rows)
+
+    def lead_start(self, row_ids: list[int], lead: list[int]) -> int | None:
+        """Where in ``row_ids`` the findings' ``lead`` begins; None before it does (or where
+        there is none)."""
+        header = len(self.structure.findings)
+        if not lead or len(row_ids) <= header:
+            return None
+        if self.lead_at == "start":
+            return header
+        end = self.structure.impression_start(row_ids)
+        try:
+            return row_ids.index(lead[0], header, len(row_ids) if end is None else end)
+        except ValueError:
+            return None
+
+    def own(self, row_ids: list[int], lead: list[int]) -> list[int]:
+        """The findings' tokens the LLM chose in ``row_ids``: its findings less the header and
+        the lead."""
+        s = self.structure
+        end = s.impression_start(row_ids)
+        findings = row_ids[len(s.findings) : end]
+        start = self.lead_start(row_ids, lead)
+        if start is None:
+            return findings
+        start -= len(s.findings)
+        return findings[:start] + findings[start + len(lead) :]
+
+    def lead_due(self, row_ids: list[int], lead: list[int]) -> bool:
+        """Whether ``lead`` (not begun) begins next under ``lead_at="heart"``: at the findings'
+        start or a sentence end where they, with the lead, address the heart."""
+        s = self.structure
+        own = row_ids[len(s.findings) :]
+        if own and not s.ends_sentence(row_ids):
+            return False
+        return "heart" not in unaddressed(s.tokenizer.decode(own + lead))
 
     def may_close(self, own: list[int], lead: list[int], absent: Sequence[str] = ()) -> bool:
         """Whether findings of ``own`` (the LLM's tokens) and ``lead`` (forced, before or
@@ -218,16 +263,19 @@ class ReportStructureProcessor(LogitsProcessor):
         the end after a lead's impression; None where the LLM chooses."""
         s = self.structure
         lead = self.lead(row, rows)
-        opening, n = s.findings + ([] if self.lead_last else lead), len(row_ids)
+        opening, n = s.findings + (lead if self.lead_at == "start" else []), len(row_ids)
         if n < len(opening):
             return opening[n]
         start = s.impression_start(row_ids)
-        if self.lead_last and lead and start is None:
-            body = row_ids[len(s.findings) :]
-            if lead[0] not in body:
-                return None
-            done = len(body) - body.index(lead[0])
-            return lead[done] if done < len(lead) else s.impression[0]
+        if self.lead_at != "start" and lead and start is None:
+            begun = self.lead_start(row_ids, lead)
+            if begun is None:
+                due = self.lead_at == "heart" and self.lead_due(row_ids, lead)
+                return lead[0] if due else None
+            done = n - begun
+            if done < len(lead):
+                return lead[done]
+            return s.impression[0] if self.lead_at == "end" else None
         if start is not None and n - start < len(s.impression + lead):
             return (s.impression + lead)[n - start]
         if start is not None and lead:  # the impression of named findings is their sentences
@@ -246,24 +294,24 @@ class ReportStructureProcessor(LogitsProcessor):
                 _force(out, token)
                 continue
             lead = self.lead(row, len(input_ids))
-            last = self.lead_last and bool(lead)
-            findings = s.findings + ([] if last else lead)
             start = s.impression_start(row_ids)
             if s.ends_with_header_word(row_ids):
                 out[s.colon_ids.to(scores.device)] = float("-inf")
             close = torch.logsumexp(out[closing], dim=0)
             out[closing] = float("-inf")
-            if last and start is None:  # the lead's first token: only as the close
+            ahead = bool(lead) and self.lead_start(row_ids, lead) is None  # a lead still to come
+            if ahead and start is None:  # the lead's first token: only where it begins
                 out[lead[0]] = float("-inf")
-            written = n - len(findings) if start is None else n - start - len(header + lead)
+            own = self.own(row_ids, lead)
+            written = len(own) if start is None else n - start - len(header + lead)
             if not written:  # a section's first word: spaced, and the section cannot close yet
                 out[s.not_spaced.to(scores.device)] = float("-inf")
                 continue
             if start is None:  # findings: closing them opens the impression (or the lead)
                 reserve = min(self.reserve, self.max_new_tokens // 4)
-                then = lead[0] if last else header[0]
-                left = self.max_new_tokens - n - len(header + lead) - len(lead) * last - reserve
-                at_stop, own = s.ends_sentence(row_ids), row_ids[len(findings) :]
+                then = lead[0] if ahead else header[0]
+                left = self.max_new_tokens - n - len(header + lead) - len(lead) * ahead - reserve
+                at_stop = s.ends_sentence(row_ids)
                 if left <= 0 or at_stop and (left <= reserve or self.rambled(own)):
                     _force(out, then)
                 elif at_stop and self.may_close(own, lead, absent(row)):

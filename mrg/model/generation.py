@@ -110,8 +110,7 @@ class ReportGeneration:
         """Penalty and n-gram ban on the body, warpers, then the report structure (last, so
         that a forced header wins over everything before it). With ``lead_with_findings``,
         a sentence per present or possible finding of the condition (y's findings, or the
-        states) is forced after the findings header (``lead_last``: where the LLM closes its
-        findings) and makes the impression; with ``absent_bias``, a states model's absent
+        states) is forced in the findings (``Decoding.lead_at`` says where) and makes the impression; with ``absent_bias``, a states model's absent
         findings are favoured after a negation cue until named (``AbsentNames``); with
         ``closed_vocabulary``, only words of ``report_vocabulary`` are written, after such a
         lead no word that names one of its findings again, and beside a present or possible finding no
@@ -129,7 +128,7 @@ class ReportGeneration:
             structure,
             decoding.max_new_tokens,
             leads=leads,
-            lead_last=decoding.lead_last,
+            lead_at=decoding.lead_at,
             anatomy_words=decoding.anatomy_words,
             absent=absent,
             close_bias=decoding.close_bias,

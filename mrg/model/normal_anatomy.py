@@ -27,12 +27,16 @@ elsewhere (``mrg.model.closed_vocabulary``), which keeps the opener's next token
 
 from __future__ import annotations
 
+import re
+
 import torch
 from transformers import LogitsProcessor
 
 from mrg.model.decoding import ReportStructureProcessor, of_study
+from mrg.text.states import described
 
 OPENERS = {"mediastinum": "The mediastinum is", "bones": "No acute bony"}
+LUNGS_OPENER = "The lungs are"
 
 
 class NormalAnatomy(LogitsProcessor):
@@ -45,32 +49,50 @@ class NormalAnatomy(LogitsProcessor):
         tokenizer = shape.structure.tokenizer
         encode = lambda text: tuple(tokenizer(f" {text}", add_special_tokens=False)["input_ids"])
         self.openers = {part: encode(OPENERS[part]) for part in shape.parts}
+        if shape.lead_at == "heart":
+            self.openers["lungs"] = encode(LUNGS_OPENER)
 
     def favoured(self, row_ids: list[int], row: int, rows: int) -> tuple[tuple[int, ...], int]:
         """The opener ``row``'s next token continues and how many of its tokens the sentence
-        holds; ((), 0) outside the findings, before they are otherwise complete, once every part
-        is described, or where the sentence left the opener."""
+        holds; ((), 0) outside the findings, where no part is due (see the module docstring),
+        or where the sentence left the opener."""
         shape, s = self.shape, self.shape.structure
         if s.impression_start(row_ids) is not None:
             return (), 0
         lead = shape.lead(row, rows)
-        findings = s.findings + ([] if shape.lead_last and lead else lead)
-        own = row_ids[len(findings) :]
-        if not own or shape.lead_last and lead and lead[0] in own:
-            return (), 0
-        stop = max((i for i, t in enumerate(own) if s.is_stop(t)), default=None)
-        sentence = tuple(own[stop + 1 :]) if stop is not None else ()
+        led = shape.lead_start(row_ids, lead) is not None
+        if shape.lead_at == "end" and led:
+            return (), 0  # the findings' closing sentences
+        own = shape.own(row_ids, lead)
+        stop = max((i for i, t in enumerate(own) if s.is_stop(t)), default=-1)
+        sentence = tuple(own[stop + 1 :])
         n = len(sentence)
-        if stop is None or not any(o[:n] == sentence and len(o) > n for o in self.openers.values()):
+        if (
+            stop < 0
+            and not led
+            or not any(o[:n] == sentence and len(o) > n for o in self.openers.values())
+        ):
             return (), 0  # checked first: decoding the text below is the step's dearest part
-        # the sentences written so far ("The bony" describes the bones before it says how)
-        said = s.tokenizer.decode(own[: stop + 1] + lead)
+        opener = self.openers.get(self.due(own[: stop + 1], lead, led, row, rows), ())
+        return (opener, n) if len(opener) > n and opener[:n] == sentence else ((), 0)
+
+    def due(self, own: list[int], lead: list[int], led: bool, row: int, rows: int) -> str | None:
+        """The part whose opener the next sentence takes, after the findings' sentences ``own``
+        (the LLM's) and ``lead`` (``led``: written already): the lungs once the lead is
+        written, where the LLM's own sentences do not describe them; then, once the findings
+        are otherwise complete, the first of ``shape.parts`` they do not describe."""
+        shape, tokenizer = self.shape, self.shape.structure.tokenizer
+        mine = tokenizer.decode(own)
+        if (
+            led
+            and "lungs" in self.openers
+            and "lungs" not in described(re.findall(r"[a-z]+", mine.lower()))
+        ):
+            return "lungs"
+        said = tokenizer.decode(own + lead)  # "The bony" describes the bones before it says how
         absent = of_study(shape.absent, row, rows) if shape.absent else ()
         left = shape.undescribed(said)
-        if not left or not shape.essential(said, absent):
-            return (), 0
-        opener = self.openers[left[0]]
-        return (opener, n) if len(opener) > n and opener[:n] == sentence else ((), 0)
+        return left[0] if left and shape.essential(said, absent) else None
 
     def next(self, row_ids: list[int], row: int, rows: int) -> int | None:
         """The opener's token ``row`` is favoured to take next; None where none is."""
