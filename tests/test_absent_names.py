@@ -30,8 +30,10 @@ def test_after_a_negation_cue_the_absent_findings_not_yet_named_are_favoured(str
             ids += structure.impression + tokenizer.encode(impression)
         return set(names.favoured(ids, absent or ["Effusion", "Pneumothorax"]))
 
-    assert favoured(" The heart is normal. There is no") == {effusion, pneumothorax}
-    assert favoured(" The lungs are free of") == {effusion, pneumothorax}  # "free" negates
+    # the first not yet named, in ChestX-ray14 order: "No pleural effusion or pneumothorax."
+    # (380 OpenI reports; "No pneumothorax or pleural effusion.": 303)
+    assert favoured(" The heart is normal. There is no") == {effusion}
+    assert favoured(" The lungs are free of") == {effusion}  # "free" negates
     assert favoured(" No pleural effusion or") == {pneumothorax}  # named once is enough
     assert favoured(" Pneumothorax is absent. There is no") == {effusion}  # in any words
     assert favoured(" The pleural space is") == set()  # no negation cue
@@ -40,7 +42,7 @@ def test_after_a_negation_cue_the_absent_findings_not_yet_named_are_favoured(str
     assert favoured(" There is no pleural effusion or pneumothorax") == set()  # all named
     assert favoured(" The pneumothorax") == set()  # not negated
     lungs_and_pleura = ["Effusion", "Consolidation"]
-    assert favoured(" There is no", absent=lungs_and_pleura) == {effusion, consolidation}
+    assert favoured(" There is no", absent=lungs_and_pleura) == {effusion}
     assert favoured(" The pleural space is free of", absent=lungs_and_pleura) == {effusion}
     assert favoured(" The heart is normal and") == set()  # a cue, but nothing negated
     assert favoured(" There is no focal", absent=lungs_and_pleura) == {consolidation}

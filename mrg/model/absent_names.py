@@ -3,11 +3,14 @@
 Conditioned on "Absent: pleural effusion, pneumothorax", the frozen 135M LLM negates in its own
 words ("There are no focal areas.", "free of acute pulmonary edema"), which name neither
 finding: the report says less than its condition. ``AbsentNames`` adds a bias to the first
-token of each absent finding's name where the findings' sentence so far negates and its last
+token of the next absent finding's name where the findings' sentence so far negates and its last
 word is a negation cue:
 
-    z'_t = z_t + b · 1[t ∈ first(absent findings not yet named in the findings)]
-    where the sentence negates (``NEGATIONS``) and its last word is in ``CUES``, and
+    z'_t = z_t + b · 1[t = first(the first absent finding not yet named in the findings)]
+    where the sentence negates (``NEGATIONS``) and its last word is in ``CUES`` (first in
+    ChestX-ray14 order: "No pleural effusion or pneumothorax.", as 380 OpenI reports write it,
+    where both names favoured let the LLM write "No pneumothorax or pleural effusion.", as 303
+    do: BLEU-4 0.219 / 0.221 → 0.227 / 0.229 on 35 held-out OpenI dev reports), and
     z'_or = z_or + b where it negates and its last word names a finding ("no pneumothorax")
     while an absent finding is still unnamed: the list goes on ("or pleural effusion")
     z'_No = z_No + b at a sentence's start once the findings describe the lungs, while an
@@ -65,8 +68,8 @@ class AbsentNames(LogitsProcessor):
     module docstring). ``absent`` holds one list of findings per study, rows laid out as
     ``ReportStructureProcessor``'s leads, and ``named`` (laid out alike) each study's present
     or possible findings: where one is pleural, its sentence speaks for the pleura, and no
-    " No" is favoured for it (the lead comes after the LLM's findings, and "No" there went on
-    to negate the effusion the study states)."""
+    " No" is favoured for it (with the lead after the LLM's findings, "No" there went on to
+    negate the effusion the study states)."""
 
     def __init__(
         self,
@@ -85,7 +88,7 @@ class AbsentNames(LogitsProcessor):
     def favoured(
         self, row_ids: list[int], absent: list[str], named: Sequence[str] = ()
     ) -> list[int]:
-        """The first tokens of the findings of ``absent`` that the next token should name, after
+        """The first token of the finding of ``absent`` that the next token should name, after
         the findings' ``row_ids`` (none outside the findings, or after no cue); ``named``: the
         study's present or possible findings."""
         s = self.structure
@@ -113,7 +116,7 @@ class AbsentNames(LogitsProcessor):
         if not left:
             return []
         if last in CUES:
-            return [self.first[f] for f in left]
+            return [self.first[left[0]]]
         return [self.joiner] if last.startswith(NAMES) else []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
