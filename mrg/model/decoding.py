@@ -244,10 +244,11 @@ class ReportStructureProcessor(LogitsProcessor):
         finding of ``absent``."""
         return not unnamed(absent, text.lower()) and not unaddressed(text)
 
-    def undescribed(self, text: str) -> list[str]:
-        """The ``parts`` (of ``mrg.text.states.TOPICS``) that findings ``text`` do not describe."""
+    def undescribed(self, text: str, parts: Sequence[str] | None = None) -> list[str]:
+        """The ``parts`` (of ``mrg.text.states.TOPICS``; these of the processor's if None) that
+        findings ``text`` do not describe."""
         said = described(re.findall(r"[a-z]+", text.lower()))
-        return [part for part in self.parts if part not in said]
+        return [part for part in (self.parts if parts is None else parts) if part not in said]
 
     def rambled(self, own: list[int]) -> bool:
         """Whether ``own`` (the LLM's findings tokens) holds ``anatomy_words`` words: the

@@ -1,4 +1,4 @@
-"""Describing the chest as a radiologist does: the mediastinum and the bones too.
+"""A radiologist's description: the lungs after the findings, then the mediastinum and the bones.
 
 OpenI's training reports describe the mediastinum in 67 % and the bones in 57 % ("The
 mediastinum is unremarkable.", "Bony structures are intact."). Once its findings addressed the
@@ -12,7 +12,11 @@ part of ``OPENERS`` they do not describe yet:
     z'_o1 = logsumexp_v z_v,  z'_v = −∞ (v ≠ o1)   at a sentence's start
     z'_ok = z_ok + b                               while the sentence so far is o_1 … o_{k-1}
 
-where o is the part's opener ("The mediastinum is"). ``ReportStructureProcessor`` forbids the
+where o is the part's opener ("The mediastinum is"). Where the findings' sentences follow the
+heart's (``lead_at="heart"``), the sentence after them opens the lungs first ("The lungs are"),
+unless the LLM's own sentences describe them: "The heart is normal in size and appearance.
+Possible infiltrate. The lungs are otherwise clear." (without it, the LLM went on in lists of
+negations: "No consolidation. No focal lung mass."). ``ReportStructureProcessor`` forbids the
 close until every part is described (or ``anatomy_words`` words), and then makes it. The LLM
 chooses the sentence's end ("unremarkable.") under the closed vocabulary and the phrasing model,
 and may describe a part in its own words ("The thoracic spine is normal."); where it leaves an
@@ -27,13 +31,10 @@ elsewhere (``mrg.model.closed_vocabulary``), which keeps the opener's next token
 
 from __future__ import annotations
 
-import re
-
 import torch
 from transformers import LogitsProcessor
 
 from mrg.model.decoding import ReportStructureProcessor, of_study
-from mrg.text.states import described
 
 OPENERS = {"mediastinum": "The mediastinum is", "bones": "No acute bony"}
 LUNGS_OPENER = "The lungs are"
@@ -76,23 +77,19 @@ class NormalAnatomy(LogitsProcessor):
         opener = self.openers.get(self.due(own[: stop + 1], lead, led, row, rows), ())
         return (opener, n) if len(opener) > n and opener[:n] == sentence else ((), 0)
 
-    def due(self, own: list[int], lead: list[int], led: bool, row: int, rows: int) -> str | None:
-        """The part whose opener the next sentence takes, after the findings' sentences ``own``
-        (the LLM's) and ``lead`` (``led``: written already): the lungs once the lead is
-        written, where the LLM's own sentences do not describe them; then, once the findings
-        are otherwise complete, the first of ``shape.parts`` they do not describe."""
+    def due(self, said: list[int], lead: list[int], led: bool, row: int, rows: int) -> str | None:
+        """The part whose opener the next sentence takes, after the LLM's finished sentences
+        ``said`` ("The bony" describes the bones before it says how) and ``lead`` (``led``:
+        written already): the lungs once the lead is written, where the LLM's sentences do not
+        describe them; then, once the findings are otherwise complete, the first of
+        ``shape.parts`` they do not describe."""
         shape, tokenizer = self.shape, self.shape.structure.tokenizer
-        mine = tokenizer.decode(own)
-        if (
-            led
-            and "lungs" in self.openers
-            and "lungs" not in described(re.findall(r"[a-z]+", mine.lower()))
-        ):
+        if led and "lungs" in self.openers and shape.undescribed(tokenizer.decode(said), ["lungs"]):
             return "lungs"
-        said = tokenizer.decode(own + lead)  # "The bony" describes the bones before it says how
+        text = tokenizer.decode(said + lead)
         absent = of_study(shape.absent, row, rows) if shape.absent else ()
-        left = shape.undescribed(said)
-        return left[0] if left and shape.essential(said, absent) else None
+        left = shape.undescribed(text)
+        return left[0] if left and shape.essential(text, absent) else None
 
     def next(self, row_ids: list[int], row: int, rows: int) -> int | None:
         """The opener's token ``row`` is favoured to take next; None where none is."""
