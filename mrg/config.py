@@ -269,12 +269,13 @@ class Decoding:
     no_repeat_ngram_size: int = 3  # 0: off; a token n-gram is never written twice
     temperature: float = 0.7
     top_p: float = 0.9
-    # a findings-conditioned report's findings begin with its findings' sentences
-    # ("Cardiomegaly."), forced, and the LLM continues them; its impression is those
+    # a findings-conditioned report's findings hold its findings' sentences
+    # ("Cardiomegaly."), forced where ``lead_at`` says; its impression is those
     # sentences (label fidelity against the words alone: assets/MODEL_CARD.md); no effect
     # on a model not conditioned on findings, or on a report that names none
     lead_with_findings: bool = True
-    # where the findings' sentences go (``LEAD_PLACES``): "start", right after the header
+    # where the findings' sentences go (``LEAD_PLACES``; with describe_bias and anatomy_words,
+    # "heart" also opens the next sentence on the lungs): "start", right after the header
     # (the 135M LLM went on in lists of negations: 15 words, heart, lungs and pleura all
     # addressed in 4 % of test reports); "end", where the LLM closes its findings (its "The
     # lungs are otherwise clear." came before the finding it excepts); "heart", after its

@@ -195,3 +195,18 @@ def test_after_a_lead_the_next_sentence_opens_the_lungs(structure, tokenizer):
         structure, max_new_tokens=100, leads=[lead], lead_at="end", parts=tuple(OPENERS)
     )
     assert "lungs" not in NormalAnatomy(end, bias=5.0).openers
+
+
+def test_a_lead_at_the_start_opens_no_part_before_the_llm_s_first_sentence(structure, tokenizer):
+    lead = tokenizer(" Cardiomegaly. Pulmonary edema. Pleural effusion.", add_special_tokens=False)[
+        "input_ids"
+    ]
+    shape = ReportStructureProcessor(
+        structure, max_new_tokens=100, leads=[lead], anatomy_words=40, parts=tuple(OPENERS)
+    )
+    anatomy = NormalAnatomy(shape, bias=5.0)
+    assert shape.essential(tokenizer.decode(lead))  # the lead alone addresses all three
+    assert anatomy.favoured(structure.findings + lead, 0, 1) == ((), 0)
+    first = structure.findings + lead + tokenizer.encode(" The aorta is normal.")
+    mediastinum = tokenizer(f" {OPENERS['mediastinum']}", add_special_tokens=False)["input_ids"]
+    assert anatomy.next(first, 0, 1) == mediastinum[0]

@@ -135,8 +135,8 @@ class ReportStructureProcessor(LogitsProcessor):
     """Forces the headers and decides where each section ends (see the module docstring).
 
     ``leads`` (one list of token ids per study; rows ``i·r … i·r + r − 1`` of a batch with
-    ``r`` rows per study, as beam search lays them out) are forced right after ``FINDINGS:``,
-    where the LLM continues them, and make the whole impression: the impression of a report
+    ``r`` rows per study, as beam search lays them out) are forced in the findings (where:
+    ``lead_at``, below), and make the whole impression: the impression of a report
     that names findings is their sentences (the LLM's own impressions after them were measured
     to call them "unremarkable" and, after the states, "Tuberculosis." in 33 of 98 test
     reports). A report that names none is written freely.

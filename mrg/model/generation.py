@@ -110,11 +110,12 @@ class ReportGeneration:
         """Penalty and n-gram ban on the body, warpers, then the report structure (last, so
         that a forced header wins over everything before it). With ``lead_with_findings``,
         a sentence per present or possible finding of the condition (y's findings, or the
-        states) is forced in the findings (``Decoding.lead_at`` says where) and makes the impression; with ``absent_bias``, a states model's absent
-        findings are favoured after a negation cue until named (``AbsentNames``); with
-        ``closed_vocabulary``, only words of ``report_vocabulary`` are written, after such a
-        lead no word that names one of its findings again, and beside a present or possible finding no
-        global-normal statement."""
+        states) is forced in the findings (``Decoding.lead_at`` says where) and makes the
+        impression; with ``absent_bias``, a states model's absent findings are favoured after
+        a negation cue until named (``AbsentNames``); with ``closed_vocabulary``, only words of
+        ``report_vocabulary`` are written, after such a lead no word that names one of its
+        findings again, and beside a present or possible finding no global-normal
+        statement."""
         structure = report_structure(self.tokenizer, self.template.eos_id)
         states = [states_of_vector(y) for y in findings.tolist()] if findings is not None else None
         leads = self.leads(states) if decoding.lead_with_findings and states is not None else None

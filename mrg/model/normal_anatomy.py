@@ -14,7 +14,9 @@ part of ``OPENERS`` they do not describe yet:
 
 where o is the part's opener ("The mediastinum is"). Where the findings' sentences follow the
 heart's (``lead_at="heart"``), the sentence after them opens the lungs first ("The lungs are"),
-unless the LLM's own sentences describe them: "The heart is normal in size and appearance.
+and so does each later one until the LLM's own sentences describe them (a word of
+``mrg.text.states.TOPICS`` for the lungs: lung, lungs, lobe, lobes; the opener's own "lungs"
+does, so the LLM leaves it at most once a sentence): "The heart is normal in size and appearance.
 Possible infiltrate. The lungs are otherwise clear." (without it, the LLM went on in lists of
 negations: "No consolidation. No focal lung mass."). ``ReportStructureProcessor`` forbids the
 close until every part is described (or ``anatomy_words`` words), and then makes it. The LLM
@@ -41,9 +43,10 @@ LUNGS_OPENER = "The lungs are"
 
 
 class NormalAnatomy(LogitsProcessor):
-    """Opens the first part of ``shape.parts`` that each row's findings do not describe, and
-    adds ``bias`` to its opener's later tokens (see the module docstring); ``shape`` decides
-    where the findings close, and holds each study's lead and absent findings."""
+    """Opens the lungs after the lead (``shape.lead_at == "heart"``) and then the first part of
+    ``shape.parts`` that each row's findings do not describe, and adds ``bias`` to its
+    opener's later tokens (see the module docstring); ``shape`` decides where the findings
+    close, and holds each study's lead and absent findings."""
 
     def __init__(self, shape: ReportStructureProcessor, bias: float):
         self.shape, self.bias = shape, bias
@@ -68,9 +71,10 @@ class NormalAnatomy(LogitsProcessor):
         stop = max((i for i, t in enumerate(own) if s.is_stop(t)), default=-1)
         sentence = tuple(own[stop + 1 :])
         n = len(sentence)
+        lungs = led and "lungs" in self.openers  # the LLM's first sentence may open the lungs
         if (
             stop < 0
-            and not led
+            and not lungs
             or not any(o[:n] == sentence and len(o) > n for o in self.openers.values())
         ):
             return (), 0  # checked first: decoding the text below is the step's dearest part
