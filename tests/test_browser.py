@@ -289,7 +289,8 @@ def shipped(tmp_path_factory):
 def test_the_gallery_films_panel_states_are_the_ones_the_report_states(browser, shipped, name):
     """A normal film, cardiomegaly and an effusion on the shipped checkpoints: each finding the
     panel calls present or possible has its sentence after the heart's (first, where one speaks
-    for the heart) and before the lungs', the rest are not named as found, and the consistency line says whether the labeler reads the same states back."""
+    for the heart) and before the lungs', the rest are not named as found, and the consistency
+    line says whether the labeler reads the same states back."""
     page = open_page(browser, shipped, f"gallery-{name}")
     page.locator("#frontal-upload input[type=file]").set_input_files(SHIPPED_EXAMPLES / name)
     page.get_by_text("Study loaded from upload").wait_for(timeout=60_000)

@@ -78,17 +78,17 @@ class NormalAnatomy(LogitsProcessor):
             or not any(o[:n] == sentence and len(o) > n for o in self.openers.values())
         ):
             return (), 0  # checked first: decoding the text below is the step's dearest part
-        opener = self.openers.get(self.due(own[: stop + 1], lead, led, row, rows), ())
+        opener = self.openers.get(self.due(own[: stop + 1], lead, lungs, row, rows), ())
         return (opener, n) if len(opener) > n and opener[:n] == sentence else ((), 0)
 
-    def due(self, said: list[int], lead: list[int], led: bool, row: int, rows: int) -> str | None:
+    def due(self, said: list[int], lead: list[int], lungs: bool, row: int, rows: int) -> str | None:
         """The part whose opener the next sentence takes, after the LLM's finished sentences
-        ``said`` ("The bony" describes the bones before it says how) and ``lead`` (``led``:
-        written already): the lungs once the lead is written, where the LLM's sentences do not
-        describe them; then, once the findings are otherwise complete, the first of
-        ``shape.parts`` they do not describe."""
+        ``said`` ("The bony" describes the bones before it says how) and ``lead``: the lungs
+        where they may be opened (``lungs``: the lead is written, under ``lead_at="heart"``)
+        and the LLM's sentences do not describe them; then, once the findings are otherwise
+        complete, the first of ``shape.parts`` they do not describe."""
         shape, tokenizer = self.shape, self.shape.structure.tokenizer
-        if led and "lungs" in self.openers and shape.undescribed(tokenizer.decode(said), ["lungs"]):
+        if lungs and shape.undescribed(tokenizer.decode(said), ["lungs"]):
             return "lungs"
         text = tokenizer.decode(said + lead)
         absent = of_study(shape.absent, row, rows) if shape.absent else ()
