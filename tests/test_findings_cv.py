@@ -4,6 +4,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import shared_path
 
 from mrg.config import ConfigError
 from mrg.evaluation.findings_scores import paired_difference
@@ -15,6 +16,7 @@ from mrg.train.findings import (
     LabelledImages,
     RandomGamma,
     augmentation,
+    load_labelled,
     train_findings_head,
 )
 from mrg.train.findings_calibration import calibrate
@@ -71,6 +73,18 @@ def test_a_recipe_rejects_what_it_cannot_do():
     with pytest.raises(ConfigError):
         FindingsHeadConfig(backbone="resnet50").validate()
     assert CV_ROWS[next(iter(CV_ROWS))].early_stop  # the recipe before the table comes first
+
+
+def test_every_row_loads_images_at_least_as_large_as_it_reads_them():
+    for row in CV_ROWS.values():  # a crop from a smaller image would upsample it
+        assert row.members or row.load_size >= row.config.image_size, row.name
+    assert CV_ROWS["lite0-448"].config.image_size == 448
+
+
+def test_labelled_images_load_at_the_side_asked():
+    data = load_labelled(shared_path("nih_cxr14"), size=48)
+    assert data.pixels.shape[1:] == (1, 48, 48) and data.pixels.dtype == torch.uint8
+    assert len(data) == len(data.labels) == len(data.patients) > 700
 
 
 def test_radiograph_augmentation_keeps_pixels_in_range_and_laterality():

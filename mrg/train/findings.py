@@ -69,8 +69,8 @@ class LabelledImages:
         )
 
 
-def load_labelled(nih_dir: str | Path) -> LabelledImages:
-    """Every labelled NIH image present under ``nih_dir/images``, at ``LOAD_SIZE``."""
+def load_labelled(nih_dir: str | Path, size: int = LOAD_SIZE) -> LabelledImages:
+    """Every labelled NIH image present under ``nih_dir/images``, ``size`` px square."""
     nih_dir = Path(nih_dir)
     entries = [
         (row, nih_dir / "images" / row["image"])
@@ -80,9 +80,7 @@ def load_labelled(nih_dir: str | Path) -> LabelledImages:
     pixels = torch.stack(
         [
             torch.from_numpy(
-                np.asarray(
-                    Image.open(p).convert("L").resize((LOAD_SIZE, LOAD_SIZE), Image.BILINEAR)
-                ).copy()
+                np.asarray(Image.open(p).convert("L").resize((size, size), Image.BILINEAR)).copy()
             ).unsqueeze(0)
             for _, p in tqdm(entries, desc="labelled NIH images", leave=False)
         ]

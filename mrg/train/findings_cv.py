@@ -32,6 +32,7 @@ from mrg.evaluation.findings_scores import (
 )
 from mrg.model.findings import FindingsHeadConfig
 from mrg.train.findings import (
+    LOAD_SIZE,
     FindingsRecipe,
     LabelledImages,
     head_logits,
@@ -51,6 +52,7 @@ class CVRow:
     recipe: FindingsRecipe = field(default_factory=FindingsRecipe)
     early_stop: bool = False
     members: tuple[str, ...] = ()
+    load_size: int = LOAD_SIZE  # the side images are loaded at; the recipe crops from it
 
 
 BEFORE = FindingsHeadConfig(trainable="last_stages", loss="weighted-bce")
@@ -60,6 +62,7 @@ LITE1 = FindingsHeadConfig(
 LITE2 = FindingsHeadConfig(
     backbone="tf_efficientnet_lite2", image_size=260, trainable="last_stages", loss="weighted-bce"
 )
+LITE0_448 = FindingsHeadConfig(image_size=448, trainable="last_stages", loss="weighted-bce")
 CV_ROWS = {  # the table's rows, in its order: the recipe before this table first
     row.name: row
     for row in (
@@ -70,9 +73,11 @@ CV_ROWS = {  # the table's rows, in its order: the recipe before this table firs
         CVRow("asl", FindingsHeadConfig(trainable="last_stages", loss="asl"), FindingsRecipe()),
         CVRow("smoothing", BEFORE, FindingsRecipe(label_smoothing=0.1)),
         CVRow("lite1-240", LITE1, FindingsRecipe()),
+        CVRow("lite0-448", LITE0_448, FindingsRecipe(augment="radiograph"), load_size=512),
         CVRow("ensemble-lite0-lite2", members=("all-images", "lite2-260")),
         CVRow("ensemble-aug-lite2", members=("radiograph-aug", "lite2-260")),
         CVRow("ensemble-three", members=("all-images", "radiograph-aug", "lite2-260")),
+        CVRow("ensemble-224-448", members=("radiograph-aug", "lite0-448")),
     )
 }
 

@@ -1,0 +1,76 @@
+"""How far the findings head caps the CE of the findings a report names, out of fold.
+
+    nested calibration  fold k's probabilities and states come from the shipped ``calibrate``
+                        fitted on the other folds' out-of-fold logits: no image calibrates
+                        its own score (``nested``)
+    micro-F1            2·TP / (named + labelled) over all (image, finding) pairs, "possible"
+                        counted as named: the CE the model card reports
+
+What a report names, each a boolean ``[N, 14]``:
+
+    named      the findings the shipped ``FindingsHead.states`` state present or possible
+               (possible ones fill up to ``MAX_NAMED`` an image)
+    top_k      the ``k`` most probable findings of every image
+    at_mean    one threshold over all pairs, so that images name ``mean`` findings on average;
+               ``cap``: at most that many an image (the most probable), as the issue's rule
+               of at most two possible findings a report asks; without it some images name
+               four or more, which no report should hedge
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mrg.model.findings import FindingsHead, FindingsHeadConfig
+from mrg.text.states import POSSIBLE, PRESENT, FindingStates
+from mrg.text.taxonomy import FINDINGS14
+from mrg.train.findings_calibration import calibrate
+
+
+def nested(
+    logits: torch.Tensor, labels: torch.Tensor, folds: np.ndarray
+) -> tuple[np.ndarray, list[FindingStates]]:
+    """(calibrated probabilities ``[N, 14]``, each image's states), each fold's from a
+    calibration fitted on the other folds."""
+    probabilities = np.zeros(tuple(logits.shape))
+    states: list[FindingStates] = [{} for _ in range(len(logits))]
+    for fold in np.unique(folds):
+        fit, held = torch.from_numpy(folds != fold), folds == fold
+        head = FindingsHead(FindingsHeadConfig(), load_weights=False)
+        with torch.no_grad():
+            calibrate(head, logits[fit], labels[fit], labels[fit].mean(0).numpy())
+            p = head.probabilities(logits[torch.from_numpy(held)])
+        probabilities[held] = p.numpy()
+        for i, image_states in zip(np.flatnonzero(held), head.states(p)):
+            states[i] = image_states
+    return probabilities, states
+
+
+def named(states: list[FindingStates]) -> np.ndarray:
+    """Whether each image's states name each finding (present or possible) ``[N, 14]``."""
+    return np.array([[s.get(f) in (PRESENT, POSSIBLE) for f in FINDINGS14] for s in states])
+
+
+def micro_f1(chosen: np.ndarray, labels: np.ndarray) -> float:
+    """2·TP / (named + labelled) over all pairs; ``chosen`` ``[N, 14]`` says what is named."""
+    return float(2 * (chosen & labels.astype(bool)).sum() / (chosen.sum() + labels.sum()))
+
+
+def top_k(probabilities: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` most probable findings of each image."""
+    chosen = np.zeros(probabilities.shape, dtype=bool)
+    np.put_along_axis(chosen, np.argsort(-probabilities, axis=1)[:, :k], True, axis=1)
+    return chosen
+
+
+def at_mean(probabilities: np.ndarray, mean: float, cap: int | None = None) -> np.ndarray:
+    """One threshold over the pairs (each image's ``cap`` most probable where capped) so that
+    images name ``mean`` findings on average (ties may add a few)."""
+    eligible = top_k(probabilities, cap) if cap else np.ones(probabilities.shape, dtype=bool)
+    scores = np.where(eligible, probabilities, -1.0)
+    count = min(round(mean * len(scores)), int(eligible.sum()))
+    if count == 0:
+        return np.zeros(probabilities.shape, dtype=bool)
+    threshold = np.sort(scores, axis=None)[::-1][count - 1]
+    return scores >= threshold

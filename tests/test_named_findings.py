@@ -1,0 +1,59 @@
+"""What a report would name, out of fold (``mrg.train.named_findings``): synthetic logits."""
+
+import numpy as np
+import torch
+
+from mrg.model.findings import MAX_NAMED
+from mrg.text.states import POSSIBLE, PRESENT
+from mrg.text.taxonomy import FINDINGS14
+from mrg.train.named_findings import at_mean, micro_f1, named, nested, top_k
+
+
+def synthetic(n: int = 100, seed: int = 0):
+    """Labels at 15 % prevalence and logits that rank them better than chance; 5 folds."""
+    rng = np.random.default_rng(seed)
+    labels = torch.from_numpy((rng.random((n, len(FINDINGS14))) < 0.15).astype(np.float32))
+    logits = 1.5 * labels + torch.from_numpy(rng.normal(size=labels.shape)).float() - 2.0
+    return logits, labels, np.arange(n) % 5
+
+
+def test_micro_f1_counts_pairs_over_all_images():
+    labels = np.array([[1, 0, 0], [1, 1, 0]])
+    named = np.array([[True, True, False], [False, True, False]])
+    assert micro_f1(named, labels) == 2 * 2 / (3 + 3)
+
+
+def test_top_k_names_each_image_s_most_probable():
+    p = np.array([[0.1, 0.5, 0.3], [0.9, 0.2, 0.4]])
+    assert top_k(p, 2).tolist() == [[False, True, True], [True, False, True]]
+
+
+def test_at_mean_uses_one_threshold_and_the_cap():
+    p = np.array([[0.9, 0.8, 0.7], [0.2, 0.1, 0.05]])
+    free = at_mean(p, 1.5)  # three pairs: all three of the first image
+    assert free.tolist() == [[True, True, True], [False, False, False]]
+    capped = at_mean(p, 1.5, cap=2)  # at most two an image: the second image's best comes in
+    assert capped.tolist() == [[True, True, False], [True, False, False]]
+    assert at_mean(p, 0.0).sum() == 0
+
+
+def test_nested_states_fill_up_to_max_named_and_beat_chance():
+    logits, labels, folds = synthetic()
+    p, states = nested(logits, labels, folds)
+    assert p.shape == named(states).shape == tuple(labels.shape) and ((p > 0) & (p < 1)).all()
+    for image in states:
+        present = sum(s == PRESENT for s in image.values())
+        assert sum(s == POSSIBLE for s in image.values()) <= max(0, MAX_NAMED - present)
+    assert named(states).sum() == sum(s in (PRESENT, POSSIBLE) for i in states for s in i.values())
+    shuffled = np.random.default_rng(1).permutation(labels.numpy())
+    assert micro_f1(top_k(p, 2), labels.numpy()) > micro_f1(top_k(p, 2), shuffled)
+
+
+def test_no_fold_is_calibrated_on_its_own_labels():
+    logits, labels, folds = synthetic()
+    p, _ = nested(logits, labels, folds)
+    changed = labels.clone()
+    changed[torch.from_numpy(folds == 0)] = 1.0 - changed[torch.from_numpy(folds == 0)]
+    q, _ = nested(logits, changed, folds)
+    assert np.allclose(p[folds == 0], q[folds == 0])  # fold 0's own labels do not move it
+    assert not np.allclose(p[folds != 0], q[folds != 0])  # they calibrate the other folds
