@@ -74,7 +74,7 @@ def main() -> None:
     row = CV_ROWS[args.row]
     if row.members:
         raise SystemExit(f"{args.row} is an ensemble: ship one of its members, or distil it")
-    data = load_labelled(Path(setting("MRG_SHARED_DATA")) / "nih_cxr14")
+    data = load_labelled(Path(setting("MRG_SHARED_DATA")) / "nih_cxr14", row.load_size)
     names = np.array([patient_split(p) for p in data.patients])
     splits = {s: data.subset(np.flatnonzero(names == s)) for s in ("train", "val", "test")}
     fit_rows = np.flatnonzero(names != "test")
