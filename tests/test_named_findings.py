@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from mrg.model.findings import MAX_NAMED
-from mrg.text.states import POSSIBLE, PRESENT
+from mrg.text.states import ABSENT, POSSIBLE, PRESENT
 from mrg.text.taxonomy import FINDINGS14
 from mrg.train.named_findings import at_mean, micro_f1, named, nested, top_k
 
@@ -18,6 +18,7 @@ def synthetic(n: int = 100, seed: int = 0):
 
 
 def test_micro_f1_counts_pairs_over_all_images():
+    assert micro_f1(np.zeros((2, 3), dtype=bool), np.zeros((2, 3))) == 0.0
     labels = np.array([[1, 0, 0], [1, 1, 0]])
     named = np.array([[True, True, False], [False, True, False]])
     assert micro_f1(named, labels) == 2 * 2 / (3 + 3)
@@ -35,6 +36,9 @@ def test_at_mean_uses_one_threshold_and_the_cap():
     capped = at_mean(p, 1.5, cap=2)  # at most two an image: the second image's best comes in
     assert capped.tolist() == [[True, True, False], [True, False, False]]
     assert at_mean(p, 0.0).sum() == 0
+    assert at_mean(p, 5.0, cap=2).sum() == 4  # never more than the eligible pairs
+    tied = at_mean(np.array([[0.5, 0.5], [0.1, 0.2]]), 0.5)  # one pair asked, two tied
+    assert tied.tolist() == [[True, True], [False, False]]
 
 
 def test_nested_states_fill_up_to_max_named_and_beat_chance():
@@ -44,9 +48,16 @@ def test_nested_states_fill_up_to_max_named_and_beat_chance():
     for image in states:
         present = sum(s == PRESENT for s in image.values())
         assert sum(s == POSSIBLE for s in image.values()) <= max(0, MAX_NAMED - present)
-    assert named(states).sum() == sum(s in (PRESENT, POSSIBLE) for i in states for s in i.values())
     shuffled = np.random.default_rng(1).permutation(labels.numpy())
+    assert micro_f1(named(states), labels.numpy()) > micro_f1(named(states), shuffled)
     assert micro_f1(top_k(p, 2), labels.numpy()) > micro_f1(top_k(p, 2), shuffled)
+
+
+def test_named_counts_present_and_possible_not_absent():
+    states = [{"Effusion": PRESENT, "Nodule": POSSIBLE, "Pneumothorax": ABSENT}, {}]
+    chosen = named(states)
+    assert chosen[0, FINDINGS14.index("Effusion")] and chosen[0, FINDINGS14.index("Nodule")]
+    assert chosen.sum() == 2
 
 
 def test_no_fold_is_calibrated_on_its_own_labels():

@@ -53,8 +53,10 @@ def named(states: list[FindingStates]) -> np.ndarray:
 
 
 def micro_f1(chosen: np.ndarray, labels: np.ndarray) -> float:
-    """2·TP / (named + labelled) over all pairs; ``chosen`` ``[N, 14]`` says what is named."""
-    return float(2 * (chosen & labels.astype(bool)).sum() / (chosen.sum() + labels.sum()))
+    """2·TP / (named + labelled) over all pairs (0 where both are empty); ``chosen``
+    ``[N, 14]`` says what is named."""
+    total = chosen.sum() + labels.sum()
+    return float(2 * (chosen & labels.astype(bool)).sum() / total) if total else 0.0
 
 
 def top_k(probabilities: np.ndarray, k: int) -> np.ndarray:
@@ -67,7 +69,9 @@ def top_k(probabilities: np.ndarray, k: int) -> np.ndarray:
 def at_mean(probabilities: np.ndarray, mean: float, cap: int | None = None) -> np.ndarray:
     """One threshold over the pairs (each image's ``cap`` most probable where capped) so that
     images name ``mean`` findings on average (ties may add a few)."""
-    eligible = top_k(probabilities, cap) if cap else np.ones(probabilities.shape, dtype=bool)
+    eligible = (
+        top_k(probabilities, cap) if cap is not None else np.ones(probabilities.shape, dtype=bool)
+    )
     scores = np.where(eligible, probabilities, -1.0)
     count = min(round(mean * len(scores)), int(eligible.sum()))
     if count == 0:
