@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from mrg.environment import setting
 from mrg.evaluation.findings_cv_plot import forest_figure
+from mrg.evaluation.probe import micro_f1, top_k
 from mrg.model.findings import MAX_NAMED
 from mrg.text.taxonomy import FINDINGS14
 from mrg.train.findings import LOAD_SIZE, LabelledImages, load_labelled
@@ -45,7 +46,7 @@ from mrg.train.findings_cv import (
     patient_folds,
     score_row,
 )
-from mrg.train.named_findings import at_mean, micro_f1, named, nested, top_k
+from mrg.train.named_findings import at_mean, named, nested
 
 log = logging.getLogger("findings_cv")
 
@@ -171,7 +172,7 @@ def show_ce(logits: dict[str, torch.Tensor], labels: torch.Tensor, folds) -> Non
     for name, z in logits.items():
         p, states = nested(z, labels, folds)
         by_rule = (named(states), top_k(p, 2), at_mean(p, 1.9, cap=MAX_NAMED), at_mean(p, 2.0))
-        table.add_row(name, *(f"{micro_f1(n, y):.3f} ({n.sum(1).mean():.2f})" for n in by_rule))
+        table.add_row(name, *(f"{micro_f1(y, n):.3f} ({n.sum(1).mean():.2f})" for n in by_rule))
     Console().print(table)
 
 

@@ -3,10 +3,11 @@
 import numpy as np
 import torch
 
+from mrg.evaluation.probe import micro_f1, top_k
 from mrg.model.findings import MAX_NAMED
 from mrg.text.states import ABSENT, POSSIBLE, PRESENT
 from mrg.text.taxonomy import FINDINGS14
-from mrg.train.named_findings import at_mean, micro_f1, named, nested, top_k
+from mrg.train.named_findings import at_mean, named, nested
 
 
 def synthetic(n: int = 100, seed: int = 0):
@@ -21,7 +22,7 @@ def test_micro_f1_counts_pairs_over_all_images():
     assert micro_f1(np.zeros((2, 3), dtype=bool), np.zeros((2, 3))) == 0.0
     labels = np.array([[1, 0, 0], [1, 1, 0]])
     named = np.array([[True, True, False], [False, True, False]])
-    assert micro_f1(named, labels) == 2 * 2 / (3 + 3)
+    assert micro_f1(labels, named) == 2 * 2 / (3 + 3)
 
 
 def test_top_k_names_each_image_s_most_probable():
@@ -49,8 +50,8 @@ def test_nested_states_fill_up_to_max_named_and_beat_chance():
         present = sum(s == PRESENT for s in image.values())
         assert sum(s == POSSIBLE for s in image.values()) <= max(0, MAX_NAMED - present)
     shuffled = np.random.default_rng(1).permutation(labels.numpy())
-    assert micro_f1(named(states), labels.numpy()) > micro_f1(named(states), shuffled)
-    assert micro_f1(top_k(p, 2), labels.numpy()) > micro_f1(top_k(p, 2), shuffled)
+    assert micro_f1(labels.numpy(), named(states)) > micro_f1(shuffled, named(states))
+    assert micro_f1(labels.numpy(), top_k(p, 2)) > micro_f1(shuffled, top_k(p, 2))
 
 
 def test_named_counts_present_and_possible_not_absent():

@@ -10,7 +10,8 @@ What a report names, each a boolean ``[N, 14]``:
 
     named      the findings the shipped ``FindingsHead.states`` state present or possible
                (possible ones fill up to ``MAX_NAMED`` an image)
-    top_k      the ``k`` most probable findings of every image
+    top_k      the ``k`` most probable findings of every image (``mrg.evaluation.probe``,
+               as is ``micro_f1``)
     at_mean    one threshold over all pairs, so that images name ``mean`` findings on average;
                ``cap``: at most that many an image (the most probable), as the issue's rule
                of at most two possible findings a report asks; without it some images name
@@ -22,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mrg.evaluation.probe import top_k
 from mrg.model.findings import FindingsHead, FindingsHeadConfig
 from mrg.text.states import POSSIBLE, PRESENT, FindingStates
 from mrg.text.taxonomy import FINDINGS14
@@ -52,25 +54,13 @@ def named(states: list[FindingStates]) -> np.ndarray:
     return np.array([[s.get(f) in (PRESENT, POSSIBLE) for f in FINDINGS14] for s in states])
 
 
-def micro_f1(chosen: np.ndarray, labels: np.ndarray) -> float:
-    """2·TP / (named + labelled) over all pairs (0 where both are empty); ``chosen``
-    ``[N, 14]`` says what is named."""
-    total = chosen.sum() + labels.sum()
-    return float(2 * (chosen & labels.astype(bool)).sum() / total) if total else 0.0
-
-
-def top_k(probabilities: np.ndarray, k: int) -> np.ndarray:
-    """The ``k`` most probable findings of each image."""
-    chosen = np.zeros(probabilities.shape, dtype=bool)
-    np.put_along_axis(chosen, np.argsort(-probabilities, axis=1)[:, :k], True, axis=1)
-    return chosen
-
-
 def at_mean(probabilities: np.ndarray, mean: float, cap: int | None = None) -> np.ndarray:
     """One threshold over the pairs (each image's ``cap`` most probable where capped) so that
     images name ``mean`` findings on average (ties may add a few)."""
     eligible = (
-        top_k(probabilities, cap) if cap is not None else np.ones(probabilities.shape, dtype=bool)
+        top_k(probabilities, cap).astype(bool)
+        if cap is not None
+        else np.ones(probabilities.shape, dtype=bool)
     )
     scores = np.where(eligible, probabilities, -1.0)
     count = min(round(mean * len(scores)), int(eligible.sum()))
