@@ -33,9 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mrg.environment import setting
+from mrg.evaluation.calibration import state_mask
 from mrg.evaluation.findings_cv_plot import forest_figure
 from mrg.evaluation.probe import micro_f1, top_k
 from mrg.model.findings import MAX_NAMED
+from mrg.text.states import POSSIBLE, PRESENT
 from mrg.text.taxonomy import FINDINGS14
 from mrg.train.findings import LOAD_SIZE, LabelledImages, load_labelled
 from mrg.train.findings_cv import (
@@ -46,7 +48,7 @@ from mrg.train.findings_cv import (
     patient_folds,
     score_row,
 )
-from mrg.train.named_findings import at_mean, named, nested
+from mrg.train.named_findings import at_mean, nested
 
 log = logging.getLogger("findings_cv")
 
@@ -76,7 +78,9 @@ def main() -> None:
             loaded[size] = data.subset(range(args.limit)) if args.limit else data
         return loaded[size]
 
-    data = images(LOAD_SIZE)
+    # the labels and folds from the images a row loads anyway (not a 288-px load of its own)
+    sizes = [CV_ROWS[name].load_size for name in args.rows if not CV_ROWS[name].members]
+    data = images(sizes[0] if sizes else LOAD_SIZE)
     folds = patient_folds(data.patients, args.folds)
     labels = data.labels.numpy()
     logits: dict[str, torch.Tensor] = {}
@@ -134,11 +138,11 @@ def show(table: dict) -> None:
     for column in ("row", "mean AUROC [95 % CI]", "mean AP", "gain over first [95 % CI]", "folds"):
         summary.add_column(column)
     for name, f in table.items():
-        low, high = f["auroc_interval"]["mean"]
+        interval = f["auroc_interval"].get("mean")  # none where too few findings count (--limit)
         gain = f.get("gain")
         summary.add_row(
             name,
-            f"{f['mean_auroc']:.3f} [{low:.3f}, {high:.3f}]",
+            f"{f['mean_auroc']:.3f}" + (" [{:.3f}, {:.3f}]".format(*interval) if interval else ""),
             f"{f['mean_ap']:.3f}",
             f"{gain['mean_auroc']:+.3f} [{gain['interval'][0]:+.3f}, {gain['interval'][1]:+.3f}]"
             if gain
@@ -171,7 +175,8 @@ def show_ce(logits: dict[str, torch.Tensor], labels: torch.Tensor, folds) -> Non
         table.add_column(column)
     for name, z in logits.items():
         p, states = nested(z, labels, folds)
-        by_rule = (named(states), top_k(p, 2), at_mean(p, 1.9, cap=MAX_NAMED), at_mean(p, 2.0))
+        named = state_mask(states, PRESENT, POSSIBLE)
+        by_rule = (named, top_k(p, 2), at_mean(p, 1.9, cap=MAX_NAMED), at_mean(p, 2.0))
         table.add_row(name, *(f"{micro_f1(y, n):.3f} ({n.sum(1).mean():.2f})" for n in by_rule))
     Console().print(table)
 

@@ -3,11 +3,16 @@
 import numpy as np
 import torch
 
+from mrg.evaluation.calibration import state_mask
 from mrg.evaluation.probe import micro_f1, top_k
 from mrg.model.findings import MAX_NAMED
 from mrg.text.states import ABSENT, POSSIBLE, PRESENT
 from mrg.text.taxonomy import FINDINGS14
-from mrg.train.named_findings import at_mean, named, nested
+from mrg.train.named_findings import at_mean, nested
+
+
+def named(states):
+    return state_mask(states, PRESENT, POSSIBLE)
 
 
 def synthetic(n: int = 100, seed: int = 0):
@@ -54,11 +59,12 @@ def test_nested_states_fill_up_to_max_named_and_beat_chance():
     assert micro_f1(labels.numpy(), top_k(p, 2)) > micro_f1(shuffled, top_k(p, 2))
 
 
-def test_named_counts_present_and_possible_not_absent():
+def test_a_state_mask_counts_present_and_possible_not_absent():
     states = [{"Effusion": PRESENT, "Nodule": POSSIBLE, "Pneumothorax": ABSENT}, {}]
     chosen = named(states)
     assert chosen[0, FINDINGS14.index("Effusion")] and chosen[0, FINDINGS14.index("Nodule")]
-    assert chosen.sum() == 2
+    assert chosen.sum() == 2 and state_mask(states, PRESENT).sum() == 1
+    assert state_mask([], PRESENT).shape == (0, len(FINDINGS14))
 
 
 def test_no_fold_is_calibrated_on_its_own_labels():

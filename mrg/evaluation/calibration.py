@@ -31,13 +31,19 @@ def negated_shares(reports: Iterable[str], labeler: ReportLabeler | None = None)
     return counts / max(n, 1)
 
 
+def state_mask(states: list[dict[str, str]], *wanted: str) -> np.ndarray:
+    """``[N, 14]``: whether each image's states put each finding in one of ``wanted``
+    (``PRESENT, POSSIBLE``: the findings a report names)."""
+    mask = [[s.get(f) in wanted for f in FINDINGS14] for s in states]
+    return np.array(mask, dtype=bool).reshape(len(states), len(FINDINGS14))
+
+
 def states_report(states: list[dict[str, str]], labels: np.ndarray, train_rate: np.ndarray) -> dict:
     """What the head's states say against the labels: precision of the findings stated
     present, the share of normal images with none present, findings named present or
     possible per image, micro-F1 with possible counted as positive, and the same micro-F1 of
     the image-free constants that name the 1–3 most frequent training findings."""
-    present = np.array([[s.get(f) == PRESENT for f in FINDINGS14] for s in states])
-    named = present | np.array([[s.get(f) == POSSIBLE for f in FINDINGS14] for s in states])
+    present, named = state_mask(states, PRESENT), state_mask(states, PRESENT, POSSIBLE)
     truth = labels > 0
     normal = ~truth.any(1)
 

@@ -19,7 +19,8 @@ def forest_figure(record: dict, rows: list[str]):
     offsets = [0.18 * (i - (len(rows) - 1) / 2) for i in range(len(rows))]
     for offset, name in zip(offsets, rows):
         f = record["rows"][name]
-        values = [f["auroc"][x] for x in FINDINGS14] + [f["mean_auroc"]]
+        scores = [f["auroc"][x] for x in FINDINGS14] + [f["mean_auroc"]]
+        values = [float("nan") if v is None else v for v in scores]  # no positives: no marker
         bounds = [f["auroc_interval"].get(x, (v, v)) for x, v in zip(labels, values)]
         ys = [len(labels) - 1 - i + offset for i in range(len(labels))]
         axis.errorbar(

@@ -8,8 +8,9 @@
 
 What a report names, each a boolean ``[N, 14]``:
 
-    named      the findings the shipped ``FindingsHead.states`` state present or possible
-               (possible ones fill up to ``MAX_NAMED`` an image)
+    states     what the shipped ``FindingsHead.states`` name: present or possible
+               (``mrg.evaluation.calibration.state_mask``; possible ones fill up to
+               ``MAX_NAMED`` an image)
     top_k      the ``k`` most probable findings of every image (``mrg.evaluation.probe``,
                as is ``micro_f1``)
     at_mean    one threshold over all pairs, so that images name ``mean`` findings on average;
@@ -25,8 +26,7 @@ import torch
 
 from mrg.evaluation.probe import top_k
 from mrg.model.findings import FindingsHead, FindingsHeadConfig
-from mrg.text.states import POSSIBLE, PRESENT, FindingStates
-from mrg.text.taxonomy import FINDINGS14
+from mrg.text.states import FindingStates
 from mrg.train.findings_calibration import calibrate
 
 
@@ -47,11 +47,6 @@ def nested(
         for i, image_states in zip(np.flatnonzero(held), head.states(p)):
             states[i] = image_states
     return probabilities, states
-
-
-def named(states: list[FindingStates]) -> np.ndarray:
-    """Whether each image's states name each finding (present or possible) ``[N, 14]``."""
-    return np.array([[s.get(f) in (PRESENT, POSSIBLE) for f in FINDINGS14] for s in states])
 
 
 def at_mean(probabilities: np.ndarray, mean: float, cap: int | None = None) -> np.ndarray:
