@@ -12,10 +12,10 @@ fold, and score it on the test split.
    pairs' patient split, for the recipe's epochs: the 106 test images stay out, so that the
    report figures of the model card, measured on them, stay held out.
 3. Calibration (``mrg.train.findings_calibration.calibrate``) fits each finding's temperature
-   and bias, F1 operating point and present point on the out-of-fold logits of those same
-   training and validation images (each scored by a fold model that did not see it: 650
-   images where one validation split had 123), and takes from the OpenI reports how often
-   real reports negate each finding.
+   and bias, F1 operating point and present point, and the one possible point, on the
+   out-of-fold logits of those same training and validation images (each scored by a fold
+   model that did not see it: 650 images where one validation split had 123), and takes from
+   the OpenI reports how often real reports negate each finding.
 4. Its test AUROC (95 % bootstrap intervals, beside the frozen-stem linear probe), calibration
    (ECE, Brier, the reliability diagram as assets/reliability_diagram.png) and three states
    against the labels go to assets/findings_metrics.json, with the image ids of each split.
@@ -50,6 +50,11 @@ from mrg.train.findings_cv import CV_ROWS, cross_validate, patient_folds
 
 log = logging.getLogger("build_findings_head")
 SHIPPED_ROW = "radiograph-aug"  # the recipe cross-validation chose
+
+
+def as_json(points: torch.Tensor) -> list[float | None]:
+    """Operating points for JSON: ∞ (never reached) as null."""
+    return [t if t != float("inf") else None for t in points.tolist()]
 
 
 def main() -> None:
@@ -115,9 +120,8 @@ def main() -> None:
     report = test_report(head, splits, test_logits)
     report.update(
         bias=head.bias.tolist(),
-        present_threshold=[
-            t if t != float("inf") else None for t in head.present_threshold.tolist()
-        ],
+        present_threshold=as_json(head.present_threshold),
+        possible_threshold=as_json(head.possible_threshold),
         negated_share=head.negated_share.tolist(),
     )
     test_labels = splits["test"].labels.numpy()

@@ -47,6 +47,7 @@ def findings_head():
     head = FindingsHead().eval()
     head.threshold.fill_(1.01)
     head.threshold[FINDINGS14.index("Cardiomegaly")] = 0.0
+    head.possible_threshold.copy_(head.threshold)
     head.present_threshold[FINDINGS14.index("Cardiomegaly")] = 0.0
     head.negated_share[FINDINGS14.index("Effusion")] = 0.7
     return head
@@ -393,6 +394,7 @@ def test_the_report_api_returns_the_heads_reading(head_demo):
     assert (
         reading["present_points"]["Cardiomegaly"] == 0.0
         and reading["present_points"]["Mass"] is None
+        and reading["possible_points"]["Mass"] == pytest.approx(1.01)
     )
     head_demo.service.findings_head = None
     assert head_demo.report(DICOM, None, "prompt-wise")["findings_head"] is None

@@ -142,6 +142,11 @@ def test_calibration_from_out_of_fold_logits_sets_points_the_states_use():
     assert (head.temperature != 1).all() and (head.threshold < 1).all()
     assert torch.isfinite(head.present_threshold).all()  # separable enough for precision 0.5
     assert head.negated_share.eq(0.5).all()
+    # the present points find nearly all positives here; with a weaker signal they find
+    # none, and one possible point for all findings names the likeliest rest
+    calibrate(head, labels + torch.randn(300, len(FINDINGS14)), labels, labels.mean(0).numpy())
+    point = head.possible_threshold
+    assert point.eq(point[0]).all() and 0 < point[0] < 1
 
 
 @pytest.mark.parametrize("name", sorted(EFFICIENTNET_LITES))

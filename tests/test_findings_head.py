@@ -73,7 +73,7 @@ def test_only_the_chosen_parts_train_and_frozen_batchnorm_stays_in_eval():
 
 def test_a_study_takes_the_mean_of_its_present_views_and_survives_a_round_trip(tmp_path):
     torch.manual_seed(0)
-    head = FindingsHead(load_weights=False).eval()
+    head = FindingsHead(FindingsHeadConfig(image_size=64), load_weights=False).eval()
     head.temperature.fill_(2.0)
     images = torch.rand(1, 2, 1, 64, 64)
     both = head(Views(images, torch.tensor([[0, 1]]), torch.tensor([[True, True]])))
@@ -89,6 +89,21 @@ def test_a_study_takes_the_mean_of_its_present_views_and_survives_a_round_trip(t
     assert torch.allclose(
         loaded(Views(images, torch.tensor([[0, 1]]), torch.ones(1, 2, dtype=torch.bool))), both
     )
+
+
+def test_views_of_another_side_are_read_at_the_heads_own():
+    torch.manual_seed(0)
+    head = FindingsHead(FindingsHeadConfig(image_size=64), load_weights=False).eval()
+    small = torch.rand(1, 1, 1, 32, 32)
+    index, mask = torch.tensor([[0]]), torch.tensor([[True]])
+    seen = []
+    hook = head.backbone.conv_stem.register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
+    logits = head(Views(small, index, mask))
+    hook.remove()
+    assert seen == [torch.Size([1, 3, 64, 64])] and logits.shape == (1, len(FINDINGS14))
+    # bilinear, antialiased: the same reading as the views resized before
+    resized = torch.nn.functional.interpolate(small[0], size=(64, 64), mode="bilinear")
+    assert torch.allclose(logits, head(Views(resized.unsqueeze(0), index, mask)), atol=1e-5)
 
 
 def test_auroc_is_averaged_over_findings_with_enough_positives_with_intervals():

@@ -256,7 +256,7 @@ def test_a_states_model_writes_from_the_heads_states_or_those_set_by_hand(tiny_l
     torch.manual_seed(0)
     model = MRGModel(config, tiny_llm, tokenizer).eval()
     head = FindingsHead(load_weights=False).eval()
-    head.threshold.fill_(1.01)  # nothing possible
+    head.possible_threshold.fill_(1.01)  # nothing possible
     head.present_threshold[FINDINGS14.index("Mass")] = 0.0  # mass always present
     head.negated_share[FINDINGS14.index("Pneumothorax")] = 0.7
     info = ServiceInfo("tiny", "cpu", ["prompt-wise"], {}, trained=False)
@@ -281,6 +281,31 @@ def test_a_states_model_writes_from_the_heads_states_or_those_set_by_hand(tiny_l
     )
     with pytest.raises(ValueError, match="unknown state"):
         service.generate(study, "prompt-wise", decoding, findings={"Mass": "likely"})
+
+
+def test_a_split_is_read_by_the_head_at_its_own_side(tiny_llm, tokenizer, tmp_path, monkeypatch):
+    """``generate_split`` hands the head the studies loaded at its side, not the encoder's."""
+    from mrg.data.datasets import folder_records
+    from mrg.evaluation.runner import generate_split
+    from mrg.model.findings import FindingsHead, FindingsHeadConfig
+    from mrg.ui import SHIPPED_EXAMPLES
+
+    config = tiny_model_config("prompt-wise")
+    config.customizer.conditioning, config.findings_prompt = "visual+states", "states"
+    torch.manual_seed(0)
+    model = MRGModel(config, tiny_llm, tokenizer).eval()
+    head = FindingsHead(FindingsHeadConfig(image_size=96), load_weights=False).eval()
+    sides = []
+    predict = head.predict
+    monkeypatch.setattr(
+        head, "predict", lambda v, **k: sides.append(v.images.shape) or predict(v, **k)
+    )
+    records = folder_records(SHIPPED_EXAMPLES)[:2]
+    rows = generate_split(
+        model, records, tmp_path / "g.jsonl", Decoding(max_new_tokens=4), findings_head=head
+    )
+    assert config.encoder.image_size != 96 and [s[-1] for s in sides] == [96]
+    assert len(rows) == 2 and all("state_Effusion" in r for r in rows)
 
 
 def test_the_verdict_and_reading_made_at_upload_are_not_made_again(service, monkeypatch):

@@ -30,7 +30,7 @@ from mrg.text.states import (
     states_words,
 )
 from mrg.text.taxonomy import FINDINGS14, findings_vector
-from mrg.train.findings_calibration import fit_platt, present_points
+from mrg.train.findings_calibration import fit_platt, possible_point, present_points
 
 STATES = {"Cardiomegaly": "present", "Effusion": "possible", "Pneumothorax": "absent"}
 NORMAL = (
@@ -119,6 +119,18 @@ def test_a_present_point_is_the_lowest_threshold_of_enough_precision():
     assert present_points(p, y, precision=0.5)[0] == np.inf  # by default 5 true positives
 
 
+def test_the_possible_point_is_one_threshold_of_best_micro_f1_beside_the_present_ones():
+    p = np.array([[0.9, 0.3, 0.2, 0.1], [0.5, 0.4, 0.05, 0.01], [0.2, 0.1, 0.6, 0.05]])
+    y = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]])
+    present = np.zeros_like(p, dtype=bool)
+    present[0, 0] = True
+    # candidates: image 0's one free slot (0.3), the others' top two; naming 0.6, 0.5 and
+    # 0.4 beside the present one gives 3 right of 4 named against 3 labelled: F1 6/7
+    assert possible_point(p, y, present) == 0.4
+    assert possible_point(p, y, present, cap=1) == 0.6  # image 1 may name only its 0.5
+    assert possible_point(p, np.zeros_like(y), present) == np.inf  # nothing to find: none
+
+
 def test_negated_shares_count_the_reports_that_negate_each_finding():
     shares = negated_shares([NORMAL, "FINDINGS: Small effusion.\nIMPRESSION: Effusion."])
     assert shares[FINDINGS14.index("Pneumothorax")] == 0.5
@@ -130,6 +142,7 @@ def test_negated_shares_count_the_reports_that_negate_each_finding():
 def head():
     head = FindingsHead(load_weights=False).eval()
     head.threshold.fill_(0.3)
+    head.possible_threshold.fill_(0.3)
     head.present_threshold.fill_(float("inf"))
     head.present_threshold[FINDINGS14.index("Cardiomegaly")] = 0.6
     head.negated_share[FINDINGS14.index("Pneumothorax")] = 0.7
@@ -152,6 +165,12 @@ def test_the_heads_states_present_above_its_point_two_named_at_most_the_rest_abs
     assert states == {"Cardiomegaly": "possible", "Effusion": "possible", "Pneumothorax": "absent"}
     (states,) = head.states(probabilities())  # a normal study: the often-negated ones absent
     assert states == {"Effusion": "absent", "Pneumothorax": "absent"}
+    # possible from the one possible point, not from each finding's F1 point
+    points = head.threshold.clone()
+    head.threshold[FINDINGS14.index("Mass")] = 0.9
+    (states,) = head.states(probabilities(Mass=0.4, Effusion=0.2))
+    head.threshold.copy_(points)
+    assert states == {"Mass": "possible", "Effusion": "absent", "Pneumothorax": "absent"}
     vector = head.condition(probabilities(Cardiomegaly=0.7), states=True)
     assert (
         vector.shape == (1, 43)
@@ -165,11 +184,12 @@ def test_a_head_saved_before_the_states_loads_with_its_decisions_kept(head, tmp_
 
     head.save_pretrained(tmp_path)
     state = load_file(str(tmp_path / "findings.safetensors"))
-    for name in ("bias", "present_threshold", "negated_share"):
+    for name in ("bias", "present_threshold", "negated_share", "possible_threshold"):
         del state[name]
     save_file(state, str(tmp_path / "findings.safetensors"))
     old = FindingsHead.from_pretrained(tmp_path)
     assert torch.equal(old.threshold, head.threshold) and not old.bias.any()
+    assert torch.equal(old.possible_threshold, old.threshold)  # possible from its F1 points
     assert old.states(probabilities(Cardiomegaly=0.9)) == [{"Cardiomegaly": "possible"}]
     del state["threshold"]
     save_file(state, str(tmp_path / "findings.safetensors"))

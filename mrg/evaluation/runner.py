@@ -94,19 +94,28 @@ def generate_split(
     todo = generations.todo(records)
     dataset = StudyDataset(todo, on_missing="skip")
     collate = Collate(model.config.encoder.image_size, model.config.max_views)
+    # the head reads the studies at its own side (not the encoder's views resized)
+    head_size = findings_head.config.image_size if findings_head is not None else None
+    head_collate = (
+        Collate(head_size, model.config.max_views)
+        if head_size not in (None, model.config.encoder.image_size)
+        else None
+    )
     with (
         generations.path.open("a") as handle,
         tqdm(total=len(todo), desc=f"generating ({model.mode})") as bar,
     ):
         for start in range(0, len(todo), batch_size):
-            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(todo)))])
+            studies = [dataset[i] for i in range(start, min(start + batch_size, len(todo)))]
+            batch = collate(studies)
             bar.update(min(batch_size, len(todo) - start))
             if batch is None:
                 continue
             y, extras = None, [{}] * len(batch.reports)
             if findings_head is not None:
                 uses_states = model.config.uses_states
-                probabilities, y = findings_head.predict(batch.views, states=uses_states)
+                head_views = batch.views if head_collate is None else head_collate(studies).views
+                probabilities, y = findings_head.predict(head_views, states=uses_states)
                 extras = [
                     finding_columns(p.tolist(), *named_and_states(row.tolist(), uses_states))
                     for p, row in zip(probabilities, y)

@@ -6,9 +6,10 @@
     y_c = 1[p_c ≥ t_c], y_normal = 1[no y_c]   t: per-finding F1 operating points (out of fold)
     s_c = present   if p_c ≥ t⁺_c    t⁺: the point of precision ≥ 0.5 out of fold, over at
                                      least 5 true positives (∞: never)
-          possible  if p_c ≥ t_c, the most probable first, while fewer than ``MAX_NAMED``
-                    findings are present or possible
-          absent    below t_c, for the findings real reports negate (``negated_share`` ≥
+          possible  if p_c ≥ t°, the most probable first, while fewer than ``MAX_NAMED``
+                    findings are present or possible; t°: one point for all findings, of
+                    best CE micro-F1 out of fold (a head saved before it: t°_c = t_c)
+          absent    below t°, for the findings real reports negate (``negated_share`` ≥
                     ``NEGATED_SHARE``: effusion, pneumothorax, consolidation in OpenI); a
                     finding in the band but past ``MAX_NAMED`` is not stated
 
@@ -29,6 +30,7 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn import functional as F
 
 from mrg.config import ConfigBase, ConfigError
 from mrg.data.views import Views
@@ -41,7 +43,8 @@ FINDINGS_CONFIG_NAME = "findings_config.json"
 FINDINGS_WEIGHTS_NAME = "findings.safetensors"
 TRAINABLE_PARTS = ("classifier", "last_stages", "all")
 MAX_NAMED = 2  # present or possible findings a report names (possible ones fill up to it)
-STATE_BUFFERS = {"bias", "present_threshold", "negated_share"}  # absent from heads before states
+# absent from heads saved before the states (or before one possible point)
+STATE_BUFFERS = {"bias", "present_threshold", "negated_share", "possible_threshold"}
 NEGATED_SHARE = 0.2  # a finding real reports negate this often is stated absent when unlikely
 
 
@@ -85,6 +88,7 @@ class FindingsHead(nn.Module):
         self.register_buffer("bias", torch.zeros(n))
         self.register_buffer("threshold", torch.full((n,), 0.5))
         self.register_buffer("present_threshold", torch.full((n,), float("inf")))
+        self.register_buffer("possible_threshold", torch.full((n,), 0.5))
         self.register_buffer("negated_share", torch.zeros(n))
         self.register_buffer("pixel_mean", torch.tensor(0.5), persistent=False)
         self.set_trainable(self.config.trainable)
@@ -114,9 +118,14 @@ class FindingsHead(nn.Module):
         return self.backbone(x)
 
     def forward(self, views: Views) -> torch.Tensor:
-        """Raw logits ``[B, 14]``: the mean over each study's present views."""
+        """Raw logits ``[B, 14]``: the mean over each study's present views. Views of another
+        side (the report encoder's) are resized to the head's; callers that can load the
+        images at ``config.image_size`` do (the service, the gate, the evaluation runner)."""
         b, v = views.images.shape[:2]
         images = views.images.flatten(0, 1).to(self.classifier.weight.device)
+        side = self.config.image_size
+        if images.shape[-2:] != (side, side):
+            images = F.interpolate(images, size=(side, side), mode="bilinear", antialias=True)
         logits = self.classifier(self.dropout(self.features(images))).view(b, v, -1)
         mask = views.mask.to(logits.device, logits.dtype).unsqueeze(-1)
         return (logits * mask).sum(1) / mask.sum(1).clamp_min(1.0)
@@ -127,8 +136,8 @@ class FindingsHead(nn.Module):
 
     def states(self, probabilities: torch.Tensor) -> list[FindingStates]:
         """Each study's states (module docstring): present above ``present_threshold``;
-        possible from ``threshold`` up, most probable first, until ``MAX_NAMED`` are named;
-        absent for the often-negated findings below ``threshold``."""
+        possible from ``possible_threshold`` up, most probable first, until ``MAX_NAMED``
+        are named; absent for the often-negated findings below ``possible_threshold``."""
         out = []
         for p in probabilities.tolist():
             states = {
@@ -136,14 +145,15 @@ class FindingsHead(nn.Module):
                 for f, q, t in zip(FINDINGS14, p, self.present_threshold.tolist())
                 if q >= t
             }
+            points = self.possible_threshold.tolist()
             band = [
                 c
                 for c in sorted(range(len(FINDINGS14)), key=lambda c: -p[c])
-                if FINDINGS14[c] not in states and p[c] >= float(self.threshold[c])
+                if FINDINGS14[c] not in states and p[c] >= points[c]
             ]
             for c in band[: max(0, MAX_NAMED - len(states))]:
                 states[FINDINGS14[c]] = POSSIBLE
-            shares, points = self.negated_share.tolist(), self.threshold.tolist()
+            shares = self.negated_share.tolist()
             for c, f in enumerate(FINDINGS14):
                 if f not in states and shares[c] >= NEGATED_SHARE and p[c] < points[c]:
                     states[f] = ABSENT
@@ -204,10 +214,13 @@ class FindingsHead(nn.Module):
         config = FindingsHeadConfig.load(directory / FINDINGS_CONFIG_NAME)
         head = cls(config, load_weights=False)
         # a head saved before the states has no bias, present points or negation shares: its
-        # defaults (0, never present, never absent) keep its probabilities and decisions
+        # defaults (0, never present, never absent) keep its probabilities and decisions; one
+        # saved before the possible point names possible findings from their F1 points
         result = head.load_state_dict(
             load_file(str(directory / FINDINGS_WEIGHTS_NAME)), strict=False
         )
+        if "possible_threshold" in result.missing_keys:
+            head.possible_threshold.copy_(head.threshold)
         missing = set(result.missing_keys) - STATE_BUFFERS
         if missing or result.unexpected_keys:
             raise ConfigError(

@@ -20,8 +20,8 @@ from mrg.text.taxonomy import FINDINGS14, findings_vector
 
 @dataclass
 class StudyFindings:
-    """The findings head's reading of a study: calibrated probabilities, operating points,
-    the states (present, possible, absent: what a states model writes from) and the findings
+    """The findings head's reading of a study: calibrated probabilities, operating points
+    (F1, present and possible: ``FindingsHead``), the states (present, possible, absent: what a states model writes from) and the findings
     above their F1 operating points (``named``: what the models before the states write
     from); set by hand when ``manual`` (then ``named`` is the present and possible ones)."""
 
@@ -31,6 +31,7 @@ class StudyFindings:
     manual: bool = False
     states: dict[str, str] = field(default_factory=dict)
     present_thresholds: dict[str, float | None] = field(default_factory=dict)
+    possible_thresholds: dict[str, float] = field(default_factory=dict)
 
     def vector(self, width: int = len(FINDINGS14) + 1) -> torch.Tensor:
         """The condition a model of ``width`` takes: the states ``[1, 43]`` or y ``[1, 15]``."""
@@ -47,6 +48,7 @@ class StudyFindings:
             "probabilities": {f"p_{f}": p for f, p in self.probabilities.items()},
             "operating_points": self.thresholds,
             "present_points": self.present_thresholds,
+            "possible_points": self.possible_thresholds,
         }
 
     def ranked(self) -> list[tuple[str, float, float]]:

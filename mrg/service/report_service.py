@@ -204,6 +204,7 @@ class ReportService:
             manual=states is not None,
             states=states if states is not None else head.states(probabilities)[0],
             present_thresholds=dict(zip(FINDINGS14, present)),
+            possible_thresholds=dict(zip(FINDINGS14, head.possible_threshold.tolist())),
         )
 
     def _condition(

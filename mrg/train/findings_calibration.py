@@ -7,6 +7,10 @@ out-of-fold logits of cross-validation):
     t_c         the F1 operating point (fewer than 3 positives: the training rate's quantile)
     t⁺_c        the present point: the lowest threshold of precision ≥ 0.5 over at least 5
                 true positives (∞: none)
+    t°          the possible point, one for all findings: with the present ones named, each
+                image's next most probable up to ``MAX_NAMED`` named where p ≥ t°, at the t°
+                of best micro-F1 over all (image, finding) pairs (the CE a report scores;
+                for calibrated p the best point of micro-F1 F* sits near F*/2)
 
 and, from real reports, how often each finding is negated (``negated_shares``).
 ``fit_temperatures`` is the temperature-only calibration the head had before, kept as the
@@ -20,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import f1_score
 
-from mrg.model.findings import FindingsHead
+from mrg.model.findings import MAX_NAMED, FindingsHead
 
 
 def fit_temperatures(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -96,6 +100,25 @@ def present_points(
     return points
 
 
+def possible_point(
+    probabilities: np.ndarray, labels: np.ndarray, present: np.ndarray, cap: int = MAX_NAMED
+) -> float:
+    """The possible point t° (module docstring): ``present`` ``[N, 14]`` is named; of the rest,
+    each image's ``cap − #present`` most probable are the candidates, named where p ≥ t°.
+    Ties of F1: the higher t°; ∞ where naming none scores best."""
+    rest = np.where(present, -np.inf, probabilities)
+    rank = np.argsort(np.argsort(-rest, axis=1, kind="stable"), axis=1)
+    slots = np.clip(cap - present.sum(1, keepdims=True), 0, None)
+    candidate = ~present & (rank < slots)
+    order = np.argsort(-probabilities[candidate], kind="stable")
+    scores, hits = probabilities[candidate][order], labels[candidate][order]
+    named = present.sum() + np.arange(len(scores) + 1)
+    true = (present & (labels > 0)).sum() + np.concatenate([[0], np.cumsum(hits)])
+    f1 = 2 * true / np.maximum(named + labels.sum(), 1)
+    best = int(np.argmax(f1))  # the first maximum: the fewest named, the highest point
+    return float(scores[best - 1]) if best > 0 else float("inf")
+
+
 def calibrate(
     head: FindingsHead,
     logits: torch.Tensor,
@@ -103,9 +126,9 @@ def calibrate(
     train_rate: np.ndarray,
     negated: np.ndarray | None = None,
 ) -> None:
-    """Set the head's calibration (T, b), F1 operating points and present points from the
-    raw ``logits`` of labelled images it did not train on; ``negated`` (``negated_shares``
-    of real reports) says which findings may be stated absent."""
+    """Set the head's calibration (T, b), F1 operating points, present points and possible
+    point from the raw ``logits`` of labelled images it did not train on; ``negated``
+    (``negated_shares`` of real reports) says which findings may be stated absent."""
     temperature, bias = fit_platt(logits, labels)
     head.temperature.copy_(temperature)
     head.bias.copy_(bias)
@@ -113,5 +136,7 @@ def calibrate(
     y = labels.numpy()
     head.threshold.copy_(torch.from_numpy(operating_points(probabilities, y, train_rate)))
     head.present_threshold.copy_(torch.from_numpy(present_points(probabilities, y)))
+    present = probabilities >= head.present_threshold.numpy()
+    head.possible_threshold.fill_(possible_point(probabilities, y, present))
     if negated is not None:
         head.negated_share.copy_(torch.from_numpy(negated))
