@@ -142,6 +142,14 @@ def checkpoint_key(checkpoint: Path, decoding) -> tuple[bytes, ...]:
     )
 
 
+def head_key(head: FindingsHead, directory: Path) -> bytes:
+    """What keys the reports a head conditions: its weights and its decisions (states and y)
+    on fixed probabilities, so that a change of the states' rules writes them again."""
+    probe = torch.rand(256, len(FINDINGS14), generator=torch.Generator().manual_seed(0)) ** 3
+    decisions = repr((head.states(probe), head.decide(probe).tolist())).encode()
+    return (directory / "findings.safetensors").read_bytes() + decisions
+
+
 def named(condition: str) -> list[str]:
     """The findings of a generation row's ``condition`` column (``"normal"``: none)."""
     return [] if condition == "normal" else condition.split("|")
@@ -270,7 +278,7 @@ def build_card(assets: Path, out: Path) -> dict:
     corpus = report_corpus(REPORTS, held_out)
     head_dir = checkpoints / FINDINGS_FOLDER
     head = FindingsHead.from_pretrained(head_dir)
-    head_bytes = (head_dir / "findings.safetensors").read_bytes()  # keys what the head conditions
+    head_bytes = head_key(head, head_dir)  # keys what the head conditions
     modes = [m for m in CUSTOMIZED_MODES if (checkpoints / m / CONFIG_NAME).is_file()]
     recipe = train_preset("demo-checkpoints")
     llm, tokenizer = load_frozen_llm(recipe.model.llm)
@@ -405,7 +413,7 @@ def build_card(assets: Path, out: Path) -> dict:
         "abnormal_test_share": float(np.mean([bool(r.labels) for r in test])),
         "test_images": [r.image_paths[0].name for r in test],
         "checkpoints": {mode: checkpoint_digest(checkpoints / mode) for mode in modes},
-        "findings_head": digest(head_bytes),
+        "findings_head": digest((head_dir / "findings.safetensors").read_bytes()),
     }
     # The card's numbers, kept beside it so that a test can check the card against them.
     (assets / "demo_metrics.json").write_text(json.dumps(measured, indent=2) + "\n")

@@ -1,5 +1,6 @@
 """The demo: handlers directly, then the real app in another process driven by gradio_client."""
 
+import json
 import os
 import subprocess
 import sys
@@ -396,6 +397,15 @@ def test_the_report_api_returns_the_heads_reading(head_demo):
         and reading["present_points"]["Mass"] is None
         and reading["possible_points"]["Mass"] == pytest.approx(1.01)
     )
+    head = head_demo.service.findings_head
+    kept = head.possible_threshold.clone()
+    head.possible_threshold.fill_(float("inf"))  # a head that names nothing possible
+    try:
+        never = head_demo.report(DICOM, None, "prompt-wise")["findings_head"]
+    finally:
+        head.possible_threshold.copy_(kept)
+    assert never["possible_points"]["Mass"] is None  # JSON has no ∞
+    assert json.loads(json.dumps(never, allow_nan=False))["states"] == reading["states"]
     head_demo.service.findings_head = None
     assert head_demo.report(DICOM, None, "prompt-wise")["findings_head"] is None
 

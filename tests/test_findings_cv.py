@@ -7,9 +7,12 @@ import torch
 from conftest import shared_path
 
 from mrg.config import ConfigError
+from mrg.evaluation.calibration import state_mask
 from mrg.evaluation.findings_scores import paired_difference
+from mrg.evaluation.probe import micro_f1
 from mrg.model.encoder import EFFICIENTNET_LITES, efficientnet_lite_state_dict
 from mrg.model.findings import FindingsHead, FindingsHeadConfig
+from mrg.text.states import POSSIBLE, PRESENT
 from mrg.text.taxonomy import FINDINGS14
 from mrg.train.findings import (
     FindingsRecipe,
@@ -142,11 +145,20 @@ def test_calibration_from_out_of_fold_logits_sets_points_the_states_use():
     assert (head.temperature != 1).all() and (head.threshold < 1).all()
     assert torch.isfinite(head.present_threshold).all()  # separable enough for precision 0.5
     assert head.negated_share.eq(0.5).all()
-    # the present points find nearly all positives here; with a weaker signal they find
-    # none, and one possible point for all findings names the likeliest rest
-    calibrate(head, labels + torch.randn(300, len(FINDINGS14)), labels, labels.mean(0).numpy())
+    # with a weaker signal one possible point for all findings names the likeliest beside
+    # the present ones: the head's own states score best at it
+    weak = labels + torch.randn(300, len(FINDINGS14))
+    calibrate(head, weak, labels, labels.mean(0).numpy())
     point = head.possible_threshold
     assert point.eq(point[0]).all() and 0 < point[0] < 1
+
+    def micro_f1_at(point: float) -> float:
+        head.possible_threshold.fill_(point)
+        named = state_mask(head.states(head.probabilities(weak)), PRESENT, POSSIBLE)
+        return micro_f1(labels.numpy(), named)
+
+    best = micro_f1_at(float(head.possible_threshold[0]))
+    assert all(best >= micro_f1_at(t) for t in np.linspace(0.02, 0.6, 30))
 
 
 @pytest.mark.parametrize("name", sorted(EFFICIENTNET_LITES))

@@ -129,6 +129,16 @@ def test_the_possible_point_is_one_threshold_of_best_micro_f1_beside_the_present
     assert possible_point(p, y, present) == 0.4
     assert possible_point(p, y, present, cap=1) == 0.6  # image 1 may name only its 0.5
     assert possible_point(p, np.zeros_like(y), present) == np.inf  # nothing to find: none
+    # tied candidates are named all or none: 0.5 names three (one right), 0.3 all four
+    tied = np.array([[0.5], [0.5], [0.5], [0.3]])
+    assert possible_point(tied, np.array([[1], [0], [0], [1]]), np.zeros((4, 1), bool)) == 0.3
+    # present ones fill an image's cap: its other findings are no candidates
+    full = np.ones_like(p, dtype=bool)
+    full[:, 2:] = False
+    assert possible_point(p, y, full) == np.inf  # two present everywhere: nothing left
+    # an F1 tie goes to the higher point: naming 0.6 (right) or 0.6 and 0.4 (one of two)
+    even = np.array([[0.6, 0.4]])
+    assert possible_point(even, np.array([[1, 0]]), np.zeros((1, 2), bool)) == 0.6
 
 
 def test_negated_shares_count_the_reports_that_negate_each_finding():
@@ -165,12 +175,16 @@ def test_the_heads_states_present_above_its_point_two_named_at_most_the_rest_abs
     assert states == {"Cardiomegaly": "possible", "Effusion": "possible", "Pneumothorax": "absent"}
     (states,) = head.states(probabilities())  # a normal study: the often-negated ones absent
     assert states == {"Effusion": "absent", "Pneumothorax": "absent"}
-    # possible from the one possible point, not from each finding's F1 point
+    # possible from the one possible point, not from each finding's F1 point; absent only
+    # below both (never a finding above its own F1 point)
     points = head.threshold.clone()
     head.threshold[FINDINGS14.index("Mass")] = 0.9
+    head.threshold[FINDINGS14.index("Effusion")] = 0.1
     (states,) = head.states(probabilities(Mass=0.4, Effusion=0.2))
+    (below,) = head.states(probabilities(Effusion=0.08))
     head.threshold.copy_(points)
-    assert states == {"Mass": "possible", "Effusion": "absent", "Pneumothorax": "absent"}
+    assert states == {"Mass": "possible", "Pneumothorax": "absent"}
+    assert below == {"Effusion": "absent", "Pneumothorax": "absent"}
     vector = head.condition(probabilities(Cardiomegaly=0.7), states=True)
     assert (
         vector.shape == (1, 43)

@@ -9,9 +9,10 @@
           possible  if p_c ≥ t°, the most probable first, while fewer than ``MAX_NAMED``
                     findings are present or possible; t°: one point for all findings, of
                     best CE micro-F1 out of fold (a head saved before it: t°_c = t_c)
-          absent    below t°, for the findings real reports negate (``negated_share`` ≥
-                    ``NEGATED_SHARE``: effusion, pneumothorax, consolidation in OpenI); a
-                    finding in the band but past ``MAX_NAMED`` is not stated
+          absent    below both t_c and t°, for the findings real reports negate
+                    (``negated_share`` ≥ ``NEGATED_SHARE``: effusion, pneumothorax,
+                    consolidation in OpenI); a finding in the band but past ``MAX_NAMED``,
+                    or above its F1 point, is not stated
 
 The report model is conditioned on ``y`` (``[B, 15]``, the checkpoints before the states) or
 on the states ``s`` (``mrg.text.states``, 43 entries); ``p`` is what the findings panel shows. A study with several views takes the mean of the present
@@ -137,7 +138,8 @@ class FindingsHead(nn.Module):
     def states(self, probabilities: torch.Tensor) -> list[FindingStates]:
         """Each study's states (module docstring): present above ``present_threshold``;
         possible from ``possible_threshold`` up, most probable first, until ``MAX_NAMED``
-        are named; absent for the often-negated findings below ``possible_threshold``."""
+        are named; absent for the often-negated findings below both ``threshold`` and
+        ``possible_threshold`` (a finding the head finds likelier is never stated absent)."""
         out = []
         for p in probabilities.tolist():
             states = {
@@ -153,9 +155,10 @@ class FindingsHead(nn.Module):
             ]
             for c in band[: max(0, MAX_NAMED - len(states))]:
                 states[FINDINGS14[c]] = POSSIBLE
-            shares = self.negated_share.tolist()
+            shares, f1_points = self.negated_share.tolist(), self.threshold.tolist()
             for c, f in enumerate(FINDINGS14):
-                if f not in states and shares[c] >= NEGATED_SHARE and p[c] < points[c]:
+                below = p[c] < min(points[c], f1_points[c])
+                if f not in states and shares[c] >= NEGATED_SHARE and below:
                     states[f] = ABSENT
             out.append({f: states[f] for f in FINDINGS14 if f in states})
         return out

@@ -21,9 +21,10 @@ from mrg.text.taxonomy import FINDINGS14, findings_vector
 @dataclass
 class StudyFindings:
     """The findings head's reading of a study: calibrated probabilities, operating points
-    (F1, present and possible: ``FindingsHead``), the states (present, possible, absent: what a states model writes from) and the findings
-    above their F1 operating points (``named``: what the models before the states write
-    from); set by hand when ``manual`` (then ``named`` is the present and possible ones)."""
+    (F1, present and possible: ``FindingsHead``; None: never reached), the states (present,
+    possible, absent: what a states model writes from) and the findings above their F1
+    operating points (``named``: what the models before the states write from); set by hand
+    when ``manual`` (then ``named`` is the present and possible ones)."""
 
     probabilities: dict[str, float]
     thresholds: dict[str, float]
@@ -31,7 +32,7 @@ class StudyFindings:
     manual: bool = False
     states: dict[str, str] = field(default_factory=dict)
     present_thresholds: dict[str, float | None] = field(default_factory=dict)
-    possible_thresholds: dict[str, float] = field(default_factory=dict)
+    possible_thresholds: dict[str, float | None] = field(default_factory=dict)
 
     def vector(self, width: int = len(FINDINGS14) + 1) -> torch.Tensor:
         """The condition a model of ``width`` takes: the states ``[1, 43]`` or y ``[1, 15]``."""

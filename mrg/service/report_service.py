@@ -196,15 +196,21 @@ class ReportService:
             return StudyFindings({}, {}, found, manual=True, states=states)
         probabilities, y = head.predict_pooled(features)
         p, t = probabilities[0].tolist(), head.threshold.tolist()
-        present = [None if v == float("inf") else v for v in head.present_threshold.tolist()]
+
+        def points(buffer: torch.Tensor) -> dict[str, float | None]:
+            """Each finding's point; None for ∞ (never reached), which JSON cannot hold."""
+            return {
+                f: None if v == float("inf") else v for f, v in zip(FINDINGS14, buffer.tolist())
+            }
+
         return StudyFindings(
             dict(zip(FINDINGS14, p)),
             dict(zip(FINDINGS14, t)),
             found if found is not None else named_findings(y[0].tolist()),
             manual=states is not None,
             states=states if states is not None else head.states(probabilities)[0],
-            present_thresholds=dict(zip(FINDINGS14, present)),
-            possible_thresholds=dict(zip(FINDINGS14, head.possible_threshold.tolist())),
+            present_thresholds=points(head.present_threshold),
+            possible_thresholds=points(head.possible_threshold),
         )
 
     def _condition(

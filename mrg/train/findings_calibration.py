@@ -104,18 +104,22 @@ def possible_point(
     probabilities: np.ndarray, labels: np.ndarray, present: np.ndarray, cap: int = MAX_NAMED
 ) -> float:
     """The possible point t° (module docstring): ``present`` ``[N, 14]`` is named; of the rest,
-    each image's ``cap − #present`` most probable are the candidates, named where p ≥ t°.
-    Ties of F1: the higher t°; ∞ where naming none scores best."""
+    each image's ``cap − #present`` most probable are the candidates, named where p ≥ t°
+    (tied candidates all or none). Ties of F1: the higher t°; ∞ where naming none scores
+    best."""
+    truth = labels > 0
     rest = np.where(present, -np.inf, probabilities)
     rank = np.argsort(np.argsort(-rest, axis=1, kind="stable"), axis=1)
     slots = np.clip(cap - present.sum(1, keepdims=True), 0, None)
     candidate = ~present & (rank < slots)
     order = np.argsort(-probabilities[candidate], kind="stable")
-    scores, hits = probabilities[candidate][order], labels[candidate][order]
-    named = present.sum() + np.arange(len(scores) + 1)
-    true = (present & (labels > 0)).sum() + np.concatenate([[0], np.cumsum(hits)])
-    f1 = 2 * true / np.maximum(named + labels.sum(), 1)
-    best = int(np.argmax(f1))  # the first maximum: the fewest named, the highest point
+    scores, hits = probabilities[candidate][order], truth[candidate][order]
+    # the cuts p ≥ t° can make: none, or after the last of each run of equal scores
+    cuts = np.unique([0, *(np.flatnonzero(np.diff(scores)) + 1), len(scores)])
+    named = present.sum() + cuts
+    true = (present & truth).sum() + np.concatenate([[0], np.cumsum(hits)])[cuts]
+    f1 = 2 * true / np.maximum(named + truth.sum(), 1)
+    best = cuts[int(np.argmax(f1))]  # the first maximum: the fewest named, the highest point
     return float(scores[best - 1]) if best > 0 else float("inf")
 
 
