@@ -1,7 +1,7 @@
 """Train the shipped findings head on the recipe cross-validation chose, calibrate it out of
 fold, and score it on the test split.
 
-    python scripts/build_findings_head.py [--row radiograph-aug]
+    python scripts/build_findings_head.py [--row lite0-448]
     python scripts/build_findings_head.py --calibrate-only   # the shipped head, recalibrated
 
 1. ``--row`` names a row of ``mrg.train.findings_cv.CV_ROWS`` (``scripts/findings_cv.py``
@@ -42,19 +42,14 @@ from mrg.data.reports import iter_openi_reports
 from mrg.environment import setting
 from mrg.evaluation.calibration import calibration_report, negated_shares, states_report
 from mrg.evaluation.calibration_plot import reliability_figure
-from mrg.model.findings import FindingsHead
+from mrg.model.findings import FindingsHead, points_for_json
 from mrg.text.sections import format_report
 from mrg.train.findings import head_logits, load_labelled, test_report, train_findings_head
 from mrg.train.findings_calibration import calibrate, fit_temperatures
 from mrg.train.findings_cv import CV_ROWS, cross_validate, patient_folds
 
 log = logging.getLogger("build_findings_head")
-SHIPPED_ROW = "radiograph-aug"  # the recipe cross-validation chose
-
-
-def as_json(points: torch.Tensor) -> list[float | None]:
-    """Operating points for JSON: ∞ (never reached) as null."""
-    return [t if t != float("inf") else None for t in points.tolist()]
+SHIPPED_ROW = "lite0-448"  # the recipe cross-validation chose
 
 
 def main() -> None:
@@ -120,8 +115,8 @@ def main() -> None:
     report = test_report(head, splits, test_logits)
     report.update(
         bias=head.bias.tolist(),
-        present_threshold=as_json(head.present_threshold),
-        possible_threshold=as_json(head.possible_threshold),
+        present_threshold=points_for_json(head.present_threshold),
+        possible_threshold=points_for_json(head.possible_threshold),
         negated_share=head.negated_share.tolist(),
     )
     test_labels = splits["test"].labels.numpy()

@@ -49,12 +49,18 @@ STATE_BUFFERS = {"bias", "present_threshold", "negated_share", "possible_thresho
 NEGATED_SHARE = 0.2  # a finding real reports negate this often is stated absent when unlikely
 
 
+def points_for_json(points: torch.Tensor) -> list[float | None]:
+    """A buffer of per-finding points for JSON: ∞ (never reached), which JSON cannot hold, as
+    None."""
+    return [None if v == float("inf") else v for v in points.tolist()]
+
+
 @dataclass
 class FindingsHeadConfig(ConfigBase):
     """The findings classifier: backbone input, which parts train, and the loss."""
 
     backbone: str = "tf_efficientnet_lite0"  # an EfficientNet-Lite of ``EFFICIENTNET_LITES``
-    image_size: int = 224  # ImageNet scale; 448 px: CE +0.009 out of fold, not shipped (docs)
+    image_size: int = 224  # ImageNet scale; the shipped head: 448 (CE +0.010 out of fold, docs)
     dropout: float = 0.2  # before the classifier
     trainable: str = "last_stages"  # classifier | last_stages (blocks 5-6 + conv head) | all
     loss: str = "asl"  # asl (asymmetric loss) | weighted-bce (positives weighted by neg/pos)
@@ -140,14 +146,11 @@ class FindingsHead(nn.Module):
         possible from ``possible_threshold`` up, most probable first, until ``MAX_NAMED``
         are named; absent for the often-negated findings below both ``threshold`` and
         ``possible_threshold`` (a finding the head finds likelier is never stated absent)."""
+        present_points, points = self.present_threshold.tolist(), self.possible_threshold.tolist()
+        shares, f1_points = self.negated_share.tolist(), self.threshold.tolist()
         out = []
         for p in probabilities.tolist():
-            states = {
-                f: PRESENT
-                for f, q, t in zip(FINDINGS14, p, self.present_threshold.tolist())
-                if q >= t
-            }
-            points = self.possible_threshold.tolist()
+            states = {f: PRESENT for f, q, t in zip(FINDINGS14, p, present_points) if q >= t}
             band = [
                 c
                 for c in sorted(range(len(FINDINGS14)), key=lambda c: -p[c])
@@ -155,7 +158,6 @@ class FindingsHead(nn.Module):
             ]
             for c in band[: max(0, MAX_NAMED - len(states))]:
                 states[FINDINGS14[c]] = POSSIBLE
-            shares, f1_points = self.negated_share.tolist(), self.threshold.tolist()
             for c, f in enumerate(FINDINGS14):
                 below = p[c] < min(points[c], f1_points[c])
                 if f not in states and shares[c] >= NEGATED_SHARE and below:

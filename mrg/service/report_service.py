@@ -39,7 +39,7 @@ from mrg.data.views import Views
 from mrg.explain import Heatmap, explain, explain_finding
 from mrg.hub import checkpoint_modes
 from mrg.model import Decoding, MRGModel
-from mrg.model.findings import FindingsHead
+from mrg.model.findings import FindingsHead, points_for_json
 from mrg.model.gate import ChestGate, Screening, read_study, screen_study
 from mrg.model.llm import load_frozen_llm
 from mrg.model.prompting import text_increments
@@ -196,21 +196,14 @@ class ReportService:
             return StudyFindings({}, {}, found, manual=True, states=states)
         probabilities, y = head.predict_pooled(features)
         p, t = probabilities[0].tolist(), head.threshold.tolist()
-
-        def points(buffer: torch.Tensor) -> dict[str, float | None]:
-            """Each finding's point; None for ∞ (never reached), which JSON cannot hold."""
-            return {
-                f: None if v == float("inf") else v for f, v in zip(FINDINGS14, buffer.tolist())
-            }
-
         return StudyFindings(
             dict(zip(FINDINGS14, p)),
             dict(zip(FINDINGS14, t)),
             found if found is not None else named_findings(y[0].tolist()),
             manual=states is not None,
             states=states if states is not None else head.states(probabilities)[0],
-            present_thresholds=points(head.present_threshold),
-            possible_thresholds=points(head.possible_threshold),
+            present_thresholds=dict(zip(FINDINGS14, points_for_json(head.present_threshold))),
+            possible_thresholds=dict(zip(FINDINGS14, points_for_json(head.possible_threshold))),
         )
 
     def _condition(
